@@ -1,0 +1,261 @@
+"""Frozen configuration objects.
+
+``ModelSpec`` is a parsed Hugging Face ``config.json``: the few fields every layer needs, with derived sizes as
+properties. ``CacheSpec`` fixes the paged KV-cache layout, ``EngineArgs`` the user's engine options. Environment
+variables are read in exactly one place (:func:`env_flag`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A model or engine configuration that NanoFlow cannot serve; the message says what to change."""
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Read a boolean environment variable (``1/true/yes``); the only place the package reads the environment."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def builtin_model_names() -> list[str]:
+    """Short names of the model configs shipped in ``nanoflow/configs``."""
+    folder = resources.files("nanoflow") / "configs"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def builtin_config_path(name: str) -> Path:
+    path = Path(str(resources.files("nanoflow") / "configs" / f"{name}.json"))
+    if not path.is_file():
+        raise ConfigError(f"unknown model short name {name!r}; known: {', '.join(builtin_model_names())}")
+    return path
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.1 style (``rope_type == "llama3"``) frequency scaling; ``None`` on ModelSpec means plain RoPE."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts of one model, independent of weights and devices."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    torch_dtype: str = "bfloat16"
+    name: str = ""
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def layer_params(self) -> int:
+        """Weight elements of one decoder layer (projections, norms, biases, router)."""
+        h, i = self.hidden_size, self.intermediate_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        mlp = 3 * h * i
+        if self.is_moe:
+            mlp = self.num_experts * mlp + h * self.num_experts
+        return attn + mlp + 2 * h
+
+    @property
+    def num_params(self) -> int:
+        """Total parameter count (embedding and LM head counted once each unless tied)."""
+        emb = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else emb
+        return self.num_layers * self.layer_params + emb + head + self.hidden_size
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token (MoE: only ``num_experts_per_tok`` experts); P_model of the paper's eq. 5."""
+        if not self.is_moe:
+            return self.num_params
+        h, i = self.hidden_size, self.intermediate_size
+        inactive = (self.num_experts - self.num_experts_per_tok) * 3 * h * i
+        return self.num_params - self.num_layers * inactive
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per token across all layers at 2 bytes an element (bf16/fp16)."""
+        return 2 * self.num_layers * self.kv_size * 2
+
+    # ---- parsing -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], name: str = "") -> ModelSpec:
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else ""
+        if arch not in SUPPORTED_ARCHITECTURES:
+            from nanoflow.models.registry import registered_architectures
+
+            known = registered_architectures()
+            if arch not in known:
+                raise ConfigError(
+                    f"unsupported architecture {arch or '(none given)'!r}; supported: {', '.join(known)}"
+                )
+        if cfg.get("use_sliding_window") or (arch == "MistralForCausalLM" and cfg.get("sliding_window")):
+            raise ConfigError(f"{arch} with a sliding window is not supported; set sliding_window to null")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) models are")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        # transformers >= 5 writes "rope_parameters" (theta inside); older configs "rope_scaling" + "rope_theta".
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        theta = cfg.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+        scaling = None
+        if rs:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind == "llama3":
+                scaling = RopeScaling(
+                    factor=float(rs["factor"]),
+                    low_freq_factor=float(rs["low_freq_factor"]),
+                    high_freq_factor=float(rs["high_freq_factor"]),
+                    original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+                )
+            elif kind not in (None, "default"):
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: 'llama3' or none")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)) or is_qwen2,
+            rope_scaling=scaling,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            num_experts=int(cfg.get("num_local_experts", 0) or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0),
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            name=name,
+        )
+
+    @classmethod
+    def load(cls, model: str | os.PathLike[str]) -> ModelSpec:
+        """A short name (``llama-3-8b``), a folder holding ``config.json``, or a ``config.json`` path."""
+        path = Path(model)
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.is_file():
+                raise ConfigError(f"{model} has no config.json")
+        elif not path.is_file():
+            path = builtin_config_path(str(model))
+        with open(path) as f:
+            cfg = json.load(f)
+        return cls.from_hf_config(cfg, name=path.parent.name if path.name == "config.json" else path.stem)
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Paged KV-cache layout: ``num_blocks`` pages of ``block_size`` tokens per layer.
+
+    The device tensor is ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V); a token's
+    *slot* is ``block_id * block_size + offset``.
+    """
+
+    num_blocks: int
+    block_size: int = 16
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Options of one engine instance (what ``LLM(...)`` and the CLI take)."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    dense_batch_size: int | None = None
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    block_size: int = 16
+    max_num_seqs: int | None = None
+    tp: int = 1
+    seed: int = 0
+    async_scheduling: bool = True
+    cuda_graphs: bool = True
+    compile: bool = True
+    pipeline: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+        if self.load_format not in ("auto", "dummy", "safetensors", "gguf"):
+            raise ConfigError(f"load_format {self.load_format!r} is not supported; use auto, dummy, safetensors or gguf")
+        for name in ("dense_batch_size", "max_model_len", "kv_cache_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.tp < 1:
+            raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")

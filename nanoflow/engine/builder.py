@@ -1,0 +1,105 @@
+"""From ``EngineArgs`` to the parts of an engine: model spec, weights, tokenizer, cache and batch sizes.
+
+Every user-facing choice is resolved here, once, with an error that says what to change when it cannot be met.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoflow.config import ConfigError, EngineArgs, ModelSpec, builtin_model_names
+
+log = logging.getLogger("nanoflow")
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    spec: ModelSpec
+    path: str | None  # weights folder / .gguf file, or None for dummy weights
+    load_format: str  # "safetensors" | "gguf" | "dummy"
+    name: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_source(model: str | None, load_format: str) -> ModelSource:
+    """``None`` = the embedded SmolLM2-135M-Instruct GGUF; a short name; an HF folder; a ``.gguf`` file."""
+    from nanoflow.models.loader import default_gguf_path, spec_from_gguf
+
+    if model is None or (model == "smollm2-135m" and load_format in ("auto", "gguf")):
+        path = str(default_gguf_path())
+        return ModelSource(spec_from_gguf(path), path, "gguf", DEFAULT_MODEL_NAME)
+    p = Path(model)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ConfigError(f"GGUF file {model} does not exist")
+        fmt = "dummy" if load_format == "dummy" else "gguf"
+        return ModelSource(spec_from_gguf(str(p)), str(p), fmt, p.stem)
+    if p.is_dir():
+        spec = ModelSpec.load(p)
+        fmt = "dummy" if load_format == "dummy" else "safetensors"
+        return ModelSource(spec, str(p), fmt, p.name)
+    if model in builtin_model_names():
+        if load_format not in ("auto", "dummy"):
+            raise ConfigError(f"{model!r} is a built-in config without weights; use load_format='dummy' or pass a "
+                              "folder with safetensors")
+        if load_format == "auto":
+            log.info("%s is a built-in config without weights: using random (dummy) weights", model)
+        return ModelSource(ModelSpec.load(model), None, "dummy", model)
+    raise ConfigError(f"model {model!r} is neither a folder, a .gguf file nor a built-in name "
+                      f"({', '.join(builtin_model_names())})")
+
+
+def kv_capacity_tokens(args: EngineArgs, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
+                       activation_bytes: int, kv_heads_local: int, fraction: float = 0.9) -> int:
+    """KV tokens to allocate: ``kv_cache_tokens`` if given, else what free GPU memory holds (CPU: 32,768)."""
+    if args.kv_cache_tokens is not None:
+        return args.kv_cache_tokens
+    if device.type != "cuda":
+        return 32768
+    free, _total = torch.cuda.mem_get_info(device)
+    per_token = 2 * spec.num_layers * kv_heads_local * spec.head_dim * torch.finfo(dtype).bits // 8
+    budget = int(free * fraction) - activation_bytes - (2 << 30)
+    if budget <= per_token * 1024:
+        raise ConfigError(f"only {free / 2**30:.1f} GiB of GPU memory is free after the weights; not enough for a "
+                          "KV cache. Use a smaller model, tensor parallelism (--tp) or --kv-cache-tokens")
+    return budget // per_token
+
+
+def load_parts(args: EngineArgs, device: torch.device, tp_rank: int = 0, tp_size: int = 1) -> dict[str, Any]:
+    """Spec, weights, tokenizer and the model object for ``args``."""
+    from nanoflow.models.loader import load_weights
+    from nanoflow.models.registry import model_class
+    from nanoflow.models.tokenizer import load_tokenizer
+
+    source = resolve_source(args.model, args.load_format)
+    dtype = resolve_dtype(args.dtype, device, source.spec)
+    weights = load_weights(source.spec, source.path, load_format=source.load_format, dtype=dtype, device=device,
+                           seed=args.seed, tp_rank=tp_rank, tp_size=tp_size, progress=tp_rank == 0)
+    tokenizer = load_tokenizer(source.path) if source.path is not None else None
+    model = model_class(source.spec.architecture)(source.spec, weights, tp_rank=tp_rank, tp_size=tp_size)
+    return {"source": source, "dtype": dtype, "model": model, "tokenizer": tokenizer}

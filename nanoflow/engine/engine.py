@@ -1,0 +1,291 @@
+"""The engine loop: scheduler (CPU) + model runner (device), synchronous or with asynchronous scheduling.
+
+One ``step()``:
+  sync:  plan_i = schedule(); run(plan_i); wait; update(plan_i)
+  async: plan_i = schedule(); launch(plan_i); wait for plan_{i-1}; update(plan_{i-1})
+In async mode the CPU forms and launches batch i while the GPU still runs batch i-1 (paper §4.2.1); a request that
+finished in i-1 (EOS, stop string) may have been scheduled once more in i — that extra token is discarded by the
+scheduler, never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanoflow.config import ConfigError, EngineArgs
+from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_device
+from nanoflow.engine.outputs import RequestMetrics, RequestOutput
+from nanoflow.ops.sampling import SamplingTensors
+from nanoflow.scheduler.batcher import BatchPlan, Scheduler
+from nanoflow.scheduler.kv_cache import BlockManager
+from nanoflow.scheduler.request import Request, RequestStatus, SamplingParams
+
+log = logging.getLogger("nanoflow")
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    output: RequestOutput
+    detok: Any
+    stop: list[str]
+    emitted_tokens: int = 0
+
+
+class Engine:
+    """Owns one model replica's scheduler and runner; not thread-safe (``AsyncEngine`` wraps it in a thread)."""
+
+    def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None,
+                 tp_rank: int = 0, tp_size: int = 1):
+        self.args = args
+        self.device = resolve_device(args.device)
+        parts = parts or load_parts(args, self.device, tp_rank, tp_size)
+        self.model = parts["model"]
+        self.tokenizer = parts["tokenizer"]
+        self.source = parts["source"]
+        self.model_name = self.source.name
+        spec = self.model.spec
+        self.spec = spec
+        self.max_model_len = min(args.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        if args.max_model_len and args.max_model_len > spec.max_position_embeddings:
+            raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's context "
+                              f"{spec.max_position_embeddings}")
+        self.dense_batch_size = args.dense_batch_size or (2048 if self.device.type == "cuda" else 256)
+        act_bytes = sum(b.width for b in self.model.buffer_specs().values()) * self.dense_batch_size * 2
+        kv_tokens = kv_capacity_tokens(args, spec, self.device, parts["dtype"], act_bytes, self.model.local_kv_heads)
+        bs = args.block_size
+        num_blocks = kv_tokens // bs + 1  # +1: the null block
+        self.kv_tokens = kv_tokens
+        self.blocks = BlockManager(num_blocks, bs)
+        max_seqs = args.max_num_seqs or min(self.dense_batch_size, 1024)
+        self.scheduler = Scheduler(self.blocks, self.dense_batch_size, max_seqs, self.max_model_len)
+        pipeline = self._load_pipeline(args.pipeline)
+        self.runner = self._make_runner(num_blocks, bs, pipeline, comm)
+        self.eos_token_ids = tuple(spec.eos_token_ids) or (
+            tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ())
+        self._rng = random.Random(args.seed)
+        self._tracked: dict[str, _Tracked] = {}
+        self._inflight: tuple[BatchPlan, Any] | None = None
+        self._counter = 0
+        self.stats_iterations = 0
+        self.stats_tokens = 0
+        self.stats_sched_s = 0.0
+        self.stats_wall_s = 0.0
+        self.last_iteration_s = 0.0
+
+    def _load_pipeline(self, name: str | None) -> Any:
+        if not name or name in ("none", "sequential", "non-overlap"):
+            return None
+        from nanoflow.graphs.pipeline import PipelineSpec, load_preset
+
+        spec = PipelineSpec.load(name) if name.endswith(".json") else load_preset(name)
+        return spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec
+
+    def _make_runner(self, num_blocks: int, block_size: int, pipeline: Any, comm: Any) -> Any:
+        from nanoflow.graphs.runner import ModelRunner
+
+        return ModelRunner(self.model, num_blocks, block_size, self.dense_batch_size, self.max_model_len,
+                           pipeline=pipeline, comm=comm, compile_glue=self.args.compile,
+                           cuda_graphs=self.args.cuda_graphs, decode_cap=self.scheduler.max_num_seqs)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, on_output: Callable[[RequestOutput], None] | None = None
+                    ) -> RequestOutput:
+        """Queue one request. A request that cannot be served finishes at once with ``finish_reason="error"``."""
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = f"req-{self._counter}"
+        self._counter += 1
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        error, ids = None, []
+        text_prompt = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                error = "this model has no tokenizer; pass prompts as token-id lists"
+            else:
+                ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.spec.vocab_size]
+            if bad:
+                error = f"token id {bad[0]!r} is outside the vocabulary [0, {self.spec.vocab_size})"
+        if params.seed is None:
+            params = _with_seed(params, self._rng.randrange(2**31))
+        req = Request(request_id, ids, params, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids)
+        out = RequestOutput(request_id, text_prompt, ids, metrics=RequestMetrics(req.arrival_time))
+        detok = None
+        if self.tokenizer is not None:
+            from nanoflow.models.tokenizer import IncrementalDetokenizer
+
+            detok = IncrementalDetokenizer(self.tokenizer, ids)
+        tracked = _Tracked(req, out, detok, list(params.stop or []))
+        tracked.on_output = on_output  # type: ignore[attr-defined]
+        self._tracked[request_id] = tracked
+        if error is not None:
+            req.status = RequestStatus.FINISHED_ERROR
+            req.error = error
+            self._emit_finished(tracked)
+        else:
+            self.scheduler.add_request(req)
+        return out
+
+    def abort(self, request_id: str) -> None:
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.output.finished:
+            return
+        self.scheduler.abort(request_id)
+        tracked.request.status = RequestStatus.FINISHED_ABORTED
+        self._emit_finished(tracked)
+
+    def has_unfinished(self) -> bool:
+        return any(not t.output.finished for t in self._tracked.values()) or self._inflight is not None
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        for req in self.scheduler.take_finished():
+            if req.request_id in self._tracked:
+                self._emit_finished(self._tracked[req.request_id])
+        plan = self.scheduler.schedule()
+        launched = None
+        if plan is not None and plan.num_tokens > 0:
+            sampling = self._sampling_tensors(plan)
+            t_sched = time.perf_counter()
+            self.stats_sched_s += t_sched - t0
+            result = self.runner.execute(plan, sampling)
+            launched = (plan, result)
+            self.stats_tokens += plan.num_tokens
+            self.stats_iterations += 1
+            for seq in plan.seqs:
+                tr = self._tracked.get(seq.request_id)
+                if tr is not None and tr.output.metrics and tr.output.metrics.first_scheduled_time is None:
+                    tr.output.metrics.first_scheduled_time = time.monotonic()
+        if self.args.async_scheduling:
+            previous, self._inflight = self._inflight, launched
+            if previous is not None:
+                self._process(*previous)
+        elif launched is not None:
+            self._process(*launched)
+        for req in self.scheduler.take_finished():
+            if req.request_id in self._tracked:
+                self._emit_finished(self._tracked[req.request_id])
+        self.last_iteration_s = time.perf_counter() - t0
+        self.stats_wall_s += self.last_iteration_s
+
+    def _sampling_tensors(self, plan: BatchPlan) -> SamplingTensors | None:
+        reqs = [self._tracked[s.request_id].request for s in plan.seqs if s.sample]
+        if all(r.sampling_params.temperature == 0 for r in reqs):
+            return None
+        return SamplingTensors.build(
+            [r.sampling_params.temperature for r in reqs], [r.sampling_params.top_p for r in reqs],
+            [r.sampling_params.top_k for r in reqs], [r.sampling_params.seed for r in reqs],
+            [len(r.output_token_ids) + r.num_pending - 1 for r in reqs], self.runner.device)
+
+    def _process(self, plan: BatchPlan, result: Any) -> None:
+        tokens = result.tokens()
+        finished = {r.request_id for r in self.scheduler.update(plan, tokens)}
+        now = time.monotonic()
+        for rid in tokens:
+            tr = self._tracked.get(rid)
+            if tr is None or tr.output.finished:
+                continue
+            req = tr.request
+            new = req.output_token_ids[tr.emitted_tokens:]
+            if not new:
+                continue
+            tr.emitted_tokens = len(req.output_token_ids)
+            out = tr.output
+            out.token_ids = list(req.output_token_ids)
+            if out.metrics and out.metrics.first_token_time is None:
+                out.metrics.first_token_time = now
+            if tr.detok is not None:
+                out.text += tr.detok.add(new)
+                if tr.stop and self._hit_stop(tr):
+                    self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+                    finished.add(rid)
+            if rid in finished:
+                self._emit_finished(tr)
+            else:
+                self._emit(tr)
+
+    @staticmethod
+    def _hit_stop(tr: _Tracked) -> bool:
+        text = tr.output.text
+        cut = min((i for i in (text.find(s) for s in tr.stop) if i >= 0), default=-1)
+        if cut < 0:
+            return False
+        tr.output.text = text[:cut]
+        tr.request.status = RequestStatus.FINISHED_STOPPED
+        return True
+
+    def _emit(self, tr: _Tracked) -> None:
+        cb = getattr(tr, "on_output", None)
+        if cb is not None:
+            cb(tr.output)
+
+    def _emit_finished(self, tr: _Tracked) -> None:
+        if tr.output.finished:
+            return
+        req = tr.request
+        out = tr.output
+        out.token_ids = list(req.output_token_ids)
+        out.finish_reason = req.status.finish_reason or "stop"
+        out.error = req.error
+        if out.metrics:
+            out.metrics.finished_time = time.monotonic()
+        if tr.detok is not None and not tr.stop and len(out.token_ids) > tr.emitted_tokens:
+            out.text += tr.detok.add(out.token_ids[tr.emitted_tokens:])
+        tr.emitted_tokens = len(out.token_ids)
+        self._emit(tr)
+        # Finished requests are forgotten: the caller holds the RequestOutput.
+        self._tracked.pop(req.request_id, None)
+
+    def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """fp32 logits after the last token of each prompt, from one prefill batch (correctness checks).
+
+        Runs outside the scheduler: needs an idle engine and prompts that fit one dense batch together.
+        """
+        from nanoflow.scheduler.batcher import BatchPlan, ScheduledSeq
+
+        if self.has_unfinished():
+            raise RuntimeError("prompt_logits needs an idle engine")
+        if sum(len(p) for p in prompts) > self.dense_batch_size:
+            raise ValueError(f"prompts hold {sum(len(p) for p in prompts)} tokens; the dense batch holds "
+                             f"{self.dense_batch_size}")
+        reqs = [Request(f"logits-{i}", list(p), SamplingParams(), 0.0) for i, p in enumerate(prompts)]
+        try:
+            seqs = []
+            for r in reqs:
+                if not self.blocks.allocate(r, len(r.prompt_token_ids)):
+                    raise RuntimeError("not enough KV blocks for prompt_logits")
+                seqs.append(ScheduledSeq(r.request_id, 0, len(r.prompt_token_ids), r.prompt_token_ids, True,
+                                         r.block_ids, r))
+            plan = BatchPlan(-1, [], seqs, sum(s.num_tokens for s in seqs), self.dense_batch_size, [])
+            return self.runner.forward(self.runner.prepare(plan))
+        finally:
+            for r in reqs:
+                self.blocks.free(r)
+
+    def run_until_done(self, progress: Callable[[int], None] | None = None) -> None:
+        while self.has_unfinished():
+            before = len(self._tracked)
+            self.step()
+            if progress is not None:
+                progress(before - len(self._tracked))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)

@@ -1,0 +1,75 @@
+"""The offline API: ``LLM(...).generate(prompts, sampling_params)``.
+
+>>> from nanoflow import LLM, SamplingParams
+>>> llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
+>>> out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
+>>> out[0].text, out[0].finish_reason
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nanoflow.config import EngineArgs
+from nanoflow.engine.engine import Engine
+from nanoflow.engine.outputs import RequestOutput
+from nanoflow.scheduler.request import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
+                 load_format: str = "auto", dense_batch_size: int | None = None, max_model_len: int | None = None,
+                 kv_cache_tokens: int | None = None, tp: int = 1, seed: int = 0, async_scheduling: bool = True,
+                 cuda_graphs: bool = True, compile: bool = True, pipeline: str | None = None,
+                 max_num_seqs: int | None = None, block_size: int = 16, **extra: Any):
+        self.args = EngineArgs(model=model, dtype=dtype, device=device, load_format=load_format,
+                               dense_batch_size=dense_batch_size, max_model_len=max_model_len,
+                               kv_cache_tokens=kv_cache_tokens, tp=tp, seed=seed, async_scheduling=async_scheduling,
+                               cuda_graphs=cuda_graphs, compile=compile, pipeline=pipeline,
+                               max_num_seqs=max_num_seqs, block_size=block_size, extra=extra)
+        if tp > 1:
+            from nanoflow.engine.distributed import make_engine
+
+            self.engine = make_engine(self.args)
+        else:
+            self.engine = Engine(self.args)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]] | str,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order, failed requests with ``"error"``."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one "
+                                 "per prompt")
+        outputs = [self.engine.add_request(p if isinstance(p, str) else list(p), sp)
+                   for p, sp in zip(prompts, params)]
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(outputs), desc="generate", unit="req", dynamic_ncols=True)
+            bar.update(sum(o.finished for o in outputs))
+        done = sum(o.finished for o in outputs)
+
+        def progress(_n: int) -> None:
+            nonlocal done
+            now = sum(o.finished for o in outputs)
+            if bar is not None and now > done:
+                bar.update(now - done)
+            done = now
+
+        self.engine.run_until_done(progress if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        return outputs

@@ -1,0 +1,105 @@
+"""``nanoflow run-offline``: generate for a whole dataset and write one JSON line per request.
+
+With no flags it runs the embedded SmolLM2-135M-Instruct (GPU if present, else CPU) on the bundled sample prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine."""
+    p.add_argument("--model", default=None,
+                   help="built-in short name (e.g. llama-3-8b), HF folder with config.json + safetensors, or a .gguf "
+                        "file; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight/activation dtype; auto = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy", "safetensors", "gguf"],
+                   help="dummy = random weights from the config (throughput runs)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (launch with torchrun/accelerate)")
+    p.add_argument("--dense-batch-size", type=int, default=None,
+                   help="tokens per iteration (decode + prefill chunks); default: 2048 on GPU, 256 on CPU")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output; default: the model's")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens; default: free memory")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
+    p.add_argument("--pipeline", default=None,
+                   help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, or 'none'")
+    p.add_argument("--no-async", action="store_true", help="schedule synchronously (batch i+1 after batch i ends)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run the forward eagerly on the GPU")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the glue ops")
+    p.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, tp=args.tp,
+                dense_batch_size=args.dense_batch_size, max_model_len=args.max_model_len,
+                kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
+                async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
+                compile=not args.no_compile, seed=args.seed)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("run-offline", help="generate for a dataset (the batch runner)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    p.add_argument("--dataset", default="sample",
+                   help="JSONL ({'prompt'} or {'prompt_token_ids'} per line), ShareGPT/LMSYS JSON, LMSYS parquet, "
+                        "Splitwise CSV, 'constant:IN:OUT', 'splitwise', 'lmsys', 'sharegpt', or 'sample' (bundled)")
+    p.add_argument("--num-requests", type=int, default=None, help="use at most this many requests")
+    p.add_argument("--output", default="outputs.jsonl", help="where to write one JSON line per request")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="output tokens per request (default: the dataset's lengths, else 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens (throughput runs)")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoflow.data import load_dataset
+    from nanoflow.engine.llm import LLM
+    from nanoflow.scheduler.request import SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    vocab = llm.engine.spec.vocab_size
+    data = load_dataset(args.dataset, num_requests=args.num_requests, seed=args.seed, vocab_size=vocab,
+                        tokenizer=llm.tokenizer, max_len=llm.engine.max_model_len)
+    for row in data.skipped:
+        print(f"skipped {args.dataset}:{row.line}: {row.reason}", file=sys.stderr)
+    prompts: list[Any] = []
+    params = []
+    for item in data.items:
+        prompt: Any = item.prompt if item.prompt is not None else item.prompt_token_ids
+        if args.chat and isinstance(prompt, str) and llm.tokenizer is not None:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompts.append(prompt)
+        params.append(SamplingParams(max_tokens=args.max_tokens or item.max_tokens or 64,
+                                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                     ignore_eos=args.ignore_eos))
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    out_path = Path(args.output)
+    with out_path.open("w") as f:
+        for o in outputs:
+            f.write(json.dumps({"request_id": o.request_id, "prompt": o.prompt, "text": o.text,
+                                "token_ids": o.token_ids, "finish_reason": o.finish_reason, "error": o.error})
+                    + "\n")
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    gen_tokens = sum(len(o.token_ids) for o in outputs)
+    errors = sum(o.finish_reason == "error" for o in outputs)
+    summary = {"requests": len(outputs), "errors": errors, "skipped_rows": len(data.skipped),
+               "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "wall_s": round(wall, 3),
+               "total_tokens_per_s": round((prompt_tokens + gen_tokens) / wall, 1) if wall > 0 else None,
+               "output": str(out_path), "model": llm.engine.model_name, "device": str(llm.engine.device)}
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,43 @@
+"""What the engine hands back to callers: one :class:`RequestOutput` per request (cumulative, also when streamed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """State of one request. ``text`` and ``token_ids`` are cumulative; ``finish_reason`` is set once finished.
+
+    finish_reason: ``"stop"`` (EOS, a stop token or a stop string), ``"length"`` (max_tokens or context end),
+    ``"error"`` (the request could not be served; ``error`` says why) or ``"abort"`` (cancelled by the caller).
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    metrics: RequestMetrics | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

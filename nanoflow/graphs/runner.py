@@ -1,0 +1,175 @@
+"""ModelRunner: ``BatchPlan`` -> ``ForwardBatch`` -> logits -> sampled token ids, all on the device.
+
+The runner owns the paged KV cache, the activation buffers (sized to the dense batch), the RoPE table and the
+executor. ``execute`` returns at once with the sampled ids still on the device (plus a non-blocking copy to pinned
+host memory and an event), so the engine can form the next plan while the GPU works (async scheduling, paper §4.2.1).
+A decode whose input token is not yet known on the CPU (``-1`` in the plan) takes it from the previous iteration's
+sampled ids on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoflow.graphs.executor import Executor
+from nanoflow.graphs.forward_batch import ForwardBatch, HostSeq, build_range_meta, to_device, token_arrays
+from nanoflow.models.base import DecoderModel, StepContext
+from nanoflow.ops.attention.backends import make_backend
+from nanoflow.ops.rotary import cos_sin_cache
+from nanoflow.ops.sampling import SamplingTensors, sample
+
+
+@dataclass
+class StepResult:
+    """Sampled ids of one iteration; ``tokens()`` waits for the device copy."""
+
+    request_ids: list[str]
+    device_ids: torch.Tensor  # [n] int64 on the device
+    host_ids: torch.Tensor  # [n] int64, pinned when on a GPU
+    event: Any
+
+    def tokens(self) -> dict[str, int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return dict(zip(self.request_ids, self.host_ids.tolist()))
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, max_tokens: int,
+                 max_model_len: int, attention: str | None = None, pipeline: Any = None, comm: Any = None,
+                 compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None):
+        self.model = model
+        self.spec = model.spec
+        self.device = model.device
+        self.block_size = block_size
+        self.max_tokens = max_tokens
+        self.comm = comm
+        dtype = model.dtype
+        cache_shape = (self.spec.num_layers, 2, num_blocks, block_size, model.local_kv_heads, self.spec.head_dim)
+        self.kv_cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
+        self.bufs = {
+            name: torch.zeros(max_tokens, b.width, dtype=b.dtype or dtype, device=self.device)
+            for name, b in model.buffer_specs().items()
+        }
+        self.cos_sin = cos_sin_cache(self.spec.head_dim, max(max_model_len, 1) + 1, self.spec.rope_theta,
+                                     self.spec.rope_scaling, self.device)
+        backend = attention or ("triton" if self.device.type == "cuda" else "torch")
+        self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size)
+        self.executor = Executor(model.graphs, pipeline, self.device)
+        self.glue: dict[str, Any] = {}
+        self.compile_glue = compile_glue
+        self.max_seqs = max_tokens
+        # The previous iteration's sampled ids live in a static buffer so captured graphs can read them.
+        self.prev_ids = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
+        self._prev_rows: dict[str, int] = {}
+        self.graphs: Any = None
+        if cuda_graphs and self.device.type == "cuda":
+            from nanoflow.graphs.cuda_graph import CudaGraphRunner
+
+            max_blocks = -(-(max_model_len + 1) // block_size)
+            self.graphs = CudaGraphRunner(self, max_blocks, decode_cap or max_tokens, compile_glue)
+
+    # ---- building the forward batch ---------------------------------------------------------------------------
+    def prepare(self, plan: Any) -> ForwardBatch:
+        decode, prefill, ids = [], [], []
+        unresolved: list[tuple[int, str]] = []
+        row = 0
+        for seq in plan.decode:
+            decode.append(HostSeq(row, seq.start, seq.num_tokens, seq.block_table))
+            if seq.input_token_ids[0] < 0:
+                unresolved.append((row, seq.request_id))
+            ids.extend(seq.input_token_ids)
+            row += seq.num_tokens
+        for seq in plan.prefill:
+            prefill.append(HostSeq(row, seq.start, seq.num_tokens, seq.block_table))
+            ids.extend(seq.input_token_ids)
+            row += seq.num_tokens
+        if row > self.max_tokens:
+            raise ValueError(f"plan has {row} tokens; the runner was sized for {self.max_tokens}")
+        # With CUDA graphs the batch is padded to a captured size; padding rows write KV into the null block.
+        num_tokens = self.graphs.padded_tokens(row) if self.graphs is not None else row
+        ids.extend([0] * (num_tokens - row))
+        positions, slots = token_arrays(decode, prefill, self.block_size, num_tokens)
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.int64)
+        prev_index = None
+        if unresolved:
+            idx = np.full(num_tokens, -1, dtype=np.int64)
+            for r, rid in unresolved:
+                if rid not in self._prev_rows:
+                    raise RuntimeError(f"request {rid} needs the previous iteration's token, which it did not sample")
+                idx[r] = self._prev_rows[rid]
+            prev_index = to_device(torch.from_numpy(idx), dev)
+        sample_rows, sample_ids = [], []
+        for s, seq in zip(decode + prefill, plan.decode + plan.prefill):
+            if seq.sample:
+                sample_rows.append(s.row + s.num_tokens - 1)
+                sample_ids.append(seq.request_id)
+        batch = ForwardBatch(
+            num_tokens=num_tokens,
+            num_real_tokens=row,
+            input_ids=to_device(input_ids, dev),
+            prev_index=prev_index,
+            positions=to_device(torch.from_numpy(positions), dev),
+            slot_mapping=to_device(torch.from_numpy(slots), dev),
+            sample_rows=to_device(torch.tensor(sample_rows, dtype=torch.int64), dev),
+            sample_request_ids=sample_ids,
+        )
+        keep_host = self.attention.name == "torch"
+        for lo, hi in self.executor.attention_ranges(num_tokens):
+            batch.ranges[(lo, hi)] = build_range_meta(decode, prefill, lo, hi, dev, keep_host)
+        return batch
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run all layers (replaying a captured CUDA graph when one fits); fp32 logits of the sampling rows."""
+        if self.graphs is None or not self.graphs.run(batch):
+            self.run_layers(batch)
+        rows = batch.sample_rows
+        return self.model.logits(self.bufs["hidden"][rows], self.bufs["residual"][rows], self.comm)
+
+    def run_layers(self, batch: ForwardBatch, glue: dict[str, Any] | None = None) -> None:
+        """Embedding + every layer over ``batch.num_tokens`` rows, leaving ``hidden``/``residual`` in the buffers."""
+        t = batch.num_tokens
+        ids = batch.input_ids
+        if batch.prev_index is not None:
+            prev = self.prev_ids
+            ids = torch.where(batch.prev_index >= 0, prev[batch.prev_index.clamp(min=0)], ids)
+        self.model.embed(ids, self.bufs["hidden"][:t], self.comm)
+        self.bufs["residual"][:t].zero_()
+        glue = self.glue if glue is None else glue
+
+        def make_ctx(layer: int) -> StepContext:
+            return StepContext(layer=layer, bufs=self.bufs, batch=batch, k_cache=self.kv_cache[layer, 0],
+                               v_cache=self.kv_cache[layer, 1], cos_sin=self.cos_sin, attention=self.attention,
+                               comm=self.comm, glue=glue)
+
+        self.executor.run(make_ctx, t)
+
+    def execute(self, plan: Any, sampling: SamplingTensors | None) -> StepResult:
+        batch = self.prepare(plan)
+        logits = self.forward(batch)
+        if sampling is None:
+            ids = logits.argmax(dim=-1)
+        else:
+            ids = sample(logits, sampling)
+        result = self._finish(batch.sample_request_ids, ids)
+        return result
+
+    def _finish(self, request_ids: list[str], ids: torch.Tensor) -> StepResult:
+        if self.device.type == "cuda":
+            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            host.copy_(ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = ids, None
+        result = StepResult(request_ids, ids, host, event)
+        self.prev_ids[: ids.shape[0]].copy_(ids)
+        self._prev_rows = {rid: i for i, rid in enumerate(request_ids)}
+        return result

@@ -1,0 +1,168 @@
+"""Shared building blocks: the LLaMA-style decoder layer declared as a graph of operations.
+
+Op names, resource kinds and buffers (the pipeline spec and the auto-search refer to these names):
+
+==============  ========  ===========================  ======================
+op              kind      reads                        writes
+==============  ========  ===========================  ======================
+attn_norm       OTHER     hidden, residual             x_attn, residual
+qkv             COMPUTE   x_attn                       qkv
+rope_kv         OTHER     qkv                          q, kv_cache
+decode_attn     MEMORY    q, kv_cache (cross-token)    attn
+prefill_attn    COMPUTE   q, kv_cache (cross-token)    attn
+o_proj          COMPUTE   attn                         attn_out
+attn_all_reduce NETWORK   attn_out                     attn_out   (TP only)
+ffn_norm        OTHER     attn_out, residual           x_ffn, residual
+gate_up         COMPUTE   x_ffn                        gate_up
+act             OTHER     gate_up                      act
+down            COMPUTE   act                          hidden
+ffn_all_reduce  NETWORK   hidden                       hidden     (TP only)
+==============  ========  ===========================  ======================
+
+Every op reads and writes only rows ``[lo, hi)`` (attention reads the KV of earlier tokens through the cache), so
+the executor may split any op into nano-operations over token ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from nanoflow.graphs.nanoop import LayerGraph, Op, ResourceKind
+from nanoflow.models.base import StepContext
+from nanoflow.ops.activation import silu_and_mul
+from nanoflow.ops.kv_store import store_kv
+from nanoflow.ops.norm import add_rms_norm
+from nanoflow.ops.rotary import apply_rotary
+
+C, M, N, O = ResourceKind.COMPUTE, ResourceKind.MEMORY, ResourceKind.NETWORK, ResourceKind.OTHER
+
+
+def _glue(ctx: StepContext, name: str, fallback: Callable) -> Callable:
+    return ctx.glue.get(name, fallback)
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = x @ weight.T (+ bias)`` written in place (cuBLAS through torch)."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def rope_qkv(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``qkv [T, (H + 2 KV) * D]`` and rotate q and k; returns ``(q [T, H*D], k, v [T, KV, D])``."""
+    t = qkv.shape[0]
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    q = apply_rotary(qkv[:, :q_size].view(t, heads, head_dim), cos_sin)
+    k = apply_rotary(qkv[:, q_size:q_size + kv_size].view(t, kv_heads, head_dim), cos_sin)
+    v = qkv[:, q_size + kv_size:].view(t, kv_heads, head_dim)
+    return q.reshape(t, q_size), k, v
+
+
+def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads: int, head_dim: int,
+                  eps: float, tp: bool) -> list[Op]:
+    """attn_norm .. o_proj (+ all-reduce): the attention half of a LLaMA-style layer."""
+    norm_w, qkv_w, qkv_b = w[f"{prefix}.attn_norm.weight"], w[f"{prefix}.qkv.weight"], w.get(f"{prefix}.qkv.bias")
+    o_w = w[f"{prefix}.o_proj.weight"]
+
+    def attn_norm(ctx: StepContext, lo: int, hi: int) -> None:
+        b = ctx.bufs
+        x, res = _glue(ctx, "add_rms_norm", add_rms_norm)(b["hidden"][lo:hi], b["residual"][lo:hi], norm_w, eps)
+        b["x_attn"][lo:hi].copy_(x)
+        b["residual"][lo:hi].copy_(res)
+
+    def qkv(ctx: StepContext, lo: int, hi: int) -> None:
+        linear_into(ctx.bufs["x_attn"][lo:hi], qkv_w, qkv_b, ctx.bufs["qkv"][lo:hi])
+
+    def rope_kv(ctx: StepContext, lo: int, hi: int) -> None:
+        cos_sin = ctx.cos_sin[ctx.batch.positions[lo:hi]]
+        q, k, v = _glue(ctx, "rope_qkv", rope_qkv)(ctx.bufs["qkv"][lo:hi], cos_sin, heads, kv_heads, head_dim)
+        store_kv(k, v, ctx.k_cache, ctx.v_cache, ctx.batch.slot_mapping[lo:hi])
+        ctx.bufs["q"][lo:hi].copy_(q)
+
+    def decode_attn(ctx: StepContext, lo: int, hi: int) -> None:
+        meta = ctx.batch.attn_meta(lo, hi).decode
+        if meta is None:
+            return
+        rows = meta.rows
+        q = ctx.bufs["q"][lo:lo + rows].view(rows, heads, head_dim)
+        out = ctx.bufs["attn"][lo:lo + rows].view(rows, heads, head_dim)
+        ctx.attention.decode(q, ctx.k_cache, ctx.v_cache, meta, out)
+
+    def prefill_attn(ctx: StepContext, lo: int, hi: int) -> None:
+        meta = ctx.batch.attn_meta(lo, hi).prefill
+        if meta is None:
+            return
+        q = ctx.bufs["q"][lo:hi].view(hi - lo, heads, head_dim)
+        out = ctx.bufs["attn"][lo:hi].view(hi - lo, heads, head_dim)
+        ctx.attention.prefill(q, ctx.k_cache, ctx.v_cache, meta, out)
+
+    def o_proj(ctx: StepContext, lo: int, hi: int) -> None:
+        linear_into(ctx.bufs["attn"][lo:hi], o_w, None, ctx.bufs["attn_out"][lo:hi])
+
+    def attn_all_reduce(ctx: StepContext, lo: int, hi: int) -> None:
+        ctx.comm.all_reduce(ctx.bufs["attn_out"][lo:hi])
+
+    ops = [
+        Op("attn_norm", O, ("hidden", "residual"), ("x_attn", "residual"), attn_norm),
+        Op("qkv", C, ("x_attn",), ("qkv",), qkv),
+        Op("rope_kv", O, ("qkv",), ("q", "kv_cache"), rope_kv),
+        Op("decode_attn", M, ("q", "kv_cache"), ("attn",), decode_attn, cross_token_reads=("kv_cache",)),
+        Op("prefill_attn", C, ("q", "kv_cache"), ("attn",), prefill_attn, cross_token_reads=("kv_cache",)),
+        Op("o_proj", C, ("attn",), ("attn_out",), o_proj),
+    ]
+    if tp:
+        ops.append(Op("attn_all_reduce", N, ("attn_out",), ("attn_out",), attn_all_reduce))
+    return ops
+
+
+def ffn_norm_op(w: dict[str, torch.Tensor], prefix: str, eps: float) -> Op:
+    norm_w = w[f"{prefix}.ffn_norm.weight"]
+
+    def ffn_norm(ctx: StepContext, lo: int, hi: int) -> None:
+        b = ctx.bufs
+        x, res = _glue(ctx, "add_rms_norm", add_rms_norm)(b["attn_out"][lo:hi], b["residual"][lo:hi], norm_w, eps)
+        b["x_ffn"][lo:hi].copy_(x)
+        b["residual"][lo:hi].copy_(res)
+
+    return Op("ffn_norm", O, ("attn_out", "residual"), ("x_ffn", "residual"), ffn_norm)
+
+
+def mlp_ops(w: dict[str, torch.Tensor], prefix: str, tp: bool) -> list[Op]:
+    """gate_up -> act -> down (+ all-reduce): the SwiGLU MLP."""
+    gu_w, down_w = w[f"{prefix}.gate_up.weight"], w[f"{prefix}.down.weight"]
+
+    def gate_up(ctx: StepContext, lo: int, hi: int) -> None:
+        linear_into(ctx.bufs["x_ffn"][lo:hi], gu_w, None, ctx.bufs["gate_up"][lo:hi])
+
+    def act(ctx: StepContext, lo: int, hi: int) -> None:
+        ctx.bufs["act"][lo:hi].copy_(_glue(ctx, "silu_and_mul", silu_and_mul)(ctx.bufs["gate_up"][lo:hi]))
+
+    def down(ctx: StepContext, lo: int, hi: int) -> None:
+        linear_into(ctx.bufs["act"][lo:hi], down_w, None, ctx.bufs["hidden"][lo:hi])
+
+    def ffn_all_reduce(ctx: StepContext, lo: int, hi: int) -> None:
+        ctx.comm.all_reduce(ctx.bufs["hidden"][lo:hi])
+
+    ops = [
+        Op("gate_up", C, ("x_ffn",), ("gate_up",), gate_up),
+        Op("act", O, ("gate_up",), ("act",), act),
+        Op("down", C, ("act",), ("hidden",), down),
+    ]
+    if tp:
+        ops.append(Op("ffn_all_reduce", N, ("hidden",), ("hidden",), ffn_all_reduce))
+    return ops
+
+
+def llama_layer_graph(w: dict[str, torch.Tensor], layer: int, heads: int, kv_heads: int, head_dim: int,
+                      eps: float, tp: bool) -> LayerGraph:
+    """The full LLaMA / Qwen2 / Mistral decoder layer (QKV bias is used when the weights carry one)."""
+    prefix = f"layers.{layer}"
+    return LayerGraph(tuple(
+        attention_ops(w, prefix, heads, kv_heads, head_dim, eps, tp)
+        + [ffn_norm_op(w, prefix, eps)]
+        + mlp_ops(w, prefix, tp)
+    ))

@@ -1,0 +1,1 @@
+"""Kernels and their thin wrappers; every op has a plain-torch reference."""

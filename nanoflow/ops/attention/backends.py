@@ -1,0 +1,109 @@
+"""Attention backends behind one interface (``decode`` / ``prefill`` over a token range's metadata).
+
+- ``triton``: our paged Triton kernels; graph-capturable (reads only device tensors). The GPU default.
+- ``torch``: plain torch over gathered pages, using host-side copies of the metadata; eager only. The CPU default
+  (Triton runs on a CPU only through its slow interpreter).
+
+A flash-attn backend would slot in here with the same two methods; flash-attn has no wheels for the lent GPUs'
+torch, so none ships (see README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchAttention:
+    """Reference-speed attention for CPUs: batched decode over padded gathered pages, per-segment prefill."""
+
+    name = "torch"
+
+    def __init__(self, scale: float, block_size: int):
+        self.scale = scale
+        self.block_size = block_size
+
+    def _slots(self, meta: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Built once per range and iteration, then reused by every layer.
+        cached = getattr(meta, "_torch_slots", None)
+        if cached is not None:
+            return cached
+        lens = meta.host_seq_lens
+        width = max(lens)
+        idx = torch.zeros(len(lens), width, dtype=torch.int64)
+        for i, (n, blocks) in enumerate(zip(lens, meta.host_block_tables)):
+            pos = torch.arange(n)
+            idx[i, :n] = torch.tensor(blocks, dtype=torch.int64)[pos // self.block_size] * self.block_size \
+                + pos % self.block_size
+        mask = torch.arange(width)[None, :] < torch.tensor(lens)[:, None]
+        meta._torch_slots = (idx.to(device), mask.to(device))
+        return meta._torch_slots
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
+               out: torch.Tensor) -> None:
+        idx, mask = self._slots(meta, q.device)
+        n, heads, dim = q.shape
+        kv_heads = k_cache.shape[-2]
+        k = k_cache.view(-1, kv_heads, dim)[idx].float()  # [n, L, kvh, d]
+        v = v_cache.view(-1, kv_heads, dim)[idx].float()
+        qg = q.float().view(n, kv_heads, heads // kv_heads, dim)
+        scores = torch.einsum("nhgd,nlhd->nhgl", qg, k) * self.scale
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        res = torch.einsum("nhgl,nlhd->nhgd", probs, v)
+        out.copy_(res.reshape(n, heads, dim).to(out.dtype))
+
+    def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
+                out: torch.Tensor) -> None:
+        kv_heads, dim = k_cache.shape[-2], k_cache.shape[-1]
+        heads = q.shape[1]
+        kf, vf = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+        for q_start, q_len, ctx_len, blocks in meta.host:
+            total = ctx_len + q_len
+            pos = torch.arange(total)
+            slots = torch.tensor(blocks, dtype=torch.int64)[pos // self.block_size] * self.block_size \
+                + pos % self.block_size
+            slots = slots.to(q.device)
+            k = kf[slots].transpose(0, 1)  # [kvh, L, d]
+            v = vf[slots].transpose(0, 1)
+            qs = q[q_start:q_start + q_len].transpose(0, 1)  # [h, q, d]
+            allowed = torch.arange(total, device=q.device)[None, :] <= (
+                ctx_len + torch.arange(q_len, device=q.device)[:, None])
+            res = F.scaled_dot_product_attention(qs, k, v, attn_mask=allowed, scale=self.scale,
+                                                 enable_gqa=heads != kv_heads)
+            out[q_start:q_start + q_len].copy_(res.transpose(0, 1))
+
+
+class TritonAttention:
+    """The paged Triton kernels of ``nanoflow.ops.attention``; reads only device tensors (graph-capturable)."""
+
+    name = "triton"
+
+    def __init__(self, scale: float, block_size: int, num_splits: int | None = None):
+        self.scale = scale
+        self.block_size = block_size
+        self.num_splits = num_splits
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
+               out: torch.Tensor) -> None:
+        from nanoflow.ops.attention.decode import decode_attention
+
+        decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, self.scale,
+                         num_splits=meta.num_splits or self.num_splits, workspace=meta.workspace)
+
+    def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
+                out: torch.Tensor) -> None:
+        from nanoflow.ops.attention.prefill import prefill_attention
+
+        prefill_attention(q, k_cache, v_cache, out, meta.q_start, meta.q_len, meta.ctx_len, meta.block_tables,
+                          self.scale, meta.max_q_len)
+
+
+def make_backend(name: str, scale: float, block_size: int) -> TorchAttention | TritonAttention:
+    if name == "torch":
+        return TorchAttention(scale, block_size)
+    if name == "triton":
+        return TritonAttention(scale, block_size)
+    raise ValueError(f"unknown attention backend {name!r}; use 'triton' or 'torch'")

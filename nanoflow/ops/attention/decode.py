@@ -1,0 +1,310 @@
+"""Paged decode attention (split-KV / flash-decoding) in Triton.
+
+One query token per row attends the row's whole cached sequence. Decode attention is memory-bound: each KV byte is
+read once and does ~2 FLOPs per head of its group, so the design goal is streaming K/V at HBM bandwidth.
+
+* Split kernel, grid ``(N, num_kv_heads, num_splits)``: a program owns one row, one kv head and a contiguous range
+  of KV tiles (``block_n`` tokens, i.e. several pages, per iteration). It serves all GQA query heads of its kv head at
+  once (the group padded to >= 16 rows for ``tl.dot``), so each K/V tile is loaded once. With one split it writes
+  ``out`` directly; otherwise it writes a normalised partial output and its log-sum-exp to the workspace.
+* Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights.
+
+CUDA-graph invariants: the grid depends only on ``N``, the head counts and ``num_splits``; the wrapper never reads
+a device tensor. Rows with ``seq_lens[n] == 0`` exit before any store, so their ``out`` rows are left untouched.
+Splits are assigned per row from its own length (``cdiv(tiles, num_splits)`` tiles each); splits past the end exit
+and the reduce kernel recomputes how many splits a row used, so no workspace entry is read that was not written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+class DecodeWorkspace(NamedTuple):
+    """Scratch for split-KV partial results; preallocate it once (static address) to capture CUDA graphs.
+
+    ``partial_out``: ``[max_rows, num_heads, max_splits, head_dim]`` float32 (each split's normalised output);
+    ``partial_lse``: ``[max_rows, num_heads, max_splits]`` float32 (each split's log2-sum-exp2 of scaled scores).
+    """
+
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
+
+
+def decode_workspace(
+    max_rows: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device | str
+) -> DecodeWorkspace:
+    """Allocate a workspace serving any call with ``N <= max_rows`` and ``num_splits <= num_splits``."""
+    if max_rows < 0 or num_heads <= 0 or head_dim <= 0 or not 1 <= num_splits <= MAX_SPLITS:
+        raise AttentionInputError(
+            f"decode_workspace needs max_rows >= 0, positive heads/head_dim and 1 <= num_splits <= {MAX_SPLITS}; "
+            f"got ({max_rows}, {num_heads}, {head_dim}, {num_splits})"
+        )
+    return DecodeWorkspace(
+        torch.empty(max_rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=device),
+        torch.empty(max_rows, num_heads, num_splits, dtype=torch.float32, device=device),
+    )
+
+
+def default_num_splits(num_rows: int, num_kv_heads: int, device: torch.device | str) -> int:
+    """Heuristic grid size: enough (row, kv head, split) programs to keep every SM busy for a few waves.
+
+    Only shapes are used (never sequence lengths, which live on the device), so it is CUDA-graph safe.
+    """
+    device = torch.device(device)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = max(1, num_rows * num_kv_heads)
+    # Four programs per SM hide the latency of one program's serial tile loop; more splits only add reduce traffic.
+    return max(1, min(MAX_SPLITS, 16, math.ceil(4 * sm_count / programs)))
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """The PRECISION constexpr for :func:`tile_dot`: exact fp32 for fp32 inputs (tf32 would cost ~3e-4 relative).
+
+    Triton's CPU interpreter multiplies bfloat16 operands as their raw uint16 bits (seen with triton 3.9), so off
+    CUDA bf16 tiles are upcast first; bf16 products are exact in fp32, so the result matches the GPU's MMA.
+    """
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        return "upcast"
+    return "tf32"  # ignored by Triton for 16-bit operands
+
+
+@triton.jit
+def tile_dot(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in fp32; see :func:`dot_precision` for PRECISION."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+def _default_block_n(device: torch.device, head_dim: int) -> int:
+    if device.type != "cuda":
+        return 16  # the interpreter: small tiles keep multi-tile paths exercised on tiny test shapes
+    return 64 if head_dim <= 128 else 32
+
+
+def _check_workspace(
+    ws: DecodeWorkspace, rows: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
+) -> None:
+    po, plse = ws
+    fits = (
+        po.dim() == 4 and plse.dim() == 3 and po.shape[0] >= rows and plse.shape[0] >= rows
+        and po.shape[1] == num_heads and plse.shape[1] == num_heads and po.shape[3] == head_dim
+        and min(po.shape[2], plse.shape[2]) >= num_splits
+        and po.dtype == torch.float32 and plse.dtype == torch.float32
+        and po.device == device and plse.device == device and po.stride(3) == 1 and plse.stride(2) == 1
+    )
+    if not fits:
+        raise AttentionInputError(
+            f"workspace must come from decode_workspace(max_rows>={rows}, {num_heads}, {head_dim}, "
+            f"num_splits>={num_splits}, {device}); got partial_out {tuple(po.shape)} {po.dtype} on {po.device}, "
+            f"partial_lse {tuple(plse.shape)}"
+        )
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_pot, stride_poh, stride_pos,
+    stride_plt, stride_plh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    seq_len = tl.load(lens_ptr + row)
+    if seq_len <= 0:
+        return
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    if tile_lo >= num_tiles:
+        return
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_valid = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    row64 = row.to(tl.int64)
+    q = tl.load(
+        q_ptr + row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_valid[:, None], other=0.0
+    )
+    bt_row = bt_ptr + row64 * stride_bt
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        tok = tile * BLOCK_N + offs_n
+        valid = tok < seq_len
+        # int64: a layer's cache can exceed 2**31 elements.
+        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        slot_in_page = tok % PAGE
+        k = tl.load(
+            k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
+            mask=valid[:, None], other=0.0,
+        )
+        v = tl.load(
+            v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
+            mask=valid[:, None], other=0.0,
+        )
+        s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        # Every tile of a split holds >= 1 valid token, so m_new is finite and exp2 never sees (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    if DIRECT:
+        tl.store(
+            out_ptr + row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, None],
+        )
+    else:
+        po = po_ptr + row64 * stride_pot + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
+        tl.store(po, acc, mask=g_valid[:, None])
+        tl.store(plse_ptr + row64 * stride_plt + heads * stride_plh + split, m_i + tl.log2(l_i), mask=g_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    lens_ptr, out_ptr, po_ptr, plse_ptr,
+    num_splits,
+    stride_ot, stride_oh,
+    stride_pot, stride_poh, stride_pos,
+    stride_plt, stride_plh,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + row)
+    if seq_len <= 0:
+        return
+    # Same split arithmetic as the split kernel: exactly the splits that wrote results are read.
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    used = tl.cdiv(num_tiles, tiles_per_split)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_valid = offs_s < used
+    row64 = row.to(tl.int64)
+    lse = tl.load(plse_ptr + row64 * stride_plt + head * stride_plh + offs_s, mask=s_valid, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    weight = weight / tl.sum(weight, 0)
+    po = po_ptr + row64 * stride_pot + head * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :]
+    parts = tl.load(po, mask=s_valid[:, None], other=0.0)
+    result = tl.sum(parts * weight[:, None], 0)
+    tl.store(out_ptr + row64 * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    workspace: DecodeWorkspace | None = None,
+    *,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
+
+    Args:
+        q, out: ``[N, num_heads, head_dim]``; any row/head strides (e.g. a column slice of a fused QKV buffer),
+            unit stride along ``head_dim``.
+        k_cache, v_cache: one layer's pages ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        block_tables: int32 ``[N, max_blocks]``; entries past a row's last page are never read.
+        seq_lens: int32 ``[N]``, KV length including the current token (already in the cache); 0 skips the row
+            and leaves ``out[n]`` untouched.
+        num_splits: split-KV grid size (the resource knob the auto-search tunes); ``None`` picks
+            :func:`default_num_splits`.
+        workspace: preallocated scratch (:func:`decode_workspace`); required for CUDA-graph capture when
+            ``num_splits > 1``, otherwise allocated per call.
+        block_n: KV tokens per loop iteration (power of two >= 16); ``None`` picks a per-device default.
+    Returns ``out``.
+    """
+    check_qo(q, out)
+    page, group = check_kv_cache(q, k_cache, v_cache)
+    rows, num_heads, head_dim = q.shape
+    check_index("seq_lens", seq_lens, rows, q.device)
+    check_index("block_tables", block_tables, rows, q.device, ndim=2)
+    if rows == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(rows, k_cache.shape[2], q.device)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise AttentionInputError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    block_n = _default_block_n(q.device, head_dim) if block_n is None else block_n
+    if block_n < 16 or block_n & (block_n - 1):
+        raise AttentionInputError(f"block_n must be a power of two >= 16, got {block_n}")
+
+    direct = num_splits == 1
+    if direct:
+        # The partial pointers are never dereferenced with DIRECT; pass out so the signature stays uniform.
+        po, plse = out, out
+        po_strides, plse_strides = (0, 0, 0), (0, 0)
+    else:
+        if workspace is None:
+            workspace = decode_workspace(rows, num_heads, head_dim, num_splits, q.device)
+        _check_workspace(workspace, rows, num_heads, head_dim, num_splits, q.device)
+        po, plse = workspace
+        po_strides, plse_strides = po.stride()[:3], plse.stride()[:2]
+
+    precision = dot_precision(q.dtype, q.device)
+    _decode_split_kernel[(rows, k_cache.shape[2], num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        *po_strides, *plse_strides,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
+        BLOCK_N=block_n, DIRECT=direct, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(rows, num_heads)](
+            seq_lens, out, po, plse,
+            num_splits,
+            out.stride(0), out.stride(1),
+            *po_strides, *plse_strides,
+            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=1 if head_dim <= 64 else 2,
+        )
+    return out

@@ -1,0 +1,196 @@
+"""Paged prefill / extend attention (chunked prefill) in Triton.
+
+Segment ``s`` contributes query rows ``q[q_start[s] : q_start[s] + q_len[s]]``. Its first ``ctx_len[s]`` KV tokens
+are earlier context already in its pages, and the K/V of its ``q_len[s]`` new tokens were stored at positions
+``ctx_len[s] ..`` before this call; query ``i`` (position ``ctx_len[s] + i``) attends keys ``0 .. ctx_len[s] + i``.
+
+Grid ``(num_heads, cdiv(max_q_len, BLOCK_M), S)``: a program computes ``BLOCK_M`` queries of one head with an online
+softmax over ``BLOCK_N``-token KV tiles gathered from pages, ``tl.dot`` with fp32 accumulation. Heads vary fastest so
+the programs of one kv group run together and share K/V tiles in L2; query blocks are visited last-first because
+later blocks see more keys (longest work starts first). KV tiles wholly below the block's first query position need
+no mask; only the last tiles, on the causal diagonal, are masked.
+
+CUDA-graph invariants: the grid depends only on ``num_heads``, ``S`` and the static ``max_q_len``; the wrapper never
+reads a device tensor. Programs whose query block starts at or past ``q_len[s]`` exit before any store, so rows no
+segment owns are left untouched. ``q_len[s] <= max_q_len`` is the caller's promise (not checkable on the host
+without a sync); query rows past ``max_q_len`` would be left uncomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanoflow.ops.attention.decode import dot_precision, tile_dot
+from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
+    stride_kb, stride_kt, stride_vb, stride_vt,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One online-softmax step over KV tokens ``[start, start + BLOCK_N)``; MASKED applies bounds and causality."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        valid = tok < kv_end
+        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + tok // PAGE).to(tl.int64)
+    slot_in_page = tok % PAGE
+    k_ptrs = k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :]
+    v_ptrs = v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where((tok[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
+    # Each row sees >= 1 key by the time any masked tile runs (see the kernel), so m_new stays finite.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, qstart_ptr, qlen_ptr, ctx_ptr, bt_ptr,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    seg = tl.program_id(2)
+    q_len = tl.load(qlen_ptr + seg)
+    m_lo = m_block * BLOCK_M
+    if m_lo >= q_len:
+        return
+    q_start = tl.load(qstart_ptr + seg)
+    ctx = tl.load(ctx_ptr + seg)
+    kvh = head // GROUP
+
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_valid = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    q_ptrs = q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+    q_pos = ctx + offs_m
+    bt_row = bt_ptr + seg.to(tl.int64) * stride_bt
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys below ctx + m_lo are visible to every query of the block (all positions >= ctx + m_lo): whole tiles
+    # there need no mask. The rest, up to the block's last valid position, is masked; its first tile starts at or
+    # below every row's own position, so each row has a visible key before any fully masked tile can occur.
+    full_end = ((ctx + m_lo) // BLOCK_N) * BLOCK_N
+    kv_end = ctx + tl.minimum(q_len, m_lo + BLOCK_M)
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
+            stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, False, PRECISION,
+        )
+    for start in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
+            stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION,
+        )
+    acc = acc / l_i[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None],
+    )
+
+
+def _default_blocks(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per device; the interpreter gets small tiles for tiny tests."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    ctx_len: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_q_len: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal extend attention of S segments over their paged KV (context + the new tokens); returns ``out``.
+
+    Args:
+        q, out: ``[T, num_heads, head_dim]``; any row/head strides, unit stride along ``head_dim``.
+        k_cache, v_cache: one layer's pages ``[num_blocks, block_size, num_kv_heads, head_dim]``, already holding
+            the K/V of the new tokens at positions ``ctx_len[s] .. ctx_len[s] + q_len[s] - 1``.
+        q_start, q_len, ctx_len: int32 ``[S]``; ``q_len[s] == 0`` skips segment ``s``.
+        block_tables: int32 ``[S, max_blocks]``.
+        max_q_len: static host bound on every ``q_len[s]``; fixes the grid (CUDA-graph capacity).
+        block_m, block_n, num_warps, num_stages: tile overrides (tuning and tests); ``None`` = per-device default.
+    """
+    check_qo(q, out)
+    page, group = check_kv_cache(q, k_cache, v_cache)
+    if q_start.dim() != 1:
+        raise AttentionInputError(f"q_start must be int32 [S], one entry per segment; got shape {tuple(q_start.shape)}")
+    segments = q_start.shape[0]
+    for name, t in (("q_start", q_start), ("q_len", q_len), ("ctx_len", ctx_len)):
+        check_index(name, t, segments, q.device)
+    check_index("block_tables", block_tables, segments, q.device, ndim=2)
+    if max_q_len < 0:
+        raise AttentionInputError(f"max_q_len must be >= 0, got {max_q_len}")
+    if segments == 0 or max_q_len == 0:
+        return out
+    d_m, d_n, d_warps, d_stages = _default_blocks(q.device, q.shape[2])
+    block_m, block_n = block_m or d_m, block_n or d_n
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if b < 16 or b & (b - 1):
+            raise AttentionInputError(f"{name} must be a power of two >= 16, got {b}")
+    num_heads = q.shape[1]
+    grid = (num_heads, triton.cdiv(max_q_len, block_m), segments)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, q_start, q_len, ctx_len, block_tables,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=q.shape[2], PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype, q.device),
+        num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
+    )
+    return out

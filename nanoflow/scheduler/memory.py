@@ -1,0 +1,65 @@
+"""Dense batch size from GPU memory (paper §4.1.1, with the workload statistics p and d of §3.1).
+
+The formula, all per GPU-instance of the model (pass the memory and weights of the whole tensor-parallel group):
+
+    kv_bytes/token  = model_spec.kv_bytes_per_token * dtype_bytes / 2        (the spec assumes 2-byte elements)
+    kv_tokens       = floor((gpu_mem * (1 - activation_reserve) - weight_bytes) / kv_bytes/token), whole blocks
+    R (decode reqs) = floor(kv_tokens / (p + d / 2))       a request holds p + d/2 tokens on average in steady state
+    prefill/iter    = R * p / d                            R/d requests finish per iteration; each is replaced by p
+                                                           prefill tokens, so prefill keeps up with decode
+    dense           = R + R * p / d = R * (p + d) / d, rounded down to a multiple of 128, clamped to [256, 8192]
+
+After clamping, ``max_decode_requests`` is the decode share of the dense batch, ``dense * d / (p + d)``, capped by R.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from nanoflow.config import ModelSpec
+
+DENSE_MULTIPLE = 128  # GEMM-tile friendly; also the profiling grid of auto-search
+DENSE_MIN = 256
+DENSE_MAX = 8192
+
+
+class DenseBatchPlan(NamedTuple):
+    max_decode_requests: int
+    dense_batch_size: int
+    kv_tokens: int
+
+
+def dense_batch_from_memory(
+    model_spec: ModelSpec,
+    gpu_mem_bytes: int,
+    weight_bytes: int,
+    avg_prompt: float,
+    avg_decode: float,
+    dtype_bytes: int = 2,
+    block_size: int = 16,
+    activation_reserve: float = 0.1,
+) -> DenseBatchPlan:
+    """Pick the dense batch size that keeps the KV cache full in steady state (formula in the module docstring)."""
+    if avg_prompt < 0 or not avg_decode >= 1:
+        raise ValueError(f"need avg_prompt >= 0 and avg_decode >= 1 tokens, got {avg_prompt!r} and {avg_decode!r}")
+    if not 0.0 <= activation_reserve < 1.0:
+        raise ValueError(f"activation_reserve must be a fraction in [0, 1), got {activation_reserve!r}")
+    if dtype_bytes < 1 or block_size < 1:
+        raise ValueError(f"dtype_bytes and block_size must be >= 1, got {dtype_bytes} and {block_size}")
+    kv_per_token = model_spec.kv_bytes_per_token * dtype_bytes / 2
+    free = gpu_mem_bytes * (1.0 - activation_reserve) - weight_bytes
+    kv_tokens = int(free // kv_per_token) // block_size * block_size if free > 0 else 0
+    per_request = avg_prompt + avg_decode / 2
+    if kv_tokens < max(per_request, block_size):
+        gib = 1024**3
+        raise ValueError(
+            f"{gpu_mem_bytes / gib:.1f} GiB of GPU memory minus {weight_bytes / gib:.1f} GiB of weights and a "
+            f"{activation_reserve:.0%} activation reserve leaves room for {kv_tokens:,} KV tokens, less than one "
+            f"average request ({per_request:,.0f}); use more GPUs (tensor parallelism) or a smaller model"
+        )
+    decode_requests = int(kv_tokens // per_request)
+    dense = decode_requests * (avg_prompt + avg_decode) / avg_decode
+    dense = int(dense // DENSE_MULTIPLE) * DENSE_MULTIPLE
+    dense = max(DENSE_MIN, min(DENSE_MAX, dense))
+    decode_share = int(dense * avg_decode / (avg_prompt + avg_decode))
+    return DenseBatchPlan(max(1, min(decode_requests, decode_share)), dense, kv_tokens)

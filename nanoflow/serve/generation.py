@@ -1,0 +1,350 @@
+"""One admitted generation request: engine stream -> OpenAI response (JSON or SSE), with cancellation.
+
+Ownership: :func:`run_job` takes an :class:`Admission` slot. A non-streaming request gives it back when its response
+is built; a streaming one hands it to the SSE generator, whose ``finally`` gives it back when the stream ends for any
+reason (done, engine error, client disconnect, server shutdown). Every path that leaves the engine request
+unfinished calls ``engine.abort`` so its KV blocks are freed; the abort is shielded from cancellation because a
+client disconnect arrives as a cancellation of the very task that must clean up.
+
+Engine outcomes: ``stop``/``length`` map to OpenAI's finish_reason. ``error`` is a 400 when it comes before the first
+byte is sent (streaming requests wait for the first output before sending headers), otherwise an SSE error event;
+``abort`` (server shutting down) is a 503 or an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import Gauge
+
+from nanoflow.engine.outputs import RequestOutput
+from nanoflow.scheduler.request import SamplingParams
+from nanoflow.serve.errors import APIError, invalid
+from nanoflow.serve.metrics import ServerMetrics
+from nanoflow.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from nanoflow.serve.streaming import SSE_DONE, IncrementalText, sse_event
+
+logger = logging.getLogger("nanoflow.serve")
+T = TypeVar("T")
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "stop", "ignore_eos")
+
+
+class Admission:
+    """At most ``limit`` generation requests at once; the next one is refused with 429 (never queued)."""
+
+    def __init__(self, limit: int, gauge: Gauge) -> None:
+        self.limit = limit
+        self.active = 0
+        self._gauge = gauge
+
+    def acquire(self) -> _Slot:
+        if self.active >= self.limit:
+            raise APIError(
+                429,
+                f"server is at its limit of {self.limit} concurrent requests; retry shortly or start the server "
+                "with a larger --max-concurrency",
+                type="rate_limit_error",
+                code="too_many_requests",
+                headers={"Retry-After": "1"},
+            )
+        self.active += 1
+        self._gauge.inc()
+        return _Slot(self)
+
+
+@dataclass
+class _Slot:
+    owner: Admission
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:  # idempotent: several cleanup paths may race to give the slot back
+            self.released = True
+            self.owner.active -= 1
+            self.owner._gauge.dec()
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """Everything needed to run one request on the engine and format its answer."""
+
+    engine: Any
+    kind: str  # "completion" | "chat"
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def build(
+        cls, engine: Any, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], *, kind: str,
+        prompt_param: str,
+    ) -> GenerationJob:
+        """Check the prompt against the context and resolve ``max_tokens``: 400s name ``prompt_param``.
+
+        ``max_tokens`` is clamped to the room left in the context (None means all of it), so a request asking for
+        more than fits ends with finish_reason "length" instead of failing.
+        """
+        limit = engine.max_model_len
+        if not prompt_ids:
+            raise invalid("the prompt is empty after tokenization", prompt_param)
+        if len(prompt_ids) >= limit:
+            raise invalid(
+                f"prompt has {len(prompt_ids):,} tokens; this model's context is {limit:,} tokens and must leave room "
+                "for at least one generated token; shorten the prompt",
+                prompt_param,
+                code="context_length_exceeded",
+            )
+        asked = req.max_tokens if isinstance(req, CompletionRequest) else req.token_limit
+        room = limit - len(prompt_ids)
+        try:
+            params = SamplingParams(max_tokens=room if asked is None else min(asked, room), **req.sampling_kwargs())
+        except ValueError as e:
+            param = next((f for f in _SAMPLING_FIELDS if str(e).startswith(f)), None)
+            raise invalid(str(e), param) from None
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        return cls(engine, kind, f"{prefix}-{uuid.uuid4().hex}", list(prompt_ids), params, req.stream,
+                   req.include_usage, engine.model_name)
+
+    def open(self) -> AsyncIterator[RequestOutput]:
+        return aiter(self.engine.generate(self.prompt_ids, self.params, self.request_id))
+
+    def usage(self, last: RequestOutput | None) -> Usage:
+        return Usage.of(len(self.prompt_ids), len(last.token_ids) if last is not None else 0)
+
+    def finish_reason(self, last: RequestOutput | None, text: IncrementalText) -> str:
+        """OpenAI's finish_reason, or an APIError for an engine error / abort / a stream that just ended."""
+        if text.stopped:
+            return "stop"
+        reason = None if last is None else last.finish_reason
+        if reason in ("stop", "length"):
+            return reason
+        raise _engine_failure(last)
+
+    def text_chunk(self, text: str | None, finish: str | None = None) -> str:
+        if self.kind == "chat":
+            if finish:
+                delta = {}
+            else:
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+            chunk: Any = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
+                                             choices=[choice])
+        else:
+            chunk = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                       choices=[CompletionChoice(text=text or "", finish_reason=finish)])
+        return sse_event(chunk)
+
+    def usage_chunk(self, last: RequestOutput | None) -> str:
+        cls: Any = ChatCompletionChunk if self.kind == "chat" else CompletionResponse
+        return sse_event(cls(id=self.request_id, created=self.created, model=self.model, choices=[],
+                             usage=self.usage(last)))
+
+    def response(self, text: str, finish: str, last: RequestOutput | None) -> JSONResponse:
+        if self.kind == "chat":
+            body: Any = ChatCompletionResponse(
+                id=self.request_id, created=self.created, model=self.model, usage=self.usage(last),
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)])
+        else:
+            body = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
+                                      usage=self.usage(last),
+                                      choices=[CompletionChoice(text=text, finish_reason=finish)])
+        return JSONResponse(body.model_dump())
+
+    async def abort(self) -> None:
+        try:
+            await self.engine.abort(self.request_id)
+        except Exception:  # the request may already be gone; a failed abort must not mask the real outcome
+            logger.debug("abort of %s failed", self.request_id, exc_info=True)
+
+
+def _engine_failure(last: RequestOutput | None) -> APIError:
+    """The APIError for an engine outcome that is not a normal finish ("error", "abort", or none at all)."""
+    reason = None if last is None else last.finish_reason
+    if reason == "error":
+        return invalid(f"the engine could not serve this request: {last.error}", code="engine_error")
+    if reason == "abort":
+        return APIError(503, "the request was aborted because the server is shutting down; retry",
+                        type="server_error", code="aborted")
+    return APIError(500, "the engine ended the request without a finish reason", type="server_error")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def run_job(request: Request, job: GenerationJob, admission: Admission, metrics: ServerMetrics) -> Response:
+    """Admit ``job``, run it, answer; the slot is released when the answer (or the stream) is over."""
+    endpoint = job.kind
+    try:
+        slot = admission.acquire()
+    except APIError as e:
+        metrics.requests.labels(endpoint, str(e.status)).inc()
+        raise
+    handed_over = False
+    try:
+        if job.stream:
+            response = await _start_stream(request, job, slot, metrics)
+            handed_over = isinstance(response, StreamingResponse)
+        else:
+            response = await _complete(request, job, metrics)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+    except APIError as e:
+        metrics.requests.labels(endpoint, str(e.status)).inc()
+        raise
+    finally:
+        if not handed_over:
+            slot.release()
+
+
+async def _complete(request: Request, job: GenerationJob, metrics: ServerMetrics) -> Response:
+    text = IncrementalText(job.params.stop)
+    last: RequestOutput | None = None
+
+    async def collect() -> None:
+        nonlocal last
+        stream = job.open()
+        try:
+            async for out in stream:
+                last = out
+                if text.update(out.text, out.finished).stopped or out.finished:
+                    break
+        finally:
+            await _close(stream)
+
+    try:
+        await _until_disconnect(request, collect())
+    except _ClientGone:
+        metrics.aborted.inc()
+        return Response(status_code=499)
+    finally:
+        if last is None or not last.finished:
+            with anyio.CancelScope(shield=True):
+                await job.abort()
+    return job.response(text.emitted, job.finish_reason(last, text), last)
+
+
+async def _start_stream(request: Request, job: GenerationJob, slot: _Slot, metrics: ServerMetrics) -> Response:
+    """Wait for the first output (so an engine error can still be a 400), then stream the rest."""
+    stream = job.open()
+    try:
+        first = await _until_disconnect(request, anext(stream))
+    except StopAsyncIteration:
+        raise APIError(500, "the engine produced no output for this request", type="server_error") from None
+    except _ClientGone:
+        metrics.aborted.inc()
+        await _cleanup(job, stream, None)
+        return Response(status_code=499)
+    except BaseException:
+        await _cleanup(job, stream, None)
+        raise
+    if first.finish_reason in ("error", "abort"):
+        await _close(stream)
+        raise _engine_failure(first)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_events(job, stream, first, slot, metrics), media_type="text/event-stream",
+                             headers=headers)
+
+
+async def _events(
+    job: GenerationJob, stream: AsyncIterator[RequestOutput], first: RequestOutput, slot: _Slot,
+    metrics: ServerMetrics,
+) -> AsyncIterator[str]:
+    text = IncrementalText(job.params.stop)
+    last: RequestOutput | None = first
+    done = False
+    try:
+        try:
+            if job.kind == "chat":
+                yield job.text_chunk(None)  # the role chunk OpenAI sends first
+            out: RequestOutput | None = first
+            while out is not None:
+                last = out
+                delta = text.update(out.text, out.finished)
+                if delta.text:
+                    yield job.text_chunk(delta.text)
+                if delta.stopped or out.finished:
+                    break
+                out = await anext(stream, None)
+            reason = job.finish_reason(last, text)
+            yield job.text_chunk(None, finish=reason)
+            if job.include_usage:
+                yield job.usage_chunk(last)
+        except APIError as e:
+            yield sse_event({"error": e.detail.model_dump()})
+        except Exception as e:
+            logger.exception("stream %s failed", job.request_id)
+            yield sse_event({"error": {"message": f"internal server error: {e}", "type": "server_error",
+                                       "param": None, "code": None}})
+        yield SSE_DONE
+        done = True
+    finally:
+        if not done:
+            metrics.aborted.inc()
+        await _cleanup(job, stream, last)
+        slot.release()
+
+
+async def _cleanup(job: GenerationJob, stream: AsyncIterator[RequestOutput], last: RequestOutput | None) -> None:
+    with anyio.CancelScope(shield=True):
+        if last is None or not last.finished:
+            await job.abort()
+        await _close(stream)
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    closer = getattr(stream, "aclose", None)
+    if closer is not None:
+        try:
+            await closer()
+        except Exception:
+            logger.debug("closing an engine stream failed", exc_info=True)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first (then ``work`` is cancelled and _ClientGone raised)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let the cancellation land before anyone closes the engine stream: closing an async generator that
+            # is still inside __anext__ raises "already running".
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
+    if task in done:
+        return task.result()
+    raise _ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read in full, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

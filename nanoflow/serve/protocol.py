@@ -1,0 +1,293 @@
+"""Pydantic models of the OpenAI-compatible wire format (``/v1/completions``, ``/v1/chat/completions``, errors).
+
+Requests are validated in *strict* mode (``"5"`` is not an integer, ``true`` is not a number) and with non-finite
+floats rejected, so a wrong type is a 400 naming the field instead of a silent coercion. Unknown fields are ignored,
+as OpenAI clients send options this server does not know; options it knows but cannot honour (``n > 1``,
+``logprobs``, penalties, tools) are rejected with a message saying what to change, never silently dropped.
+
+Invariant: a validated request maps one-to-one onto :class:`~nanoflow.scheduler.request.SamplingParams` via
+:meth:`_SamplingFields.sampling_kwargs` (``max_tokens`` is resolved by the server against the context length).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+MAX_STOP_SEQUENCES = 16
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by completion and chat requests."""
+
+    model: str | None = Field(None, description="Served model name; None means the only model served.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="Extension: keep the k most likely tokens; 0 or -1 disables.")
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: Any = Field(None, description="A string or up to 16 strings; generation ends before the first match.")
+    stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end generation.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"n={n} is not supported; this server returns one choice per request, send n requests")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: Any) -> list[str] | None:
+        if stop is None:
+            return None
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop has {len(stops)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
+        return stops or None
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _non_negative_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and any(t < 0 for t in ids):
+            raise ValueError("stop_token_ids must be integers >= 0")
+        return ids
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float) -> float:
+        if value != 0.0:
+            raise ValueError("penalties are not supported by this server; omit the field or send 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported by this server; omit the field")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``SamplingParams`` except ``max_tokens`` (which depends on the prompt length)."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+        }
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``: one prompt, given as text or as token ids."""
+
+    prompt: Any = Field(..., description="A string, a list of token ids, or a list holding exactly one string.")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> str | list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(t < 0 for t in prompt):
+                raise ValueError("prompt token ids must be >= 0")
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            raise ValueError("batched prompts are not supported; send one prompt per request")
+        raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+
+    @field_validator("echo", "logprobs", "suffix", "best_of")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        # best_of=1 is the default behaviour; any other set option would silently change the result.
+        allowed = value in (None, 1) if info.field_name == "best_of" else not value
+        if not allowed:
+            raise ValueError(f"{info.field_name} is not supported by this server; omit the field")
+        return value
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = Field(..., description="A string or a list of {'type': 'text', 'text': ...} parts.")
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_content(cls, content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and content:
+            try:
+                return "".join(TextPart.model_validate(part).text for part in content)
+            except ValidationError:
+                pass
+        raise ValueError("content must be a string or a non-empty list of {'type': 'text', 'text': str} parts")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template applied to ``messages``."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+
+    @field_validator("logprobs", "top_logprobs", "tools")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server; omit the field")
+        return value
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}, {} with the finish
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanoflow"
+    max_model_len: int
+    vocab_size: int | None = None  # extension: lets clients draw valid random token-id prompts
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+def param_of(loc: tuple[int | str, ...]) -> str:
+    """``("messages", 0, "content")`` -> ``"messages[0].content"``, the field path OpenAI clients show."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

@@ -1,0 +1,277 @@
+"""Paged attention kernels under Triton's CPU interpreter, checked against float64 references.
+
+Every case draws fresh random data, scatters each sequence over shuffled (non-contiguous) pages, poisons with NaN
+everything a kernel must not read (the null page 0, the unused tail of each last page) and everything it must not
+write (output rows of skipped rows/segments and rows outside the sliced views), then checks that owned rows match the
+reference and all other rows are still NaN. The reference itself is checked against torch SDPA once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+# Triton decides "interpreted or compiled" when a function is decorated, for its own standard library (tl.cdiv,
+# tl.sum, ...) at its first import and for our kernels at theirs, and it consults the variable again while
+# interpreting. So it is set before anything imports triton. If another test module imported triton (or our kernels)
+# compiled first, this process cannot interpret them: the whole file then runs in a fresh subprocess instead.
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import nanoflow.ops.attention.decode as decode_mod
+    import nanoflow.ops.attention.prefill as prefill_mod
+finally:
+    # Modules collected after this one choose for themselves; the fixture below sets it again around each test.
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nanoflow.ops.attention.reference import (  # noqa: E402
+    AttentionInputError,
+    decode_attention_ref,
+    prefill_attention_ref,
+)
+
+IN_PROCESS = all(
+    isinstance(f, InterpretedFunction) for f in (tl.cdiv, decode_mod._decode_split_kernel, prefill_mod._prefill_kernel)
+)
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
+
+decode_attention = decode_mod.decode_attention
+decode_workspace = decode_mod.decode_workspace
+prefill_attention = prefill_mod.prefill_attention
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="this process already interprets the kernels")
+def test_whole_file_in_fresh_interpreter():
+    """Another module imported triton compiled before us: run this file where TRITON_INTERPRET=1 comes first."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def seeded(*case: object) -> torch.Generator:
+    """A generator seeded from the test case, so each case draws different (but reproducible) data."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+
+def paged_kv(lengths: list[int], block_size: int, hkv: int, d: int, dtype: torch.dtype, gen: torch.Generator):
+    """Random K/V pages; row r's tokens live on shuffled pages of ``table[r]``. Unread memory is NaN."""
+    pages = [math.ceil(n / block_size) for n in lengths]
+    num_blocks = 1 + sum(pages) + 2
+    k = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(dtype)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(lengths), max(pages, default=0) + 1, dtype=torch.int32)
+    for row, (n, count) in enumerate(zip(lengths, pages, strict=True)):
+        ids = [perm.pop() for _ in range(count)]
+        table[row, :count] = torch.tensor(ids, dtype=torch.int32)
+        if count and n % block_size:
+            k[ids[-1], n % block_size :] = float("nan")
+            v[ids[-1], n % block_size :] = float("nan")
+    k[0] = float("nan")
+    v[0] = float("nan")
+    return k, v, table
+
+
+def assert_rows(out: torch.Tensor, ref: torch.Tensor, owned: list[int], dtype: torch.dtype) -> None:
+    """Owned rows match the reference; every other row is still the NaN poison."""
+    mask = torch.zeros(out.shape[0], dtype=torch.bool)
+    mask[owned] = True
+    got = out[mask].double()
+    assert not got.isnan().any(), "an owned row was not (fully) written"
+    torch.testing.assert_close(got, ref[mask], atol=TOL[dtype], rtol=TOL[dtype])
+    assert out[~mask].isnan().all(), "a row the kernel does not own was written"
+
+
+# ---- decode --------------------------------------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # gqa, head_dim, block_size, num_splits, block_n, dtype
+    (1, 64, 16, 1, None, torch.float32),
+    (4, 128, 16, 3, None, torch.float32),
+    (8, 64, 32, 2, None, torch.float32),
+    (4, 64, 16, 8, None, torch.bfloat16),  # more splits than most rows have tiles
+    (8, 128, 16, 1, 64, torch.float16),  # the GPU tile size
+    (2, 64, 8, None, 32, torch.float32),  # default num_splits; block_n spans 4 pages of 8
+]
+
+
+@pytest.mark.parametrize("gqa,head_dim,block_size,num_splits,block_n,dtype", DECODE_CASES)
+@in_process
+def test_decode_matches_reference(gqa, head_dim, block_size, num_splits, block_n, dtype):
+    gen = seeded(gqa, head_dim, block_size, num_splits, block_n, dtype)
+    hkv = 2
+    hq = hkv * gqa
+    lengths = [37, 0, 1, block_size, 100, 65]
+    k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen)
+    n = len(lengths)
+    # q: the q-columns of a fused [N, (Hq + 2 Hkv) * D] QKV buffer; out: a row slice of a bigger buffer.
+    qkv = torch.randn(n, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, : hq * head_dim].view(n, hq, head_dim)
+    out_buf = torch.full((n + 3, hq, head_dim), float("nan"), dtype=dtype)
+    out = out_buf[2 : n + 2]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = head_dim**-0.5
+    decode_attention(q, k, v, table, seq_lens, out, scale, num_splits=num_splits, block_n=block_n)
+    ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
+    ref[2 : n + 2] = decode_attention_ref(q, k, v, table, seq_lens, scale)
+    assert_rows(out_buf, ref, [2 + i for i, length in enumerate(lengths) if length], dtype)
+
+
+@in_process
+def test_decode_row_slices_and_preallocated_workspace():
+    """Row-sliced q/out views and a workspace bigger than needed (the CUDA-graph setup) give the reference result."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [0, 50, 33, 0, 17]
+    k, v, table = paged_kv(lengths, 16, 1, 64, torch.float32, gen)
+    q_buf = torch.randn(8, 4, 64, generator=gen)
+    out_buf = torch.full((8, 4, 64), float("nan"))
+    ws = decode_workspace(max_rows=16, num_heads=4, head_dim=64, num_splits=6, device="cpu")
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    q, out = q_buf[3:8], out_buf[1:6]
+    decode_attention(q, k, v, table, seq_lens, out, 0.3, num_splits=4, workspace=ws)
+    ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
+    ref[1:6] = decode_attention_ref(q, k, v, table, seq_lens, 0.3)
+    assert_rows(out_buf, ref, [2, 3, 5], torch.float32)
+
+
+def test_decode_rejects_bad_inputs():
+    q = torch.randn(2, 4, 64)
+    k = torch.randn(3, 16, 2, 64)
+    lens = torch.ones(2, dtype=torch.int32)
+    table = torch.ones(2, 1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    with pytest.raises(AttentionInputError, match="int32"):
+        decode_attention(q, k, k, table, lens.long(), out, 1.0)
+    with pytest.raises(AttentionInputError, match="multiple of num_kv_heads"):
+        decode_attention(torch.randn(2, 3, 64), k, k, table, lens, torch.empty(2, 3, 64), 1.0)
+    with pytest.raises(AttentionInputError, match="head_dim"):
+        decode_attention(torch.randn(2, 4, 32), k, k, table, lens, torch.empty(2, 4, 32), 1.0)
+    with pytest.raises(AttentionInputError, match="dtype"):
+        decode_attention(q, k.half(), k.half(), table, lens, out, 1.0)
+    with pytest.raises(AttentionInputError, match="workspace"):
+        ws = decode_workspace(2, 4, 64, 2, "cpu")
+        decode_attention(q, k, k, table, lens, out, 1.0, num_splits=3, workspace=ws)
+    with pytest.raises(AttentionInputError, match="contiguous along head_dim"):
+        decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, k, table, lens, out, 1.0)
+
+
+# ---- prefill / extend ----------------------------------------------------------------------------------------------
+
+PREFILL_CASES = [
+    # gqa, head_dim, block_size, block_m, block_n, dtype
+    (1, 64, 16, None, None, torch.float32),
+    (4, 128, 16, None, None, torch.float32),
+    (8, 64, 32, 32, 16, torch.float32),  # BLOCK_M != BLOCK_N exercises the causal-diagonal split
+    (4, 64, 16, 16, 32, torch.bfloat16),
+    (2, 64, 8, None, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize("gqa,head_dim,block_size,block_m,block_n,dtype", PREFILL_CASES)
+@in_process
+def test_prefill_matches_reference(gqa, head_dim, block_size, block_m, block_n, dtype):
+    gen = seeded(gqa, head_dim, block_size, block_m, block_n, dtype)
+    hkv = 2
+    hq = hkv * gqa
+    # (q_len, ctx_len): fresh prompt, skipped, one-token extend, context crossing pages, multi-block chunk.
+    segs = [(21, 0), (0, 9), (1, 30), (13, 19), (37, 5)]
+    k, v, table = paged_kv([ql + ctx for ql, ctx in segs], block_size, hkv, head_dim, dtype, gen)
+    # Segments are packed with a gap row between them; gaps belong to no segment and must stay NaN.
+    starts, row = [], 1
+    for ql, _ in segs:
+        starts.append(row)
+        row += ql + 1
+    total = row + 1
+    qkv = torch.randn(total, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, : hq * head_dim].view(total, hq, head_dim)
+    out = torch.full((total, hq, head_dim), float("nan"), dtype=dtype)
+    q_start = torch.tensor(starts, dtype=torch.int32)
+    q_len = torch.tensor([ql for ql, _ in segs], dtype=torch.int32)
+    ctx_len = torch.tensor([ctx for _, ctx in segs], dtype=torch.int32)
+    scale = head_dim**-0.5
+    prefill_attention(
+        q, k, v, out, q_start, q_len, ctx_len, table, scale, max_q_len=40, block_m=block_m, block_n=block_n
+    )
+    ref = prefill_attention_ref(q, k, v, q_start, q_len, ctx_len, table, scale)
+    owned = [s + i for s, (ql, _) in zip(starts, segs, strict=True) for i in range(ql)]
+    ref_masked = torch.full_like(ref, float("nan"))
+    ref_masked[owned] = ref[owned]
+    assert_rows(out, ref_masked, owned, dtype)
+
+
+@in_process
+def test_prefill_row_sliced_views_and_empty_grid():
+    """q/out as row slices of bigger buffers (q_start indexes the slice); max_q_len == 0 launches nothing."""
+    gen = torch.Generator().manual_seed(3)
+    k, v, table = paged_kv([20, 40], 16, 2, 64, torch.float32, gen)
+    q_buf = torch.randn(40, 4, 64, generator=gen)
+    out_buf = torch.full((40, 4, 64), float("nan"))
+    q, out = q_buf[5:35], out_buf[2:32]
+    q_start = torch.tensor([0, 10], dtype=torch.int32)
+    q_len = torch.tensor([4, 20], dtype=torch.int32)
+    ctx_len = torch.tensor([16, 20], dtype=torch.int32)
+    prefill_attention(q, k, v, out, q_start, q_len, ctx_len, table, 0.2, max_q_len=0)
+    assert out_buf.isnan().all()
+    prefill_attention(q, k, v, out, q_start, q_len, ctx_len, table, 0.2, max_q_len=20)
+    ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
+    owned = [2 + i for i in [0, 1, 2, 3, *range(10, 30)]]
+    ref[owned] = prefill_attention_ref(q, k, v, q_start, q_len, ctx_len, table, 0.2)[[r - 2 for r in owned]]
+    assert_rows(out_buf, ref, owned, torch.float32)
+
+
+def test_prefill_rejects_bad_inputs():
+    q = torch.randn(4, 4, 64)
+    k = torch.randn(3, 16, 2, 64)
+    idx = torch.zeros(2, dtype=torch.int32)
+    table = torch.ones(2, 1, dtype=torch.int32)
+    with pytest.raises(AttentionInputError, match=r"q_len must be \[2\]"):
+        prefill_attention(q, k, k, torch.empty_like(q), idx, idx[:1], idx, table, 1.0, 4)
+    with pytest.raises(AttentionInputError, match="max_q_len"):
+        prefill_attention(q, k, k, torch.empty_like(q), idx, idx, idx, table, 1.0, -1)
+    with pytest.raises(AttentionInputError, match="out must have"):
+        prefill_attention(q, k, k, torch.empty(3, 4, 64), idx, idx, idx, table, 1.0, 4)
+
+
+# ---- the oracle itself ---------------------------------------------------------------------------------------------
+
+
+def test_references_agree_with_sdpa():
+    """Contiguous pages, no context: the paged references equal torch SDPA (causal for prefill, full for decode)."""
+    gen = torch.Generator().manual_seed(11)
+    length, hq, hkv, d, bs = 24, 4, 2, 16, 8
+    k = torch.randn(length // bs + 1, bs, hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(length // bs + 1, bs, hkv, d, generator=gen, dtype=torch.float64)
+    table = torch.arange(1, length // bs + 1, dtype=torch.int32)[None]
+    q = torch.randn(length, hq, d, generator=gen, dtype=torch.float64)
+    kk = k[1:].reshape(length, hkv, d).repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    vv = v[1:].reshape(length, hkv, d).repeat_interleave(hq // hkv, 1).transpose(0, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, is_causal=True, scale=0.3)
+    i32 = torch.tensor
+    got = prefill_attention_ref(q, k, v, i32([0], dtype=torch.int32), i32([length], dtype=torch.int32),
+                                i32([0], dtype=torch.int32), table, 0.3)
+    torch.testing.assert_close(got, sdpa.transpose(0, 1))
+    dec = decode_attention_ref(q[-1:], k, v, table, i32([length], dtype=torch.int32), 0.3)
+    torch.testing.assert_close(dec, sdpa.transpose(0, 1)[-1:])

@@ -33,11 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _COMMANDS:
         try:
             mod = importlib.import_module(module)
+            mod.add_parser(sub)
         except ImportError as exc:  # an optional extra is missing: say which
-            p = sub.add_parser(name, help=f"(unavailable: {exc})")
-            p.set_defaults(_unavailable=str(exc))
+            if name not in sub.choices:
+                p = sub.add_parser(name, help=f"(unavailable: {exc})")
+                p.set_defaults(_unavailable=str(exc))
             continue
-        mod.add_parser(sub)
         sub.choices[name].set_defaults(func=mod.run)
     return parser
 

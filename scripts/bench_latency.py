@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=parse_rates, default=parse_rates("1,2,4,8"),
                    help="comma-separated request rates in requests/s, one run each")
     p.add_argument("--num-requests", type=int, default=100, help="requests per rate (the same ones at every rate)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of arrivals per rate instead: rate * duration requests (the paper used 300 s)")
     p.add_argument("--dataset", default="constant:128:64",
                    help="request source, any spec of nanoflow.data.datasets (e.g. lmsys:max=1024, sample, a file)")
     p.add_argument("--vocab-size", type=int, default=None,
@@ -293,20 +295,22 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         info = await sender.describe()
         vocab = vocab or info.get("vocab_size") or 1000
-        data = load_dataset(args.dataset, num_requests=args.num_requests, seed=args.seed, vocab_size=vocab,
+        distinct = args.num_requests if args.duration is None else max(1, round(max(args.rates) * args.duration))
+        data = load_dataset(args.dataset, num_requests=distinct, seed=args.seed, vocab_size=vocab,
                             max_len=info.get("max_model_len"))
         if not data.items:
             raise SystemExit(f"dataset {args.dataset!r} gave no usable requests")
         requests = [(it.prompt if it.prompt is not None else it.prompt_token_ids,
                      args.max_tokens or it.max_tokens or 64) for it in data.items]
-        requests = [requests[i % len(requests)] for i in range(args.num_requests)]
         for prompt, max_tokens in requests[: args.warmup]:
             warm = await sender(prompt, max_tokens)
             if not warm.ok:  # a misconfiguration fails every request alike: say so now, not after every rate
                 raise SystemExit(f"warm-up request failed: {warm.error}")
         rows = []
         for i, rate in enumerate(args.rates):
-            results, wall = await run_rate(sender, requests, rate, args.seed + i)
+            n = args.num_requests if args.duration is None else max(1, round(rate * args.duration))
+            batch = [requests[j % len(requests)] for j in range(n)]
+            results, wall = await run_rate(sender, batch, rate, args.seed + i)
             row = summarize(results, wall, rate)
             rows.append(row)
             print(f"rate {rate:g}/s: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"

@@ -21,6 +21,8 @@ from typing import Any
 from nanoflow.engine.outputs import RequestMetrics, RequestOutput
 
 EOS = 256
+FAIL_NOW = b"<fail-now>"  # a prompt holding this finishes with "error" before any token
+FAIL_LATER = b"<fail-later>"  # ... with "error" on its third token, after two were streamed
 SCRIPT = "Hello there! Café ☕ is open. The quick brown fox jumps over the lazy dog. "
 
 
@@ -101,6 +103,12 @@ class FakeEngine:
             self.finished[request_id] = "error"
             yield out
             return
+        if FAIL_NOW in bytes(i % 256 for i in ids):
+            out.finish_reason, out.error = "error", "injected failure before the first token"
+            self.finished[request_id] = "error"
+            yield out
+            return
+        fail_later = FAIL_LATER in bytes(i % 256 for i in ids)
         rng = random.Random(params.seed)
         script = greedy_reply(ids)
         self._live.add(request_id)
@@ -119,7 +127,9 @@ class FakeEngine:
                 out.token_ids = [*out.token_ids, token]
                 out.text = self.tokenizer.decode(out.token_ids)
                 self._generated += 1
-                if token == EOS or token in (params.stop_token_ids or ()):
+                if fail_later and step == 2:
+                    out.finish_reason, out.error = "error", "injected failure after two tokens"
+                elif token == EOS or token in (params.stop_token_ids or ()):
                     out.finish_reason = "stop"
                 elif params.stop and any(s in out.text for s in params.stop):
                     out.finish_reason = "stop"

@@ -104,7 +104,9 @@ class ServerProcess:
         return self.url
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        """The end of the server's output, progress-bar lines left out."""
+        lines = self.log_path.read_text(errors="replace").replace("\r", "\n").splitlines()
+        return "\n".join(line for line in lines if "/s]" not in line)[-4000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

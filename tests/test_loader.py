@@ -133,7 +133,8 @@ def _unshard(spec: ModelSpec, shards: list[dict[str, torch.Tensor]]) -> dict[str
         elif name.endswith(("gate_up.weight", "experts.w13")):
             dim = parts[0].dim() - 2
             halves = [p.chunk(2, dim=dim) for p in parts]
-            full[name] = torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)], dim)
+            gate, up = (torch.cat([h[j] for h in halves], dim) for j in (0, 1))
+            full[name] = torch.cat([gate, up], dim)
         elif name.endswith(("o_proj.weight", "down.weight", "experts.w2")):
             full[name] = torch.cat(parts, dim=-1)
         elif name in ("embed.weight", "lm_head.weight"):
@@ -150,9 +151,7 @@ def _unshard(spec: ModelSpec, shards: list[dict[str, torch.Tensor]]) -> dict[str
 def test_tensor_parallel_shards_rebuild_full(fixture: str, tp: int, request: pytest.FixtureRequest) -> None:
     folder, sd = request.getfixturevalue(fixture)
     spec = ModelSpec.load(folder)
-    shards = [
-        load_weights(spec, folder, dtype=torch.float32, tp_rank=r, tp_size=tp, progress=False) for r in range(tp)
-    ]
+    shards = [load_weights(spec, folder, dtype=torch.float32, tp_rank=r, tp_size=tp, progress=False) for r in range(tp)]
     for s in shards:
         assert {k: tuple(v.shape) for k, v in s.items()} == expected_shapes(spec, tp_size=tp)
     if tp == 4:  # 90 rows over 4 ranks: padded to 92; 2 KV heads over 4 ranks: each replicated on 2 ranks
@@ -176,7 +175,9 @@ def test_known_shapes_llama3_8b_tp() -> None:
 
 # ---- dummy ----------------------------------------------------------------------------------------------------
 def test_dummy_weights_shapes_determinism_and_stats() -> None:
-    spec = ModelSpec.load("llama-2-7b").replace(num_layers=1, vocab_size=1000)
+    spec = ModelSpec.load("llama-3-8b").replace(
+        num_layers=2, vocab_size=1001, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=768
+    )
     a = load_weights(spec, None, load_format="dummy", seed=3, progress=False)
     b = load_weights(spec, None, load_format="dummy", seed=3, progress=False)
     c = load_weights(spec, None, load_format="dummy", seed=4, progress=False)
@@ -188,6 +189,8 @@ def test_dummy_weights_shapes_determinism_and_stats() -> None:
     assert abs(a["layers.0.gate_up.weight"].float().std().item() - 0.02) < 0.001
     shard = load_weights(spec, None, load_format="dummy", tp_rank=1, tp_size=2, dtype="float16", progress=False)
     assert {k: tuple(v.shape) for k, v in shard.items()} == expected_shapes(spec, tp_size=2)
+    assert shard["embed.weight"].dtype == torch.float16
+    assert not shard["embed.weight"][500:].any() and shard["embed.weight"][:500].any()  # row 1001 is padding
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -222,7 +225,8 @@ def test_missing_extra_and_misshapen_tensors(tmp_path: Path, llama: tuple[Path, 
     extra = _rewrite(folder, tmp_path, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(2)}))
     with pytest.raises(WeightLoadError, match=r"unexpected tensor model\.layers\.0\.mystery\.weight"):
         load_weights(spec, extra, progress=False)
-    harmless = _rewrite(folder, tmp_path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    harmless = _rewrite(folder, tmp_path, lambda t: t.update(inv_freq))
     assert "norm.weight" in load_weights(spec, harmless, dtype=torch.float32, progress=False)
     with pytest.raises(WeightLoadError, match=r"mlp\.gate_proj\.weight has shape \[48, 32\], expected \[64, 32\]"):
         load_weights(spec.replace(intermediate_size=64), folder, progress=False)
@@ -274,4 +278,5 @@ def test_gguf_weights_match_transformers(gguf_path: Path, gguf_spec: ModelSpec) 
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected_shapes(gguf_spec)
     ref = _reference(gguf_spec, sd)
     keep = ("embed.weight", "norm.weight", "layers.0.", "layers.1.", "layers.29.")
-    _assert_equal({k: v for k, v in weights.items() if k.startswith(keep)}, {k: v for k, v in ref.items() if k.startswith(keep)})
+    pick = lambda d: {k: v for k, v in d.items() if k.startswith(keep)}  # noqa: E731
+    _assert_equal(pick(weights), pick(ref))

@@ -250,3 +250,196 @@ def test_tight_cache_really_preempts() -> None:
                     async_mode=async_mode)
         assert run.preemptions > 0
         check_against_reference(specs, run, 100)
+
+
+# ---- hand-solved cases ----------------------------------------------------------------------------------------
+
+
+def _sched(num_blocks: int, bs: int, dense: int, prior: float = 8.0, max_num_seqs: int = 16,
+           max_model_len: int = 1000) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, bs), dense, max_num_seqs, max_model_len, decode_len_prior=prior)
+
+
+def _add(s: Scheduler, rid: str, prompt_len: int, **sp: object) -> Request:
+    r = Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(**sp), 0.0, eos_token_ids=(EOS,))
+    s.add_request(r)
+    return r
+
+
+def _ids(seqs: list) -> list[tuple[str, int, int]]:
+    return [(q.request_id, q.start, q.num_tokens) for q in seqs]
+
+
+def test_memory_prediction_admits_only_what_fits() -> None:
+    # 10 usable blocks of 4 tokens; each request predicts 8 prompt + min(100, avg) decode tokens.
+    s = _sched(num_blocks=11, bs=4, dense=64, prior=8.0)
+    for rid in "ABC":
+        _add(s, rid, 8, max_tokens=100)
+    p0 = s.schedule()  # A: 16 tokens -> 4 blocks; B: 4 + 4 = 8 <= 10; C: 12 > 10 -> waits
+    assert _ids(p0.prefill) == [("A", 0, 8), ("B", 0, 8)] and p0.num_tokens == 16
+    s.update(p0, {"A": 50, "B": 50})
+    p1 = s.schedule()
+    assert _ids(p1.decode) == [("A", 8, 1), ("B", 8, 1)] and p1.prefill == []
+    assert [r.request_id for r in s.update(p1, {"A": EOS, "B": 51})] == ["A"]
+    assert s.avg_decode_len == 2.0  # A finished with 2 outputs
+    p2 = s.schedule()  # B: 8 + max(2, 2) = 10 tokens -> 3 blocks; C: 3 blocks; 6 <= 10 -> admitted
+    assert _ids(p2.decode) == [("B", 9, 1)] and _ids(p2.prefill) == [("C", 0, 8)]
+
+
+def test_empty_engine_admits_a_request_predicted_too_large() -> None:
+    s = _sched(num_blocks=11, bs=4, dense=64, prior=1000.0)  # predicts 8 + 100 tokens = 27 blocks > 10
+    _add(s, "A", 8, max_tokens=100)
+    _add(s, "B", 8, max_tokens=100)
+    plan = s.schedule()
+    assert _ids(plan.prefill) == [("A", 0, 8)]  # A alone (no starvation); B waits
+
+
+def test_preemption_takes_newest_and_recomputes_prompt_plus_outputs() -> None:
+    s = _sched(num_blocks=7, bs=2, dense=16, prior=1.0, max_num_seqs=2)  # 6 blocks = 12 slots
+    a = _add(s, "A", 4, max_tokens=6, ignore_eos=True)
+    b = _add(s, "B", 4, max_tokens=6, ignore_eos=True)
+    _add(s, "C", 2, max_tokens=1)  # waits (max_num_seqs); a preempted B must go ahead of it
+    plans, tok = [], 20
+    while s.has_work():
+        plan = s.schedule()
+        plans.append(plan)
+        if plan.preempted:
+            assert plan.preempted == ["B"] and b.status is RequestStatus.PREEMPTED
+            assert b.num_computed_tokens == 0 and b.block_ids == [] and b.num_preemptions == 1
+            b_outputs = list(b.output_token_ids)
+        # the sampled token is a function of its position only, so preemption must not change any output
+        s.update(plan, {q.request_id: tok + q.start + q.num_tokens for q in plan.seqs if q.sample})
+    assert any(p.preempted for p in plans)
+    recompute = [q for p in plans for q in p.prefill if q.request_id == "B" and p.iteration > 0]
+    order = [q.request_id for p in plans for q in p.prefill if q.request_id in "BC" and p.iteration > 0]
+    assert order.index("B") < order.index("C")
+    assert recompute[0].start == 0
+    # the recompute feeds prompt + the outputs known at preemption, then samples the next output
+    assert [t for q in recompute for t in q.input_token_ids] == b.prompt_token_ids + b_outputs
+    assert recompute[-1].sample and b.output_token_ids[: len(b_outputs)] == b_outputs
+    assert a.output_token_ids == b.output_token_ids == list(range(24, 30))
+    assert s.block_manager.num_used_blocks == 0
+
+
+def test_decodes_beyond_budget_wait_without_loss() -> None:
+    s = _sched(num_blocks=100, bs=4, dense=3, prior=1.0)
+    reqs = [_add(s, f"r{i}", 1, max_tokens=4, ignore_eos=True) for i in range(5)]
+    while s.has_work():
+        plan = s.schedule()
+        assert plan.num_tokens == 3 or not s.num_waiting
+        s.update(plan, {q.request_id: 30 for q in plan.seqs if q.sample})
+    assert all(r.output_token_ids == [30] * 4 and r.finish_reason == "length" for r in reqs)
+
+
+def test_async_extra_token_after_eos_is_dropped_and_abort_in_flight() -> None:
+    s = _sched(num_blocks=50, bs=4, dense=8)
+    a = _add(s, "A", 3, max_tokens=10)
+    b = _add(s, "B", 3, max_tokens=10)
+    p0 = s.schedule()
+    s.update(p0, {"A": 40, "B": 40})
+    p1 = s.schedule()  # async: p2 is formed before p1's tokens are known
+    p2 = s.schedule()
+    assert [q.input_token_ids for q in p2.decode] == [[-1], [-1]]
+    assert s.abort("B") is b and b.finish_reason == "abort" and b.block_ids == []
+    assert p2.decode[1].block_table  # the in-flight plan keeps B's old page table
+    assert [r.request_id for r in s.update(p1, {"A": EOS, "B": 41})] == ["A"]
+    assert s.update(p2, {"A": 99, "B": 99}) == []  # both finished meanwhile: tokens discarded
+    assert a.output_token_ids == [40, EOS] and b.output_token_ids == [40]
+    assert not s.has_work() and s.schedule() is None and s.block_manager.num_used_blocks == 0
+    assert s.abort("B") is None and s.abort("nope") is None
+
+
+def test_schedule_returns_none_while_only_pending_tokens_remain() -> None:
+    s = _sched(num_blocks=50, bs=4, dense=8)
+    _add(s, "A", 3, max_tokens=1)
+    p0 = s.schedule()
+    assert s.schedule() is None and s.has_work()  # A's only token is in flight
+    assert [r.finish_reason for r in s.update(p0, {"A": 40})] == ["length"]
+    assert not s.has_work()
+
+
+def test_finish_request_for_a_stop_string_and_waiting_abort() -> None:
+    s = _sched(num_blocks=50, bs=4, dense=4, max_num_seqs=1)
+    a = _add(s, "A", 3, max_tokens=10)
+    b = _add(s, "B", 3, max_tokens=10)
+    s.update(s.schedule(), {"A": 40})
+    assert s.finish_request("A", RequestStatus.FINISHED_STOPPED) is a and a.finish_reason == "stop"
+    assert s.abort("B") is b and s.num_waiting == 0 and not s.has_work()
+    with pytest.raises(ValueError, match="FINISHED"):
+        s.finish_request("A", RequestStatus.RUNNING)
+
+
+def test_bad_prompts_fail_alone_with_a_message() -> None:
+    s = _sched(num_blocks=5, bs=4, dense=8, max_model_len=12)  # cache: 16 tokens
+    long = _add(s, "long", 13)
+    empty = Request("empty", [])
+    s.add_request(empty)
+    ok = _add(s, "ok", 4, max_tokens=2, ignore_eos=True)
+    failed = s.take_finished()
+    assert failed == [long, empty] and s.take_finished() == []
+    assert long.finish_reason == "error" and "13 tokens; max_model_len is 12" in long.error
+    assert "empty" in empty.error
+    s2 = _sched(num_blocks=3, bs=4, dense=8, max_model_len=100)  # cache: 8 tokens
+    big = _add(s2, "big", 9)
+    assert s2.take_finished() == [big] and "KV cache holds 8" in big.error
+    while s.has_work():
+        plan = s.schedule()
+        s.update(plan, {q.request_id: 50 for q in plan.seqs if q.sample})
+    assert ok.output_token_ids == [50, 50]
+    with pytest.raises(ValueError, match="unique"):
+        s.add_request(Request("x", [1]))
+        s.add_request(Request("x", [1]))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 2.0),
+    ("temperature", -0.1), ("temperature", 101.0), ("temperature", float("nan")), ("temperature", "1"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("top_k", 1.0), ("seed", 1.5), ("seed", "1"),
+    ("stop", 5), ("stop", [1]), ("stop", [""]), ("stop_token_ids", ["a"]), ("stop_token_ids", 3),
+    ("ignore_eos", 1), ("min_tokens", -1), ("min_tokens", 17),
+])
+def test_bad_sampling_params_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_normalise() -> None:
+    sp = SamplingParams(stop="###", temperature=0, top_k=-1, seed=3, stop_token_ids=(7,))
+    assert sp.stop == ["###"] and sp.temperature == 0.0 and sp.greedy and sp.stop_token_ids == [7]
+
+
+def test_request_status_predicates() -> None:
+    reasons = {s: s.finish_reason for s in RequestStatus}
+    assert reasons == {RequestStatus.WAITING: None, RequestStatus.RUNNING: None, RequestStatus.PREEMPTED: None,
+                       RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                       RequestStatus.FINISHED_ERROR: "error", RequestStatus.FINISHED_ABORTED: "abort"}
+    assert [s for s in RequestStatus if s.is_finished] == [s for s in RequestStatus if reasons[s]]
+
+
+def test_dense_batch_from_memory_hand_solved() -> None:
+    spec = ModelSpec.load("llama-3-8b")  # 32 layers x 8 KV heads x 128: 128 KiB of KV per token
+    gib = 1024**3
+    # 80 GiB x 0.9 - 16 GiB = 56 GiB -> 458,752 tokens; p + d/2 = 768 -> 597 requests; 597 x (1024/512) = 1194
+    # -> 1152 (multiple of 128); decode share 1152 x 512/1024 = 576.
+    assert tuple(dense_batch_from_memory(spec, 80 * gib, 16 * gib, 512, 512)) == (576, 1152, 458_752)
+    # fp32 KV halves the tokens; a huge cache clamps to 8192.
+    assert dense_batch_from_memory(spec, 80 * gib, 16 * gib, 512, 512, dtype_bytes=4).kv_tokens == 229_376
+    assert dense_batch_from_memory(spec, 1000 * gib, 16 * gib, 100, 100).dense_batch_size == 8192
+    with pytest.raises(ValueError, match="weights"):
+        dense_batch_from_memory(spec, 16 * gib, 16 * gib, 512, 512)
+
+
+def test_schedule_and_update_are_fast_with_1000_running() -> None:
+    s = _sched(num_blocks=1 + 1000 * 8, bs=16, dense=2048, max_num_seqs=1024, max_model_len=4096)
+    for i in range(1000):
+        _add(s, f"r{i}", 64, max_tokens=200, ignore_eos=True)
+    prev, times = None, []
+    for _ in range(60):
+        t0 = time.perf_counter()
+        plan = s.schedule()
+        if prev:
+            s.update(*prev)
+        times.append(time.perf_counter() - t0)
+        prev = (plan, {q.request_id: 11 for q in plan.seqs if q.sample})
+    assert len(plan.decode) == 1000 and s.num_running == 1000
+    assert sorted(times)[30] < 0.05  # median; ~3 ms on a laptop core, generous for slow CI machines

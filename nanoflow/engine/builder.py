@@ -48,8 +48,8 @@ def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec) -> torch.dt
 
 def resolve_source(model: str | None, load_format: str) -> ModelSource:
     """``None`` = the embedded SmolLM2-135M-Instruct GGUF; a short name; an HF folder; a ``.gguf`` file."""
-    from nanoflow.models.loader import default_gguf_path, spec_from_gguf
-
+    if model is None or str(model).endswith(".gguf") or model == "smollm2-135m":
+        from nanoflow.models.gguf_loader import default_gguf_path, spec_from_gguf
     if model is None or (model == "smollm2-135m" and load_format in ("auto", "gguf")):
         path = str(default_gguf_path())
         return ModelSource(spec_from_gguf(path), path, "gguf", DEFAULT_MODEL_NAME)
@@ -94,12 +94,15 @@ def load_parts(args: EngineArgs, device: torch.device, tp_rank: int = 0, tp_size
     """Spec, weights, tokenizer and the model object for ``args``."""
     from nanoflow.models.loader import load_weights
     from nanoflow.models.registry import model_class
-    from nanoflow.models.tokenizer import load_tokenizer
 
     source = resolve_source(args.model, args.load_format)
     dtype = resolve_dtype(args.dtype, device, source.spec)
     weights = load_weights(source.spec, source.path, load_format=source.load_format, dtype=dtype, device=device,
                            seed=args.seed, tp_rank=tp_rank, tp_size=tp_size, progress=tp_rank == 0)
-    tokenizer = load_tokenizer(source.path) if source.path is not None else None
+    tokenizer = None
+    if source.path is not None:
+        from nanoflow.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(source.path)
     model = model_class(source.spec.architecture)(source.spec, weights, tp_rank=tp_rank, tp_size=tp_size)
     return {"source": source, "dtype": dtype, "model": model, "tokenizer": tokenizer}

@@ -77,8 +77,10 @@ class Engine:
         self.stats_iterations = 0
         self.stats_tokens = 0
         self.stats_sched_s = 0.0
+        self.stats_launch_s = 0.0  # CPU time to build the ForwardBatch and launch (graph replay or eager kernels)
         self.stats_wall_s = 0.0
         self.last_iteration_s = 0.0
+        self.plan_hook: Callable[[BatchPlan], None] | None = None  # benchmarks keep sample plans
 
     def _load_pipeline(self, name: str | None) -> Any:
         if not name or name in ("none", "sequential", "non-overlap"):
@@ -162,7 +164,10 @@ class Engine:
             t_sched = time.perf_counter()
             self.stats_sched_s += t_sched - t0
             result = self.runner.execute(plan, sampling)
+            self.stats_launch_s += time.perf_counter() - t_sched
             launched = (plan, result)
+            if self.plan_hook is not None:
+                self.plan_hook(plan)
             self.stats_tokens += plan.num_tokens
             self.stats_iterations += 1
             for seq in plan.seqs:

@@ -43,7 +43,8 @@ class ScheduledSeq(NamedTuple):
     the chunk ends at the request's last token, so the model samples the next one from its last position.
     ``block_table`` is the request's *live* page-table list (no copy, for speed): read it before the next
     ``schedule()``; its first ``ceil((start + num_tokens) / block_size)`` entries stay valid for this iteration even
-    if the request finishes or is preempted (``BlockManager.free`` rebinds, never clears).
+    if the request finishes or is preempted (``BlockManager.free`` rebinds, never clears). ``request`` is the
+    :class:`Request` itself (sampling parameters for the sampler; read it, never change it).
     """
 
     request_id: str
@@ -384,7 +385,8 @@ class Scheduler:
                 if not seq.sample:
                     continue
                 req = seq.request
-                if req.status.is_finished:
+                status = req.status
+                if status is not _RUNNING and status.is_finished:
                     continue  # finished after this plan was formed: the extra token is dropped
                 try:
                     token = sampled[seq.request_id]

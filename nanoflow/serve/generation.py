@@ -112,9 +112,10 @@ class GenerationJob:
         if not prompt_ids:
             raise invalid("the prompt is empty after tokenization", prompt_param)
         if len(prompt_ids) >= limit:
+            what = "prompt" if prompt_param == "prompt" else f"{prompt_param} (with the chat template applied)"
             raise invalid(
-                f"prompt has {len(prompt_ids):,} tokens; this model's context is {limit:,} tokens and must leave room "
-                "for at least one generated token; shorten the prompt",
+                f"{what} has {len(prompt_ids):,} tokens; this model's context is {limit:,} tokens and must leave room "
+                f"for at least one generated token; shorten the {prompt_param}",
                 prompt_param,
                 code="context_length_exceeded",
             )

@@ -100,7 +100,8 @@ def build_ui(engine: Any) -> Any:
         with gr.Accordion("Sampling", open=False):
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-            max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max new tokens")
+            max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max new tokens",
+                                   elem_id="max-tokens")
 
         async def respond(message: str, history: list[dict[str, Any]] | None, temp: float, p: float,
                           limit: float) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:

@@ -9,7 +9,7 @@ run goes on. Data are random (never zeros) and block tables shuffled, so pages a
 
     python scripts/device/bench_attention.py            # on the GPU machine (about 1-2 minutes on an H100)
     python scripts/device/bench_attention.py --dry-run  # tiny shapes on the CPU through TRITON_INTERPRET
-    python scripts/device/bench_attention.py --tune     # also sweep decode tile/warp/stage choices
+    python scripts/device/bench_attention.py --tune     # also sweep tile/warp/stage choices (decode|prefill|all)
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 
 ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-ARGS.add_argument("--tune", action="store_true", help="also sweep decode block_n / num_warps / num_stages")
+ARGS.add_argument("--tune", nargs="?", const="all", choices=("decode", "prefill", "all"),
+                  help="also sweep tile sizes / num_warps / num_stages of decode, prefill or both")
 ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for attention_bench.json (default $OUT)")
 OPTS = ARGS.parse_args()
 if OPTS.dry_run:
@@ -66,7 +67,7 @@ class Shapes:
     max_cache_bytes: int
 
 
-GPU = Shapes(32, 8, 128, 16, (256, 1024), (1024, 2048, 4096), (1, 2, 4, 8), (512, 1024, 2048), (0, 1024), 8192,
+GPU = Shapes(32, 8, 128, 16, (32, 256, 1024), (1024, 2048, 4096), (1, 2, 4, 8), (512, 1024, 2048), (0, 1024), 8192,
              2 << 30, 40 << 30)
 TINY = Shapes(4, 2, 64, 16, (2, 3), (40, 70), (1, 3), (32,), (0, 20), 64, 1 << 20, 1 << 30)
 SHAPES = TINY if OPTS.dry_run else GPU
@@ -184,7 +185,7 @@ def bench_decode(report: dict, copy_gbs: float, gen: torch.Generator) -> None:
             except Exception as exc:  # keep going: one config's failure must not cost the run
                 rec["error"] = repr(exc)
                 report["failures"].append({"decode": (rows, length), "trace": traceback.format_exc()[-2000:]})
-    if OPTS.tune:
+    if OPTS.tune in ("decode", "all"):
         tune_decode(report, k, v, copy_gbs, gen)
     del k, v
 
@@ -264,6 +265,32 @@ def bench_prefill(report: dict, gen: torch.Generator) -> None:
                 report["failures"].append({"prefill": (chunk, ctx), "trace": traceback.format_exc()[-2000:]})
 
 
+def tune_prefill(report: dict, gen: torch.Generator) -> None:
+    """Sweep prefill tiles, warps and pipeline depth on a short and a long chunk (to choose the defaults)."""
+    cases = [(512, 0, 16), (2048, 1024, 4)] if not OPTS.dry_run else [(32, 20, 2)]
+    for chunk, ctx, segs in cases:
+        k, v = paged_cache(pages(segs, ctx + chunk), gen)
+        table = shuffled_tables(segs, ctx + chunk, k.shape[0], gen)
+        q = torch.randn(segs * chunk, SHAPES.hq, SHAPES.d, generator=gen, device=DEVICE, dtype=DTYPE)
+        out = torch.empty_like(q)
+        i32 = dict(dtype=torch.int32, device=DEVICE)
+        meta = (torch.arange(segs, **i32) * chunk, torch.full((segs,), chunk, **i32), torch.full((segs,), ctx, **i32))
+        for block_m in (64, 128) if not OPTS.dry_run else (16,):
+            for block_n in (32, 64, 128) if not OPTS.dry_run else (16,):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4) if not OPTS.dry_run else (2,):
+                        rec = {"chunk": chunk, "ctx": ctx, "block_m": block_m, "block_n": block_n,
+                               "num_warps": warps, "num_stages": stages}
+                        try:
+                            ms = bench_ms(partial(prefill_attention, q, k, v, out, *meta, table, 0.1, chunk,
+                                                  block_m=block_m, block_n=block_n, num_warps=warps,
+                                                  num_stages=stages))
+                            rec.update(ms=ms, TFLOPs=segs * causal_flops(chunk, ctx) / ms / 1e9)
+                        except Exception as exc:
+                            rec["error"] = repr(exc)[:300]
+                        report["tune_prefill"].append(rec)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -298,6 +325,10 @@ def print_table(report: dict) -> None:
             print(f"tune N={rows} best:", [
                 {k: t[k] for k in ("block_n", "num_warps", "num_stages", "splits", "frac_of_copy")}
                 for t in best if t["N"] == rows][:4])
+    for chunk in sorted({t["chunk"] for t in report["tune_prefill"]}):
+        best = sorted((t for t in report["tune_prefill"] if t["chunk"] == chunk and "ms" in t), key=lambda t: t["ms"])
+        print(f"tune prefill chunk={chunk} best:", [
+            {k: t[k] for k in ("block_m", "block_n", "num_warps", "num_stages", "TFLOPs")} for t in best[:4]])
     print(f"failures: {len(report['failures'])}")
 
 
@@ -307,12 +338,16 @@ def main() -> int:
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (TRITON_INTERPRET dry run)"
     report: dict = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
                     "commit": git_commit(), "command": " ".join(sys.argv), "dtype": str(DTYPE),
-                    "shapes": SHAPES.__dict__, "checks": [], "decode": [], "prefill": [], "tune": [], "failures": []}
+                    "shapes": SHAPES.__dict__, "checks": [], "decode": [], "prefill": [], "tune": [],
+                    "tune_prefill": [], "failures": []}
     if DEVICE.type == "cuda":
         report["sm_count"] = torch.cuda.get_device_properties(DEVICE).multi_processor_count
     copy_gbs = copy_bandwidth(report)
-    for step in (lambda: check_decode(report, gen), lambda: bench_decode(report, copy_gbs, gen),
-                 lambda: bench_prefill(report, gen)):
+    steps = [partial(check_decode, report, gen), partial(bench_decode, report, copy_gbs, gen),
+             partial(bench_prefill, report, gen)]
+    if OPTS.tune in ("prefill", "all"):
+        steps.append(partial(tune_prefill, report, gen))
+    for step in steps:
         try:
             step()
         except Exception:

@@ -44,7 +44,7 @@ class DecodeWorkspace(NamedTuple):
 def decode_workspace(
     max_rows: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device | str
 ) -> DecodeWorkspace:
-    """Allocate a workspace serving any call with ``N <= max_rows`` and ``num_splits <= num_splits``."""
+    """Allocate scratch serving every call with at most ``max_rows`` rows and at most ``num_splits`` splits."""
     if max_rows < 0 or num_heads <= 0 or head_dim <= 0 or not 1 <= num_splits <= MAX_SPLITS:
         raise AttentionInputError(
             f"decode_workspace needs max_rows >= 0, positive heads/head_dim and 1 <= num_splits <= {MAX_SPLITS}; "

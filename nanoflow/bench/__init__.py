@@ -1,0 +1,1 @@
+"""Benchmarks: throughput (non-overlap / nano-batch / overlap / peer), GEMM peak, per-op profile."""

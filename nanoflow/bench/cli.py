@@ -1,0 +1,133 @@
+"""``nanoflow bench``: offline throughput on a GPU across modes, with % of optimal (paper eq. 5) and a peer.
+
+Writes ``<output>.json`` (one record per mode, the schema of ``../shared/BENCHMARKING.md``) and ``<output>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("nanoflow")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="throughput benchmark on a GPU (modes, %% of optimal, peer)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", help="built-in short name (dummy weights) or HF folder")
+    p.add_argument("--workload", default="constant:1024:512",
+                   help="dataset spec: constant:IN:OUT, splitwise, lmsys, sharegpt, or a file (see run-offline)")
+    p.add_argument("--num-requests", type=int, default=256, help="requests in the timed run")
+    p.add_argument("--warmup-requests", type=int, default=0,
+                   help="requests of a warm-up round before timing (captures graphs); default: dense/IN + 4")
+    p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: free GPU memory")
+    p.add_argument("--modes", default="non-overlap",
+                   help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, nano-batch, "
+                        "overlap-preset, overlap-searched")
+    p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
+    p.add_argument("--peer", default=None, choices=["transformers"], help="also run this peer engine")
+    p.add_argument("--peer-requests", type=int, default=64, help="requests for the peer (it is slow)")
+    p.add_argument("--profile", action="store_true", help="per-op CUDA-event profile of a steady-state batch")
+    p.add_argument("--output", default="benchmarks/results/bench", help="path prefix for .json and .png")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and workload")
+    return p
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanoflow.bench.measure import gemm_peak
+    from nanoflow.bench.throughput import base_args, mode_args, run_mode, workload
+    from nanoflow.config import builtin_config_path
+    from nanoflow.engine.builder import load_parts
+
+    if not torch.cuda.is_available():
+        print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
+    t0 = time.perf_counter()
+    parts = load_parts(ea, device)
+    spec = parts["model"].spec
+    log.info("weights ready in %.1f s", time.perf_counter() - t0)
+    peak = gemm_peak(spec, args.dense_batch_size, parts["dtype"], device)
+    optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)
+    max_len = min(spec.max_position_embeddings, 8192)
+    reqs = workload(args.workload, args.num_requests, spec.vocab_size, args.seed, max_len)
+    ea = replace(ea, max_model_len=max_len)
+    in_len = max(1, sum(len(r[0]) for r in reqs) // len(reqs))
+    n_warm = args.warmup_requests or args.dense_batch_size // in_len + 4
+    warm = workload(args.workload, n_warm, spec.vocab_size, args.seed + 1, max_len)
+    warm = [(ids, min(n, 16)) for ids, n in warm]
+    common = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _commit(),
+              "command": "nanoflow bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+              "model": args.model, "tp": 1, "workload": args.workload, "dense_batch": args.dense_batch_size,
+              "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal, "gemm": peak,
+              "host": platform.node()}
+    records: list[dict[str, Any]] = []
+    timelines: dict[str, Any] = {}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        log.info("mode %s ...", mode)
+        try:
+            rec = run_mode(mode_args(ea, mode, args.searched_spec), parts, reqs, warm, args.profile)
+        except Exception as exc:  # one failing mode must not lose the others' figures
+            log.exception("mode %s failed", mode)
+            rec = {"error": repr(exc)}
+        timelines[mode] = rec.pop("_records", None)
+        rec.update(common, mode=mode, requests=len(reqs))
+        if "throughput_tok_s" in rec:
+            rec["pct_optimal"] = 100.0 * rec["throughput_tok_s"] / optimal
+        records.append(rec)
+        _print_row(rec)
+    if args.peer == "transformers":
+        from nanoflow.bench.peer import run_peer
+
+        try:
+            rec = run_peer(str(builtin_config_path(args.model)), spec, parts["model"].weights,
+                           reqs[: args.peer_requests])
+        except Exception as exc:
+            log.exception("peer failed")
+            rec = {"error": repr(exc)}
+        rec.update(common, mode="peer-transformers")
+        if "throughput_tok_s" in rec:
+            rec["pct_optimal"] = 100.0 * rec["throughput_tok_s"] / optimal
+        records.append(rec)
+        _print_row(rec)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(records, indent=2, default=str))
+    from nanoflow.bench.plots import plot_bench
+
+    plot_bench(records, timelines, out)
+    print(f"wrote {out.with_suffix('.json')}")
+    return 0
+
+
+def _print_row(rec: dict[str, Any]) -> None:
+    if "throughput_tok_s" not in rec:
+        print(f"{rec.get('mode'):>22}: FAILED {rec.get('error')}", flush=True)
+        return
+    extra = ""
+    if "cpu_schedule_ms_per_iter" in rec:
+        extra = (f" iter {rec['iteration_ms']:.1f} ms, sched {rec['cpu_schedule_ms_per_iter']:.2f} ms, "
+                 f"launch {rec['cpu_launch_ms_per_iter']:.2f} ms")
+    print(f"{rec['mode']:>22}: {rec['throughput_tok_s']:10.0f} tok/s  {rec['pct_optimal']:5.1f}% of optimal"
+          f" ({rec['optimal_tok_s']:.0f}){extra}", flush=True)

@@ -1,0 +1,122 @@
+"""Measurements the throughput benchmark makes besides end-to-end runs: GEMM peak, per-op profile, peer.
+
+All GPU timings use CUDA events (median of repeats, after warm-up), per ``../shared/BENCHMARKING.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from nanoflow.config import ModelSpec
+
+log = logging.getLogger("nanoflow")
+
+
+def time_cuda(fn: Any, warmup: int = 3, repeat: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def layer_gemm_shapes(spec: ModelSpec, tp: int = 1) -> dict[str, tuple[int, int]]:
+    """(N, K) of each dense GEMM weight of one layer, this rank's shard."""
+    h, d = spec.hidden_size, spec.head_dim
+    q, kv = spec.num_heads * d // tp, max(1, spec.num_kv_heads // tp) * d
+    inter = spec.intermediate_size // tp
+    return {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+def gemm_peak(spec: ModelSpec, tokens: int, dtype: torch.dtype, device: torch.device, tp: int = 1) -> dict[str, Any]:
+    """bf16 GEMM TFLOP/s on the model's layer shapes at ``tokens`` rows (cuBLAS through torch).
+
+    ``peak_tflops`` is the best shape's rate (the paper's "Compute" in eq. 5); ``layer_tflops`` is the
+    FLOP-weighted rate of one layer's four GEMMs.
+    """
+    out: dict[str, Any] = {"tokens": tokens, "shapes": {}}
+    total_flop, total_ms = 0.0, 0.0
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, (n, k) in layer_gemm_shapes(spec, tp).items():
+        # Several weight copies rotated so repeats do not run from L2 (random data, never zeros).
+        xs = [torch.randn(tokens, k, device=device, dtype=dtype, generator=g) for _ in range(2)]
+        ws = [torch.randn(n, k, device=device, dtype=dtype, generator=g) * 0.02 for _ in range(3)]
+        y = torch.empty(tokens, n, device=device, dtype=dtype)
+        state = {"i": 0}
+
+        def run() -> None:
+            i = state["i"] = state["i"] + 1
+            torch.mm(xs[i % 2], ws[i % 3].t(), out=y)
+
+        ms = time_cuda(run, warmup=5, repeat=20)
+        flop = 2.0 * tokens * n * k
+        out["shapes"][name] = {"n": n, "k": k, "ms": ms, "tflops": flop / ms / 1e9}
+        total_flop += flop
+        total_ms += ms
+        del xs, ws, y
+    out["peak_tflops"] = max(v["tflops"] for v in out["shapes"].values())
+    out["layer_tflops"] = total_flop / total_ms / 1e9
+    return out
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
+    """Device-to-device copy GB/s (bytes read + written)."""
+    n = int(gib * 2**30 / 2)
+    a = torch.randn(n, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = time_cuda(lambda: b.copy_(a), warmup=2, repeat=10)
+    return 2 * a.numel() * 2 / ms / 1e6
+
+
+def profile_plan(engine: Any, plan: Any, repeat: int = 3) -> dict[str, Any]:
+    """Run one recorded plan eagerly with per-op CUDA events; time per op and per resource kind, one iteration."""
+    from nanoflow.graphs.timeline import Timeline
+
+    runner = engine.runner
+    # Decode inputs that referred to the previous iteration's samples become a fixed token (timing only).
+    seqs = [s._replace(input_token_ids=[max(t, 0) for t in s.input_token_ids]) for s in plan.decode]
+    plan = type(plan)(plan.iteration, seqs, plan.prefill, plan.num_tokens, plan.dense_batch_size, plan.preempted)
+    graphs, runner.graphs = runner.graphs, None
+    glue, runner.glue = runner.glue, (graphs.glue if graphs is not None else runner.glue)
+    try:
+        batch = runner.prepare(plan)
+        runner.forward(batch)
+        timeline = Timeline()
+        runner.executor.timeline = timeline
+        records = []
+        for _ in range(repeat):
+            timeline.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            timeline.mark_origin()
+            runner.forward(batch)
+            recs = timeline.records()
+            wall = (time.perf_counter() - t0) * 1e3
+            records.append((wall, recs))
+    finally:
+        runner.executor.timeline = None
+        runner.graphs, runner.glue = graphs, glue
+    wall, recs = records[len(records) // 2]
+    kinds = {op.name: op.kind.value for op in engine.model.graphs[0].ops}
+    per_op: dict[str, float] = {}
+    for r in recs:
+        per_op[r.op] = per_op.get(r.op, 0.0) + r.ms
+    per_kind: dict[str, float] = {}
+    for op, ms in per_op.items():
+        per_kind[kinds.get(op, "other")] = per_kind.get(kinds.get(op, "other"), 0.0) + ms
+    span = max(r.end_ms for r in recs) if recs else 0.0
+    return {"decode_tokens": plan.num_decode_tokens, "prefill_tokens": plan.num_prefill_tokens,
+            "per_op_ms": per_op, "per_kind_ms": per_kind, "layers_span_ms": span, "eager_wall_ms": wall,
+            "records": recs}

@@ -1,0 +1,63 @@
+"""Pictures of a benchmark run: throughput per mode against the optimal line, time per op kind, and the
+measured nano-op timeline of overlap modes as a Gantt chart (streams as rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_bench(records: list[dict[str, Any]], timelines: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if "throughput_tok_s" in r]
+    if not ok:
+        return
+    profiled = [r for r in ok if "profile" in r]
+    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(13 if profiled else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = [r["mode"] for r in ok]
+    vals = [r["throughput_tok_s"] for r in ok]
+    bars = ax.bar(names, vals, color=["#4c72b0" if not n.startswith("peer") else "#999999" for n in names])
+    for b, r in zip(bars, ok):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r['pct_optimal']:.0f}%", ha="center",
+                va="bottom", fontsize=9)
+    opt = ok[0]["optimal_tok_s"]
+    ax.axhline(opt, color="crimson", ls="--", lw=1)
+    ax.text(len(names) - 0.5, opt, f"optimal {opt:,.0f}", color="crimson", ha="right", va="bottom", fontsize=9)
+    ax.set_ylabel("total tokens/s per GPU")
+    ax.set_title(f"{ok[0]['model']} {ok[0]['workload']} on {ok[0]['device']}", fontsize=10)
+    ax.tick_params(axis="x", rotation=20)
+    if profiled:
+        ax2 = axes[0][1]
+        kinds = sorted({k for r in profiled for k in r["profile"]["per_kind_ms"]})
+        bottom = [0.0] * len(profiled)
+        for kind in kinds:
+            v = [r["profile"]["per_kind_ms"].get(kind, 0.0) for r in profiled]
+            ax2.bar([r["mode"] for r in profiled], v, bottom=bottom, label=kind)
+            bottom = [a + b for a, b in zip(bottom, v)]
+        ax2.set_ylabel("ms per iteration (sum of op times, eager profile)")
+        ax2.set_title("time per resource kind, one steady-state dense batch", fontsize=10)
+        ax2.legend(fontsize=8)
+        ax2.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    for mode, recs in timelines.items():
+        if recs and mode.startswith("overlap"):
+            plot_measured_gantt(recs, out.with_name(out.name + f"-{mode}-gantt.png"), f"{mode}: measured")
+
+
+def plot_measured_gantt(recs: list[Any], path: Path, title: str, layers: tuple[int, int] = (1, 3)) -> None:
+    """Nano-ops of a few middle layers, streams as rows, coloured by op."""
+    from nanoflow.search.plot import plot_gantt
+
+    sel = [r for r in recs if layers[0] <= r.layer < layers[1]]
+    if not sel:
+        return
+    t0 = min(r.start_ms for r in sel)
+    rows = [(r.stream, f"{r.op}[{r.lo}:{r.hi}]", r.start_ms - t0, r.end_ms - t0) for r in sel]
+    plot_gantt(None, rows, path, title)

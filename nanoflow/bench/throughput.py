@@ -1,0 +1,99 @@
+"""Offline throughput of one model and workload across modes, in one process (ratios inside one run count).
+
+For each mode a fresh engine shares the same weights; a warm-up round captures CUDA graphs and compiles glue ops
+before the timed run. Total throughput = (prompt + generated tokens) / wall time (paper §3.1); % of optimal uses the
+GEMM peak measured in the same run (eq. 5).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from nanoflow.config import EngineArgs
+
+log = logging.getLogger("nanoflow")
+
+MODES = {
+    # mode name -> (pipeline, cuda_graphs, async_scheduling)
+    "non-overlap": ("none", True, True),
+    "non-overlap-eager": ("none", False, True),
+    "non-overlap-sync": ("none", True, False),
+    "nano-batch": ("llama-8b-nanobatch", True, True),
+    "overlap-preset": ("llama-8b-overlap", True, True),
+}
+
+
+def workload(spec_name: str, n: int, vocab: int, seed: int, max_len: int) -> list[tuple[list[int], int]]:
+    from nanoflow.data import load_dataset
+
+    data = load_dataset(spec_name, num_requests=n, seed=seed, vocab_size=vocab, max_len=max_len)
+    return [(item.prompt_token_ids, item.max_tokens or 1) for item in data.items]
+
+
+def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int], int]],
+             warmup_reqs: list[tuple[list[int], int]], profile: bool) -> dict[str, Any]:
+    from nanoflow.bench.measure import profile_plan
+    from nanoflow.engine.engine import Engine
+    from nanoflow.scheduler.request import SamplingParams
+
+    t_build = time.perf_counter()
+    engine = Engine(args, parts=parts)
+    warm_t0 = time.perf_counter()
+    for ids, out in warmup_reqs:
+        engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
+    engine.run_until_done()
+    warm_s = time.perf_counter() - warm_t0
+    for k in ("stats_iterations", "stats_tokens"):
+        setattr(engine, k, 0)
+    engine.stats_sched_s = engine.stats_launch_s = engine.stats_wall_s = 0.0
+    plans: list[Any] = []
+    engine.plan_hook = lambda p: plans.append(p) if p.num_tokens == engine.dense_batch_size else None
+    outs = [engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
+            for ids, out in reqs]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.run_until_done()
+    wall = time.perf_counter() - t0
+    engine.plan_hook = None
+    prompt_toks = sum(len(o.prompt_token_ids) for o in outs)
+    gen_toks = sum(len(o.token_ids) for o in outs)
+    bad = [o for o, (_, n) in zip(outs, reqs) if o.finish_reason != "length" or len(o.token_ids) != n]
+    it = max(engine.stats_iterations, 1)
+    rec: dict[str, Any] = {
+        "requests": len(outs), "prompt_tokens": prompt_toks, "generated_tokens": gen_toks, "wall_s": wall,
+        "throughput_tok_s": (prompt_toks + gen_toks) / wall, "iterations": engine.stats_iterations,
+        "iteration_ms": wall / it * 1e3, "cpu_schedule_ms_per_iter": engine.stats_sched_s / it * 1e3,
+        "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s,
+        "engine_build_s": warm_t0 - t_build, "errors": sum(o.finish_reason == "error" for o in outs),
+        "dense_batch": engine.dense_batch_size, "kv_cache_tokens": engine.kv_tokens, "incomplete": len(bad),
+    }
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
+                   graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured))
+    if profile and plans:
+        prof = profile_plan(engine, plans[len(plans) // 2])
+        rec["profile"] = {k: v for k, v in prof.items() if k != "records"}
+        rec["_records"] = prof["records"]
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rec
+
+
+def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None) -> EngineArgs:
+    return EngineArgs(model=model, load_format="dummy", dtype="bfloat16", device="cuda", dense_batch_size=dense,
+                      seed=seed, kv_cache_tokens=kv_tokens, max_num_seqs=max_num_seqs)
+
+
+def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
+    if mode == "overlap-searched":
+        return replace(args, pipeline=searched)
+    pipeline, graphs, async_ = MODES[mode]
+    return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_)

@@ -1,0 +1,235 @@
+"""Planned schedules of one layer: the common currency of stage I, stage II and the Gantt chart.
+
+A plan is a list of :class:`PlannedNanoOp` (op, rows, start/end in ms inside one layer, share). In the periodic
+model (``problem.wrap``) layer l+1 repeats the plan shifted by the period T, so a plan is feasible when
+- nano-ops linked by a dependency edge (ranges intersecting, or cross-token) are ordered;
+- nano-ops of one resource group never overlap, and each group's busy window (first start to last end) is at
+  most T long, so layer l+1's nano-ops of that group start after layer l's end (stream FIFO order holds);
+- a wrap edge from nano-op x of layer l to y of layer l+1 has ``end(x) <= start(y) + T``.
+:func:`period` returns the smallest such T (no wrap: the makespan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
+
+from nanoflow.graphs.nanoop import ResourceKind
+from nanoflow.graphs.pipeline import NanoOpSpec, PipelineSpec, links
+from nanoflow.search.problem import SearchError, SearchProblem
+
+TIME_TOL = 1e-6
+"""Relative tolerance (of the period) for comparing planned times: the MILP solver's own tolerance is ~1e-7."""
+
+
+class PlannedNanoOp(NamedTuple):
+    op: str
+    lo: int
+    hi: int
+    start: float
+    end: float
+    share: float = 1.0
+
+
+def sequential_plan(problem: SearchProblem) -> list[PlannedNanoOp]:
+    """One nano-op per op over the whole batch, one after another in layer order."""
+    plan, t = [], 0.0
+    for n in problem.names:
+        d = problem.time(n, problem.dense_batch_size)
+        plan.append(PlannedNanoOp(n, 0, problem.dense_batch_size, t, t + d))
+        t += d
+    return plan
+
+
+Links = list[tuple[int, int]]
+
+
+def plan_links(problem: SearchProblem, plan: list[PlannedNanoOp]) -> tuple[Links, Links]:
+    """Nano-level precedence pairs (i, j) - j waits on i - inside a layer, and from layer l into l+1."""
+    out: tuple[Links, Links] = ([], [])
+    for k, edges in enumerate((problem.intra_edges, problem.wrap_edges)):
+        for e in edges:
+            for i, a in enumerate(plan):
+                if a.op != e.src:
+                    continue
+                for j, b in enumerate(plan):
+                    if b.op == e.dst and links(e, (a.lo, a.hi), (b.lo, b.hi)):
+                        out[k].append((i, j))
+    return out
+
+
+def group_members(problem: SearchProblem, plan: list[PlannedNanoOp]) -> dict[ResourceKind, list[int]]:
+    groups: dict[ResourceKind, list[int]] = {}
+    for i, n in enumerate(plan):
+        groups.setdefault(problem.group(n.op), []).append(i)
+    return groups
+
+
+def period(problem: SearchProblem, plan: list[PlannedNanoOp]) -> float:
+    """The steady-state time per layer of a plan (see module docstring); without wrap, its makespan."""
+    if not problem.wrap:
+        return max(n.end for n in plan) - min(0.0, min(n.start for n in plan))
+    t = 0.0
+    for members in group_members(problem, plan).values():
+        t = max(t, max(plan[i].end for i in members) - min(plan[i].start for i in members))
+    for i, j in plan_links(problem, plan)[1]:
+        t = max(t, plan[i].end - plan[j].start)
+    return t
+
+
+def check_plan(problem: SearchProblem, plan: list[PlannedNanoOp]) -> None:
+    """Raise :class:`SearchError` if the plan breaks coverage, a dependency or a group's exclusivity."""
+    tol = TIME_TOL * max(1.0, period(problem, plan))
+    for name in problem.names:
+        ranges = sorted((n.lo, n.hi) for n in plan if n.op == name)
+        at = 0
+        for lo, hi in ranges:
+            if lo != at or hi <= lo:
+                raise SearchError(f"plan: op {name!r} does not tile [0, {problem.dense_batch_size}) ({ranges})")
+            at = hi
+        if at != problem.dense_batch_size:
+            raise SearchError(f"plan: op {name!r} does not tile [0, {problem.dense_batch_size}) ({ranges})")
+    for i, j in plan_links(problem, plan)[0]:
+        if plan[j].start < plan[i].end - tol:
+            raise SearchError(f"plan: {plan[j].op}[{plan[j].lo}:{plan[j].hi}) starts before "
+                              f"{plan[i].op}[{plan[i].lo}:{plan[i].hi}) ends")
+    for members in group_members(problem, plan).values():
+        spans = sorted((plan[i].start, plan[i].end) for i in members)
+        for (_, e0), (s1, _) in zip(spans, spans[1:]):
+            if s1 < e0 - tol:
+                raise SearchError(f"plan: two nano-ops of one resource group overlap at {s1:.4f} ms")
+
+
+def issue_order(problem: SearchProblem, plan: list[PlannedNanoOp]) -> list[int]:
+    """Plan indices sorted by start time, ties by layer order of the op, then rows: a valid issue order."""
+    pos = {n: k for k, n in enumerate(problem.names)}
+    return sorted(range(len(plan)), key=lambda i: (round(plan[i].start, 9), pos[plan[i].op], plan[i].lo))
+
+
+def repair(problem: SearchProblem, plan: list[PlannedNanoOp]) -> list[PlannedNanoOp]:
+    """Push starts forward (keeping durations) until dependencies and group order hold exactly.
+
+    A solver's answer satisfies its constraints only up to ~1e-7; exact plans make warm starts reliable and
+    reported times consistent. The shifts are of that order, in issue order (a topological order of the plan).
+    """
+    preds: dict[int, list[int]] = {}
+    for i, j in plan_links(problem, plan)[0]:
+        preds.setdefault(j, []).append(i)
+    out = list(plan)
+    last: dict[ResourceKind, int] = {}
+    for j in issue_order(problem, plan):
+        n = out[j]
+        g = problem.group(n.op)
+        start = max([n.start] + [out[i].end for i in preds.get(j, [])] + ([out[last[g]].end] if g in last else []))
+        out[j] = n._replace(start=start, end=start + (n.end - n.start))
+        last[g] = j
+    return out
+
+
+def plan_to_spec(problem: SearchProblem, plan: list[PlannedNanoOp], name: str, meta: dict,
+                 extra_edges: tuple[tuple[int, int], ...] = (),
+                 extra_wrap_edges: tuple[tuple[int, int], ...] = ()) -> PipelineSpec:
+    """A spec of the plan in issue order (see :func:`issue_order`); edges are given in issue-order indices."""
+    nano = tuple(NanoOpSpec(n.op, n.lo, n.hi, problem.stream(n.op), n.share, n.start, n.end)
+                 for n in (plan[i] for i in issue_order(problem, plan)))
+    streams = max(n.stream for n in nano) + 1
+    kinds = {o.name: o.kind.value for o in problem.ops}
+    meta = {**meta, "kinds": kinds, "wrap": problem.wrap}
+    return PipelineSpec(name, problem.dense_batch_size, nano, tuple(extra_edges), streams, meta,
+                        tuple(extra_wrap_edges))
+
+
+def placeholder_shares(problem: SearchProblem, spec: PipelineSpec) -> PipelineSpec:
+    """Shares that make an interference-free plan valid: 1 / (largest set of nano-ops it may run with).
+
+    Any set of nano-ops that may run together then sums to at most 1; stage II replaces these with real shares.
+    """
+    pairs, triples = spec.concurrency(problem.layer_graph())
+    clique = [1] * len(spec.nano_ops)
+    for i, j, _ in pairs:
+        clique[i], clique[j] = max(clique[i], 2), max(clique[j], 2)
+    for t in triples:
+        for i, _ in t:
+            clique[i] = 3
+    nano = tuple(replace(n, share=int(10_000 / c) / 10_000) for n, c in zip(spec.nano_ops, clique, strict=True))
+    return replace(spec, nano_ops=nano)
+
+
+def compute_bubbles(problem: SearchProblem, plan: list[PlannedNanoOp], t: float) -> list[tuple[float, float]]:
+    """Idle intervals of the compute group within one period (no wrap: within [0, makespan])."""
+    iv = sorted((n.start, n.end) for n in plan if problem.group(n.op) is ResourceKind.COMPUTE and n.end > n.start)
+    if not iv:
+        return []
+    merged = [list(iv[0])]
+    for s, e in iv[1:]:
+        if s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    if problem.wrap:
+        gaps = [(a[1], b[0]) for a, b in zip(merged, merged[1:])] + [(merged[-1][1], merged[0][0] + t)]
+    else:
+        gaps = [(0.0, merged[0][0])] + [(a[1], b[0]) for a, b in zip(merged, merged[1:])] + [(merged[-1][1], t)]
+    return [(a, b) for a, b in gaps if b - a > 1e-3 * t]
+
+
+def ops_near(problem: SearchProblem, plan: list[PlannedNanoOp], bubble: tuple[float, float], t: float) -> set[str]:
+    """Ops whose nano-ops border a compute bubble or run during it (in this layer or a neighbouring one)."""
+    g0, g1 = bubble
+    tol = TIME_TOL * max(t, 1.0) * 10
+    shifts = (-t, 0.0, t) if problem.wrap else (0.0,)
+    near = set()
+    for n in plan:
+        for sh in shifts:
+            s, e = n.start + sh, n.end + sh
+            if abs(e - g0) <= tol or abs(s - g1) <= tol or (s < g1 - tol and e > g0 + tol):
+                near.add(n.op)
+    return near
+
+
+def list_schedule(problem: SearchProblem, ranges: dict[str, list[tuple[int, int]]], rule: str = "bottom"
+                  ) -> list[PlannedNanoOp]:
+    """A feasible plan for fixed nano-op ranges by serial list scheduling (a warm start for the MILP).
+
+    Repeatedly starts the ready nano-op of highest priority as early as its dependencies and its group allow.
+    ``rule``: "bottom" (longest dependency path to the layer's end first: feeds long memory-bound chains early) or
+    "batch" (lowest nano-batch first, then layer order). An op's nano-ops keep their row order.
+    """
+    pos = {n: k for k, n in enumerate(problem.names)}
+    plan = [PlannedNanoOp(a, lo, hi, 0.0, problem.time(a, hi - lo))
+            for a in problem.names for lo, hi in sorted(ranges[a])]
+    succ: list[list[int]] = [[] for _ in plan]
+    npred = [0] * len(plan)
+    edges = set(plan_links(problem, plan)[0])
+    edges |= {(i, i + 1) for i in range(len(plan) - 1) if plan[i].op == plan[i + 1].op}
+    for i, j in edges:
+        succ[i].append(j)
+        npred[j] += 1
+    dur = [n.end for n in plan]
+    if rule == "bottom":
+        level = [0.0] * len(plan)
+        for i in reversed(range(len(plan))):  # plan is in (layer order, row) order: topological
+            level[i] = dur[i] + max((level[j] for j in succ[i]), default=0.0)
+        prio = [(-level[i], pos[n.op], n.lo) for i, n in enumerate(plan)]
+    elif rule == "batch":
+        slot = [sum(m.op == n.op and m.lo < n.lo for m in plan) for n in plan]
+        prio = [(slot[i], pos[n.op], n.lo) for i, n in enumerate(plan)]
+    else:
+        raise SearchError(f"unknown list-scheduling rule {rule!r}; use 'bottom' or 'batch'")
+    ready_at = [0.0] * len(plan)
+    free: dict[ResourceKind, float] = {}
+    ready = [i for i in range(len(plan)) if npred[i] == 0]
+    out = list(plan)
+    while ready:
+        i = min(ready, key=lambda k: prio[k])
+        ready.remove(i)
+        g = problem.group(plan[i].op)
+        start = max(ready_at[i], free.get(g, 0.0))
+        out[i] = plan[i]._replace(start=start, end=start + dur[i])
+        free[g] = start + dur[i]
+        for j in succ[i]:
+            ready_at[j] = max(ready_at[j], start + dur[i])
+            npred[j] -= 1
+            if npred[j] == 0:
+                ready.append(j)
+    return out

@@ -1,0 +1,344 @@
+"""The OpenAI-compatible server: the official ``openai`` client against ``nanoflow serve`` on the embedded model,
+plus fast tests of the server's own logic (stops, streaming, cancellation, limits, auth, metrics, shutdown) on the
+contract-following fake engine in ``fake_engine.py``.
+
+References are independent of the server: the fake's ``greedy_reply`` script, the requested ``max_tokens``, and for
+the real engine the non-streaming answer, the unstopped answer (to check stop sequences) and the engine's stats.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fake_engine import SCRIPT, FakeEngine, greedy_reply
+from prometheus_client.parser import text_string_to_metric_families
+from serve_harness import REPO, ServerProcess, ServerThread, free_port, real_engine_missing, wait_for_health
+
+from nanoflow.serve import ServerConfig, create_app
+
+
+def sse_events(text: str) -> list[dict | str]:
+    events: list[dict | str] = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def stream_text(events: list[dict | str], kind: str) -> str:
+    key = "text" if kind == "completion" else "content"
+    parts = []
+    for e in events:
+        if isinstance(e, dict):
+            for c in e.get("choices", []):
+                parts.append(c.get(key) if kind == "completion" else c["delta"].get(key) or "")
+    return "".join(p or "" for p in parts)
+
+
+def expected_greedy(prompt: str, n: int) -> str:
+    return greedy_reply(list(prompt.encode()))[:n].decode("utf-8", errors="replace")
+
+
+# ---- fake engine, in-process uvicorn --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine(token_delay=0.0)
+
+
+def test_completion_matches_reference_and_streaming(fake: FakeEngine) -> None:
+    with ServerThread(create_app(fake)) as url:
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 40, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 200
+        data = r.json()
+        # 40 bytes of the script cut inside no multi-byte char? the reference decodes the same bytes.
+        assert data["choices"][0]["text"] == expected_greedy("hi", 40)
+        assert data["choices"][0]["finish_reason"] == "length"
+        assert data["usage"] == {"prompt_tokens": 2, "completion_tokens": 40, "total_tokens": 42}
+        s = httpx.post(f"{url}/v1/completions", json={**body, "stream": True})
+        events = sse_events(s.text)
+        assert events[-1] == "[DONE]"
+        assert stream_text(events, "completion") == data["choices"][0]["text"]
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_never_splits_multibyte_characters(fake: FakeEngine) -> None:
+    prompt = "x"
+    n = len(greedy_reply(list(prompt.encode()))[:60])
+    with ServerThread(create_app(fake)) as url:
+        s = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0,
+                                                      "stream": True})
+    deltas = [e["choices"][0]["text"] for e in sse_events(s.text) if isinstance(e, dict)]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == expected_greedy(prompt, n)
+    assert "é" in "".join(deltas) and "☕" in "".join(deltas)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stop", ["fox", ["zzz", "quick brown"], "o"])
+def test_stop_sequence_is_cut_out(fake: FakeEngine, stream: bool, stop: str | list[str]) -> None:
+    prompt = "tell me"
+    reference = expected_greedy(prompt, 400)
+    stops = [stop] if isinstance(stop, str) else stop
+    cut = min(reference.find(s) for s in stops if s in reference)
+    with ServerThread(create_app(fake)) as url:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 400, "temperature": 0,
+                "stop": stop, "stream": stream}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    if stream:
+        events = sse_events(r.text)
+        text, finish = stream_text(events, "chat"), events[-2]["choices"][0]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    chat_prompt = fake.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    assert text == expected_greedy(chat_prompt, 400)[:cut] or text == expected_greedy(chat_prompt, cut)
+    assert finish == "stop"
+
+
+def test_include_usage_and_chat_chunk_shape(fake: FakeEngine) -> None:
+    with ServerThread(create_app(fake)) as url:
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "max_tokens": 5,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        events = sse_events(httpx.post(f"{url}/v1/chat/completions", json=body).text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    usage_chunk = events[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 5
+    assert all(e["usage"] is None for e in events[:-2])
+    assert events[-3]["choices"][0]["finish_reason"] == "length" and events[-3]["choices"][0]["delta"] == {}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_error_before_first_token_is_400(fake: FakeEngine, stream: bool) -> None:
+    with ServerThread(create_app(fake)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "<fail-now>", "stream": stream})
+    assert r.status_code == 400
+    assert "injected failure" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_engine_error_mid_stream_is_an_error_event(fake: FakeEngine) -> None:
+    with ServerThread(create_app(fake)) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "<fail-later>", "max_tokens": 10, "stream": True})
+    events = sse_events(r.text)
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert "injected failure after two tokens" in events[-2]["error"]["message"]
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_request(stream: bool) -> None:
+    slow = FakeEngine(token_delay=0.02)
+    with ServerThread(create_app(slow)) as url:
+        body = {"prompt": "long", "max_tokens": 5000, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json=body, timeout=0.3)
+        assert _wait(lambda: len(slow.aborted) == 1 and slow.stats()["num_running"] == 0)
+        assert set(slow.finished.values()) == {"abort"}
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "nanoflow_http_client_disconnects_total 1.0" in metrics
+        assert "nanoflow_http_requests_in_flight 0.0" in metrics
+
+
+def test_concurrency_limit_answers_429_then_recovers() -> None:
+    slow = FakeEngine(token_delay=0.02)
+    with ServerThread(create_app(slow, ServerConfig(max_concurrency=2))) as url:
+        body = {"prompt": "p", "max_tokens": 5000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as a, \
+                httpx.stream("POST", f"{url}/v1/completions", json=body) as b:
+            # Keep the line iterators referenced: a collected iterator closes its response (a disconnect).
+            a_lines, b_lines = a.iter_lines(), b.iter_lines()
+            next(a_lines), next(b_lines)
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert "--max-concurrency" in r.json()["error"]["message"]
+        assert _wait(lambda: slow.stats()["num_running"] == 0)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 2}).status_code == 200
+
+
+def test_api_key_required_on_v1_only(fake: FakeEngine) -> None:
+    with ServerThread(create_app(fake, ServerConfig(api_key="s3cret"))) as url:
+        body = {"prompt": "p", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
+        bad = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_metrics_report_engine_stats(fake: FakeEngine) -> None:
+    with ServerThread(create_app(fake)) as url:
+        httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 7})
+        text = httpx.get(f"{url}/metrics").text
+    samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    stats = fake.stats()
+    assert samples["nanoflow_num_requests_running"] == stats["num_running"] == 0
+    assert samples["nanoflow_num_requests_waiting"] == 0
+    assert samples["nanoflow_kv_cache_usage_ratio"] == stats["kv_usage"]
+    assert samples["nanoflow_generation_tokens_per_second"] == 123.0
+    assert samples["nanoflow_iteration_seconds"] == pytest.approx(0.0045)
+    assert samples["nanoflow_generation_tokens_total"] == 7
+    assert samples['nanoflow_http_requests_total'] == 1
+
+
+def test_models_endpoint_and_unknown_model(fake: FakeEngine) -> None:
+    with ServerThread(create_app(fake, ServerConfig(served_model_names=("alias",)))) as url:
+        cards = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [c["id"] for c in cards] == ["fake-model"] and cards[0]["max_model_len"] == 512
+        assert httpx.post(f"{url}/v1/completions", json={"model": "alias", "prompt": "p", "max_tokens": 1}).is_success
+        r = httpx.get(f"{url}/v1/models/gpt-9")
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+_FAKE_SERVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from fake_engine import FakeEngine
+from nanoflow.serve import create_app
+from nanoflow.serve.cli import serve_app
+sys.exit(serve_app(create_app(FakeEngine(token_delay=0.02)), "127.0.0.1", {port}, log_level="warning"))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_finishes_in_flight_and_exits_0(sig: signal.Signals, tmp_path: Path) -> None:
+    port = free_port()
+    code = _FAKE_SERVER.format(tests=str(REPO / "tests"), port=port)
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, 60, proc)
+        body = {"prompt": "p", "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(sig)
+            rest = list(lines)
+        events = sse_events("\n".join([first, *rest]))
+        assert events[-1] == "[DONE]"
+        assert stream_text(events, "completion") == expected_greedy("p", 60)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---- the real engine: `nanoflow serve` on the embedded default model, the official openai client -----------------
+
+MISSING = real_engine_missing()
+real = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    if MISSING:
+        pytest.skip(MISSING)
+    proc = ServerProcess(["serve", "--device", "cpu"], tmp_path_factory.mktemp("serve") / "server.log")
+    url = proc.start()
+    yield url
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def client(server: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@real
+def test_real_models(client) -> None:
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id
+
+
+@real
+def test_real_chat_streaming_equals_non_streaming(client) -> None:
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Name three colors."}]
+    full = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert full.choices[0].message.content and text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens <= 12
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens > 0
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+
+
+@real
+def test_real_completion_streaming_equals_non_streaming(client) -> None:
+    model = client.models.list().data[0].id
+    kw = {"model": model, "prompt": "The capital of France is", "max_tokens": 10, "temperature": 0}
+    full = client.completions.create(**kw)
+    text = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+    assert full.choices[0].text and text == full.choices[0].text
+
+
+@real
+def test_real_max_tokens_is_exact_with_ignore_eos(client) -> None:
+    model = client.models.list().data[0].id
+    for n in (1, 7):
+        r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=n, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == n and r.choices[0].finish_reason == "length"
+
+
+@real
+def test_real_stop_sequence(client) -> None:
+    model = client.models.list().data[0].id
+    kw = {"model": model, "prompt": "Count: one, two, three, four, five,", "max_tokens": 16, "temperature": 0,
+          "extra_body": {"ignore_eos": True}}
+    reference = client.completions.create(**kw).choices[0].text
+    assert len(reference) > 4
+    stop = reference[len(reference) // 2: len(reference) // 2 + 2]  # a piece from the middle of the reply
+    r = client.completions.create(**kw, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == reference[: reference.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=[stop], stream=True)
+                       if c.choices)
+    assert streamed == r.choices[0].text
+
+
+@real
+def test_real_disconnect_frees_the_engine(server: str) -> None:
+    body = {"prompt": "Write a long story.", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+        next(r.iter_lines())
+
+    def idle() -> bool:
+        text = httpx.get(f"{server}/metrics").text
+        samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        return samples["nanoflow_num_requests_running"] == 0 and samples["nanoflow_num_requests_waiting"] == 0
+
+    assert _wait(idle, timeout=30)

@@ -250,7 +250,8 @@ class EngineArgs:
         if self.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}")
         if self.load_format not in ("auto", "dummy", "safetensors", "gguf"):
-            raise ConfigError(f"load_format {self.load_format!r} is not supported; use auto, dummy, safetensors or gguf")
+            raise ConfigError(f"load_format {self.load_format!r} is not supported; use auto, dummy, safetensors or "
+                              "gguf")
         for name in ("dense_batch_size", "max_model_len", "kv_cache_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if value is not None and value <= 0:

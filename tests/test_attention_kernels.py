@@ -181,19 +181,21 @@ def test_decode_rejects_bad_inputs():
 # ---- prefill / extend ----------------------------------------------------------------------------------------------
 
 PREFILL_CASES = [
-    # gqa, head_dim, block_size, block_m, block_n, dtype
-    (1, 64, 16, None, None, torch.float32),
-    (4, 128, 16, None, None, torch.float32),
-    (8, 64, 32, 32, 16, torch.float32),  # BLOCK_M != BLOCK_N exercises the causal-diagonal split
-    (4, 64, 16, 16, 32, torch.bfloat16),
-    (2, 64, 8, None, None, torch.float16),
+    # gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype
+    (1, 64, 16, None, None, False, torch.float32),
+    (4, 128, 16, None, None, False, torch.float32),
+    (8, 64, 32, 32, 16, False, torch.float32),  # BLOCK_M != BLOCK_N exercises the causal-diagonal split
+    (4, 64, 16, 16, 32, False, torch.bfloat16),
+    (2, 64, 8, None, None, False, torch.float16),
+    (4, 64, 16, 32, 16, True, torch.float32),  # packed: 8 tokens x 4 heads per block
+    (8, 128, 8, 64, 32, True, torch.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("gqa,head_dim,block_size,block_m,block_n,dtype", PREFILL_CASES)
+@pytest.mark.parametrize("gqa,head_dim,block_size,block_m,block_n,pack_gqa,dtype", PREFILL_CASES)
 @in_process
-def test_prefill_matches_reference(gqa, head_dim, block_size, block_m, block_n, dtype):
-    gen = seeded(gqa, head_dim, block_size, block_m, block_n, dtype)
+def test_prefill_matches_reference(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype):
+    gen = seeded(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype)
     hkv = 2
     hq = hkv * gqa
     # (q_len, ctx_len): fresh prompt, skipped, one-token extend, context crossing pages, multi-block chunk.
@@ -213,7 +215,8 @@ def test_prefill_matches_reference(gqa, head_dim, block_size, block_m, block_n, 
     ctx_len = torch.tensor([ctx for _, ctx in segs], dtype=torch.int32)
     scale = head_dim**-0.5
     prefill_attention(
-        q, k, v, out, q_start, q_len, ctx_len, table, scale, max_q_len=40, block_m=block_m, block_n=block_n
+        q, k, v, out, q_start, q_len, ctx_len, table, scale, max_q_len=40, block_m=block_m, block_n=block_n,
+        pack_gqa=pack_gqa,
     )
     ref = prefill_attention_ref(q, k, v, q_start, q_len, ctx_len, table, scale)
     owned = [s + i for s, (ql, _) in zip(starts, segs, strict=True) for i in range(ql)]

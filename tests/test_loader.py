@@ -202,6 +202,8 @@ def test_missing_and_empty_folders(tmp_path: Path, llama: tuple[Path, dict]) -> 
         load_weights(spec, tmp_path)
     with pytest.raises(WeightLoadError, match="dummy"):
         load_weights(spec, None)
+    with pytest.raises(WeightLoadError, match="needs a weight source"):
+        load_weights(spec, None, load_format="safetensors")
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1.safetensors"}}))
     with pytest.raises(WeightLoadError, match="model-1.safetensors"):
         load_weights(spec, tmp_path, load_format="safetensors")

@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     parts = load_parts(ea, device)
     spec = parts["model"].spec
     log.info("weights ready in %.1f s", time.perf_counter() - t0)
+    if ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
+        per_token = 2 * spec.num_layers * spec.kv_size * 2
+        ea = replace(ea, kv_cache_tokens=int(0.6 * torch.cuda.mem_get_info()[0] / per_token))
     peak = gemm_peak(spec, args.dense_batch_size, parts["dtype"], device)
     optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)
     max_len = min(spec.max_position_embeddings, 8192)

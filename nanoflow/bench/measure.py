@@ -40,6 +40,16 @@ def layer_gemm_shapes(spec: ModelSpec, tp: int = 1) -> dict[str, tuple[int, int]
     return {"qkv": (q + 2 * kv, h), "o_proj": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
 
 
+def _rotating_mm(xs: list[torch.Tensor], ws: list[torch.Tensor], y: torch.Tensor) -> Any:
+    state = {"i": 0}
+
+    def run() -> None:
+        i = state["i"] = state["i"] + 1
+        torch.mm(xs[i % len(xs)], ws[i % len(ws)].t(), out=y)
+
+    return run
+
+
 def gemm_peak(spec: ModelSpec, tokens: int, dtype: torch.dtype, device: torch.device, tp: int = 1) -> dict[str, Any]:
     """bf16 GEMM TFLOP/s on the model's layer shapes at ``tokens`` rows (cuBLAS through torch).
 
@@ -54,18 +64,11 @@ def gemm_peak(spec: ModelSpec, tokens: int, dtype: torch.dtype, device: torch.de
         xs = [torch.randn(tokens, k, device=device, dtype=dtype, generator=g) for _ in range(2)]
         ws = [torch.randn(n, k, device=device, dtype=dtype, generator=g) * 0.02 for _ in range(3)]
         y = torch.empty(tokens, n, device=device, dtype=dtype)
-        state = {"i": 0}
-
-        def run() -> None:
-            i = state["i"] = state["i"] + 1
-            torch.mm(xs[i % 2], ws[i % 3].t(), out=y)
-
-        ms = time_cuda(run, warmup=5, repeat=20)
+        ms = time_cuda(_rotating_mm(xs, ws, y), warmup=5, repeat=20)
         flop = 2.0 * tokens * n * k
         out["shapes"][name] = {"n": n, "k": k, "ms": ms, "tflops": flop / ms / 1e9}
         total_flop += flop
         total_ms += ms
-        del xs, ws, y
     out["peak_tflops"] = max(v["tflops"] for v in out["shapes"].values())
     out["layer_tflops"] = total_flop / total_ms / 1e9
     return out
@@ -120,3 +123,79 @@ def profile_plan(engine: Any, plan: Any, repeat: int = 3) -> dict[str, Any]:
     return {"decode_tokens": plan.num_decode_tokens, "prefill_tokens": plan.num_prefill_tokens,
             "per_op_ms": per_op, "per_kind_ms": per_kind, "layers_span_ms": span, "eager_wall_ms": wall,
             "records": recs}
+
+
+KERNEL_CLASSES = (
+    # (class, resource kind, name fragments) — first match wins
+    ("decode_attn", "memory", ("_decode_split", "_decode_reduce")),
+    ("prefill_attn", "compute", ("_prefill_kernel",)),
+    ("gemm", "compute", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
+    ("nccl", "network", ("nccl",)),
+    ("glue", "other", ("triton_",)),
+)
+
+
+def classify_kernel(name: str) -> tuple[str, str]:
+    low = name.lower()
+    for cls, kind, frags in KERNEL_CLASSES:
+        if any(f.lower() in low for f in frags):
+            return cls, kind
+    return "other", "other"
+
+
+def profile_replay(engine: Any, plan: Any, replays: int = 3) -> dict[str, Any]:
+    """GPU kernel time per class for one recorded dense batch, replayed through its CUDA graph under the profiler.
+
+    Unlike event timing in an eager run (which also measures CPU launch gaps), this reads the kernels' own
+    durations from CUPTI, so it describes the graph path that the timed run used. ``kernels`` keeps one replay's
+    kernels ``(stream, class, name, start_us, end_us)`` for the measured Gantt chart.
+    """
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    seqs = [s._replace(input_token_ids=[max(t, 0) for t in s.input_token_ids]) for s in plan.decode]
+    plan = type(plan)(plan.iteration, seqs, plan.prefill, plan.num_tokens, plan.dense_batch_size, plan.preempted)
+    runner._prev_rows = {}
+    batch = runner.prepare(plan)
+    runner.forward(batch)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        runner.forward(batch)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / replays * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            runner.forward(batch)
+        torch.cuda.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    finally:
+        os.unlink(path)
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    per_class: dict[str, float] = {}
+    per_kind: dict[str, float] = {}
+    for k in kernels:
+        cls, kind = classify_kernel(k["name"])
+        per_class[cls] = per_class.get(cls, 0.0) + k["dur"] / 1e3 / replays
+        per_kind[kind] = per_kind.get(kind, 0.0) + k["dur"] / 1e3 / replays
+    one: list[tuple[str, str, str, float, float]] = []
+    if kernels:
+        kernels.sort(key=lambda e: e["ts"])
+        n = len(kernels) // replays
+        first = kernels[:n]
+        base = first[0]["ts"]
+        one = [(f"stream {k.get('args', {}).get('stream', '?')}", classify_kernel(k["name"])[0], k["name"][:40],
+                (k["ts"] - base) / 1e3, (k["ts"] + k["dur"] - base) / 1e3) for k in first]
+    span = max((e for *_, e in one), default=0.0)
+    return {"decode_tokens": plan.num_decode_tokens, "prefill_tokens": plan.num_prefill_tokens,
+            "per_class_ms": per_class, "per_kind_ms": per_kind, "kernel_span_ms": span,
+            "forward_wall_ms": wall_ms, "kernels": one}

@@ -52,7 +52,7 @@ def hf_model(config_path: str, spec: Any, weights: dict[str, torch.Tensor], attn
     model.load_state_dict(hf_state_dict(spec, weights), assign=True, strict=False)
     # Rotary embeddings hold buffers computed at construction (on meta here): rebuild them on the real device.
     device = weights["embed.weight"].device
-    for parent_name, parent in list(model.named_modules()):
+    for _name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             inv = getattr(child, "inv_freq", None)
             if isinstance(inv, torch.Tensor) and inv.is_meta:

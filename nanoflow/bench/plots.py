@@ -33,13 +33,13 @@ def plot_bench(records: list[dict[str, Any]], timelines: dict[str, Any], out: Pa
     ax.tick_params(axis="x", rotation=20)
     if profiled:
         ax2 = axes[0][1]
-        kinds = sorted({k for r in profiled for k in r["profile"]["per_kind_ms"]})
+        kinds = sorted({k for r in profiled for k in r["profile"]["per_class_ms"]})
         bottom = [0.0] * len(profiled)
         for kind in kinds:
-            v = [r["profile"]["per_kind_ms"].get(kind, 0.0) for r in profiled]
+            v = [r["profile"]["per_class_ms"].get(kind, 0.0) for r in profiled]
             ax2.bar([r["mode"] for r in profiled], v, bottom=bottom, label=kind)
             bottom = [a + b for a, b in zip(bottom, v)]
-        ax2.set_ylabel("ms per iteration (sum of op times, eager profile)")
+        ax2.set_ylabel("GPU kernel ms per dense batch (CUPTI, graph replay)")
         ax2.set_title("time per resource kind, one steady-state dense batch", fontsize=10)
         ax2.legend(fontsize=8)
         ax2.tick_params(axis="x", rotation=20)
@@ -47,17 +47,18 @@ def plot_bench(records: list[dict[str, Any]], timelines: dict[str, Any], out: Pa
     fig.savefig(out.with_suffix(".png"), dpi=110)
     plt.close(fig)
     for mode, recs in timelines.items():
-        if recs and mode.startswith("overlap"):
+        if recs:
             plot_measured_gantt(recs, out.with_name(out.name + f"-{mode}-gantt.png"), f"{mode}: measured")
 
 
-def plot_measured_gantt(recs: list[Any], path: Path, title: str, layers: tuple[int, int] = (1, 3)) -> None:
-    """Nano-ops of a few middle layers, streams as rows, coloured by op."""
+def plot_measured_gantt(kernels: list[Any], path: Path, title: str, window: float = 0.12) -> None:
+    """Kernels of one replayed dense batch (a window in its middle), streams as rows, coloured by class."""
     from nanoflow.search.plot import plot_gantt
 
-    sel = [r for r in recs if layers[0] <= r.layer < layers[1]]
-    if not sel:
+    if not kernels:
         return
-    t0 = min(r.start_ms for r in sel)
-    rows = [(r.stream, f"{r.op}[{r.lo}:{r.hi}]", r.start_ms - t0, r.end_ms - t0) for r in sel]
-    plot_gantt(None, rows, path, title)
+    span = max(k[4] for k in kernels)
+    lo, hi = span * 0.45, span * (0.45 + window)
+    rows = [(s, cls, st - lo, en - lo) for s, cls, _name, st, en in kernels if st >= lo and en <= hi]
+    if rows:
+        plot_gantt(None, rows, path, title)

@@ -280,6 +280,21 @@ class Engine:
             for r in reqs:
                 self.blocks.free(r)
 
+    def close(self) -> None:
+        """Release device memory (KV cache, activation buffers, CUDA graphs) before building another engine."""
+        runner = self.runner
+        if runner.graphs is not None:
+            runner.graphs.close()
+            runner.graphs = None
+        runner.kv_cache = None
+        runner.bufs = {}
+        runner.glue = {}
+        self._tracked.clear()
+        self._inflight = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     def run_until_done(self, progress: Callable[[int], None] | None = None) -> None:
         while self.has_unfinished():
             before = len(self._tracked)

@@ -27,7 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-batch-size", type=int, default=None,
                    help="tokens per iteration (decode + prefill chunks); default: 2048 on GPU, 256 on CPU")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output; default: the model's")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache capacity in tokens; default: free memory")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV-cache capacity in tokens; default: from free memory")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
     p.add_argument("--pipeline", default=None,
                    help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, or 'none'")

@@ -166,6 +166,25 @@ class CudaGraphRunner:
                 d.block_tables[:k, :w].copy_(s.block_tables, non_blocking=True)
 
     # ---- capture ---------------------------------------------------------------------------------------------
+    def capture_all(self, segment_buckets: tuple[int, ...] = (4,)) -> float:
+        """Capture every token bucket (largest first, so later captures reuse the pool) before serving.
+
+        Returns the seconds spent. Shapes with more prefill segments are still captured on first use.
+        """
+        t0 = time.perf_counter()
+        for t in self.sizes:
+            for seg in segment_buckets:
+                shape = BatchShape(t, seg)
+                if shape not in self.captured:
+                    self._capture(shape)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Drop every graph and its static buffers (frees the shared pool once nothing else holds it)."""
+        self.captured.clear()
+        self.pool = None
+        self.glue = {}
+
     def _capture(self, shape: BatchShape) -> _Captured:
         t0 = time.perf_counter()
         static = self._static_batch(shape)

@@ -399,26 +399,18 @@ class PipelineSpec:
     def to_json(self) -> str:
         """Readable JSON: one line per nano-op, meta indented."""
         d = self.to_dict()
-        lines = ["{"]
-        for key in ("name", "dense_batch_size", "num_streams"):
-            lines.append(f"  {json.dumps(key)}: {json.dumps(d[key])},")
-        lines.append('  "nano_ops": [')
-        rows = [f"    {json.dumps(n)}" for n in d["nano_ops"]]
-        lines.append(",\n".join(rows))
-        lines.append("  ],")
-        lines.append(f'  "extra_edges": {json.dumps(d["extra_edges"])},')
-        lines.append(f'  "extra_wrap_edges": {json.dumps(d["extra_wrap_edges"])},')
+        head = "".join(f"  {json.dumps(k)}: {json.dumps(d[k])},\n" for k in ("name", "dense_batch_size", "num_streams"))
+        rows = ",\n".join(f"    {json.dumps(n)}" for n in d["nano_ops"])
+        edges = "".join(f"  {json.dumps(k)}: {json.dumps(d[k])},\n" for k in ("extra_edges", "extra_wrap_edges"))
         meta = json.dumps(d["meta"], indent=2).replace("\n", "\n  ")
-        lines.append(f'  "meta": {meta}')
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        return "{\n" + head + f'  "nano_ops": [\n{rows}\n  ],\n' + edges + f'  "meta": {meta}\n}}\n'
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineSpec:
         try:
             nano = tuple(NanoOpSpec(op=str(n["op"]), lo=int(n["lo"]), hi=int(n["hi"]), stream=int(n["stream"]),
-                                    share=float(n.get("share", 1.0)), start_ms=n.get("start_ms"),
-                                    end_ms=n.get("end_ms")) for n in d["nano_ops"])
+                                    share=float(n.get("share", 1.0)), start_ms=_opt_float(n.get("start_ms")),
+                                    end_ms=_opt_float(n.get("end_ms"))) for n in d["nano_ops"])
             return cls(name=str(d["name"]), dense_batch_size=int(d["dense_batch_size"]), nano_ops=nano,
                        extra_edges=tuple((int(i), int(j)) for i, j in d.get("extra_edges", [])),
                        num_streams=int(d.get("num_streams", 1)), meta=dict(d.get("meta", {})),
@@ -437,6 +429,10 @@ class PipelineSpec:
     @classmethod
     def load(cls, path: str | Path) -> PipelineSpec:
         return cls.from_json(Path(path).read_text())
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def even_boundaries(dense: int, n: int) -> list[int]:

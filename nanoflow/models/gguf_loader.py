@@ -95,8 +95,10 @@ class GGUFSource:
     """A llama GGUF file seen as HF-named tensors (the loader's TensorSource); reads are dequantized to float32."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
+        try:
+            from gguf import GGUFReader
+        except ImportError as e:
+            raise WeightLoadError("reading GGUF files needs the gguf package; run `pip install gguf`") from e
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightLoadError(f"GGUF file {self.path} does not exist")

@@ -36,7 +36,7 @@ from nanoflow.ops.kv_store import store_kv
 from nanoflow.ops.norm import add_rms_norm
 from nanoflow.ops.rotary import apply_rotary
 
-C, M, N, O = ResourceKind.COMPUTE, ResourceKind.MEMORY, ResourceKind.NETWORK, ResourceKind.OTHER
+C, M, N, OT = ResourceKind.COMPUTE, ResourceKind.MEMORY, ResourceKind.NETWORK, ResourceKind.OTHER
 
 
 def _glue(ctx: StepContext, name: str, fallback: Callable) -> Callable:
@@ -107,9 +107,9 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
         ctx.comm.all_reduce(ctx.bufs["attn_out"][lo:hi])
 
     ops = [
-        Op("attn_norm", O, ("hidden", "residual"), ("x_attn", "residual"), attn_norm),
+        Op("attn_norm", OT, ("hidden", "residual"), ("x_attn", "residual"), attn_norm),
         Op("qkv", C, ("x_attn",), ("qkv",), qkv),
-        Op("rope_kv", O, ("qkv",), ("q", "kv_cache"), rope_kv),
+        Op("rope_kv", OT, ("qkv",), ("q", "kv_cache"), rope_kv),
         Op("decode_attn", M, ("q", "kv_cache"), ("attn",), decode_attn, cross_token_reads=("kv_cache",)),
         Op("prefill_attn", C, ("q", "kv_cache"), ("attn",), prefill_attn, cross_token_reads=("kv_cache",)),
         Op("o_proj", C, ("attn",), ("attn_out",), o_proj),
@@ -128,7 +128,7 @@ def ffn_norm_op(w: dict[str, torch.Tensor], prefix: str, eps: float) -> Op:
         b["x_ffn"][lo:hi].copy_(x)
         b["residual"][lo:hi].copy_(res)
 
-    return Op("ffn_norm", O, ("attn_out", "residual"), ("x_ffn", "residual"), ffn_norm)
+    return Op("ffn_norm", OT, ("attn_out", "residual"), ("x_ffn", "residual"), ffn_norm)
 
 
 def mlp_ops(w: dict[str, torch.Tensor], prefix: str, tp: bool) -> list[Op]:
@@ -149,7 +149,7 @@ def mlp_ops(w: dict[str, torch.Tensor], prefix: str, tp: bool) -> list[Op]:
 
     ops = [
         Op("gate_up", C, ("x_ffn",), ("gate_up",), gate_up),
-        Op("act", O, ("gate_up",), ("act",), act),
+        Op("act", OT, ("gate_up",), ("act",), act),
         Op("down", C, ("act",), ("hidden",), down),
     ]
     if tp:

@@ -35,7 +35,7 @@ from collections.abc import Collection
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from safetensors import safe_open
@@ -232,7 +232,7 @@ class SafetensorsSource:
     """Memory-mapped safetensors files; a read touches only the requested slice."""
 
     def __init__(self, files: list[Path], stack: ExitStack) -> None:
-        self._where = {}
+        self._where: dict[str, Any] = {}  # tensor name -> the open safe_open handle holding it
         for file in files:
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             names = handle.keys()
@@ -329,6 +329,8 @@ def load_weights(
     fmt = resolve_load_format(source, load_format)
     if fmt == "dummy":
         return _dummy_weights(spec, lay, torch_dtype, torch.device(device), seed)
+    if source is None:
+        raise WeightLoadError(f"load_format={fmt!r} needs a weight source (a model folder or .gguf file); got None")
     with ExitStack() as stack:
         if fmt == "gguf":
             from nanoflow.models.gguf_loader import GGUFSource, find_gguf_file

@@ -136,7 +136,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], *, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._ids = list(prompt_ids[-self.PROMPT_CONTEXT :])
+        self._ids = [int(t) for t in list(prompt_ids)[-self.PROMPT_CONTEXT :]]
         self._prefix = 0  # start of the decoding window
         self._read = len(self._ids)  # tokens before this have been emitted
         self._text: list[str] = []

@@ -111,6 +111,8 @@ class SearchProblem:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
         object.__setattr__(self, "grid", tuple(sorted({int(g) for g in self.grid})))
+        # Kind names as ResourceKind values ("compute", "memory", ...), whatever case the profile used.
+        object.__setattr__(self, "rp_table", {str(k).lower(): [tuple(p) for p in v] for k, v in self.rp_table.items()})
         self._check_ops()
         self._check_grid_and_times()
         graph = self.graph if self.graph is not None else self._synthesise_graph()

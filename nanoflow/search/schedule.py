@@ -126,6 +126,18 @@ def repair(problem: SearchProblem, plan: list[PlannedNanoOp]) -> list[PlannedNan
     return out
 
 
+def compacted(problem: SearchProblem, plan: list[PlannedNanoOp]) -> list[PlannedNanoOp]:
+    """The plan with every nano-op moved as early as its order allows, if that does not lengthen the period."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for n in plan:
+        ranges.setdefault(n.op, []).append((n.lo, n.hi))
+    key = {(n.op, n.lo): n for n in plan}
+    tight = list_schedule(problem, ranges, "given", {k: n.start for k, n in key.items()},
+                          {k: n.end - n.start for k, n in key.items()})
+    tight = [n._replace(share=key[(n.op, n.lo)].share) for n in tight]
+    return tight if period(problem, tight) <= period(problem, plan) * (1 + 1e-9) else plan
+
+
 def plan_to_spec(problem: SearchProblem, plan: list[PlannedNanoOp], name: str, meta: dict,
                  extra_edges: tuple[tuple[int, int], ...] = (),
                  extra_wrap_edges: tuple[tuple[int, int], ...] = ()) -> PipelineSpec:
@@ -187,16 +199,19 @@ def ops_near(problem: SearchProblem, plan: list[PlannedNanoOp], bubble: tuple[fl
     return near
 
 
-def list_schedule(problem: SearchProblem, ranges: dict[str, list[tuple[int, int]]], rule: str = "bottom"
-                  ) -> list[PlannedNanoOp]:
+def list_schedule(problem: SearchProblem, ranges: dict[str, list[tuple[int, int]]], rule: str = "bottom",
+                  starts: dict[tuple[str, int], float] | None = None,
+                  durations: dict[tuple[str, int], float] | None = None) -> list[PlannedNanoOp]:
     """A feasible plan for fixed nano-op ranges by serial list scheduling (a warm start for the MILP).
 
     Repeatedly starts the ready nano-op of highest priority as early as its dependencies and its group allow.
     ``rule``: "bottom" (longest dependency path to the layer's end first: feeds long memory-bound chains early) or
-    "batch" (lowest nano-batch first, then layer order). An op's nano-ops keep their row order.
+    "batch" (lowest nano-batch first, then layer order) or "given" (by ``starts[(op, lo)]``: compacts a plan while
+    keeping every group's order). An op's nano-ops keep their row order. ``durations[(op, lo)]`` overrides the
+    profiled interference-free times (stage II's shares stretch them).
     """
     pos = {n: k for k, n in enumerate(problem.names)}
-    plan = [PlannedNanoOp(a, lo, hi, 0.0, problem.time(a, hi - lo))
+    plan = [PlannedNanoOp(a, lo, hi, 0.0, durations[(a, lo)] if durations else problem.time(a, hi - lo))
             for a in problem.names for lo, hi in sorted(ranges[a])]
     succ: list[list[int]] = [[] for _ in plan]
     npred = [0] * len(plan)
@@ -214,8 +229,10 @@ def list_schedule(problem: SearchProblem, ranges: dict[str, list[tuple[int, int]
     elif rule == "batch":
         slot = [sum(m.op == n.op and m.lo < n.lo for m in plan) for n in plan]
         prio = [(slot[i], pos[n.op], n.lo) for i, n in enumerate(plan)]
+    elif rule == "given" and starts is not None:
+        prio = [(starts[(n.op, n.lo)], pos[n.op], n.lo) for n in plan]
     else:
-        raise SearchError(f"unknown list-scheduling rule {rule!r}; use 'bottom' or 'batch'")
+        raise SearchError(f"unknown list-scheduling rule {rule!r}; use 'bottom', 'batch' or 'given' with starts")
     ready_at = [0.0] * len(plan)
     free: dict[ResourceKind, float] = {}
     ready = [i for i in range(len(plan)) if npred[i] == 0]
@@ -233,3 +250,31 @@ def list_schedule(problem: SearchProblem, ranges: dict[str, list[tuple[int, int]
             if npred[j] == 0:
                 ready.append(j)
     return out
+
+
+def spec_period(problem: SearchProblem, spec: PipelineSpec) -> float:
+    """Period of a searched spec's planned times, counting its extra wrap edges (see :func:`period`)."""
+    plan = [PlannedNanoOp(n.op, n.lo, n.hi, n.start_ms, n.end_ms, n.share) for n in spec.nano_ops]
+    t = period(problem, plan)
+    if problem.wrap:
+        waits = spec.wrap_dependencies(problem.layer_graph())
+        t = max([t] + [plan[i].end - plan[j].start for j, ws in enumerate(waits) for i in ws])
+    return t
+
+
+def compact_spec(problem: SearchProblem, spec: PipelineSpec) -> PipelineSpec:
+    """Start every nano-op as soon as the spec's own waits (dependencies, extra edges, stream order) allow.
+
+    Durations, order and edges are kept, so every pair the spec keeps apart stays apart; kept only if the period
+    does not grow (moving a group's first nano-op earlier can lengthen its window).
+    """
+    deps = spec.dependencies(problem.layer_graph())
+    nano = list(spec.nano_ops)
+    last: dict[int, int] = {}
+    for j, n in enumerate(nano):
+        ready = [nano[i].end_ms for i in deps[j]] + ([nano[last[n.stream]].end_ms] if n.stream in last else [])
+        start = max(ready, default=0.0)
+        nano[j] = replace(n, start_ms=start, end_ms=start + (n.end_ms - n.start_ms))
+        last[n.stream] = j
+    tight = replace(spec, nano_ops=tuple(nano))
+    return tight if spec_period(problem, tight) <= spec_period(problem, spec) * (1 + 1e-9) else spec

@@ -9,6 +9,9 @@ The MILP, for a given number of slots K_A per op A (solved with PuLP's bundled C
   edges: iff lo(A,i) < hi(B,j)). Binaries u = [lo_A < hi_B], v = [lo_B < hi_A] with ``u = 0 => lo_A >= hi_B``
   (big-M on the rows); the precedence ``start_B >= end_A`` is enforced when u, v and both slots are non-empty.
   Slot positions settle some tests for free (slot 0 starts at row 0, the last slot ends at the dense size).
+- row order: an op's nano-ops run in the order of their rows (symmetry breaking: it removes equivalent orders
+  and many disjunctions; it matches the batch layout, decode rows first, and the KV-cache reads of prefill,
+  which make later rows depend on earlier ones). Slot 0 of an op then precedes every slot of its descendants.
 - resources: nano-ops of one group (COMPUTE / MEMORY / NETWORK, OTHER joining its neighbour's, see
   :mod:`nanoflow.search.problem`) never overlap: one disjunction binary per pair.
 - periodic wrap (``problem.wrap``): layer l+1 runs the same plan shifted by T. Wrap edges into layer l+1 give
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import pulp
@@ -35,6 +39,7 @@ from nanoflow.graphs.pipeline import PipelineSpec
 from nanoflow.search.problem import SearchError, SearchProblem
 from nanoflow.search.schedule import (
     PlannedNanoOp,
+    compacted,
     compute_bubbles,
     list_schedule,
     ops_near,
@@ -46,6 +51,21 @@ from nanoflow.search.schedule import (
 )
 
 log = logging.getLogger("nanoflow.search")
+
+
+def new_var(prob: pulp.LpProblem, name: str, low: float | None = None, up: float | None = None,
+            cat: str = "Continuous") -> pulp.LpVariable:
+    """A variable attached to ``prob`` (PuLP >= 3.3 API, plain ``LpVariable`` before it)."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, low, up, cat=cat)
+    return pulp.LpVariable(name, low, up, cat=cat)
+
+
+def cbc(limit_s: float, msg: bool) -> pulp.LpSolver:
+    """PuLP's bundled CBC with a wall-clock limit and warm start (its PuLP 4 deprecation notice is silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=msg, timeLimit=max(0.1, limit_s), warmStart=True)
 
 MIN_ROUND_S = 0.3
 """No new round is started with less time left than this (model building alone takes a fraction of it)."""
@@ -60,7 +80,9 @@ class Stage1Result:
     """Period of the periodic plan (time per layer in steady state); without wrap, the layer's makespan."""
     nano_counts: dict[str, int]
     status: str
-    """"optimal" (the last MILP was proved optimal), "feasible" (time limit hit) or "sequential" (no better plan)."""
+    """"optimal": the last MILP round was proved optimal and more nano-ops did not help; "feasible": the time limit
+    cut the search short; "heuristic" / "sequential": no MILP answer in time, the list-scheduled warm start (or the
+    sequential schedule) is returned."""
     wall_s: float
     plan: tuple[PlannedNanoOp, ...] = ()
 
@@ -81,7 +103,7 @@ class _Stage1Model:
             for i in range(counts[a]):
                 x = (a, i)
                 sizes = list(p.grid) if counts[a] > 1 else [dense]
-                zs = {g: pulp.LpVariable(f"z{ai}_{i}_{g}", cat="Binary") for g in ([0] if i else []) + sizes}
+                zs = {g: new_var(m, f"z{ai}_{i}_{g}", cat="Binary") for g in ([0] if i else []) + sizes}
                 m += pulp.lpSum(zs.values()) == 1
                 self.z[x] = zs
                 self.dur[x] = pulp.lpSum(p.time(a, g) * v for g, v in zs.items() if g)
@@ -91,10 +113,10 @@ class _Stage1Model:
                 self.lo[x] = acc
                 acc = acc + pulp.lpSum(g * v for g, v in zs.items())
                 self.hi[x] = acc
-                self.s[x] = pulp.LpVariable(f"s{ai}_{i}", 0, h)
+                self.s[x] = new_var(m, f"s{ai}_{i}", 0, h)
                 m += self.s[x] + self.dur[x] <= h
             m += acc == dense
-        self.t = pulp.LpVariable("T", 0, upper_ms)
+        self.t = new_var(m, "T", 0, upper_ms)
         self.aux: dict[str, tuple[pulp.LpVariable, tuple]] = {}
         for shift, edges in ((False, p.intra_edges), (True, p.wrap_edges)):
             for e in edges:
@@ -115,7 +137,7 @@ class _Stage1Model:
                         continue
                     self._disjoint(x, y)
             if p.wrap:
-                wlo, whi = pulp.LpVariable(f"wlo_{g.value}", 0, h), pulp.LpVariable(f"whi_{g.value}", 0, h)
+                wlo, whi = new_var(m, f"wlo_{g.value}", 0, h), new_var(m, f"whi_{g.value}", 0, h)
                 self.windows[g] = (wlo, whi)
                 for x in members:
                     off = self._off([self.ne[x]])
@@ -147,11 +169,11 @@ class _Stage1Model:
         conds = [self.ne[x], self.ne[y]]
         name = f"{self.p.names.index(a)}_{i}_{self.p.names.index(b)}_{j}_{int(shift)}"
         if not (i == 0 or last_b):  # lo_x < hi_y is automatic for slot 0 of A or the last slot of B
-            u = pulp.LpVariable(f"u{name}", cat="Binary")
+            u = new_var(m, f"u{name}", cat="Binary")
             m += self.lo[x] - self.hi[y] >= -dense * u
             conds.append(u)
         if not e.cross_token and not (j == 0 or last_a):
-            v = pulp.LpVariable(f"v{name}", cat="Binary")
+            v = new_var(m, f"v{name}", cat="Binary")
             m += self.lo[y] - self.hi[x] >= -dense * v
             conds.append(v)
         self.aux[name] = (x, y, conds)
@@ -159,7 +181,7 @@ class _Stage1Model:
         m += start_y >= self.s[x] + self.dur[x] - self.h * self._off(conds)
 
     def _disjoint(self, x: tuple[str, int], y: tuple[str, int]) -> None:
-        o = pulp.LpVariable(f"o{self.p.names.index(x[0])}_{x[1]}_{self.p.names.index(y[0])}_{y[1]}", cat="Binary")
+        o = new_var(self.prob, f"o{self.p.names.index(x[0])}_{x[1]}_{self.p.names.index(y[0])}_{y[1]}", cat="Binary")
         off = self._off([self.ne[x], self.ne[y]])
         self.prob += self.s[x] + self.dur[x] <= self.s[y] + self.h * (1 - o) + self.h * off
         self.prob += self.s[y] + self.dur[y] <= self.s[x] + self.h * o + self.h * off
@@ -196,7 +218,7 @@ class _Stage1Model:
             whi.setInitialValue(max(n.end for n in members))
 
     def solve(self, limit_s: float, msg: bool) -> tuple[list[PlannedNanoOp] | None, str]:
-        solver = pulp.PULP_CBC_CMD(msg=msg, timeLimit=max(0.1, limit_s), warmStart=True)
+        solver = cbc(limit_s, msg)
         self.prob.solve(solver)
         sol = self.prob.sol_status
         if sol not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
@@ -211,7 +233,7 @@ class _Stage1Model:
             lo = at.get(a, 0)
             at[a] = lo + size
             out.append(PlannedNanoOp(a, lo, lo + size, start, start + self.p.time(a, size)))
-        return repair(self.p, out), "optimal" if sol == pulp.LpSolutionOptimal else "feasible"
+        return compacted(self.p, repair(self.p, out)), "optimal" if sol == pulp.LpSolutionOptimal else "feasible"
 
 
 def _heuristic_plan(problem: SearchProblem, counts: dict[str, int]) -> list[PlannedNanoOp]:
@@ -251,6 +273,7 @@ def solve_stage1(problem: SearchProblem, max_split: int = 4, time_limit_s: float
     counts = {a: min(start_split, max_split) for a in problem.names}
     best = sequential_plan(problem)
     best_t, status, finished, rnd = period(problem, best), "sequential", False, 0
+    prev_t = float("inf")  # period found by the previous MILP round
     log.info("stage I: sequential period %.4f ms", best_t)
     heuristic = _heuristic_plan(problem, counts)
     if period(problem, heuristic) < best_t * (1 - 1e-6):
@@ -268,11 +291,13 @@ def solve_stage1(problem: SearchProblem, max_split: int = 4, time_limit_s: float
                  dict(counts), sol, new_t, best_t, time.monotonic() - t0)
         if plan is None:
             break
-        if new_t >= best_t * (1 - 1e-6):  # more nano-ops did not help: the paper's stopping rule
-            status = sol if status in ("sequential", "heuristic") else status
+        if new_t >= prev_t * (1 - 1e-6):  # more nano-ops did not help: the paper's stopping rule
             finished = sol == "optimal"
             break
-        best, best_t, status = plan, new_t, sol
+        prev_t = new_t
+        if new_t < best_t * (1 - 1e-9):
+            best, best_t = plan, new_t
+        status = sol
         used = {a: sum(n.op == a for n in best) for a in problem.names}
         grow = set()
         for bubble in compute_bubbles(problem, best, best_t):

@@ -15,6 +15,7 @@ run goes on. Data are random (never zeros) and block tables shuffled, so pages a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -174,12 +175,14 @@ def bench_decode(report: dict, copy_gbs: float, gen: torch.Generator) -> None:
                 moved = rows * length * bytes_per_token + 2 * q.numel() * elem + table.numel() * 4
                 rec["bytes"] = moved
                 rec["per_splits"] = {}
-                for splits in SHAPES.splits:
+                default = default_num_splits(rows, SHAPES.hkv, DEVICE)
+                for splits in sorted({*SHAPES.splits, default}):
                     ms = bench_ms(partial(decode_attention, q, k, v, table, lens, out, SHAPES.d**-0.5,
                                           num_splits=splits, workspace=ws))
                     rec["per_splits"][splits] = {"ms": ms, "GBps": moved / ms / 1e6}
                 best = min(rec["per_splits"], key=lambda s: rec["per_splits"][s]["ms"])
-                rec.update(best_splits=best, default_splits=default_num_splits(rows, SHAPES.hkv, DEVICE),
+                rec.update(best_splits=best, default_splits=default,
+                           default_frac=rec["per_splits"][default]["GBps"] / copy_gbs,
                            ms=rec["per_splits"][best]["ms"], GBps=rec["per_splits"][best]["GBps"])
                 rec["frac_of_copy"] = rec["GBps"] / copy_gbs
             except Exception as exc:  # keep going: one config's failure must not cost the run
@@ -275,21 +278,17 @@ def tune_prefill(report: dict, gen: torch.Generator) -> None:
         out = torch.empty_like(q)
         i32 = dict(dtype=torch.int32, device=DEVICE)
         meta = (torch.arange(segs, **i32) * chunk, torch.full((segs,), chunk, **i32), torch.full((segs,), ctx, **i32))
-        for block_m in (64, 128) if not OPTS.dry_run else (16,):
-            for block_n in (32, 64, 128) if not OPTS.dry_run else (16,):
-                for warps in (4, 8):
-                    for stages in (2, 3, 4) if not OPTS.dry_run else (2,):
-                        rec = {"chunk": chunk, "ctx": ctx, "block_m": block_m, "block_n": block_n,
-                               "num_warps": warps, "num_stages": stages}
-                        try:
-                            ms = bench_ms(partial(prefill_attention, q, k, v, out, *meta, table, 0.1, chunk,
-                                                  block_m=block_m, block_n=block_n, num_warps=warps,
-                                                  num_stages=stages))
-                            rec.update(ms=ms, TFLOPs=segs * causal_flops(chunk, ctx) / ms / 1e9)
-                        except Exception as exc:
-                            rec["error"] = repr(exc)[:300]
-                        report["tune_prefill"].append(rec)
-
+        sweep = itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False, True))
+        for block_m, block_n, warps, stages, pack in sweep if not OPTS.dry_run else [(32, 16, 4, 2, True)]:
+            rec = {"chunk": chunk, "ctx": ctx, "block_m": block_m, "block_n": block_n, "num_warps": warps,
+                   "num_stages": stages, "pack_gqa": pack}
+            try:
+                ms = bench_ms(partial(prefill_attention, q, k, v, out, *meta, table, 0.1, chunk, block_m=block_m,
+                                      block_n=block_n, num_warps=warps, num_stages=stages, pack_gqa=pack))
+                rec.update(ms=ms, TFLOPs=segs * causal_flops(chunk, ctx) / ms / 1e9)
+            except Exception as exc:
+                rec["error"] = repr(exc)[:300]
+            report["tune_prefill"].append(rec)
 
 def git_commit() -> str:
     try:
@@ -328,7 +327,8 @@ def print_table(report: dict) -> None:
     for chunk in sorted({t["chunk"] for t in report["tune_prefill"]}):
         best = sorted((t for t in report["tune_prefill"] if t["chunk"] == chunk and "ms" in t), key=lambda t: t["ms"])
         print(f"tune prefill chunk={chunk} best:", [
-            {k: t[k] for k in ("block_m", "block_n", "num_warps", "num_stages", "TFLOPs")} for t in best[:4]])
+            {k: t[k] for k in ("block_m", "block_n", "num_warps", "num_stages", "pack_gqa", "TFLOPs")}
+            for t in best[:4]])
     print(f"failures: {len(report['failures'])}")
 
 

@@ -49,7 +49,7 @@ def main() -> None:
         ref, ref16 = refs32[i], refs16[i]
         got = results["graphs_False"][i]
 
-        def rel(a: torch.Tensor) -> float:
+        def rel(a: torch.Tensor, ref: torch.Tensor = ref) -> float:
             return ((a - ref).norm() / ref.norm()).item()
 
         errs.append({"len": len(p), "ours_vs_fp32": rel(got), "ours_graph_vs_fp32": rel(results["graphs_True"][i]),

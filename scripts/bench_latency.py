@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token ids for synthetic prompts are drawn below this; default: the model's vocabulary "
                         "size when the engine or server reports it, else 1000")
     p.add_argument("--max-tokens", type=int, default=None, help="override every request's output length")
-    p.add_argument("--respect-eos", action="store_true", help="let requests stop at EOS (default: forced length)")
+    p.add_argument("--respect-eos", action="store_true",
+                   help="let requests stop at EOS instead of forcing every output to its target length")
     p.add_argument("--slo-ms", type=float, default=200.0, help="mean normalized latency SLO in ms")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset draw and the arrival times")
     p.add_argument("--warmup", type=int, default=2, help="requests sent one by one before measuring")

@@ -140,6 +140,24 @@ def test_decode_matches_reference(gqa, head_dim, block_size, num_splits, block_n
     assert_rows(out_buf, ref, [2 + i for i, length in enumerate(lengths) if length], dtype)
 
 
+@pytest.mark.parametrize("gqa,head_dim,max_programs", [(1, 64, 1), (4, 64, 3), (8, 128, 5), (4, 128, 64)])
+@in_process
+def test_decode_persistent_grid_matches_reference(gqa, head_dim, max_programs):
+    """The bounded (persistent) grid computes the same attention, whatever the number of programs."""
+    gen = seeded("persistent", gqa, head_dim, max_programs)
+    hkv, block_size = 2, 16
+    hq = hkv * gqa
+    lengths = [37, 0, 1, 16, 100, 65]
+    k, v, table = paged_kv(lengths, block_size, hkv, head_dim, torch.float32, gen)
+    n = len(lengths)
+    q = torch.randn(n, hq, head_dim, generator=gen)
+    out = torch.full((n, hq, head_dim), float("nan"))
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    decode_attention(q, k, v, table, seq_lens, out, head_dim**-0.5, max_programs=max_programs)
+    ref = decode_attention_ref(q, k, v, table, seq_lens, head_dim**-0.5)
+    assert_rows(out, ref, [i for i, length in enumerate(lengths) if length], torch.float32)
+
+
 @in_process
 def test_decode_row_slices_and_preallocated_workspace():
     """Row-sliced q/out views and a workspace bigger than needed (the CUDA-graph setup) give the reference result."""

@@ -63,6 +63,21 @@ def test_op_dependencies_of_llama():
     assert [(e.src, e.dst) for e in op_dependencies(llama_graph(tp=True)).wrap] == [("ffn_all_reduce", "attn_norm")]
 
 
+def test_write_after_read_hazards():
+    # A reads h and writes the scratch buffer s, B reads s (its output o is read by nobody), C updates h in place.
+    # Inside a layer C overwrites h that A reads, and no read path orders A before C: a WAR edge A -> C. Across the
+    # wrap, A of layer l+1 overwrites s while B of layer l may still read it, and nothing else orders B_l before
+    # A_l+1: a WAR wrap edge B -> A. C -> A is the wrap's RAW on h; the other hazards (C_l -> C_l+1, ...) are implied.
+    g = LayerGraph((Op("A", C, ("h",), ("s",)), Op("B", M, ("s",), ("o",)), Op("C", C, ("h",), ("h",))))
+    deps = op_dependencies(g)
+    assert {(e.src, e.dst, e.hazard) for e in deps.intra} == {("A", "B", "raw"), ("A", "C", "war")}
+    assert {(e.src, e.dst, e.hazard) for e in deps.wrap} == {("B", "A", "war"), ("C", "A", "raw")}
+    spec = PipelineSpec("war", 256, (NanoOpSpec("A", 0, 128, 0), NanoOpSpec("A", 128, 256, 0),
+                                     NanoOpSpec("B", 0, 256, 1), NanoOpSpec("C", 0, 256, 0)), num_streams=2)
+    assert spec.wrap_dependencies(g) == [[2, 3], [2, 3], [], []]
+    assert spec.dependencies(g) == [[], [], [0, 1], [0, 1]]
+
+
 def test_nano_dependencies_follow_the_rule():
     g = llama_graph()
     spec = two_batch(g)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fake_engine import SCRIPT, FakeEngine, greedy_reply
+from fake_engine import FakeEngine, greedy_reply
 from prometheus_client.parser import text_string_to_metric_families
 from serve_harness import REPO, ServerProcess, ServerThread, free_port, real_engine_missing, wait_for_health
 
@@ -61,7 +61,6 @@ def test_completion_matches_reference_and_streaming(fake: FakeEngine) -> None:
         r = httpx.post(f"{url}/v1/completions", json=body)
         assert r.status_code == 200
         data = r.json()
-        # 40 bytes of the script cut inside no multi-byte char? the reference decodes the same bytes.
         assert data["choices"][0]["text"] == expected_greedy("hi", 40)
         assert data["choices"][0]["finish_reason"] == "length"
         assert data["usage"] == {"prompt_tokens": 2, "completion_tokens": 40, "total_tokens": 42}
@@ -88,7 +87,8 @@ def test_stream_never_splits_multibyte_characters(fake: FakeEngine) -> None:
 @pytest.mark.parametrize("stop", ["fox", ["zzz", "quick brown"], "o"])
 def test_stop_sequence_is_cut_out(fake: FakeEngine, stream: bool, stop: str | list[str]) -> None:
     prompt = "tell me"
-    reference = expected_greedy(prompt, 400)
+    chat_prompt = fake.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    reference = expected_greedy(chat_prompt, 400)
     stops = [stop] if isinstance(stop, str) else stop
     cut = min(reference.find(s) for s in stops if s in reference)
     with ServerThread(create_app(fake)) as url:
@@ -101,8 +101,7 @@ def test_stop_sequence_is_cut_out(fake: FakeEngine, stream: bool, stop: str | li
         text, finish = stream_text(events, "chat"), events[-2]["choices"][0]["finish_reason"]
     else:
         text, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
-    chat_prompt = fake.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    assert text == expected_greedy(chat_prompt, 400)[:cut] or text == expected_greedy(chat_prompt, cut)
+    assert text == reference[:cut]
     assert finish == "stop"
 
 
@@ -328,6 +327,10 @@ def test_real_stop_sequence(client) -> None:
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=[stop], stream=True)
                        if c.choices)
     assert streamed == r.choices[0].text
+    # The engine must stay healthy after a stop-string finish: the next request completes promptly.
+    after = client.with_options(timeout=30).completions.create(model=model, prompt="Hi", max_tokens=2,
+                                                               extra_body={"ignore_eos": True})
+    assert after.usage.completion_tokens == 2
 
 
 @real

@@ -35,6 +35,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, nano-batch, "
                         "overlap-preset, overlap-searched")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
+    p.add_argument("--overlap-preset", default="llama-8b-overlap",
+                   help="preset used by the overlap-preset* modes (llama-70b-tp-overlap under TP)")
     p.add_argument("--peer", default=None, choices=["transformers"], help="also run this peer engine")
     p.add_argument("--peer-requests", type=int, default=64, help="requests for the peer (it is slow)")
     p.add_argument("--profile", action="store_true", help="per-op CUDA-event profile of a steady-state batch")
@@ -90,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         log.info("mode %s ...", mode)
         try:
-            rec = run_mode(mode_args(ea, mode, args.searched_spec), parts, reqs, warm, args.profile)
+            margs = mode_args(ea, mode, args.searched_spec)
+            if mode.startswith("overlap-preset"):
+                margs = replace(margs, pipeline=args.overlap_preset)
+            rec = run_mode(margs, parts, reqs, warm, args.profile)
         except Exception as exc:  # one failing mode must not lose the others' figures
             log.exception("mode %s failed", mode)
             rec = {"error": repr(exc)}

@@ -26,7 +26,10 @@ MODES = {
     "non-overlap-sync": ("none", True, False),
     "nano-batch": ("llama-8b-nanobatch", True, True),
     "overlap-preset": ("llama-8b-overlap", True, True),
+    "overlap-preset-green": ("llama-8b-overlap", True, True),
+    "overlap-preset-nogrid": ("llama-8b-overlap", True, True),
 }
+KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none"}
 
 
 def workload(spec_name: str, n: int, vocab: int, seed: int, max_len: int) -> list[tuple[list[int], int]]:
@@ -102,4 +105,5 @@ def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
     if mode == "overlap-searched":
         return replace(args, pipeline=searched)
     pipeline, graphs, async_ = MODES[mode]
-    return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_)
+    return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_,
+                   resource_knob=KNOB_OF_MODE.get(mode, args.resource_knob))

@@ -91,11 +91,13 @@ class Engine:
         return spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec
 
     def _make_runner(self, num_blocks: int, block_size: int, pipeline: Any, comm: Any) -> Any:
+        from nanoflow.graphs.resources import ResourceConfig
         from nanoflow.graphs.runner import ModelRunner
 
         return ModelRunner(self.model, num_blocks, block_size, self.dense_batch_size, self.max_model_len,
                            pipeline=pipeline, comm=comm, compile_glue=self.args.compile,
-                           cuda_graphs=self.args.cuda_graphs, decode_cap=self.scheduler.max_num_seqs)
+                           cuda_graphs=self.args.cuda_graphs, decode_cap=self.scheduler.max_num_seqs,
+                           resources=ResourceConfig(knob=self.args.resource_knob))
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -32,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
     p.add_argument("--pipeline", default=None,
                    help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, or 'none'")
+    p.add_argument("--resource-knob", default="grid", choices=["grid", "green", "none"],
+                   help="how nano-op shares are enforced on the GPU: decode persistent grid, green contexts, or none")
     p.add_argument("--no-async", action="store_true", help="schedule synchronously (batch i+1 after batch i ends)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the forward eagerly on the GPU")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the glue ops")
@@ -43,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 dense_batch_size=args.dense_batch_size, max_model_len=args.max_model_len,
                 kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
                 async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
-                compile=not args.no_compile, seed=args.seed)
+                compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

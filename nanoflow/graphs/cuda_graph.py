@@ -113,6 +113,7 @@ class CudaGraphRunner:
             sample_rows=torch.zeros(0, dtype=torch.int64, device=dev),
             sample_request_ids=[],
         )
+        programs = self.runner.executor.decode_programs(t)
         for lo, hi in self.runner.executor.attention_ranges(t):
             rows = max(0, min(hi, self.decode_cap) - lo)
             dec = None
@@ -120,6 +121,7 @@ class CudaGraphRunner:
                 dec = DecodeMeta(rows=rows, block_tables=torch.zeros(rows, self.max_blocks, **i32),
                                  seq_lens=torch.zeros(rows, **i32))
                 dec.num_splits, dec.workspace = self._decode_workspace(rows)
+                dec.max_programs = programs.get((lo, hi))
             s = shape.prefill_segments
             pre = PrefillMeta(num_segments=s, q_start=torch.zeros(s, **i32), q_len=torch.zeros(s, **i32),
                               ctx_len=torch.zeros(s, **i32), block_tables=torch.zeros(s, self.max_blocks, **i32),

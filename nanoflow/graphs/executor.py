@@ -31,7 +31,10 @@ class Executor:
     """Lays the nano-ops of all layers on streams; ``spec=None`` means the sequential baseline."""
 
     def __init__(self, graphs: list[LayerGraph], spec: Any = None, device: torch.device | None = None,
-                 timeline: Any = None):
+                 timeline: Any = None, resources: Any = None):
+        from nanoflow.graphs.resources import ResourceConfig
+
+        self.resources = resources or ResourceConfig()
         self.graphs = graphs
         self.spec = spec
         self.device = device or torch.device("cpu")
@@ -60,6 +63,20 @@ class Executor:
                 if lo < hi:
                     ranges.add((lo, hi))
         return sorted(ranges)
+
+    def decode_programs(self, num_tokens: int) -> dict[tuple[int, int], int | None]:
+        """Persistent-grid size of each decode nano-op's range (the grid knob); only when streams overlap."""
+        from nanoflow.graphs.resources import decode_programs
+
+        if not self.multi_stream:
+            return {}
+        out: dict[tuple[int, int], int | None] = {}
+        for nop in self.spec.nano_ops:
+            if nop.op == "decode_attn":
+                lo, hi = clip_range(nop.lo, nop.hi, num_tokens)
+                if lo < hi:
+                    out[(lo, hi)] = decode_programs(nop.share, self.device, self.resources)
+        return out
 
     def run(self, make_ctx: ContextFactory, num_tokens: int) -> None:
         if self.spec is None:
@@ -93,7 +110,9 @@ class Executor:
         spec = self.spec
         self._deps = spec.dependencies(graph)
         self._wrap = spec.wrap_dependencies(graph)
-        self._streams = [torch.cuda.Stream(device=self.device) for _ in range(spec.num_streams)]
+        from nanoflow.graphs.resources import make_streams
+
+        self._streams = make_streams(spec, self.device, self.resources)
         self._plan = True
 
     def _run_streams(self, make_ctx: ContextFactory, num_tokens: int) -> None:

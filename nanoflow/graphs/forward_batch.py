@@ -37,6 +37,7 @@ class DecodeMeta:
     host_block_tables: list[list[int]] | None = None
     num_splits: int | None = None
     workspace: Any = None
+    max_programs: int | None = None  # persistent grid (resource knob); None = one program per (row, head, split)
 
 
 @dataclass

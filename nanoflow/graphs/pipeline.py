@@ -52,6 +52,7 @@ class OpEdge(NamedTuple):
     cross_token: bool = False
     """True: dst nano-ops wait on every src nano-op starting before their end; False: on intersecting ranges."""
     hazard: str = "raw"
+    """"raw": dst reads what src wrote; "war": dst overwrites rows src reads."""
 
 
 class OpDependencies(NamedTuple):

@@ -42,7 +42,8 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, max_tokens: int,
                  max_model_len: int, attention: str | None = None, pipeline: Any = None, comm: Any = None,
-                 compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None):
+                 compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
+                 resources: Any = None):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -60,7 +61,7 @@ class ModelRunner:
                                      self.spec.rope_scaling, self.device)
         backend = attention or ("triton" if self.device.type == "cuda" else "torch")
         self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size)
-        self.executor = Executor(model.graphs, pipeline, self.device)
+        self.executor = Executor(model.graphs, pipeline, self.device, resources=resources)
         self.glue: dict[str, Any] = {}
         self.compile_glue = compile_glue
         self.max_seqs = max_tokens
@@ -121,8 +122,11 @@ class ModelRunner:
             sample_request_ids=sample_ids,
         )
         keep_host = self.attention.name == "torch"
+        programs = self.executor.decode_programs(num_tokens)
         for lo, hi in self.executor.attention_ranges(num_tokens):
-            batch.ranges[(lo, hi)] = build_range_meta(decode, prefill, lo, hi, dev, keep_host)
+            meta = batch.ranges[(lo, hi)] = build_range_meta(decode, prefill, lo, hi, dev, keep_host)
+            if meta.decode is not None:
+                meta.decode.max_programs = programs.get((lo, hi))
         return batch
 
     # ---- running ---------------------------------------------------------------------------------------------

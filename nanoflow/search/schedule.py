@@ -11,6 +11,7 @@ model (``problem.wrap``) layer l+1 repeats the plan shifted by the period T, so 
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -101,9 +102,29 @@ def check_plan(problem: SearchProblem, plan: list[PlannedNanoOp]) -> None:
 
 
 def issue_order(problem: SearchProblem, plan: list[PlannedNanoOp]) -> list[int]:
-    """Plan indices sorted by start time, ties by layer order of the op, then rows: a valid issue order."""
+    """Plan indices by start time (ties: layer order of the op, then rows), never before a nano-op they wait on.
+
+    A topological order by construction, so it stays valid even when solver noise or zero-length nano-ops blur
+    the start times of linked nano-ops.
+    """
     pos = {n: k for k, n in enumerate(problem.names)}
-    return sorted(range(len(plan)), key=lambda i: (round(plan[i].start, 9), pos[plan[i].op], plan[i].lo))
+    succ: dict[int, list[int]] = {}
+    waiting = [0] * len(plan)
+    for i, j in plan_links(problem, plan)[0]:
+        succ.setdefault(i, []).append(j)
+        waiting[j] += 1
+    key = [(plan[i].start, pos[plan[i].op], plan[i].lo, i) for i in range(len(plan))]
+    ready = [key[i] for i in range(len(plan)) if not waiting[i]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)[-1]
+        order.append(i)
+        for j in succ.get(i, []):
+            waiting[j] -= 1
+            if not waiting[j]:
+                heapq.heappush(ready, key[j])
+    return order
 
 
 def repair(problem: SearchProblem, plan: list[PlannedNanoOp]) -> list[PlannedNanoOp]:

@@ -90,17 +90,20 @@ class _Stage2Model:
         self.t = new_var(m, "T", 0, serial)
         intra, wrap = plan_links(p, plan)
         chains = []
+        self.windows = []
         for members in group_members(p, plan).values():
             members = sorted(members, key=lambda i: plan[i].start)
             chains += list(zip(members, members[1:]))
             if p.wrap:
                 wlo, whi = new_var(m, f"wlo{members[0]}", 0, h), new_var(m, f"whi{members[0]}", 0, h)
+                self.windows.append((wlo, whi, members))
                 m += wlo <= self.s[members[0]]
                 m += whi >= self.s[members[-1]] + self.d[members[-1]]
                 m += whi - wlo <= self.t
             else:
                 m += self.t >= self.s[members[-1]] + self.d[members[-1]]
-        for x, y in set(intra) | set(chains):
+        self.before = sorted(set(intra) | set(chains))
+        for x, y in self.before:
             m += self.s[y] >= self.s[x] + self.d[x]
         for x, y in wrap:
             m += self.s[y] + self.t >= self.s[x] + self.d[x]
@@ -120,30 +123,62 @@ class _Stage2Model:
             m += pulp.lpSum(self.r[i] for i, _ in tri) <= 1 + 2 * (3 - pulp.lpSum(qs))
         m += self.t
 
-    def warm_start(self) -> None:
-        """All R = 1, nano-ops one after another in issue order: feasible, every pair kept apart."""
-        at = 0.0
-        for x, n in enumerate(self.plan):
-            for r, v in self.w[x].items():
-                v.setInitialValue(int(r == 1.0))
-            self.s[x].setInitialValue(at)
-            at += self.p.time(n.op, n.hi - n.lo)
-        self.t.setInitialValue(at)
-        for v in self.q.values():
-            v.setInitialValue(0)
-        for (x, y, _), v in self.b.items():
-            v.setInitialValue(int(y < x))
-        for v in self.prob.variables():
-            if v.name.startswith(("wlo", "whi")):
-                v.setInitialValue(0.0 if v.name.startswith("wlo") else at)
+    def starts(self, shares: list[float], levels: tuple[float, ...]) -> list[tuple[list[PlannedNanoOp], bool]]:
+        """Feasible starting plans: (plan, every pair allowed to overlap).
 
-    def solve(self, limit_s: float, msg: bool) -> tuple[list[PlannedNanoOp] | None, str, float]:
-        """The plan (in the input's order), the solver status and the period T the solver proved feasible."""
-        self.warm_start()
+        1. All R = 1, one nano-op after another in issue order (every pair kept apart).
+        2. Stage I's order with its valid shares (rounded down to a level): any nano-ops that may run together
+           then sum to <= 1, so every pair may overlap; each nano-op starts when its links and group allow.
+        """
+        serial, at = [], 0.0
+        for n in self.plan:
+            d = _duration(self.p, n, 1.0)
+            serial.append(n._replace(start=at, end=at + d, share=1.0))
+            at += d
+        out = [(serial, False)]
+        rounded = [max((r for r in levels if r <= sh + 1e-9), default=None) for sh in shares]
+        if all(r is not None for r in rounded):
+            shared = [n._replace(share=r) for n, r in zip(self.plan, rounded, strict=True)]
+            preds: dict[int, list[int]] = {}
+            for x, y in self.before:
+                preds.setdefault(y, []).append(x)
+            for y, n in enumerate(shared):  # issue order is topological for links and group chains
+                start = max((shared[x].end for x in preds.get(y, [])), default=0.0)
+                shared[y] = n._replace(start=start, end=start + _duration(self.p, n, n.share))
+            out.append((shared, True))
+        return out
+
+    def warm_start(self, plan: list[PlannedNanoOp], all_overlap: bool, t: float) -> None:
+        for x, n in enumerate(plan):
+            for r, v in self.w[x].items():
+                v.setInitialValue(int(abs(r - n.share) < 1e-9))
+            self.s[x].setInitialValue(n.start)
+        self.t.setInitialValue(t)
+        for v in self.q.values():
+            v.setInitialValue(int(all_overlap))
+        for (x, y, _), v in self.b.items():
+            v.setInitialValue(int(plan[y].start < plan[x].start))
+        for wlo, whi, members in self.windows:
+            wlo.setInitialValue(min(plan[i].start for i in members))
+            whi.setInitialValue(max(plan[i].end for i in members))
+
+    def solve(self, limit_s: float, msg: bool, shares: list[float], levels: tuple[float, ...]
+              ) -> tuple[list[PlannedNanoOp], str, float]:
+        """The plan (in the input's order), its status and the period T it was proved feasible at.
+
+        Falls back to the best starting plan ("warm-start") when the solver returns nothing in time.
+        """
+        scored = []
+        for plan, all_overlap in self.starts(shares, levels):
+            t = period(self.p, plan) if all_overlap else max(period(self.p, plan), plan[-1].end)
+            scored.append((t, plan, all_overlap))
+        t0, plan0, all_overlap = min(scored, key=lambda c: c[0])
+        self.warm_start(plan0, all_overlap, t0)
         self.prob.solve(cbc(limit_s, msg))
         sol = self.prob.sol_status
         if sol not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-            return None, pulp.LpSolution[sol], float("inf")
+            log.info("stage II: no solver answer in time (%s); using the best starting plan", pulp.LpSolution[sol])
+            return plan0, "warm-start", t0
         out = []
         for x, n in enumerate(self.plan):
             r = max(self.w[x], key=lambda lv: self.w[x][lv].value() or 0.0)
@@ -232,15 +267,8 @@ def solve_stage2(problem: SearchProblem, stage1: Stage1Result, r_levels: tuple[f
     plan = [PlannedNanoOp(n.op, n.lo, n.hi, n.start_ms, n.end_ms) for n in spec1.nano_ops]
     pairs, triples = spec1.concurrency(problem.layer_graph())
     model = _Stage2Model(problem, plan, pairs, triples, levels)
-    solved, status, t_plan = model.solve(time_limit_s - (time.monotonic() - t0), msg)
-    if solved is None:  # no answer in time: run stage I's order one nano-op after another at R = 1
-        log.info("stage II: no solution in time (%s); falling back to the serial plan", status)
-        at, solved = 0.0, []
-        for n in plan:
-            d = _duration(problem, n, 1.0)
-            solved.append(n._replace(start=at, end=at + d, share=1.0))
-            at += d
-        status, t_plan = "serial", at
+    shares = [n.share for n in spec1.nano_ops]
+    solved, status, t_plan = model.solve(time_limit_s - (time.monotonic() - t0), msg, shares, levels)
     # The solver's T, not period(): T also keeps apart the pairs it chose to separate across the wrap.
     solved = repair(problem, solved)
     t_plan = max(t_plan, period(problem, solved))

@@ -91,7 +91,8 @@ class TritonAttention:
         from nanoflow.ops.attention.decode import decode_attention
 
         decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, self.scale,
-                         num_splits=meta.num_splits or self.num_splits, workspace=meta.workspace)
+                         num_splits=meta.num_splits or self.num_splits, workspace=meta.workspace,
+                         max_programs=meta.max_programs)
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
                 out: torch.Tensor) -> None:

@@ -200,6 +200,65 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _decode_persistent_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr,
+    num_items, num_kv_heads,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
+
+    Bounding the grid bounds the SMs decode attention occupies, leaving the rest to a concurrent GEMM of another
+    nano-batch. Items are dealt round-robin (item = pid, pid + P, ...), so long and short rows mix on every program.
+    """
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_valid = offs_g < GROUP
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        row = item // num_kv_heads
+        kvh = item % num_kv_heads
+        seq_len = tl.load(lens_ptr + row)
+        if seq_len > 0:
+            heads = kvh * GROUP + offs_g
+            row64 = row.to(tl.int64)
+            q = tl.load(q_ptr + row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=g_valid[:, None], other=0.0)
+            bt_row = bt_ptr + row64 * stride_bt
+            k_head = k_ptr + kvh * stride_kh
+            v_head = v_ptr + kvh * stride_vh
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+            for tile in range(0, tl.cdiv(seq_len, BLOCK_N)):
+                tok = tile * BLOCK_N + offs_n
+                valid = tok < seq_len
+                page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+                slot_in_page = tok % PAGE
+                k = tl.load(k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
+                            mask=valid[:, None], other=0.0)
+                v = tl.load(v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
+                            mask=valid[:, None], other=0.0)
+                s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            tl.store(out_ptr + row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, None])
+
+
+@triton.jit
 def _decode_reduce_kernel(
     lens_ptr, out_ptr, po_ptr, plse_ptr,
     num_splits,
@@ -244,6 +303,7 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    max_programs: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -259,6 +319,8 @@ def decode_attention(
         workspace: preallocated scratch (:func:`decode_workspace`); required for CUDA-graph capture when
             ``num_splits > 1``, otherwise allocated per call.
         block_n: KV tokens per loop iteration (power of two >= 16); ``None`` picks a per-device default.
+        max_programs: run a persistent grid of this many programs (one split each) instead of one program per
+            (row, kv head, split): the grid-size resource knob that leaves SMs free for an overlapped GEMM.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -267,6 +329,25 @@ def decode_attention(
     check_index("seq_lens", seq_lens, rows, q.device)
     check_index("block_tables", block_tables, rows, q.device, ndim=2)
     if rows == 0:
+        return out
+    block_n_persist = _default_block_n(q.device, head_dim) if block_n is None else block_n
+    if max_programs is not None:
+        if max_programs < 1:
+            raise AttentionInputError(f"max_programs must be >= 1, got {max_programs}")
+        kv_heads = k_cache.shape[2]
+        _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
+            q, k_cache, v_cache, block_tables, seq_lens, out,
+            rows * kv_heads, kv_heads,
+            scale * LOG2E,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0),
+            out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
+            BLOCK_N=block_n_persist, PRECISION=dot_precision(q.dtype, q.device),
+            num_warps=num_warps, num_stages=num_stages,
+        )
         return out
     if num_splits is None:
         num_splits = default_num_splits(rows, k_cache.shape[2], q.device)

@@ -1,0 +1,117 @@
+"""Interference profiling (paper §4.1.1, Table 3): a GEMM and decode attention run at the same time.
+
+For each way of sharing the GPU — the decode kernel's persistent grid (``programs``) or green-context SM partitions —
+the pair is launched on two streams and each kernel's time is read from events on its own stream. The performance
+of a kernel is ``P = t_alone / t_concurrent`` and its resource share ``R`` is the fraction of the GPU it held; the
+GEMM's R is ``1 - R_decode`` (by definition, Table 3). Keeping the non-dominated pairs gives the R -> P table the
+stage-II MILP consumes, plus the pair's speedup over running the two back to back.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+
+def _events_time(fns: list[tuple[torch.cuda.Stream, Any]], repeat: int = 10) -> tuple[list[float], float]:
+    """Launch each fn on its stream at the same time; median per-stream ms and the pair's total ms."""
+    origin = torch.cuda.current_stream()
+    per: list[list[float]] = [[] for _ in fns]
+    totals: list[float] = []
+    for it in range(repeat + 2):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(origin)
+        ends = []
+        for stream, fn in fns:
+            stream.wait_event(start)
+            with torch.cuda.stream(stream):
+                fn()
+                e = torch.cuda.Event(enable_timing=True)
+                e.record(stream)
+            ends.append(e)
+        for e in ends:
+            origin.wait_event(e)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record(origin)
+        done.synchronize()
+        if it >= 2:
+            for i, e in enumerate(ends):
+                per[i].append(start.elapsed_time(e))
+            totals.append(start.elapsed_time(done))
+    return [statistics.median(p) for p in per], statistics.median(totals)
+
+
+def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
+                      head_dim: int, programs: list[int], green_sms: list[int], device: torch.device,
+                      block_size: int = 16) -> dict[str, Any]:
+    """Measure GEMM (``tokens x hidden -> 2*inter``, the gate/up projection) beside paged decode attention."""
+    from nanoflow.ops.attention.decode import decode_attention
+
+    dt = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dt, generator=g)
+    w = torch.randn(2 * inter, hidden, device=device, dtype=dt, generator=g) * 0.02
+    y = torch.empty(tokens, 2 * inter, device=device, dtype=dt)
+    pages = -(-ctx // block_size)
+    nblocks = decode_rows * pages + 1
+    kc = torch.randn(nblocks, block_size, kv_heads, head_dim, device=device, dtype=dt, generator=g)
+    vc = torch.randn_like(kc)
+    table = (torch.randperm(nblocks - 1, device=device)[: decode_rows * pages] + 1).view(decode_rows, pages).int()
+    lens = torch.full((decode_rows,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(decode_rows, heads, head_dim, device=device, dtype=dt, generator=g)
+    out = torch.empty_like(q)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def gemm() -> None:
+        torch.mm(x, w.t(), out=y)
+
+    def dec(p: int | None) -> Any:
+        return lambda: decode_attention(q, kc, vc, table, lens, out, head_dim**-0.5, num_splits=1, max_programs=p)
+
+    s_hi = torch.cuda.Stream(device=device, priority=-1)
+    s_lo = torch.cuda.Stream(device=device, priority=0)
+    (t_gemm,), _ = _events_time([(s_lo, gemm)])
+    (t_dec_full,), _ = _events_time([(s_hi, dec(None))])
+    rows = []
+    for p in programs:
+        (t_dec_alone,), _ = _events_time([(s_hi, dec(p))])
+        (t_d, t_g), total = _events_time([(s_hi, dec(p)), (s_lo, gemm)])
+        r_dec = min(1.0, p / (2 * sms))
+        rows.append({"knob": "grid", "programs": p, "R_decode": r_dec, "t_decode_alone_ms": t_dec_alone,
+                     "t_decode_ms": t_d, "t_gemm_ms": t_g, "t_pair_ms": total,
+                     "P_decode": t_dec_full / t_d, "P_gemm": t_gemm / t_g,
+                     "speedup_vs_serial": (t_gemm + t_dec_full) / total})
+    for n in green_sms:
+        try:
+            from torch.cuda.green_contexts import GreenContext
+
+            gd = GreenContext.create(num_sms=n, device_id=device.index or 0)
+            gg = GreenContext.create(num_sms=sms - n, device_id=device.index or 0)
+            sd, sg = gd.Stream(), gg.Stream()
+            (t_d, t_g), total = _events_time([(sd, dec(None)), (sg, gemm)])
+            (t_ga,), _ = _events_time([(sg, gemm)])
+            (t_da,), _ = _events_time([(sd, dec(None))])
+            rows.append({"knob": "green", "decode_sms": n, "R_decode": n / sms, "t_decode_ms": t_d, "t_gemm_ms": t_g,
+                         "t_pair_ms": total, "t_gemm_partition_alone_ms": t_ga, "t_decode_partition_alone_ms": t_da,
+                         "P_decode": t_dec_full / t_d, "P_gemm": t_gemm / t_g,
+                         "speedup_vs_serial": (t_gemm + t_dec_full) / total})
+        except Exception as exc:  # green contexts are beta: record why, keep the rest
+            rows.append({"knob": "green", "decode_sms": n, "error": repr(exc)})
+    return {"gemm_shape": [tokens, hidden, 2 * inter], "decode": {"rows": decode_rows, "ctx": ctx, "heads": heads,
+            "kv_heads": kv_heads, "head_dim": head_dim}, "sms": sms, "t_gemm_alone_ms": t_gemm,
+            "t_decode_alone_ms": t_dec_full, "serial_ms": t_gemm + t_dec_full, "pairs": rows}
+
+
+def rp_table(pairs: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Best decode performance reachable at each decode share (non-dominated points, sorted by R)."""
+    pts = sorted((1.0 - p["P_gemm"], p["P_decode"]) for p in pairs if "P_gemm" in p)
+    table: list[tuple[float, float]] = [(0.0, 0.0)]
+    for r, perf in pts:
+        r = max(0.0, min(1.0, r))
+        if perf > table[-1][1]:
+            table.append((r, min(1.0, perf)))
+    if table[-1][0] < 1.0:
+        table.append((1.0, 1.0))
+    return table

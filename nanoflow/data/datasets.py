@@ -377,7 +377,7 @@ def _conversation_item(row: dict[str, Any], ctx: _RowContext) -> DatasetItem:
     turns = row.get("conversations", row.get("conversation"))
     if not isinstance(turns, list):
         raise _RowError("conversation must be a list of turns")
-    for turn in turns:
+    for i, turn in enumerate(turns):  # noqa: B007 - i is read after the loop
         role, text = _turn(turn)
         if role in _USER_ROLES and isinstance(text, str) and text.strip():
             break

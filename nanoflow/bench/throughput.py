@@ -41,12 +41,23 @@ def workload(spec_name: str, n: int, vocab: int, seed: int, max_len: int) -> lis
 
 def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int], int]],
              warmup_reqs: list[tuple[list[int], int]], profile: bool) -> dict[str, Any]:
-    from nanoflow.bench.measure import profile_replay
     from nanoflow.engine.engine import Engine
-    from nanoflow.scheduler.request import SamplingParams
 
     t_build = time.perf_counter()
     engine = Engine(args, parts=parts)
+    try:
+        return _run_engine(engine, args, reqs, warmup_reqs, profile, t_build)
+    finally:
+        engine.close()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]],
+                warmup_reqs: list[tuple[list[int], int]], profile: bool, t_build: float) -> dict[str, Any]:
+    from nanoflow.bench.measure import profile_replay
+    from nanoflow.scheduler.request import SamplingParams
+
     warm_t0 = time.perf_counter()
     if engine.runner.graphs is not None:  # capture every token bucket outside the timed run
         engine.runner.graphs.capture_all()
@@ -90,9 +101,6 @@ def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int]
         except Exception as exc:  # profiling is a bonus: keep the throughput figure
             log.exception("profiling failed")
             rec["profile_error"] = repr(exc)
-    engine.close()
-    gc.collect()
-    torch.cuda.empty_cache()
     return rec
 
 

@@ -67,6 +67,7 @@ def _green_streams(shares: list[float], device: torch.device) -> list[torch.cuda
         return None
     total = sm_count(device)
     streams = []
+    contexts = []
     for share in shares:
         # SM partitions come in granules (8 on Hopper); round to one and keep at least one granule.
         sms = max(8, min(total, int(round(share * total / 8)) * 8))
@@ -77,5 +78,9 @@ def _green_streams(shares: list[float], device: torch.device) -> list[torch.cuda
         except RuntimeError as exc:
             log.warning("green context with %d SMs failed: %s", sms, exc)
             return None
+        contexts.append(ctx)
         streams.append(ctx.Stream())
+    # A stream does not keep its green context alive: hold the contexts as long as the streams live.
+    for stream, ctx in zip(streams, contexts):
+        stream.green_context = ctx  # type: ignore[attr-defined]
     return streams

@@ -1,0 +1,180 @@
+"""Grouped GEMM for mixture-of-experts layers, in Triton: ``Y[rows of e] = X[rows of e] @ W[e]^T`` for every expert.
+
+Inputs: ``X [M, K]`` with rows sorted by expert, ``offsets [E+1]`` int32 on the device (expert ``e`` owns rows
+``[offsets[e], offsets[e+1])``), ``W [E, N, K]``; optional ``row_scale [M]`` fp32 multiplies each output row before
+the cast (the routing weight, folded into the down projection). Output ``Y [M, N]``.
+
+Scheduling: the grid is ``(max_m_tiles, cdiv(N, BLOCK_N))`` with ``max_m_tiles = min(M, cdiv(M, BLOCK_M) + E - 1)``,
+an upper bound of ``sum_e cdiv(count_e, BLOCK_M)`` for any split of M rows over E experts. Program ``(t, j)`` walks
+the E expert counts (E scalar loads) to find which expert's m-block ``t`` is; programs past the last block, and
+experts with no rows, cost nothing but that walk. Axis 0 varies fastest, so the programs resident together share
+an n-block and each expert's weight tile is read from HBM once per wave.
+
+CUDA-graph invariants: the grid depends only on ``M``, ``N``, ``E`` and the block sizes, never on ``offsets`` (the
+wrapper reads no device value). Rows at or past ``offsets[E]`` are never written, so ``M`` may be a static maximum.
+Accumulation is fp32; fp32 inputs use exact (IEEE) products, 16-bit inputs tensor cores.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from nanoflow.ops.attention.decode import dot_precision, tile_dot
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class GroupedGemmError(ValueError):
+    """Grouped-GEMM inputs whose shapes, dtypes, strides or devices do not fit together."""
+
+
+class GemmConfig(NamedTuple):
+    """Tile sizes (powers of two >= 16) and launch options of one kernel variant."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(m: int, n: int, k: int, num_experts: int, device: torch.device) -> GemmConfig:
+    """A tile shape from static sizes only (CUDA-graph safe): small m-tiles when experts get few rows each."""
+    if device.type != "cuda":
+        return GemmConfig(16, 16, 16)  # the interpreter: small tiles keep multi-tile paths exercised
+    rows_per_expert = m / max(1, num_experts)
+    if rows_per_expert <= 32:
+        return GemmConfig(32, 128, 64, num_warps=4, num_stages=4)
+    if rows_per_expert <= 96:
+        return GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
+    return GemmConfig(128, 128, 64, num_warps=8, num_stages=4)
+
+
+def max_m_tiles(m: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of ``sum_e cdiv(count_e, block_m)`` over all splits of ``m`` rows into ``num_experts`` groups."""
+    return min(m, triton.cdiv(m, block_m) + num_experts - 1)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr, w_ptr, y_ptr, offsets_ptr, scale_ptr,
+    N, K,
+    stride_xm, stride_xk,
+    stride_we, stride_wn, stride_wk,
+    stride_ym, stride_yn,
+    NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # Find the expert whose m-blocks cover `tile`: blocks are numbered expert by expert, cdiv(count, BLOCK_M) each.
+    expert = -1
+    row_start = 0
+    row_end = 0
+    first_block = 0
+    for e in range(NUM_EXPERTS):
+        lo = tl.load(offsets_ptr + e)
+        hi = tl.load(offsets_ptr + e + 1)
+        blocks = tl.cdiv(hi - lo, BLOCK_M)
+        mine = (tile >= first_block) & (tile < first_block + blocks)
+        expert = tl.where(mine, e, expert)
+        row_start = tl.where(mine, lo + (tile - first_block) * BLOCK_M, row_start)
+        row_end = tl.where(mine, hi, row_end)
+        first_block += blocks
+    if expert < 0:
+        return
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_valid = offs_m < row_end
+    n_valid = offs_n < N
+    # int64 addressing: an expert stack (E * N * K) exceeds 2**31 elements for the largest models.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            a = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_valid[:, None], other=0.0)
+            b = tl.load(w_cols + kk[:, None] * stride_wk, mask=n_valid[None, :], other=0.0)
+        else:
+            k_valid = kk < K
+            a = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+            b = tl.load(w_cols + kk[:, None] * stride_wk, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+        acc += tile_dot(a, b, PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_m, mask=m_valid, other=0.0)[:, None]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+def _check(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+           row_scale: torch.Tensor | None) -> None:
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise GroupedGemmError(f"grouped_gemm needs x [M, K] and w [E, N, K] with the same K; got x "
+                               f"{tuple(x.shape)} and w {tuple(w.shape)}")
+    m, e, n = x.shape[0], w.shape[0], w.shape[1]
+    if x.dtype not in SUPPORTED_DTYPES or w.dtype != x.dtype or out.dtype != x.dtype:
+        raise GroupedGemmError(f"x, w and out must share one of {[str(d) for d in SUPPORTED_DTYPES]}; got "
+                               f"{x.dtype}, {w.dtype}, {out.dtype}")
+    if tuple(out.shape) != (m, n):
+        raise GroupedGemmError(f"out must be [M, N] = [{m}, {n}]; got {tuple(out.shape)}")
+    if offsets.dtype != torch.int32 or tuple(offsets.shape) != (e + 1,):
+        raise GroupedGemmError(f"offsets must be int32 [E+1] = [{e + 1}]; got {offsets.dtype} "
+                               f"{tuple(offsets.shape)}")
+    tensors = {"x": x, "w": w, "out": out, "offsets": offsets}
+    if row_scale is not None:
+        if row_scale.dtype != torch.float32 or tuple(row_scale.shape) != (m,) or row_scale.stride(0) != 1:
+            raise GroupedGemmError(f"row_scale must be contiguous float32 [M] = [{m}]; got {row_scale.dtype} "
+                                   f"{tuple(row_scale.shape)} stride {row_scale.stride()}")
+        tensors["row_scale"] = row_scale
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise GroupedGemmError(f"all tensors must be on one device; got {devices}")
+    # Unit stride along K (and N for out) keeps loads and stores coalesced; every other stride is free.
+    bad = [name for name, t in (("x", x), ("w", w), ("out", out)) if t.shape[-1] > 1 and t.stride(-1) != 1]
+    if bad or (offsets.stride(0) != 1):
+        raise GroupedGemmError(f"{', '.join(bad) or 'offsets'} must have unit stride along the last dim "
+                               "(call .contiguous())")
+
+
+def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+                 row_scale: torch.Tensor | None = None, config: GemmConfig | None = None) -> torch.Tensor:
+    """``out[offsets[e]:offsets[e+1]] = (x[...] @ w[e].T) * row_scale[...]`` for every expert ``e``.
+
+    Args:
+        x: ``[M, K]`` rows sorted by expert; ``M`` may exceed ``offsets[E]`` (those rows are neither read nor
+            written).
+        offsets: int32 ``[E+1]`` on the device, non-decreasing, ``offsets[0] == 0``, ``offsets[E] <= M``.
+        w: ``[E, N, K]``, same dtype as ``x`` (fp32, bf16 or fp16).
+        out: ``[M, N]`` in ``x.dtype``; allocated when ``None``.
+        row_scale: optional contiguous fp32 ``[M]``, applied to the fp32 accumulator before the cast.
+        config: tiles and launch options; ``None`` picks :func:`default_config` (from static sizes only).
+    Returns ``out``.
+    """
+    if out is None:
+        out = torch.empty(x.shape[0], w.shape[1] if w.dim() == 3 else 0, dtype=x.dtype, device=x.device)
+    _check(x, offsets, w, out, row_scale)
+    m, k = x.shape
+    e, n = w.shape[0], w.shape[1]
+    if m == 0 or n == 0 or e == 0:
+        return out
+    cfg = config or default_config(m, n, k, e, x.device)
+    grid = (max_m_tiles(m, e, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    _grouped_gemm_kernel[grid](
+        x, w, out, offsets, row_scale if row_scale is not None else x,
+        n, k,
+        x.stride(0), x.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        out.stride(0), out.stride(1),
+        NUM_EXPERTS=e, HAS_SCALE=row_scale is not None, EVEN_K=k % cfg.block_k == 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION=dot_precision(x.dtype, x.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

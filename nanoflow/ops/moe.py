@@ -1,0 +1,184 @@
+"""Mixture-of-experts routing and expert computation (Mixtral), with a float64-capable torch reference.
+
+The routed computation of ``n`` tokens, each sent to ``k`` experts, as the ``experts`` op runs it:
+
+1. :func:`route`: top-k of the softmax over all experts, renormalised over the chosen k (Hugging Face Mixtral's
+   order: softmax in fp32, top-k, divide by the sum).
+2. :func:`sort_by_expert`: the ``n * k`` (token, choice) pairs in expert order — a counting sort built from
+   element-wise ops and a cumulative sum only, so it is deterministic, stable (token order kept inside an expert),
+   never reads a device value on the host and can be captured in a CUDA graph.
+3. gather the tokens into that order, grouped GEMM with each expert's ``w13`` (gate and up), SiLU * up, grouped GEMM
+   with ``w2`` scaling each row by its routing weight in fp32 (:func:`grouped_mm`: the Triton kernel on a GPU, a
+   loop over experts elsewhere), then each token's k rows are summed back in token order (gather + sum, no atomics).
+
+Under tensor parallelism each rank holds a slice of every expert's intermediate dim; routing is replicated and the
+per-rank sums are partial, completed by the layer's ``ffn_all_reduce``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from nanoflow.ops.activation import silu_and_mul
+
+
+class MoEInputError(ValueError):
+    """Router or expert tensors whose shapes, dtypes or devices do not fit together."""
+
+
+class ExpertOrder(NamedTuple):
+    """The (token, choice) pairs of a routing, sorted by expert.
+
+    With ``flat = experts.reshape(-1)`` (pair ``i`` is token ``i // k``, choice ``i % k``):
+    ``order [n*k]`` int64: sorted row ``j`` holds pair ``order[j]``; ``offsets [E+1]`` int32: expert ``e`` owns
+    sorted rows ``[offsets[e], offsets[e+1])``, ``offsets[0] == 0``, ``offsets[E] == n*k``; ``position [n*k]``
+    int64: the sorted row of pair ``i`` (the inverse permutation, ``order[position[i]] == i``).
+    """
+
+    order: torch.Tensor
+    offsets: torch.Tensor
+    position: torch.Tensor
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [n, k] fp32, experts [n, k] int64)``: top-k of softmax(logits), renormalised to sum to 1."""
+    if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
+        raise MoEInputError(f"route needs logits [tokens, experts] and 1 <= top_k <= experts; got "
+                            f"{tuple(logits.shape)} and top_k={top_k}")
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def sort_by_expert(experts: torch.Tensor, num_experts: int) -> ExpertOrder:
+    """Counting sort of the flattened ``experts`` ids (values in ``[0, num_experts)``) on their device."""
+    flat = experts.reshape(-1).long()
+    ids = torch.arange(num_experts, device=flat.device)
+    hit = (flat[:, None] == ids[None, :]).to(torch.int32)  # [n*k, E] one-hot, built without a host check
+    counts = hit.sum(dim=0, dtype=torch.int64)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, dim=0, out=offsets[1:])
+    # Rank of pair i among the pairs of its expert that come before it (stable order inside an expert).
+    rank = torch.cumsum(hit, dim=0).gather(1, flat[:, None].clamp(0, num_experts - 1)).squeeze(1) - 1
+    position = offsets[flat.clamp(0, num_experts - 1)] + rank
+    order = torch.empty_like(position).scatter_(0, position, torch.arange(flat.numel(), device=flat.device))
+    return ExpertOrder(order, offsets.to(torch.int32), position)
+
+
+def grouped_mm_reference(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+                         row_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch loop over experts: ``out[rows of e] = (x[rows of e] @ w[e].T) * row_scale`` in ``x.dtype``.
+
+    Same contract as :func:`nanoflow.ops.grouped_gemm.grouped_gemm`, including that rows at or past
+    ``offsets[-1]`` are left untouched. Reads ``offsets`` on the host (not for CUDA-graph capture). The product is
+    accumulated in fp32 for 16-bit inputs (as cuBLAS does) and scaled before the cast.
+    """
+    if out is None:
+        out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    bounds = offsets.tolist()
+    acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi <= lo:
+            continue
+        y = torch.mm(x[lo:hi].to(acc), w[e].t().to(acc))
+        if row_scale is not None:
+            y = y * row_scale[lo:hi, None].to(acc)
+        out[lo:hi] = y.to(out.dtype)
+    return out
+
+
+def grouped_mm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+               row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert ``x_e @ w_e^T`` into ``out``: the Triton grouped GEMM on CUDA, the torch loop elsewhere."""
+    if x.is_cuda:
+        from nanoflow.ops.grouped_gemm import grouped_gemm
+
+        return grouped_gemm(x, offsets, w, out=out, row_scale=row_scale)
+    return grouped_mm_reference(x, offsets, w, row_scale=row_scale, out=out)
+
+
+class MoEScratch(NamedTuple):
+    """Preallocated views for one call over ``n`` tokens with ``k`` choices each (rows = ``n * k``).
+
+    ``sorted_x [n*k, hidden]`` (reused for the unsorted expert outputs once the first GEMM has read it),
+    ``gate_up [n*k, 2*inter]``, ``act [n*k, inter]``, ``expert_out [n*k, hidden]``; all in the model dtype.
+    """
+
+    sorted_x: torch.Tensor
+    gate_up: torch.Tensor
+    act: torch.Tensor
+    expert_out: torch.Tensor
+
+
+def check_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
+    """``(num_experts, inter)`` after checking ``w13 [E, 2*inter, hidden]`` and ``w2 [E, hidden, inter]``."""
+    hidden = x.shape[-1]
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[1] % 2:
+        raise MoEInputError(f"expert weights must be w13 [E, 2*inter, hidden] and w2 [E, hidden, inter]; got "
+                            f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    inter = w13.shape[1] // 2
+    if w13.shape[2] != hidden or tuple(w2.shape[1:]) != (hidden, inter):
+        raise MoEInputError(f"x has hidden size {hidden}, but w13 is {tuple(w13.shape)} and w2 {tuple(w2.shape)}; "
+                            f"expected [E, 2*inter, {hidden}] and [E, {hidden}, inter]")
+    return w13.shape[0], inter
+
+
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor, out: torch.Tensor, scratch: MoEScratch,
+                    act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for the ``n`` rows of ``x``.
+
+    ``x``, ``out``: ``[n, hidden]``; ``weights``/``experts``: ``[n, k]`` from :func:`route`. Every intermediate
+    goes to ``scratch`` (its views need exactly ``n * k`` rows); ``out`` is written, not accumulated into.
+    """
+    num_experts, _ = check_experts(x, w13, w2)
+    n, k = experts.shape
+    if x.shape[0] != n or weights.shape != experts.shape or out.shape != x.shape:
+        raise MoEInputError(f"x {tuple(x.shape)}, out {tuple(out.shape)}, weights {tuple(weights.shape)} and "
+                            f"experts {tuple(experts.shape)} must agree on [tokens, hidden] and [tokens, top_k]")
+    rows = n * k
+    if any(t.shape[0] != rows for t in scratch):
+        raise MoEInputError(f"every scratch view needs {rows} rows (tokens * top_k); got "
+                            f"{[tuple(t.shape) for t in scratch]}")
+    if n == 0:
+        return out
+    sort = sort_by_expert(experts, num_experts)
+    torch.index_select(x, 0, sort.order // k, out=scratch.sorted_x)
+    grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
+    scratch.act.copy_(act_fn(scratch.gate_up))
+    row_scale = weights.reshape(-1).float().index_select(0, sort.order)
+    grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
+    unsorted = scratch.sorted_x  # dead since the first GEMM: hold the expert rows back in (token, choice) order
+    torch.index_select(scratch.expert_out, 0, sort.position, out=unsorted)
+    out.copy_(unsorted.view(n, k, -1).sum(dim=1, dtype=torch.float32))
+    return out
+
+
+def moe_reference(x: torch.Tensor, router_w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole sparse MoE block, token-major and loop-over-experts, computed in ``dtype`` (default ``x.dtype``).
+
+    Independent of the sorted path: routing masks tokens per expert directly, no sort and no grouped GEMM.
+    Returns ``[n, hidden]`` in ``dtype``.
+    """
+    dtype = dtype or x.dtype
+    num_experts, inter = check_experts(x, w13, w2)
+    if router_w.shape != (num_experts, x.shape[-1]):
+        raise MoEInputError(f"router weight must be [{num_experts}, {x.shape[-1]}]; got {tuple(router_w.shape)}")
+    xd = x.to(dtype)
+    probs = torch.softmax((xd @ router_w.to(dtype).t()).to(torch.float64), dim=-1)
+    top, chosen = torch.topk(probs, top_k, dim=-1)
+    top = top / top.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(xd)
+    for e in range(num_experts):
+        token, choice = torch.nonzero(chosen == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = xd[token] @ w13[e].to(dtype).t()
+        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].to(dtype).t()
+        out.index_add_(0, token, y * top[token, choice, None].to(dtype))
+    return out

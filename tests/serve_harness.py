@@ -3,6 +3,10 @@
 ``ServerThread`` runs an ASGI app under a real uvicorn in a background thread (fast tests with the fake engine, real
 sockets so streaming and disconnects behave as in production). ``ServerProcess`` starts ``nanoflow serve`` / ``chat``
 as a subprocess on the real engine and waits for ``/health``.
+
+This module is also a pytest plugin (test modules list it in ``pytest_plugins``): its session-scoped ``real_server``
+fixture starts one ``nanoflow serve --device cpu`` for every module that needs it, because loading the model takes
+most of the time, and checks at the end of the session that SIGTERM makes it exit 0.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -118,3 +124,15 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
             return None
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of one ``nanoflow serve --device cpu`` (embedded model, default limits) shared by the session."""
+    missing = real_engine_missing()
+    if missing:
+        pytest.skip(missing)
+    proc = ServerProcess(["serve", "--device", "cpu"], tmp_path_factory.mktemp("serve") / "server.log")
+    url = proc.start()
+    yield url
+    assert proc.stop() == 0, f"nanoflow serve did not exit 0 on SIGTERM\n{proc.log()}"

@@ -19,9 +19,11 @@ import httpx
 import pytest
 from fake_engine import FakeEngine, greedy_reply
 from prometheus_client.parser import text_string_to_metric_families
-from serve_harness import REPO, ServerProcess, ServerThread, free_port, real_engine_missing, wait_for_health
+from serve_harness import REPO, ServerThread, free_port, real_engine_missing, wait_for_health
 
 from nanoflow.serve import ServerConfig, create_app
+
+pytest_plugins = ("serve_harness",)  # the session-wide real `nanoflow serve` (fixture real_server)
 
 
 def sse_events(text: str) -> list[dict | str]:
@@ -258,20 +260,15 @@ real = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    if MISSING:
-        pytest.skip(MISSING)
-    proc = ServerProcess(["serve", "--device", "cpu"], tmp_path_factory.mktemp("serve") / "server.log")
-    url = proc.start()
-    yield url
-    assert proc.stop() == 0, proc.log()
+def server(real_server: str) -> str:
+    return real_server
 
 
 @pytest.fixture(scope="module")
 def client(server: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 @real
@@ -336,7 +333,7 @@ def test_real_stop_sequence(client) -> None:
 @real
 def test_real_disconnect_frees_the_engine(server: str) -> None:
     body = {"prompt": "Write a long story.", "max_tokens": 4000, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
 
     def idle() -> bool:

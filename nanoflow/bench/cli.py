@@ -30,7 +30,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="requests of a warm-up round before timing (captures graphs); default: dense/IN + 4")
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: free GPU memory")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
+    p.add_argument("--kv-fraction", type=float, default=0.6,
+                   help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
                    help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, nano-batch, "
                         "overlap-preset, overlap-searched")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("weights ready in %.1f s", time.perf_counter() - t0)
     if ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
         per_token = 2 * spec.num_layers * spec.kv_size * 2
-        ea = replace(ea, kv_cache_tokens=int(0.6 * torch.cuda.mem_get_info()[0] / per_token))
+        ea = replace(ea, kv_cache_tokens=int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token))
     peak = gemm_peak(spec, args.dense_batch_size, parts["dtype"], device)
     optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)
     max_len = min(spec.max_position_embeddings, 8192)

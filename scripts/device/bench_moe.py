@@ -1,0 +1,299 @@
+"""Benchmark and check the MoE grouped GEMM on a GPU; writes ``$OUT/moe_bench.json``.
+
+Mixtral-8x7B shapes (hidden 4096, intermediate 14336, 8 experts, top-2), bf16. For 1,024-4,096 routed rows (tokens x
+2) with a random top-2 routing (softmax of Gaussian logits, as a random router gives) and a skewed one (a per-expert
+logit bias, so a few experts take most rows), each of the layer's two grouped GEMMs (gate_up: N=28672, K=4096;
+down: N=4096, K=14336) is timed as:
+
+* ``triton``: ``nanoflow.ops.grouped_gemm`` (default tiles), TFLOP/s and the rate at which it streams the expert
+  weights (every expert's weights must be read once: the memory floor);
+* ``dense``: one ``torch.mm`` of the same M, N, K (same FLOPs, one expert's weights): the cuBLAS compute reference;
+* ``loop``: a torch loop of per-expert ``torch.mm`` (what a naive MoE does);
+* ``torch_grouped``: ``torch._grouped_mm`` when this torch has it (CUTLASS on sm90).
+
+Then the whole ``experts`` op (sort, gather, both GEMMs, SiLU*mul, weighted combine) per token count, a small tile
+sweep, and checks: each GEMM vs per-expert fp32 torch products, the MoE block vs the float64 reference, and a CUDA
+graph captured on one routing and replayed after the routing (offsets and rows) changed. Every config is isolated:
+a failure is recorded and the run goes on. About a minute on an H200.
+
+    python scripts/device/bench_moe.py            # on the GPU machine
+    python scripts/device/bench_moe.py --dry-run  # tiny shapes on the CPU through TRITON_INTERPRET
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+ARGS.add_argument("--no-tune", action="store_true", help="skip the tile sweep")
+ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for moe_bench.json (default $OUT)")
+OPTS = ARGS.parse_args()
+if OPTS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from nanoflow.ops import moe  # noqa: E402
+from nanoflow.ops.grouped_gemm import GemmConfig, default_config, grouped_gemm  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    routed_rows: tuple[int, ...]
+    tune_rows: tuple[int, ...]
+    tune: tuple[GemmConfig, ...]
+    check_tokens: int
+
+
+GPU = Shapes(4096, 14336, 8, 2, (1024, 2048, 4096), (1024, 4096), (
+    GemmConfig(64, 128, 64, 4, 4), GemmConfig(128, 128, 64, 4, 4), GemmConfig(128, 128, 64, 8, 3),
+    GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 128, 8, 3), GemmConfig(64, 256, 64, 8, 4)), 256)
+TINY = Shapes(32, 48, 4, 2, (24, 40), (40,), (GemmConfig(16, 32, 16),), 12)
+SHAPES = TINY if OPTS.dry_run else GPU
+DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
+DTYPE = torch.bfloat16
+TUNE_BUDGET_S = 45.0  # the sweep stops starting new configs after this long (keeps the run under two minutes)
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds (CUDA events via do_bench); the dry run times one call on the host."""
+    if OPTS.dry_run:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm())
+
+
+def routing(tokens: int, skew: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, experts)`` of a random router: Gaussian logits, plus a linear per-expert bias when skewed."""
+    logits = torch.randn(tokens, SHAPES.experts, generator=gen, device=DEVICE)
+    if skew:
+        logits += torch.linspace(1.5, -1.5, SHAPES.experts, device=DEVICE)
+    return moe.route(logits, SHAPES.top_k)
+
+
+def loop_mm(x: torch.Tensor, bounds: list[int], w: torch.Tensor, out: torch.Tensor) -> None:
+    for e in range(w.shape[0]):
+        if bounds[e + 1] > bounds[e]:
+            torch.mm(x[bounds[e]:bounds[e + 1]], w[e].t(), out=out[bounds[e]:bounds[e + 1]])
+
+
+def bench_gemms(report: dict, weights: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    for rows in SHAPES.routed_rows:
+        for skew in (False, True):
+            _, experts = routing(rows // SHAPES.top_k, skew, gen)
+            order = moe.sort_by_expert(experts, SHAPES.experts)
+            counts = (order.offsets[1:] - order.offsets[:-1]).tolist()
+            bounds = order.offsets.tolist()
+            for gemm, w in weights.items():
+                rec: dict = {"gemm": gemm, "rows": rows, "routing": "skewed" if skew else "random",
+                             "N": w.shape[1], "K": w.shape[2], "max_rows_per_expert": max(counts),
+                             "min_rows_per_expert": min(counts), "config": default_config(
+                                 rows, w.shape[1], w.shape[2], SHAPES.experts, DEVICE)._asdict()}
+                report["gemm"].append(rec)
+                try:
+                    x = torch.randn(rows, w.shape[2], generator=gen, device=DEVICE, dtype=DTYPE)
+                    out = torch.empty(rows, w.shape[1], device=DEVICE, dtype=DTYPE)
+                    flop = 2.0 * rows * w.shape[1] * w.shape[2]
+                    w_bytes = w.numel() * w.element_size()
+                    ms = bench_ms(partial(grouped_gemm, x, order.offsets, w, out))
+                    rec.update(ms=ms, TFLOPs=flop / ms / 1e9, weight_GBps=w_bytes / ms / 1e6)
+                    ref = torch.empty_like(out, dtype=torch.float32)
+                    loop_mm(x.float(), bounds, w.float(), ref)
+                    rec["rel_err"] = rel_err(out, ref)
+                    dense_out = torch.empty_like(out)
+                    dms = bench_ms(partial(torch.mm, x, w[0].t(), out=dense_out))
+                    rec.update(dense_ms=dms, dense_TFLOPs=flop / dms / 1e9)
+                    lms = bench_ms(partial(loop_mm, x, bounds, w, dense_out))
+                    rec.update(loop_ms=lms, loop_TFLOPs=flop / lms / 1e9)
+                    if hasattr(torch, "_grouped_mm") and DEVICE.type == "cuda":
+                        try:
+                            wt = w.transpose(1, 2)
+                            ends = order.offsets[1:]
+                            got = torch._grouped_mm(x, wt, offs=ends)
+                            rec["torch_grouped_rel_err"] = rel_err(got, ref)
+                            tms = bench_ms(partial(torch._grouped_mm, x, wt, offs=ends))
+                            rec.update(torch_grouped_ms=tms, torch_grouped_TFLOPs=flop / tms / 1e9)
+                        except Exception as exc:  # optional comparison only
+                            rec["torch_grouped_error"] = repr(exc)[:300]
+                    del x, out, ref, dense_out
+                except Exception as exc:  # keep going: one config's failure must not cost the run
+                    rec["error"] = repr(exc)[:500]
+                    report["failures"].append({"gemm": (gemm, rows, skew), "trace": traceback.format_exc()[-2000:]})
+
+
+def bench_block(report: dict, weights: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    """The whole experts op (what the ``experts`` nano-op runs) per token count, random routing."""
+    w13, w2 = weights["gate_up"], weights["down"]
+    h, inter, k = SHAPES.hidden, SHAPES.inter, SHAPES.top_k
+    for rows in SHAPES.routed_rows:
+        tokens = rows // k
+        rec: dict = {"tokens": tokens, "rows": rows}
+        report["block"].append(rec)
+        try:
+            x = torch.randn(tokens, h, generator=gen, device=DEVICE, dtype=DTYPE)
+            wts, experts = routing(tokens, False, gen)
+            scratch = moe.MoEScratch(*(torch.empty(rows, n, device=DEVICE, dtype=DTYPE)
+                                       for n in (h, 2 * inter, inter, h)))
+            out = torch.empty_like(x)
+            ms = bench_ms(partial(moe.experts_forward, x, wts, experts, w13, w2, out, scratch))
+            flop = 2.0 * rows * 3 * h * inter
+            rec.update(ms=ms, TFLOPs=flop / ms / 1e9)
+        except Exception as exc:
+            rec["error"] = repr(exc)[:500]
+            report["failures"].append({"block": tokens, "trace": traceback.format_exc()[-2000:]})
+
+
+def tune(report: dict, weights: dict[str, torch.Tensor], gen: torch.Generator, started: float) -> None:
+    for rows in SHAPES.tune_rows:
+        _, experts = routing(rows // SHAPES.top_k, False, gen)
+        offsets = moe.sort_by_expert(experts, SHAPES.experts).offsets
+        for gemm, w in weights.items():
+            x = torch.randn(rows, w.shape[2], generator=gen, device=DEVICE, dtype=DTYPE)
+            out = torch.empty(rows, w.shape[1], device=DEVICE, dtype=DTYPE)
+            for cfg in SHAPES.tune:
+                rec: dict = {"gemm": gemm, "rows": rows, **cfg._asdict()}
+                if time.time() - started > TUNE_BUDGET_S and not OPTS.dry_run:
+                    rec["skipped"] = "time budget"
+                    report["tune"].append(rec)
+                    continue
+                try:
+                    ms = bench_ms(partial(grouped_gemm, x, offsets, w, out, config=cfg))
+                    rec.update(ms=ms, TFLOPs=2.0 * rows * w.shape[1] * w.shape[2] / ms / 1e9)
+                except Exception as exc:
+                    rec["error"] = repr(exc)[:300]
+                report["tune"].append(rec)
+
+
+def checks(report: dict, weights: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    h, inter, k, e = SHAPES.hidden, SHAPES.inter, SHAPES.top_k, SHAPES.experts
+    tokens = SHAPES.check_tokens
+    w13, w2 = weights["gate_up"], weights["down"]
+    try:  # the MoE block, bf16, against the float64 loop over experts
+        x = torch.randn(tokens, h, generator=gen, device=DEVICE, dtype=DTYPE)
+        router = torch.randn(e, h, generator=gen, device=DEVICE, dtype=DTYPE) / h**0.5
+        # fp32 logits from the bf16 inputs route like the reference's float64 ones (bf16 logits could flip near-ties)
+        wts, experts = moe.route(x.float() @ router.float().t(), k)
+        scratch = moe.MoEScratch(*(torch.empty(tokens * k, n, device=DEVICE, dtype=DTYPE)
+                                   for n in (h, 2 * inter, inter, h)))
+        out = moe.experts_forward(x, wts, experts, w13, w2, torch.empty_like(x), scratch)
+        ref = moe.moe_reference(x, router, w13, w2, k, dtype=torch.float64)
+        err = rel_err(out, ref)
+        report["checks"].append({"what": f"MoE block bf16, {tokens} tokens vs float64", "rel_err": err,
+                                 "ok": err < 3e-2})
+    except Exception as exc:
+        report["checks"].append({"what": "MoE block", "error": repr(exc)[:500], "ok": False})
+    if DEVICE.type != "cuda":
+        return
+    try:  # CUDA graph: capture on routing A, write routing B's rows and offsets in place, replay
+        rows = 2048
+        w = w13
+        x = torch.randn(rows, h, generator=gen, device=DEVICE, dtype=DTYPE)
+        offsets = moe.sort_by_expert(routing(rows // k, False, gen)[1], e).offsets
+        out = torch.full((rows, w.shape[1]), float("nan"), device=DEVICE, dtype=DTYPE)
+        grouped_gemm(x, offsets, w, out)  # compile outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            grouped_gemm(x, offsets, w, out)
+        new = moe.sort_by_expert(routing(rows // k, True, gen)[1], e).offsets
+        new = new.clamp(max=rows - 5)  # the last 5 rows are outside every expert now: they must not be written
+        offsets.copy_(new)
+        x.copy_(torch.randn(rows, h, generator=gen, device=DEVICE, dtype=DTYPE))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = torch.empty(rows, w.shape[1], device=DEVICE)
+        loop_mm(x.float(), offsets.tolist(), w.float(), ref)
+        err = rel_err(out[:rows - 5], ref[:rows - 5])
+        untouched = bool(out[rows - 5:].isnan().all())
+        report["checks"].append({"what": "grouped GEMM CUDA-graph replay, new routing", "rel_err": err,
+                                 "rows_past_offsets_untouched": untouched, "ok": err < 1e-2 and untouched})
+    except Exception as exc:
+        report["checks"].append({"what": "CUDA-graph replay", "error": repr(exc)[:500], "ok": False})
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}  ({report['seconds']:.0f} s)")
+    for c in report["checks"]:
+        print(f"check {c['what']}: " + (f"rel_err {c['rel_err']:.2e} " if "rel_err" in c else c.get("error", ""))
+              + ("ok" if c["ok"] else "FAILED"))
+    print("gemm     rows  routing  rows/expert   triton TF/s  (W GB/s)  dense TF/s  loop TF/s  torch_grouped  rel_err")
+    for r in report["gemm"]:
+        spread = f"{r['min_rows_per_expert']:5d}-{r['max_rows_per_expert']:<5d}"
+        head = f"{r['gemm']:8s} {r['rows']:5d}  {r['routing']:7s} {spread}"
+        if "ms" not in r:
+            print(f"{head}  {r.get('error')}")
+            continue
+        tg = f"{r['torch_grouped_TFLOPs']:13.0f}" if "torch_grouped_TFLOPs" in r else "            -"
+        print(f"{head}  {r['TFLOPs']:11.0f}  {r['weight_GBps']:8.0f}  {r['dense_TFLOPs']:10.0f}  "
+              f"{r['loop_TFLOPs']:9.0f}  {tg}  {r['rel_err']:.1e}")
+    print("experts op  tokens   ms      TF/s")
+    for r in report["block"]:
+        print(f"            {r['tokens']:6d} " + (f"{r['ms']:7.3f}  {r['TFLOPs']:6.0f}" if "ms" in r else r["error"]))
+    for gemm in ("gate_up", "down"):
+        for rows in SHAPES.tune_rows:
+            best = sorted((t for t in report["tune"] if t["gemm"] == gemm and t["rows"] == rows and "ms" in t),
+                          key=lambda t: t["ms"])[:3]
+            if best:
+                print(f"tune {gemm} rows={rows} best:", [
+                    (t["block_m"], t["block_n"], t["block_k"], t["num_warps"], t["num_stages"], round(t["TFLOPs"]))
+                    for t in best])
+    print(f"failures: {len(report['failures'])}")
+
+
+def main() -> int:
+    started = time.time()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (TRITON_INTERPRET dry run)"
+    report: dict = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                    "commit": git_commit(), "command": " ".join(sys.argv), "dtype": str(DTYPE),
+                    "model": "mixtral-8x7b" if not OPTS.dry_run else "tiny", "shapes": asdict(SHAPES),
+                    "gemm": [], "block": [], "tune": [], "checks": [], "failures": []}
+    h, inter, e = SHAPES.hidden, SHAPES.inter, SHAPES.experts
+    # Scaled like trained weights so bf16 activations stay in range through both GEMMs.
+    weights = {
+        "gate_up": torch.randn(e, 2 * inter, h, generator=gen, device=DEVICE, dtype=DTYPE) / h**0.5,
+        "down": torch.randn(e, h, inter, generator=gen, device=DEVICE, dtype=DTYPE) / inter**0.5,
+    }
+    out_dir = Path(OPTS.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for step in (checks, bench_gemms, bench_block):
+        step(report, weights, gen)
+    if not OPTS.no_tune:
+        tune(report, weights, gen, started)
+    report["seconds"] = time.time() - started
+    (out_dir / "moe_bench.json").write_text(json.dumps(report, indent=1, default=str))
+    print_table(report)
+    return 0 if all(c["ok"] for c in report["checks"]) and not report["failures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

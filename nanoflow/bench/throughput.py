@@ -29,7 +29,7 @@ MODES = {
     "overlap-preset-green": ("llama-8b-overlap", True, True),
     "overlap-preset-nogrid": ("llama-8b-overlap", True, True),
 }
-KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none"}
+KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none"}
 
 
 def workload(spec_name: str, n: int, vocab: int, seed: int, max_len: int) -> list[tuple[list[int], int]]:
@@ -111,7 +111,7 @@ def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_
 
 def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
     if mode == "overlap-searched":
-        return replace(args, pipeline=searched)
+        return replace(args, pipeline=searched, resource_knob=KNOB_OF_MODE[mode])
     pipeline, graphs, async_ = MODES[mode]
     return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_,
                    resource_knob=KNOB_OF_MODE.get(mode, args.resource_knob))

@@ -241,10 +241,15 @@ class DistributedEngine(Engine):
         self._stopped = True
         try:
             self.close()
-            self.comm.broadcast_object(Message("stop"))
-            self.comm.close()
+            stop_followers(self.comm)
         except Exception as exc:  # a peer already gone: nothing left to tell it
             log.warning("tensor-parallel shutdown: %s", exc)
+
+
+def stop_followers(comm: Communicator) -> None:
+    """Rank 0: end every follower's :func:`follow` loop, then leave the process group."""
+    comm.broadcast_object(Message("stop"))
+    comm.close()
 
 
 # ---- followers -------------------------------------------------------------------------------------------------
@@ -261,7 +266,11 @@ def follow(comm: Communicator, parts: dict[str, Any], exit_after: int | None = N
         if msg.kind == "build":
             if engine is not None:
                 engine.close()
-            engine, decoder = _build(msg.payload, parts, comm), PlanDecoder()
+            engine, decoder = None, PlanDecoder()
+            try:
+                engine = _build(msg.payload, parts, comm)
+            except (ConfigError, ValueError) as exc:  # rank 0 hits the same error and moves on; so do we
+                log.warning("rank %d: engine build failed like on rank 0: %s", comm.rank, exc)
         elif msg.kind == "stop":
             if engine is not None:
                 engine.close()

@@ -127,7 +127,7 @@ class Communicator:
     in the same order, with tensors of the same shape and dtype."""
 
     def __init__(self, group: Any, control: Any, rank: int, world_size: int, local_rank: int,
-                 device: torch.device, backend: str):
+                 device: torch.device, backend: str, settings: CommSettings | None = None):
         self.group = group
         self.control = control
         self.rank = rank
@@ -135,6 +135,7 @@ class Communicator:
         self.local_rank = local_rank
         self.device = device
         self.backend = backend
+        self.settings = settings or CommSettings()
         self._gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     @property
@@ -142,9 +143,9 @@ class Communicator:
         return self.rank == 0
 
     def _lost(self, op: str, exc: BaseException) -> PeerLostError:
-        return PeerLostError(f"rank {self.rank}/{self.world_size}: {op} over {self.backend} failed ({exc}). Another "
-                             "tensor-parallel rank probably exited or hung; see its log. Collective timeout: "
-                             "NANOFLOW_TP_TIMEOUT_S")
+        return PeerLostError(f"rank {self.rank}/{self.world_size}: {op} over {self.backend} failed ({exc}). If "
+                             "another tensor-parallel rank exited or hung, its log says why (collective timeout: "
+                             "NANOFLOW_TP_TIMEOUT_S)")
 
     # ---- device collectives (the NETWORK nano-ops) -----------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> None:
@@ -159,13 +160,17 @@ class Communicator:
     def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along the last dim in rank order: ``[..., n] -> [..., world_size * n]``."""
         t = t.contiguous()
-        out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=t.device)
+        if t.dim() == 0:
+            raise ValueError("all_gather_last_dim needs a tensor with at least one dimension")
+        # Gathered along dim 0 (what every backend accepts), then moved: rank r's shard lands at columns
+        # [r * n, (r + 1) * n) of the result.
+        out = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         try:
             self._gather_into(out, t, group=self.group)
         except RuntimeError as exc:
             raise self._lost("all_gather", exc) from exc
-        # [w, ..., n] -> [..., w, n] -> [..., w * n]: rank r's shard lands at columns [r * n, (r + 1) * n).
-        return out.movedim(0, -2).reshape(*t.shape[:-1], self.world_size * t.shape[-1])
+        stacked = out.view(self.world_size, *t.shape)  # [w, ..., n]
+        return stacked.movedim(0, -2).reshape(*t.shape[:-1], self.world_size * t.shape[-1])
 
     # ---- host objects (the control plane) --------------------------------------------------------------------
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -264,4 +269,4 @@ def init_from_env(device: torch.device | str, expected_world_size: int | None = 
     log.info("rank %d/%d joined the tensor-parallel group (%s on %s, timeout %.0f s, nccl channels %s)",
              launch.rank, launch.world_size, backend, device, settings.timeout_s, settings.nccl_channels or "auto")
     return Communicator(dist.group.WORLD, control, launch.rank, launch.world_size, launch.local_rank, device,
-                        dist.get_backend())
+                        dist.get_backend(), settings)

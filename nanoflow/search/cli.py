@@ -1,0 +1,152 @@
+"""``nanoflow search``: profile (on a GPU, or read saved profiles) -> stage I MILP -> stage II MILP -> PipelineSpec.
+
+Writes the spec JSON and a Gantt PNG of the planned pipeline. From saved profiles the search runs on a CPU.
+A feasible plan comes within seconds (warm start from the sequential schedule); ``--time-limit`` bounds the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("nanoflow")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("search", help="auto-search a nano-batch pipeline (profiling + two-stage MILP)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b", help="built-in short name or HF folder")
+    p.add_argument("--dense-batch", type=int, default=2048, help="tokens per iteration")
+    p.add_argument("--workload", default="constant:1024:512",
+                   help="constant:IN:OUT or splitwise/lmsys/sharegpt: sets the profiled decode/prefill mix")
+    p.add_argument("--step", type=int, default=128, help="profiled batch sizes: step, 2*step, ..., dense")
+    p.add_argument("--profile", default=None, help="saved profile JSON (default: the cache, else profile now on a GPU)")
+    p.add_argument("--decode-rows", type=int, default=None,
+                   help="decode requests in the profiled batch (default: dense * OUT / (IN + OUT))")
+    p.add_argument("--rp-table", default=None,
+                   help="interference JSON from scripts/device/interference.py for the memory R->P table "
+                        "(default: the profile's, else the paper's Table 3)")
+    p.add_argument("--time-limit", type=float, default=600.0, help="seconds for both MILP stages together")
+    p.add_argument("--max-split", type=int, default=4, help="most nano-operations per op")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (adds the all-reduce ops)")
+    p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
+    return p
+
+
+class _AnyWeights(dict):
+    """Weights stand-in: the search needs the ops' names, kinds and buffers, never their kernels."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
+def layer_graph(model: str, tp: int) -> Any:
+    from nanoflow.config import ModelSpec
+    from nanoflow.models.layers import llama_layer_graph
+
+    spec = ModelSpec.load(model)
+    if spec.is_moe:
+        raise SystemExit("search for MoE models needs their profile; use --profile with the MoE op names")
+    return spec, llama_layer_graph(_AnyWeights(), 0, spec.num_heads // tp, max(1, spec.num_kv_heads // tp),
+                                   spec.head_dim, spec.rms_norm_eps, tp > 1)
+
+
+def workload_lengths(workload: str) -> tuple[float, float]:
+    from nanoflow.data.datasets import TABLE4_DISTRIBUTIONS
+
+    if workload.startswith("constant:"):
+        _, a, b = workload.split(":")[:3]
+        return float(a), float(b)
+    d = TABLE4_DISTRIBUTIONS[workload]
+    return d.input_mean, d.output_mean
+
+
+def rp_from_interference(path: str) -> dict[str, list[tuple[float, float]]]:
+    from nanoflow.search.problem import RP_TABLE_PAPER
+
+    data = json.loads(Path(path).read_text())
+    tables = [r["rp_table"] for r in data.get("results", []) if r.get("rp_table")]
+    out = dict(RP_TABLE_PAPER)
+    if tables:
+        out["memory"] = [tuple(p) for p in tables[0]]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoflow.search.plot import plot_gantt
+    from nanoflow.search.problem import load_profile, problem_from_graph
+    from nanoflow.search.stage1 import solve_stage1
+    from nanoflow.search.stage2 import solve_stage2
+
+    spec, graph = layer_graph(args.model, args.tp)
+    p_in, p_out = workload_lengths(args.workload)
+    decode_rows = args.decode_rows or int(args.dense_batch * p_out / (p_in + p_out))
+    sizes = list(range(args.step, args.dense_batch + 1, args.step))
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        profile = _profile_on_gpu(args, sizes, decode_rows, int(p_in + p_out / 2))
+        if profile is None:
+            print("no profile: pass --profile FILE (made on a GPU by `nanoflow search` or "
+                  "nanoflow.search.profiler), or run on a CUDA GPU", file=sys.stderr)
+            return 2
+    rp = rp_from_interference(args.rp_table) if args.rp_table else None
+    problem = problem_from_graph(graph, args.dense_batch, profile, rp_table=rp)
+    t0 = time.perf_counter()
+    s1 = solve_stage1(problem, max_split=args.max_split, time_limit_s=args.time_limit * 0.7)
+    s2 = solve_stage2(problem, s1, time_limit_s=max(5.0, args.time_limit - (time.perf_counter() - t0)))
+    wall = time.perf_counter() - t0
+    out = Path(args.output) if args.output else _default_output(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = s2.spec
+    if s2.makespan_ms > problem.sequential_ms:
+        # With interference priced in, overlapping loses: the honest answer is the sequential pipeline.
+        from nanoflow.graphs.pipeline import PipelineSpec
+
+        log.info("stage II plan (%.3f ms) is slower than sequential (%.3f ms): keeping the sequential pipeline",
+                 s2.makespan_ms, problem.sequential_ms)
+        result = PipelineSpec.sequential(graph, args.dense_batch)
+    result.meta.update(
+        chosen="sequential" if result is not s2.spec else "stage2",
+        search={"stage1_ms": s1.makespan_ms, "stage2_ms": s2.makespan_ms, "sequential_ms": problem.sequential_ms,
+                "wall_s": wall, "status1": s1.status, "status2": s2.status, "workload": args.workload,
+                "model": args.model})
+    result.save(out)
+    png = out.with_suffix(".png")
+    plot_gantt(result, None, png, f"{args.model} dense {args.dense_batch}: planned layer "
+               f"({s2.makespan_ms:.2f} ms vs {problem.sequential_ms:.2f} ms sequential)", graph=graph)
+    print(json.dumps({"spec": str(out), "gantt": str(png), "sequential_ms": problem.sequential_ms,
+                      "stage1_ms": s1.makespan_ms, "stage2_ms": s2.makespan_ms, "search_wall_s": round(wall, 1),
+                      "nano_counts": s1.nano_counts}, indent=2))
+    return 0
+
+
+def _default_output(args: argparse.Namespace) -> Path:
+    from nanoflow.search.profiler import cache_dir
+
+    name = f"{args.model}-d{args.dense_batch}-{args.workload.replace(':', '_')}-tp{args.tp}.json"
+    return cache_dir().parent / "pipelines" / name
+
+
+def _profile_on_gpu(args: argparse.Namespace, sizes: list[int], decode_rows: int, ctx: int) -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from nanoflow.config import EngineArgs
+    from nanoflow.engine.engine import Engine
+    from nanoflow.search.profiler import profile_ops, profile_path
+
+    kv = 64 * (ctx + 16) + args.dense_batch * 2 + 4096
+    engine = Engine(EngineArgs(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
+                               dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64))
+    path = profile_path(torch.cuda.get_device_name(), args.model, "bfloat16", args.tp)
+    try:
+        return profile_ops(engine, sizes, decode_rows, ctx, path=path)
+    finally:
+        engine.close()

@@ -61,7 +61,15 @@ def synthetic_plan(engine: Any, dense: int, decode_rows: int, ctx: int, chunk: i
     return BatchPlan(-1, decode, prefill, dense, dense, []), keep
 
 
-def _graph_time(fn: Any, reps: int, repeat: int = 5) -> float:
+def _graph_time(fn: Any, reps: int, repeat: int = 5, device: torch.device | None = None) -> float:
+    if device is not None and device.type != "cuda":  # CPU: wall clock (tests and dry runs)
+        import time
+
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps * 1e3
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -111,7 +119,7 @@ def profile_ops(engine: Any, sizes: list[int], decode_rows: int, ctx: int, chunk
             pre.append(HostSeq(row, s.start, s.num_tokens, s.block_table))
             row += s.num_tokens
         for b in sizes:
-            batch.ranges[(0, b)] = build_range_meta(dec, pre, 0, b, runner.device, False)
+            batch.ranges[(0, b)] = build_range_meta(dec, pre, 0, b, runner.device, runner.attention.name == "torch")
         runner.run_layers(batch)
         ctx0 = StepContext(layer=0, bufs=runner.bufs, batch=batch, k_cache=runner.kv_cache[0, 0],
                            v_cache=runner.kv_cache[0, 1], cos_sin=runner.cos_sin, attention=runner.attention,
@@ -119,7 +127,7 @@ def profile_ops(engine: Any, sizes: list[int], decode_rows: int, ctx: int, chunk
         graph = engine.model.graphs[0]
         todo = [(op, b) for op in graph.ops for b in sizes if str(b) not in result["ops"].get(op.name, {})]
         for op, b in tqdm(todo, desc="profile ops", unit="kernel"):
-            ms = _graph_time(lambda op=op, b=b: op.run(ctx0, 0, b), reps)
+            ms = _graph_time(lambda op=op, b=b: op.run(ctx0, 0, b), reps, device=runner.device)
             result["ops"].setdefault(op.name, {})[str(b)] = ms
             if path is not None and b == sizes[-1]:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +136,9 @@ def profile_ops(engine: Any, sizes: list[int], decode_rows: int, ctx: int, chunk
         runner.graphs, runner.glue = saved_graphs, saved_glue
         for r in _keep:
             engine.blocks.free(r)
-    result["meta"].update(decode_rows=decode_rows, ctx=ctx, chunk=chunk, dense=dense,
-                          device=torch.cuda.get_device_name(), torch=torch.__version__)
+    device_name = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
+    result["meta"].update(decode_rows=decode_rows, ctx=ctx, chunk=chunk, dense=dense, device=device_name,
+                          torch=torch.__version__)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))

@@ -44,6 +44,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="per-op CUDA-event profile of a steady-state batch")
     p.add_argument("--output", default="benchmarks/results/bench", help="path prefix for .json and .png")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and workload")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree; launch with torchrun --nproc-per-node N (rank 0 writes results)")
     return p
 
 
@@ -66,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.tp > 1:
+        from nanoflow.bench.tp import run_tp
+
+        return run_tp(args)
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
     t0 = time.perf_counter()

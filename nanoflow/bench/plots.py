@@ -28,7 +28,7 @@ def plot_bench(records: list[dict[str, Any]], timelines: dict[str, Any], out: Pa
     opt = ok[0]["optimal_tok_s"]
     ax.axhline(opt, color="crimson", ls="--", lw=1)
     ax.text(len(names) - 0.5, opt, f"optimal {opt:,.0f}", color="crimson", ha="right", va="bottom", fontsize=9)
-    ax.set_ylabel("total tokens/s per GPU")
+    ax.set_ylabel("total tokens/s (prompt + generated)")
     ax.set_title(f"{ok[0]['model']} {ok[0]['workload']} on {ok[0]['device']}", fontsize=10)
     ax.tick_params(axis="x", rotation=20)
     if profiled:

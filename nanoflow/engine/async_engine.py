@@ -42,6 +42,10 @@ class AsyncEngine:
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
+        if args.tp > 1:  # rank 0 serves; the other ranks follow inside make_engine and never return
+            from nanoflow.engine.distributed import make_engine
+
+            return cls(make_engine(args))
         return cls(Engine(args))
 
     async def start(self) -> None:

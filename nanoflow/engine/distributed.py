@@ -206,11 +206,15 @@ class LeaderRunner:
 
 class DistributedEngine(Engine):
     """Rank 0's engine under tensor parallelism; the API is Engine's. Build one only while followers run
-    :func:`follow` (they build their shard's engine when this constructor announces it)."""
+    :func:`follow` (they build their shard's engine when this constructor announces it), and only one at a time per
+    communicator: ``close()`` the previous one first (the followers hold one engine)."""
 
     def __init__(self, args: EngineArgs, comm: Communicator, parts: dict[str, Any] | None = None):
         if not comm.is_leader:
             raise RuntimeError(f"DistributedEngine runs on rank 0; rank {comm.rank} must call follow()")
+        previous = comm.owner
+        if previous is not None and not previous._closed:
+            raise RuntimeError("another DistributedEngine on this communicator is still open; close() it first")
         parts = parts or load_parts(replace(args, device=str(comm.device)), comm.device, 0, comm.world_size)
         comm.broadcast_object(Message("build", args))
         super().__init__(_rank_args(args, parts, comm), parts=parts, comm=comm, tp_rank=0, tp_size=comm.world_size)
@@ -218,6 +222,7 @@ class DistributedEngine(Engine):
         self.runner = LeaderRunner(self.runner, comm, self.args.block_size)
         self._closed = False
         self._stopped = False
+        comm.owner = self
 
     def capture_all(self, segment_buckets: tuple[int, ...] = (4,)) -> float:
         """Capture every CUDA-graph bucket on all ranks together (capture runs collectives); seconds spent."""

@@ -30,6 +30,14 @@ class LLM:
                                cuda_graphs=cuda_graphs, compile=compile, pipeline=pipeline,
                                max_num_seqs=max_num_seqs, block_size=block_size, resource_knob=resource_knob,
                                extra=extra)
+        import os
+
+        if tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import logging
+
+            logging.getLogger("nanoflow").warning(
+                "launched with WORLD_SIZE=%s but tp=1: every rank runs a full copy; pass --tp to shard the model",
+                os.environ["WORLD_SIZE"])
         if tp > 1:
             from nanoflow.engine.distributed import make_engine
 

@@ -136,6 +136,7 @@ class Communicator:
         self.device = device
         self.backend = backend
         self.settings = settings or CommSettings()
+        self.owner: Any = None  # the one engine driving this group's collectives (rank 0's DistributedEngine)
         self._gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     @property
@@ -258,7 +259,7 @@ def init_from_env(device: torch.device | str, expected_world_size: int | None = 
                                   "world_size": launch.world_size}
         if backend == "nccl":
             kwargs["device_id"] = device  # eager NCCL init, bound to this GPU
-            opts = _nccl_options(settings)
+            opts = _nccl_options(settings) if settings.nccl_channels or settings.high_priority else None
             if opts is not None:
                 kwargs["pg_options"] = opts
         dist.init_process_group(**kwargs)

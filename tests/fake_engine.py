@@ -23,6 +23,7 @@ from nanoflow.engine.outputs import RequestMetrics, RequestOutput
 EOS = 256
 FAIL_NOW = b"<fail-now>"  # a prompt holding this finishes with "error" before any token
 FAIL_LATER = b"<fail-later>"  # ... with "error" on its third token, after two were streamed
+_SAMPLED = b"abcdefghijklmnopqrstuvwxyz "  # sampled (temperature > 0) tokens: no markup, so pages render them as is
 SCRIPT = "Hello there! Café ☕ is open. The quick brown fox jumps over the lazy dog. "
 
 
@@ -123,7 +124,7 @@ class FakeEngine:
                 elif params.temperature == 0:
                     token = script[step % len(script)]
                 else:
-                    token = rng.randrange(32, 127)
+                    token = rng.choice(_SAMPLED)
                 out.token_ids = [*out.token_ids, token]
                 out.text = self.tokenizer.decode(out.token_ids)
                 self._generated += 1

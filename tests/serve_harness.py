@@ -126,13 +126,38 @@ class ServerProcess:
             return None
 
 
+class SharedServer:
+    """The session's real server. ``alive()`` checks it still generates before each test that uses it; once it has
+    not, every later test fails at once instead of waiting out its own timeouts (a wedged engine would otherwise
+    cost minutes per test)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.wedged: str | None = None
+
+    def alive(self) -> str:
+        if self.wedged is not None:
+            pytest.fail(f"the shared nanoflow serve stopped generating earlier in this session: {self.wedged}")
+        body = {"prompt": "Hi", "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+        try:
+            r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=30)
+            problem = None if r.status_code == 200 else f"probe answered {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            problem = f"a 1-token probe request failed: {type(e).__name__}: {e}"
+        if problem is not None:
+            self.wedged = problem
+            pytest.fail(problem)
+        return self.url
+
+
 @pytest.fixture(scope="session")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of one ``nanoflow serve --device cpu`` (embedded model, default limits) shared by the session."""
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServer]:
+    """One ``nanoflow serve --device cpu`` (embedded model, default limits) shared by the session."""
     missing = real_engine_missing()
     if missing:
         pytest.skip(missing)
     proc = ServerProcess(["serve", "--device", "cpu"], tmp_path_factory.mktemp("serve") / "server.log")
-    url = proc.start()
-    yield url
-    assert proc.stop() == 0, f"nanoflow serve did not exit 0 on SIGTERM\n{proc.log()}"
+    shared = SharedServer(proc.start())
+    yield shared
+    code = proc.stop(timeout=90)
+    assert code == 0, f"nanoflow serve did not exit 0 on SIGTERM (got {code})\n{proc.log()}"

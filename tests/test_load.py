@@ -15,21 +15,21 @@ import sys
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve_harness import REPO, real_engine_missing
+from serve_harness import REPO, SharedServer, real_engine_missing
 
 pytest_plugins = ("serve_harness",)  # the session-wide real `nanoflow serve` (fixture real_server)
 
 MISSING = real_engine_missing()
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 NUM_CLIENTS = 200
 MAX_TOKENS = 4
 REFERENCE_EVERY = 20  # greedy reference for every 20th prompt, computed with no other request running
 
 
-@pytest.fixture(scope="module")
-def server(real_server: str) -> str:
-    return real_server
+@pytest.fixture
+def server(real_server: SharedServer) -> str:
+    return real_server.alive()
 
 
 def prompt_of(i: int) -> str:

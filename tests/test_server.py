@@ -19,7 +19,7 @@ import httpx
 import pytest
 from fake_engine import FakeEngine, greedy_reply
 from prometheus_client.parser import text_string_to_metric_families
-from serve_harness import REPO, ServerThread, free_port, real_engine_missing, wait_for_health
+from serve_harness import REPO, ServerThread, SharedServer, free_port, real_engine_missing, wait_for_health
 
 from nanoflow.serve import ServerConfig, create_app
 
@@ -256,15 +256,18 @@ def test_graceful_shutdown_finishes_in_flight_and_exits_0(sig: signal.Signals, t
 # ---- the real engine: `nanoflow serve` on the embedded default model, the official openai client -----------------
 
 MISSING = real_engine_missing()
-real = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 
-@pytest.fixture(scope="module")
-def server(real_server: str) -> str:
-    return real_server
+def real(test):  # the real-engine tests: slow (they share one `nanoflow serve`), skipped while the engine is missing
+    return pytest.mark.slow(pytest.mark.skipif(MISSING is not None, reason=MISSING or "")(test))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def server(real_server: SharedServer) -> str:
+    return real_server.alive()
+
+
+@pytest.fixture
 def client(server: str):
     from openai import OpenAI
 

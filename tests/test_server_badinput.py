@@ -15,24 +15,24 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serve_harness import real_engine_missing
+from serve_harness import SharedServer, real_engine_missing
 
 pytest_plugins = ("serve_harness",)  # the session-wide real `nanoflow serve` (fixture real_server)
 
 MISSING = real_engine_missing()
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-def server(real_server: str) -> str:
-    return real_server
+@pytest.fixture
+def server(real_server: SharedServer) -> str:
+    return real_server.alive()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def card(server: str) -> dict:
     return httpx.get(f"{server}/v1/models").json()["data"][0]
 

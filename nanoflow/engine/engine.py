@@ -57,7 +57,7 @@ class Engine:
         if args.max_model_len and args.max_model_len > spec.max_position_embeddings:
             raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's context "
                               f"{spec.max_position_embeddings}")
-        self.dense_batch_size = args.dense_batch_size or (2048 if self.device.type == "cuda" else 256)
+        self.dense_batch_size = args.dense_batch_size or self._default_dense_batch(parts["dtype"])
         act_bytes = sum(b.width for b in self.model.buffer_specs().values()) * self.dense_batch_size * 2
         kv_tokens = kv_capacity_tokens(args, spec, self.device, parts["dtype"], act_bytes, self.model.local_kv_heads)
         bs = args.block_size
@@ -81,6 +81,23 @@ class Engine:
         self.stats_wall_s = 0.0
         self.last_iteration_s = 0.0
         self.plan_hook: Callable[[BatchPlan], None] | None = None  # benchmarks keep sample plans
+
+    def _default_dense_batch(self, dtype: torch.dtype) -> int:
+        """Paper §4.1.1: from GPU memory, weights and the expected workload (``extra["avg_prompt"/"avg_decode"]``,
+        default 1,024 / 512); 256 on a CPU."""
+        if self.device.type != "cuda":
+            return 256
+        from nanoflow.scheduler.memory import dense_batch_from_memory
+
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        weight_bytes = sum(t.numel() * t.element_size() for t in self.model.weights.values())
+        plan = dense_batch_from_memory(self.model.spec, total, weight_bytes,
+                                       float(self.args.extra.get("avg_prompt", 1024)),
+                                       float(self.args.extra.get("avg_decode", 512)),
+                                       dtype_bytes=torch.finfo(dtype).bits // 8, block_size=self.args.block_size)
+        log.info("dense batch from memory: %d tokens (%d decode requests, %d KV tokens)", plan.dense_batch_size,
+                 plan.max_decode_requests, plan.kv_tokens)
+        return plan.dense_batch_size
 
     def _load_pipeline(self, name: str | None) -> Any:
         if not name or name in ("none", "sequential", "non-overlap"):

@@ -192,6 +192,14 @@ class HostKVCache:
             entry = self._entries.get(key)
             return None if entry is None else entry.state
 
+    def discard_namespace(self, namespace: str | None) -> int:
+        """Drop every entry of ``namespace`` (e.g. a request's swap space once it is back on the device)."""
+        with self._lock:
+            doomed = [e for e in self._entries.values() if e.namespace == namespace]
+            for entry in doomed:
+                self._remove(entry)
+            return len(doomed)
+
     def flush(self) -> None:
         """Wait until every queued SSD write is done."""
         if self._writer is not None:

@@ -1,0 +1,191 @@
+"""KV reuse across conversation rounds and swap-on-preemption, on top of the plain engine (paper §4.2.2).
+
+Data flow:
+
+* a request that ends naturally (stop / length) saves the KV of its computed tokens (prompt + outputs, all layers) to
+  the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id:
+  ``gather_pages`` -> ``to_host`` while its pages are still owned (before ``Scheduler._finish`` frees them);
+* a waiting request is admitted with the longest stored block-aligned prefix of its prompt (at most ``prompt - 1``
+  tokens, so its last token is still computed and sampled from): blocks are allocated for prefix + first chunk,
+  ``to_device`` -> ``scatter_pages`` writes the stored KV into them and ``num_computed_tokens`` starts past the
+  prefix, so only the new tokens are prefilled;
+* a request preempted for lack of KV blocks first swaps its computed KV to the host cache (namespace
+  ``swap:<request id>``); when re-admitted it scatters that KV back instead of recomputing it (what the LRU lost, or a
+  partial last block, is recomputed — correct either way).
+
+Simplification: the KV is saved when a request finishes, not copied layer by layer right after QKV on a copy stream
+inside the CUDA graph ("simultaneous offload"); the saved bytes are identical, only the timing differs.
+
+Ordering: every device copy runs on the current stream, so it comes after the launched iterations that wrote those
+pages and before any later iteration that reuses freed pages (the contract ``BlockManager.free`` documents).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nanoflow.config import ConfigError, EngineArgs
+from nanoflow.engine.engine import Engine
+from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
+from nanoflow.scheduler.batcher import ScheduledSeq, Scheduler
+from nanoflow.scheduler.offload import HostKVCache, PrefixHit
+from nanoflow.scheduler.request import Request, RequestStatus
+
+_SAVE_ON = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+_RUNNING = RequestStatus.RUNNING
+
+
+class ReuseScheduler(Scheduler):
+    """The dense-batch scheduler plus three hooks into a :class:`OffloadingEngine` (``kv``): save on a natural finish,
+    swap out on preemption, and start admission past a reusable prefix. Everything else is the base scheduler."""
+
+    def __init__(self, block_manager: Any, dense_batch_size: int, max_num_seqs: int, max_model_len: int,
+                 kv: OffloadingEngine, decode_len_prior: float = 256.0) -> None:
+        super().__init__(block_manager, dense_batch_size, max_num_seqs, max_model_len, decode_len_prior)
+        self.kv = kv
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if status in _SAVE_ON and req.block_ids:
+            self.kv.save_finished(req)
+        self.kv.forget(req)
+        super()._finish(req, status)
+
+    def _preempt(self, req: Request, preempted: list[str]) -> None:
+        if req.block_ids:
+            self.kv.swap_out(req)
+        super()._preempt(req, preempted)
+
+    def _admit(self, budget: int, prefill: list[ScheduledSeq], it: int) -> int:
+        """The base admission loop (FCFS, predicted-peak check), allocating prefix + chunk and loading the prefix."""
+        bm = self.block_manager
+        avg = self.avg_decode_len
+        predicted = sum(self._predicted_blocks(r, avg) for r in self._running.values())
+        capacity = bm.num_usable_blocks
+        waiting = self._waiting
+        running = self._running
+        while waiting and budget and len(running) < self.max_num_seqs:
+            req = waiting[0]
+            if req.status.is_finished:
+                waiting.popleft()
+                continue
+            if req.num_pending:
+                break  # preempted with tokens in flight: FCFS, so nobody overtakes it
+            need = self._predicted_blocks(req, avg)
+            if running and predicted + need > capacity:
+                break
+            req._prefill_len = len(req.prompt_token_ids) + len(req.output_token_ids)
+            hit = self.kv.find_reusable(req, req._prefill_len - 1)
+            reused = hit.num_tokens if hit is not None else 0
+            n = min(req._prefill_len - reused, budget)
+            if not bm.allocate(req, reused + n):
+                break
+            if hit is not None:
+                self.kv.load(req, hit)
+                req.num_computed_tokens = reused
+            waiting.popleft()
+            self._num_waiting -= 1
+            req.status = _RUNNING
+            running[req.request_id] = req
+            predicted += need
+            prefill.append(self._prefill_seq(req, n, it))
+            budget -= n
+        return budget
+
+
+class OffloadingEngine(Engine):
+    """An :class:`Engine` whose finished requests leave their KV in a host/SSD cache for the next round.
+
+    ``add_request(..., conversation_id=...)`` scopes the lookups of that request and the entry it saves (None: one
+    shared scope, so identical prefixes of unrelated requests are reused too). Single device only (``tp_size == 1``).
+    Cache sizes come from ``host_cache`` or ``args.extra``: ``kv_host_bytes`` (default 1 GiB), ``kv_ssd_dir``,
+    ``kv_ssd_bytes``.
+    """
+
+    def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None, tp_rank: int = 0,
+                 tp_size: int = 1, *, host_cache: HostKVCache | None = None, swap_on_preempt: bool = True) -> None:
+        if tp_size != 1:
+            raise ConfigError("KV offload/reuse supports one device only; run with tp=1 or use the plain Engine")
+        super().__init__(args, parts, comm, tp_rank, tp_size)
+        if host_cache is None:
+            extra = args.extra
+            ssd = extra.get("kv_ssd_dir")
+            host_cache = HostKVCache(int(extra.get("kv_host_bytes", 1 << 30)), Path(ssd) if ssd else None,
+                                     int(extra.get("kv_ssd_bytes", 0)), block_size=args.block_size)
+        if host_cache.block_size != args.block_size:
+            raise ConfigError(f"host cache block_size {host_cache.block_size} differs from the engine's "
+                              f"{args.block_size}; build HostKVCache(block_size={args.block_size})")
+        self.host_cache = host_cache
+        self.swap_on_preempt = swap_on_preempt
+        old = self.scheduler
+        self.scheduler = ReuseScheduler(self.blocks, old.dense_batch_size, old.max_num_seqs, old.max_model_len, kv=self)
+        self._conversation: dict[str, str | None] = {}
+        self.stats_reused_tokens = 0  # prefill tokens loaded from the cache instead of computed
+        self.stats_saved_tokens = 0
+        self.stats_swapped_out_tokens = 0
+        self.stats_swapped_in_tokens = 0
+
+    def add_request(self, prompt: Any, params: Any = None, request_id: str | None = None, on_output: Any = None,
+                    *, conversation_id: str | None = None) -> Any:
+        """``Engine.add_request`` plus ``conversation_id``, the scope of this request's KV lookups and saves."""
+        if request_id is None:
+            request_id = f"req-{self._counter}"  # the id the base class would give; it still advances the counter
+        if request_id not in self._tracked:
+            self._conversation[request_id] = conversation_id
+        return super().add_request(prompt, params, request_id, on_output)
+
+    def _emit_finished(self, tr: Any) -> None:
+        self._conversation.pop(tr.request.request_id, None)
+        super()._emit_finished(tr)
+
+    # ---- hooks called by ReuseScheduler ------------------------------------------------------------------------
+    def _gather(self, req: Request) -> tuple[list[int], Any, Any] | None:
+        tokens = req.all_token_ids
+        n = min(req.num_computed_tokens, len(tokens))  # pending tokens' KV may exist, their ids are not known yet
+        if n < self.host_cache.block_size:
+            return None
+        host, event = to_host(gather_pages(self.runner.kv_cache, req.block_ids, n))
+        return tokens[:n], host, event
+
+    def save_finished(self, req: Request) -> None:
+        got = self._gather(req)
+        if got is not None and self.host_cache.put(got[0], got[1], self._conversation.get(req.request_id), got[2]):
+            self.stats_saved_tokens += len(got[0])
+
+    def swap_out(self, req: Request) -> None:
+        if not self.swap_on_preempt:
+            return
+        got = self._gather(req)
+        if got is not None and self.host_cache.put(got[0], got[1], _swap_space(req), got[2]):
+            self.stats_swapped_out_tokens += len(got[0])
+
+    def forget(self, req: Request) -> None:
+        if req.num_preemptions:
+            self.host_cache.discard_namespace(_swap_space(req))
+
+    def find_reusable(self, req: Request, max_tokens: int) -> PrefixHit | None:
+        """The longest stored prefix usable by ``req`` (its own swapped KV first, then its conversation's)."""
+        if max_tokens < self.host_cache.block_size:
+            return None
+        tokens = req.all_token_ids
+        best = None
+        if req.num_preemptions:
+            best = self.host_cache.longest_prefix(tokens, _swap_space(req), max_tokens)
+        if best is None or best.num_tokens < max_tokens - self.host_cache.block_size + 1:
+            hit = self.host_cache.longest_prefix(tokens, self._conversation.get(req.request_id), max_tokens)
+            if hit is not None and (best is None or hit.num_tokens > best.num_tokens):
+                best = hit
+        return best
+
+    def load(self, req: Request, hit: PrefixHit) -> None:
+        """Scatter ``hit``'s KV into ``req``'s freshly allocated pages (called before ``num_computed_tokens`` moves)."""
+        cache = self.runner.kv_cache
+        scatter_pages(cache, to_device(hit.kv, cache.device), req.block_ids, hit.num_tokens)
+        if req.num_preemptions:
+            self.stats_swapped_in_tokens += hit.num_tokens
+            self.host_cache.discard_namespace(_swap_space(req))
+        self.stats_reused_tokens += hit.num_tokens
+
+
+def _swap_space(req: Request) -> str:
+    return f"\x00swap:{req.request_id}"  # NUL: no user conversation id can collide

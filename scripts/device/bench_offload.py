@@ -1,0 +1,205 @@
+"""KV offload on a GPU (paper §4.2.2); writes ``$OUT/offload_bench.json``.
+
+Three measurements in one run:
+
+1. bandwidth: loading one request's KV (LLaMA-3-8B shape, bf16, shuffled pages) from pinned host memory as one
+   contiguous host->device copy + the Triton scatter, against copying page by page straight into the fragmented
+   pages (the paper reports 7-10x); plus gather + device->host (the offload direction);
+2. throughput cost of offload: the plain ``Engine`` against ``OffloadingEngine`` (saves every finished request's KV to
+   host memory) on N requests of 1,024 prompt / 512 output tokens;
+3. reuse: multi-round conversations (round r+1's prompt = round r's prompt + the model's answer + a new user turn),
+   prefill tokens computed and wall time with and without reuse.
+
+    python scripts/device/bench_offload.py             # on the GPU machine (a few minutes on an H100)
+    python scripts/device/bench_offload.py --dry-run   # tiny shapes on the CPU (TRITON_INTERPRET=1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes and model on the CPU")
+ARGS.add_argument("--model", default="llama-3-8b", help="built-in config name (dummy weights) or an HF folder")
+ARGS.add_argument("--requests", type=int, default=256, help="requests of the 1,024/512 throughput run")
+ARGS.add_argument("--conversations", type=int, default=64, help="conversations of the multi-round run")
+ARGS.add_argument("--rounds", type=int, default=4)
+ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for offload_bench.json (default $OUT)")
+OPTS = ARGS.parse_args()
+if OPTS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from nanoflow.ops import kv_transfer as kt  # noqa: E402
+
+CUDA = torch.cuda.is_available() and not OPTS.dry_run
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+def _timed(fn, repeat: int = 10) -> float:
+    """Median seconds of ``fn()`` (CUDA events on a GPU, wall clock on the CPU)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if CUDA:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bandwidth() -> list[dict]:
+    layers, heads, dim, bs = (32, 8, 128, 16) if CUDA else (2, 2, 8, 4)
+    lengths = (512, 2048, 8192) if CUDA else (13,)
+    rows = []
+    for n in lengths:
+        num_blocks = 2 * (-(-n // bs)) + 1
+        cache = torch.randn((layers, 2, num_blocks, bs, heads, dim), device=DEV).to(torch.bfloat16)
+        table = (torch.randperm(num_blocks - 1) + 1)[: -(-n // bs)].tolist()
+        host = kt.gather_pages(cache, table, n).cpu()
+        host = host.pin_memory() if CUDA else host
+        nbytes = host.numel() * host.element_size()
+
+        def contiguous(cache=cache, host=host, table=table, n=n):
+            kt.scatter_pages(cache, kt.to_device(host, DEV), table, n)
+
+        def pagewise(cache=cache, host=host, table=table, n=n):
+            kt.scatter_pages_pagewise(cache, host, table, n)
+
+        def offload(cache=cache, table=table, n=n):
+            _, ev = kt.to_host(kt.gather_pages(cache, table, n))
+            if ev is not None:
+                ev.synchronize()
+
+        t_c, t_p, t_o = _timed(contiguous), _timed(pagewise, repeat=3), _timed(offload)
+        check = torch.zeros_like(cache)
+        kt.scatter_pages(check, kt.to_device(host, DEV), table, n)
+        rows.append({"tokens": n, "bytes": nbytes, "contiguous_scatter_GBps": nbytes / t_c / 1e9,
+                     "pagewise_GBps": nbytes / t_p / 1e9, "speedup": t_p / t_c,
+                     "gather_d2h_GBps": nbytes / t_o / 1e9,
+                     "round_trip_exact": bool(torch.equal(kt.gather_pages(check, table, n).cpu(), host))})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _engine_args():
+    from nanoflow.bench.throughput import base_args
+
+    if OPTS.dry_run:
+        from nanoflow.config import EngineArgs
+
+        return EngineArgs(model="smollm2-135m", load_format="dummy", dtype="float32", device="cpu",
+                          dense_batch_size=256, kv_cache_tokens=8192, cuda_graphs=False, compile=False)
+    return base_args(OPTS.model, 2048, 0, None, None)
+
+
+def _run(cls, args, parts, batches, **kw) -> dict:
+    """Run ``batches`` (a callable producing each wave of (prompt, max_tokens, conversation) from the last answers)."""
+    from nanoflow.scheduler.request import SamplingParams
+
+    engine = cls(args, parts=parts, **kw)
+    prefill = [0]
+    engine.plan_hook = lambda plan: prefill.__setitem__(0, prefill[0] + plan.num_prefill_tokens)
+    answers: list[list[int]] | None = None
+    tokens = 0
+    t0 = time.perf_counter()
+    for wave in batches:
+        reqs = wave(answers)
+        extra = (lambda c: {"conversation_id": c}) if cls.__name__ == "OffloadingEngine" else (lambda c: {})
+        outs = [engine.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), **extra(c))
+                for p, m, c in reqs]
+        engine.run_until_done()
+        answers = [o.token_ids for o in outs]
+        tokens += sum(len(p) + len(a) for (p, _, _), a in zip(reqs, answers))
+    wall = time.perf_counter() - t0
+    rec = {"engine": cls.__name__, "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall,
+           "prefill_tokens_computed": prefill[0]}
+    for k in ("stats_reused_tokens", "stats_saved_tokens", "stats_swapped_out_tokens", "stats_swapped_in_tokens"):
+        if hasattr(engine, k):
+            rec[k] = getattr(engine, k)
+    if hasattr(engine, "host_cache"):
+        rec["host_cache"] = engine.host_cache.stats()
+    engine.close()
+    print(rec, flush=True)
+    return rec
+
+
+def engine_runs() -> dict:
+    from nanoflow.engine.builder import load_parts, resolve_device
+    from nanoflow.engine.engine import Engine
+    from nanoflow.engine.kv_reuse import OffloadingEngine
+
+    args = _engine_args()
+    parts = load_parts(args, resolve_device(args.device))
+    vocab = parts["model"].spec.vocab_size
+    g = torch.Generator().manual_seed(0)
+    n_req, p_len, o_len = (OPTS.requests, 1024, 512) if not OPTS.dry_run else (4, 64, 16)
+    fixed = [(torch.randint(0, vocab, (p_len,), generator=g).tolist(), o_len, None) for _ in range(n_req)]
+    out = {"throughput_1024_512": []}
+    host_bytes = 64 << 30 if CUDA else 1 << 30
+    for cls in (Engine, OffloadingEngine):
+        a = replace(args, extra={**args.extra, "kv_host_bytes": host_bytes}) if cls is OffloadingEngine else args
+        out["throughput_1024_512"].append(_run(cls, a, parts, [lambda _: fixed]))
+
+    n_conv, rounds = (OPTS.conversations, OPTS.rounds) if not OPTS.dry_run else (3, 3)
+    lo, hi = (200, 800) if not OPTS.dry_run else (20, 60)
+    first = [torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+             for _ in range(n_conv)]
+    turn_len = 64 if CUDA else 8
+    turns = [[torch.randint(0, vocab, (turn_len,), generator=g).tolist() for _ in range(rounds)]
+             for _ in range(n_conv)]
+    o_len = 128 if CUDA else 8
+
+    def make_waves():
+        state = {"prompts": [list(p) for p in first]}
+
+        def wave_fn(r):
+            def wave(answers):
+                if answers is not None:
+                    state["prompts"] = [p + a + turns[i][r] for i, (p, a) in enumerate(zip(state["prompts"], answers))]
+                return [(p, o_len, f"conv{i}") for i, p in enumerate(state["prompts"])]
+            return wave
+
+        return [wave_fn(r) for r in range(rounds)]
+
+    out["multiround"] = []
+    for cls in (Engine, OffloadingEngine):
+        a = replace(args, extra={**args.extra, "kv_host_bytes": host_bytes}) if cls is OffloadingEngine else args
+        out["multiround"].append(_run(cls, a, parts, make_waves()))
+    base, reuse = out["multiround"]
+    out["multiround_prefill_saved_fraction"] = 1 - reuse["prefill_tokens_computed"] / base["prefill_tokens_computed"]
+    return out
+
+
+def main() -> None:
+    result: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)", "torch": torch.__version__}
+    for name, fn in (("bandwidth", bandwidth), ("engine", engine_runs)):
+        try:
+            result[name] = fn()
+        except Exception:  # keep what the other part measured
+            result[name + "_error"] = traceback.format_exc()
+            print(result[name + "_error"], file=sys.stderr, flush=True)
+    path = Path(OPTS.out) / "offload_bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Page gather/scatter (Triton under the CPU interpreter and the torch reference) against a per-token Python loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# Triton decides "interpreted or compiled" at import / decoration time (see tests/test_attention_kernels.py): set the
+# variable before anything imports triton, or re-run this file in a fresh interpreter when another module came first.
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import nanoflow.ops.kv_transfer as kt
+finally:
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+IN_PROCESS = all(isinstance(f, InterpretedFunction) for f in (tl.cdiv, kt._page_copy_kernel))
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="this process already interprets the kernels")
+def test_whole_file_in_fresh_interpreter():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def _setup(n: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    layers, num_blocks = 3, 12
+    cache = torch.randn((layers, 2, num_blocks, bs, h, d), generator=g).to(dtype)
+    perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()  # shuffled pages, never the null page 0
+    table = perm[: -(-n // bs)]
+    return cache, table
+
+
+def _expected_gather(cache: torch.Tensor, table: list[int], n: int) -> torch.Tensor:
+    bs = cache.shape[3]
+    rows = [cache[:, :, table[p // bs], p % bs] for p in range(n)]  # [L, 2, H, D] each
+    return torch.stack(rows, dim=2) if rows else cache[:, :, 0, :0]
+
+
+IMPLS = [pytest.param("triton", marks=in_process), "torch"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("n", "bs", "h", "d", "dtype"), [
+    (1, 4, 2, 8, torch.float32), (13, 4, 2, 8, torch.float32), (16, 8, 1, 16, torch.bfloat16),
+    (21, 16, 3, 24, torch.float16), (0, 4, 2, 8, torch.float32),
+])
+def test_gather_matches_loop(impl, n, bs, h, d, dtype):
+    cache, table = _setup(n, bs, h, d, dtype, seed=n * 31 + bs)
+    got = kt.gather_pages(cache, table, n, impl=impl)
+    assert got.shape == (3, 2, n, h, d) and got.is_contiguous()
+    assert torch.equal(got, _expected_gather(cache, table, n))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("n", "extra", "bs", "h", "d", "dtype"), [
+    (13, 0, 4, 2, 8, torch.float32), (13, 3, 4, 2, 8, torch.float32), (16, 5, 8, 1, 16, torch.bfloat16),
+    (21, 0, 16, 3, 24, torch.float16),
+])
+def test_scatter_writes_only_owned_slots(impl, n, extra, bs, h, d, dtype):
+    cache, table = _setup(n, bs, h, d, dtype, seed=n * 17 + extra)
+    src = torch.randn((3, 2, n + extra, h, d), generator=torch.Generator().manual_seed(5)).to(dtype)
+    expected = cache.clone()
+    for p in range(n):  # the first n tokens only; the stored tail beyond n must not land anywhere
+        expected[:, :, table[p // bs], p % bs] = src[:, :, p]
+    kt.scatter_pages(cache, src, table, n, impl=impl)
+    assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_round_trip_and_pagewise_baseline(impl):
+    cache, table = _setup(19, 4, 2, 8, torch.float32, seed=3)
+    kv = kt.gather_pages(cache, table, 19, impl=impl)
+    host, event = kt.to_host(kv)
+    assert event is None and host.data_ptr() != kv.data_ptr()
+    other = torch.zeros_like(cache)
+    kt.scatter_pages(other, kt.to_device(host, "cpu"), table, 19, impl=impl)
+    base = torch.zeros_like(cache)
+    kt.scatter_pages_pagewise(base, host, table, 19)
+    assert torch.equal(other, base)
+    assert torch.equal(kt.gather_pages_ref(other, table, 19), kv)
+
+
+def test_bad_inputs_raise():
+    cache, table = _setup(8, 4, 2, 8, torch.float32, seed=1)
+    with pytest.raises(kt.KVTransferError, match="pages"):
+        kt.gather_pages(cache, table[:1], 8)
+    with pytest.raises(kt.KVTransferError, match="usable pages"):
+        kt.gather_pages(cache, [0, 1], 8)
+    with pytest.raises(kt.KVTransferError, match="buffer must be"):
+        kt.scatter_pages(cache, torch.zeros(3, 2, 7, 2, 8), table, 8)
+    with pytest.raises(kt.KVTransferError, match="float16"):
+        kt.scatter_pages(cache, torch.zeros(3, 2, 8, 2, 8, dtype=torch.float16), table, 8)
+    with pytest.raises(kt.KVTransferError, match="strides"):
+        kt.scatter_pages(cache, torch.zeros(2, 3, 8, 2, 8).transpose(0, 1), table, 8)

@@ -85,6 +85,17 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
+_RECORD_REPLIES = """() => {
+    window.__replies = [];
+    const record = () => {
+        const bots = document.querySelectorAll('#chatbot .bot');
+        if (bots.length) window.__replies.push(bots[bots.length - 1].innerText);
+    };
+    new MutationObserver(record).observe(document.querySelector('#chatbot'),
+                                         {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def chat_once(browser: Any, url: str, message: str, max_tokens: int | None = None,
               timeout: float = 120.0) -> tuple[list[str], str]:
     """Open the page, send ``message``; returns the distinct reply texts seen while streaming and the stats line."""
@@ -96,22 +107,18 @@ def chat_once(browser: Any, url: str, message: str, max_tokens: int | None = Non
             box = page.locator("#max-tokens input[type=number]")
             box.fill(str(max_tokens))
             box.press("Enter")
+        # Record every state of the reply bubble as the page changes it, so a fast stream is not missed between
+        # two polls of a loaded machine.
+        page.evaluate(_RECORD_REPLIES)
         prompt = page.locator("#prompt textarea")
         prompt.fill(message)
         prompt.press("Enter")
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        stats = ""
-        while time.monotonic() < deadline:
-            bots = page.locator("#chatbot .bot")
-            text = bots.last.inner_text() if bots.count() else ""
-            if text and (not seen or seen[-1] != text):
-                seen.append(text)
-            stats = page.locator("#stats").inner_text()
-            if stats.endswith("done"):
-                break
-            time.sleep(0.05)
+        page.wait_for_function("document.querySelector('#stats').innerText.endsWith('done')",
+                               timeout=timeout * 1000)
+        stats = page.locator("#stats").inner_text()
         final = page.locator("#chatbot .bot").last.inner_text()
+        seen = [text for text in page.evaluate("window.__replies") if text]
+        seen = [text for i, text in enumerate(seen) if i == 0 or text != seen[i - 1]]
         if not seen or seen[-1] != final:
             seen.append(final)
         user_text = page.locator("#chatbot .user").last.inner_text()
@@ -122,7 +129,7 @@ def chat_once(browser: Any, url: str, message: str, max_tokens: int | None = Non
 
 
 def test_page_streams_reply_from_fake_engine(browser: Any) -> None:
-    with ServerThread(create_chat_app(FakeEngine(token_delay=0.01))) as url:
+    with ServerThread(create_chat_app(FakeEngine(token_delay=0.02))) as url:
         seen, stats = chat_once(browser, url + "/", "Hello page", max_tokens=60)
     assert stats.endswith("done") and "tokens/s" in stats, stats
     final = seen[-1]

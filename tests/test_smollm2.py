@@ -58,3 +58,7 @@ def test_text_in_text_out_with_stop_string(both):
     assert cut.finish_reason == "stop"
     assert stop not in cut.text
     assert full.text.startswith(cut.text)
+    # A stop-string finish leaves the scheduler consistent: nothing running or waiting, later requests still run.
+    assert llm.engine.scheduler.num_running == 0 and llm.engine.scheduler.num_waiting == 0
+    again = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
+    assert len(again.token_ids) == 5 or again.finish_reason == "stop"

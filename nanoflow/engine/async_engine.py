@@ -30,6 +30,7 @@ class AsyncEngine:
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.spec.vocab_size
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

@@ -248,8 +248,7 @@ class Engine:
         if cut < 0:
             return False
         tr.output.text = text[:cut]
-        tr.request.status = RequestStatus.FINISHED_STOPPED
-        return True
+        return True  # the caller finishes the request through the scheduler, which owns its status
 
     def _emit(self, tr: _Tracked) -> None:
         cb = getattr(tr, "on_output", None)

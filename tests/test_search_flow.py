@@ -62,3 +62,21 @@ def test_profile_search_and_run(tmp_path):
 
     searched.runner.executor = Executor(searched.model.graphs, s2.spec)
     assert _tokens(searched) == baseline
+
+
+def test_engine_auto_pipeline_prefers_a_cached_searched_spec(tmp_path, monkeypatch):
+    from nanoflow.graphs.pipeline import PipelineSpec
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path / "cache"))
+    path = _tiny(tmp_path / "model")
+    args = EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=2048,
+                      pipeline="auto")
+    preset = Engine(args).runner.executor.spec
+    assert preset is not None and preset.name != "searched-test"  # no cache yet: the hand preset
+    engine = Engine(EngineArgs(**{**args.__dict__, "pipeline": None}))
+    spec = PipelineSpec.nano_batch_only(engine.model.graphs[0], 64, 2)
+    spec = PipelineSpec(**{**spec.__dict__, "name": "searched-test"})
+    out = tmp_path / "cache" / "pipelines" / "model-d64-constant_8_8-tp1.json"
+    out.parent.mkdir(parents=True)
+    spec.save(out)
+    assert Engine(args).runner.executor.spec.name == "searched-test"

@@ -104,6 +104,15 @@ class Engine:
             return None
         from nanoflow.graphs.pipeline import PipelineSpec, load_preset
 
+        if name == "auto":  # a searched spec cached for this model and dense size, else the hand preset
+            from nanoflow.search.cli import cached_pipeline
+
+            found = cached_pipeline(self.model_name, self.dense_batch_size, self.model.tp_size)
+            if found is not None:
+                log.info("using the searched pipeline %s", found)
+                return PipelineSpec.load(found)
+            name = "llama-70b-tp-overlap" if self.model.tp_size > 1 else "llama-8b-overlap"
+
         spec = PipelineSpec.load(name) if name.endswith(".json") else load_preset(name)
         return spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec
 

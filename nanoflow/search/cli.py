@@ -146,6 +146,17 @@ def _default_output(args: argparse.Namespace) -> Path:
     return cache_dir().parent / "pipelines" / name
 
 
+def cached_pipeline(model: str, dense: int, tp: int) -> Path | None:
+    """The newest searched spec in the cache for (model, dense batch, TP), any workload; None if there is none."""
+    from nanoflow.search.profiler import cache_dir
+
+    folder = cache_dir().parent / "pipelines"
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob(f"{Path(model).name}-d{dense}-*-tp{tp}.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def _profile_on_gpu(args: argparse.Namespace, sizes: list[int], decode_rows: int, ctx: int) -> dict | None:
     import torch
 

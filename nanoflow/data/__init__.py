@@ -13,9 +13,9 @@ from nanoflow.data.datasets import (
     LengthDistribution,
     SkippedRow,
     load_dataset,
-    sample_lengths,
     summarize_lengths,
 )
+from nanoflow.data.synthetic import sample_lengths
 
 __all__ = [
     "ACCEPTED_SPECS",

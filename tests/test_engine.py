@@ -8,23 +8,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import save_tiny_llama  # noqa: E402
+
 from nanoflow import LLM, SamplingParams  # noqa: E402
 from nanoflow.config import ConfigError, EngineArgs, ModelSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def _prompts(n: int = 6) -> list[list[int]]:

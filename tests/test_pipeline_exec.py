@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import save_tiny_llama  # noqa: E402
+
 from nanoflow.config import EngineArgs, ModelSpec  # noqa: E402
 from nanoflow.engine.builder import ModelSource  # noqa: E402
 from nanoflow.engine.engine import Engine  # noqa: E402
@@ -26,16 +28,7 @@ DENSE = 64
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
     spec = ModelSpec.load(path)
     weights = load_weights(spec, path, load_format="safetensors", dtype=torch.float32, device="cpu", progress=False)
     return spec, weights, str(path)

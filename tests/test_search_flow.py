@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import save_tiny_llama  # noqa: E402
+
 from nanoflow.config import EngineArgs  # noqa: E402
 from nanoflow.engine.engine import Engine  # noqa: E402
 from nanoflow.scheduler.request import SamplingParams  # noqa: E402
@@ -21,16 +23,7 @@ from nanoflow.search.stage2 import solve_stage2  # noqa: E402
 
 
 def _tiny(tmp_path) -> str:
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(tmp_path)
-    return str(tmp_path)
+    return save_tiny_llama(tmp_path)
 
 
 def _tokens(engine: Engine) -> list[list[int]]:

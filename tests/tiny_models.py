@@ -1,0 +1,24 @@
+"""Tiny random Hugging Face checkpoints for CPU tests (saved with ``save_pretrained``, loaded by our loader)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def save_tiny_llama(path: Path, std: float = 0.1, seed: int = 0, **overrides: int) -> str:
+    """A 2-layer GQA LLaMA (vocab 128, hidden 32) with weights of ``std`` so greedy choices are not ties."""
+    import transformers
+
+    cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    model.save_pretrained(path)
+    return str(path)

@@ -28,7 +28,7 @@ from typing import Any
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.engine import Engine
 from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
-from nanoflow.scheduler.batcher import ScheduledSeq, Scheduler
+from nanoflow.scheduler.batcher import Scheduler
 from nanoflow.scheduler.offload import HostKVCache, PrefixHit
 from nanoflow.scheduler.request import Request, RequestStatus
 
@@ -56,41 +56,12 @@ class ReuseScheduler(Scheduler):
             self.kv.swap_out(req)
         super()._preempt(req, preempted)
 
-    def _admit(self, budget: int, prefill: list[ScheduledSeq], it: int) -> int:
-        """The base admission loop (FCFS, predicted-peak check), allocating prefix + chunk and loading the prefix."""
-        bm = self.block_manager
-        avg = self.avg_decode_len
-        predicted = sum(self._predicted_blocks(r, avg) for r in self._running.values())
-        capacity = bm.num_usable_blocks
-        waiting = self._waiting
-        running = self._running
-        while waiting and budget and len(running) < self.max_num_seqs:
-            req = waiting[0]
-            if req.status.is_finished:
-                waiting.popleft()
-                continue
-            if req.num_pending:
-                break  # preempted with tokens in flight: FCFS, so nobody overtakes it
-            need = self._predicted_blocks(req, avg)
-            if running and predicted + need > capacity:
-                break
-            req._prefill_len = len(req.prompt_token_ids) + len(req.output_token_ids)
-            hit = self.kv.find_reusable(req, req._prefill_len - 1)
-            reused = hit.num_tokens if hit is not None else 0
-            n = min(req._prefill_len - reused, budget)
-            if not bm.allocate(req, reused + n):
-                break
-            if hit is not None:
-                self.kv.load(req, hit)
-                req.num_computed_tokens = reused
-            waiting.popleft()
-            self._num_waiting -= 1
-            req.status = _RUNNING
-            running[req.request_id] = req
-            predicted += need
-            prefill.append(self._prefill_seq(req, n, it))
-            budget -= n
-        return budget
+    def _prefix_hit(self, req: Request, max_tokens: int) -> tuple[int, Any]:
+        hit = self.kv.find_reusable(req, max_tokens)
+        return (hit.num_tokens, hit) if hit is not None else (0, None)
+
+    def _load_prefix(self, req: Request, hit: Any) -> None:
+        self.kv.load(req, hit)
 
 
 class OffloadingEngine(Engine):

@@ -360,9 +360,13 @@ class Scheduler:
             if running and predicted + need > capacity:
                 break
             req._prefill_len = len(req.prompt_token_ids) + len(req.output_token_ids)
-            n = min(req._prefill_len, budget)
-            if not bm.allocate(req, n):
+            reused, hit = self._prefix_hit(req, req._prefill_len - 1)
+            n = min(req._prefill_len - reused, budget)
+            if not bm.allocate(req, reused + n):
                 break
+            if reused:
+                self._load_prefix(req, hit)
+                req.num_computed_tokens = reused
             waiting.popleft()
             self._num_waiting -= 1
             req.status = _RUNNING
@@ -371,6 +375,16 @@ class Scheduler:
             prefill.append(self._prefill_seq(req, n, it))
             budget -= n
         return budget
+
+    def _prefix_hit(self, req: Request, max_tokens: int) -> tuple[int, object]:
+        """Hook: tokens of ``req`` whose KV can be loaded instead of computed (at most ``max_tokens``), and a handle.
+
+        The base scheduler recomputes everything; the KV-offload scheduler returns a host-cache hit here.
+        """
+        return 0, None
+
+    def _load_prefix(self, req: Request, hit: object) -> None:
+        """Hook: fill ``req``'s freshly allocated pages with the reused prefix of ``hit`` (see ``_prefix_hit``)."""
 
     def update(self, plan: BatchPlan, sampled: dict[str, int]) -> list[Request]:
         """Apply the tokens ``plan`` sampled (``sampled[request_id]`` for each seq with ``sample``).

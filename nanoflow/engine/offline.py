@@ -63,7 +63,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens (throughput runs)")
-    p.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
+    p.add_argument("--chat", default="auto", choices=["auto", "yes", "no"],
+                   help="wrap text prompts in the tokenizer's chat template as a user turn; auto = when the "
+                        "tokenizer has one (instruct models)")
     return p
 
 
@@ -74,16 +76,21 @@ def run(args: argparse.Namespace) -> int:
 
     llm = LLM(**engine_kwargs(args))
     vocab = llm.engine.spec.vocab_size
+    # Synthetic traces are drawn to fit the context; rows of a file are kept as given, so an over-long prompt comes
+    # back as an error line in the output (one line per request) instead of vanishing.
+    synthetic = not Path(args.dataset).exists()
     data = load_dataset(args.dataset, num_requests=args.num_requests, seed=args.seed, vocab_size=vocab,
-                        tokenizer=llm.tokenizer, max_len=llm.engine.max_model_len)
+                        tokenizer=llm.tokenizer, max_len=llm.engine.max_model_len if synthetic else None)
     for row in data.skipped:
         print(f"skipped {args.dataset}:{row.line}: {row.reason}", file=sys.stderr)
+    tok = llm.tokenizer
+    chat = tok is not None and (args.chat == "yes" or (args.chat == "auto" and tok.has_chat_template))
     prompts: list[Any] = []
     params = []
     for item in data.items:
         prompt: Any = item.prompt if item.prompt is not None else item.prompt_token_ids
-        if args.chat and isinstance(prompt, str) and llm.tokenizer is not None:
-            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        if chat and isinstance(prompt, str):
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=args.max_tokens or item.max_tokens or 64,
                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

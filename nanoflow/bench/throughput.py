@@ -77,22 +77,7 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
     engine.run_until_done()
     wall = time.perf_counter() - t0
     engine.plan_hook = None
-    prompt_toks = sum(len(o.prompt_token_ids) for o in outs)
-    gen_toks = sum(len(o.token_ids) for o in outs)
-    bad = [o for o, (_, n) in zip(outs, reqs) if o.finish_reason != "length" or len(o.token_ids) != n]
-    it = max(engine.stats_iterations, 1)
-    rec: dict[str, Any] = {
-        "requests": len(outs), "prompt_tokens": prompt_toks, "generated_tokens": gen_toks, "wall_s": wall,
-        "throughput_tok_s": (prompt_toks + gen_toks) / wall, "iterations": engine.stats_iterations,
-        "iteration_ms": wall / it * 1e3, "cpu_schedule_ms_per_iter": engine.stats_sched_s / it * 1e3,
-        "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s,
-        "engine_build_s": warm_t0 - t_build, "errors": sum(o.finish_reason == "error" for o in outs),
-        "dense_batch": engine.dense_batch_size, "kv_cache_tokens": engine.kv_tokens, "incomplete": len(bad),
-    }
-    graphs = engine.runner.graphs
-    if graphs is not None:
-        rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
-                   graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured))
+    rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
     if profile and plans:
         try:
             prof = profile_replay(engine, plans[len(plans) // 2])
@@ -101,6 +86,28 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         except Exception as exc:  # profiling is a bonus: keep the throughput figure
             log.exception("profiling failed")
             rec["profile_error"] = repr(exc)
+    return rec
+
+
+def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], wall: float, warm_s: float,
+               build_s: float) -> dict[str, Any]:
+    """The result record of one timed run: throughput, iteration and CPU times, graph statistics."""
+    prompt_toks = sum(len(o.prompt_token_ids) for o in outs)
+    gen_toks = sum(len(o.token_ids) for o in outs)
+    it = max(engine.stats_iterations, 1)
+    rec: dict[str, Any] = {
+        "requests": len(outs), "prompt_tokens": prompt_toks, "generated_tokens": gen_toks, "wall_s": wall,
+        "throughput_tok_s": (prompt_toks + gen_toks) / wall, "iterations": engine.stats_iterations,
+        "iteration_ms": wall / it * 1e3, "cpu_schedule_ms_per_iter": engine.stats_sched_s / it * 1e3,
+        "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s, "engine_build_s": build_s,
+        "errors": sum(o.finish_reason == "error" for o in outs), "dense_batch": engine.dense_batch_size,
+        "kv_cache_tokens": engine.kv_tokens,
+        "incomplete": sum(o.finish_reason != "length" or len(o.token_ids) != n for o, (_, n) in zip(outs, reqs)),
+    }
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
+                   graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured))
     return rec
 
 

@@ -41,6 +41,7 @@ def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list
     """One mode on all ranks (rank 0 drives): build, capture, warm up, time; the engine is closed on every rank."""
     import torch
 
+    from nanoflow.bench.throughput import run_record
     from nanoflow.engine.distributed import DistributedEngine
     from nanoflow.scheduler.request import SamplingParams
 
@@ -62,23 +63,7 @@ def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list
         t0 = time.perf_counter()
         engine.run_until_done()
         wall = time.perf_counter() - t0
-        prompt_toks = sum(len(o.prompt_token_ids) for o in outs)
-        gen_toks = sum(len(o.token_ids) for o in outs)
-        it = max(engine.stats_iterations, 1)
-        rec: dict[str, Any] = {
-            "requests": len(outs), "prompt_tokens": prompt_toks, "generated_tokens": gen_toks, "wall_s": wall,
-            "throughput_tok_s": (prompt_toks + gen_toks) / wall, "iterations": engine.stats_iterations,
-            "iteration_ms": wall / it * 1e3, "cpu_schedule_ms_per_iter": engine.stats_sched_s / it * 1e3,
-            "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s,
-            "engine_build_s": warm_t0 - t_build, "errors": sum(o.finish_reason == "error" for o in outs),
-            "dense_batch": engine.dense_batch_size, "kv_cache_tokens": engine.kv_tokens,
-            "incomplete": sum(o.finish_reason != "length" or len(o.token_ids) != n for o, (_, n) in zip(outs, reqs)),
-        }
-        graphs = engine.runner.graphs
-        if graphs is not None:
-            rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
-                       graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured))
-        return rec
+        return run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
     finally:
         engine.close()
 

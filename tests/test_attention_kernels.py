@@ -9,29 +9,11 @@ reference and all other rows are still NaN. The reference itself is checked agai
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import zlib
 
-# Triton decides "interpreted or compiled" when a function is decorated, for its own standard library (tl.cdiv,
-# tl.sum, ...) at its first import and for our kernels at theirs, and it consults the variable again while
-# interpreting. So it is set before anything imports triton. If another test module imported triton (or our kernels)
-# compiled first, this process cannot interpret them: the whole file then runs in a fresh subprocess instead.
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+from interpreted import fresh_interpreter_test, import_interpreted, interpret_env, is_interpreted  # noqa: F401
 
-    import nanoflow.ops.attention.decode as decode_mod
-    import nanoflow.ops.attention.prefill as prefill_mod
-finally:
-    # Modules collected after this one choose for themselves; the fixture below sets it again around each test.
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+decode_mod, prefill_mod = import_interpreted("nanoflow.ops.attention.decode", "nanoflow.ops.attention.prefill")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -42,30 +24,13 @@ from nanoflow.ops.attention.reference import (  # noqa: E402
     prefill_attention_ref,
 )
 
-IN_PROCESS = all(
-    isinstance(f, InterpretedFunction) for f in (tl.cdiv, decode_mod._decode_split_kernel, prefill_mod._prefill_kernel)
-)
+IN_PROCESS = is_interpreted(decode_mod._decode_split_kernel, prefill_mod._prefill_kernel)
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
+test_whole_file_in_fresh_interpreter = fresh_interpreter_test(__file__, IN_PROCESS)
 
 decode_attention = decode_mod.decode_attention
 decode_workspace = decode_mod.decode_workspace
 prefill_attention = prefill_mod.prefill_attention
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="this process already interprets the kernels")
-def test_whole_file_in_fresh_interpreter():
-    """Another module imported triton compiled before us: run this file where TRITON_INTERPRET=1 comes first."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}

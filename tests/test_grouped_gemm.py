@@ -8,50 +8,21 @@ reference too.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zlib
 
-# Triton decides "interpreted or compiled" when a kernel is decorated, so the variable is set before anything
-# imports triton; if another module imported it compiled first, the file re-runs in a fresh subprocess (below).
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+from interpreted import fresh_interpreter_test, import_interpreted, interpret_env, is_interpreted  # noqa: F401
 
-    import nanoflow.ops.grouped_gemm as gg
-finally:
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+(gg,) = import_interpreted("nanoflow.ops.grouped_gemm")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nanoflow.ops import moe  # noqa: E402
 
-IN_PROCESS = all(isinstance(f, InterpretedFunction) for f in (tl.cdiv, gg._grouped_gemm_kernel))
+IN_PROCESS = is_interpreted(gg._grouped_gemm_kernel)
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
+test_whole_file_in_fresh_interpreter = fresh_interpreter_test(__file__, IN_PROCESS)
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="this process already interprets the kernel")
-def test_whole_file_in_fresh_interpreter():
-    """Another module imported triton compiled before us: run this file where TRITON_INTERPRET=1 comes first."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 def seeded(*case: object) -> torch.Generator:

@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from interpreted import fresh_interpreter_test, import_interpreted, interpret_env, is_interpreted  # noqa: F401
 
-# Triton decides "interpreted or compiled" at import / decoration time (see tests/test_attention_kernels.py): set the
-# variable before anything imports triton, or re-run this file in a fresh interpreter when another module came first.
-_previous = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    import nanoflow.ops.kv_transfer as kt
-finally:
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+(kt,) = import_interpreted("nanoflow.ops.kv_transfer")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-IN_PROCESS = all(isinstance(f, InterpretedFunction) for f in (tl.cdiv, kt._page_copy_kernel))
+IN_PROCESS = is_interpreted(kt._page_copy_kernel)
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="this process already interprets the kernels")
-def test_whole_file_in_fresh_interpreter():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+test_whole_file_in_fresh_interpreter = fresh_interpreter_test(__file__, IN_PROCESS)
 
 
 def _setup(n: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):

@@ -244,7 +244,7 @@ class EngineArgs:
     cuda_graphs: bool = True
     compile: bool = True
     pipeline: str | None = None
-    resource_knob: str = "grid"  # how nano-op shares are enforced: grid | green | none (graphs/resources.py)
+    resource_knob: str = "grid"  # how nano-op shares are enforced: grid|partition|green|none (graphs/resources.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -209,3 +209,15 @@ def test_greedy_matches_transformers_with_nano_batches(tiny_mixtral, tmp_path):
     PipelineSpec.nano_batch_only(graph, 48, 3).save(pipe)
     llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=48, kv_cache_tokens=4096, pipeline=str(pipe))
     assert _generate(llm, prompts) == expected
+
+
+def test_greedy_matches_transformers_with_the_overlap_preset(tiny_mixtral):
+    """The shipped Mixtral overlap preset (two nano-batches, decode attention on its own stream; run in issue order
+    on the CPU) validates on the MoE layer graph and gives the same tokens."""
+    from nanoflow import LLM
+
+    path, prompts, expected, _ = tiny_mixtral
+    llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096,
+              pipeline="mixtral-overlap")
+    assert llm.engine.runner.executor.spec.name == "mixtral-overlap"
+    assert _generate(llm, prompts) == expected

@@ -35,7 +35,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
                    help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, nano-batch, "
-                        "overlap-preset, overlap-searched")
+                        "overlap-preset, overlap-preset-{partition,green,nogrid}, overlap-searched, "
+                        "overlap-searched-partition (the suffix names the resource knob; plain = decode grid for the "
+                        "preset, none for the searched spec)")
+    p.add_argument("--memory-share", type=float, default=None,
+                   help="override the spec's shares: partitioned memory-bound nano-ops get this share of the SMs, "
+                        "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
+    p.add_argument("--decode-ctas-per-sm", type=int, default=2,
+                   help="decode-attention programs per SM of its share under the grid/partition knobs")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default="llama-8b-overlap",
                    help="preset used by the overlap-preset* modes (llama-70b-tp-overlap under TP)")
@@ -74,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         return run_tp(args)
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
+    ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
+    if args.memory_share is not None:
+        ea.extra["memory_share"] = args.memory_share
     t0 = time.perf_counter()
     parts = load_parts(ea, device)
     spec = parts["model"].spec

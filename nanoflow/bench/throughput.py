@@ -28,8 +28,10 @@ MODES = {
     "overlap-preset": ("llama-8b-overlap", True, True),
     "overlap-preset-green": ("llama-8b-overlap", True, True),
     "overlap-preset-nogrid": ("llama-8b-overlap", True, True),
+    "overlap-preset-partition": ("llama-8b-overlap", True, True),
 }
-KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none"}
+KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none",
+                "overlap-preset-partition": "partition", "overlap-searched-partition": "partition"}
 
 
 def workload(spec_name: str, n: int, vocab: int, seed: int, max_len: int) -> list[tuple[list[int], int]]:
@@ -117,8 +119,12 @@ def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_
 
 
 def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
-    if mode == "overlap-searched":
+    if mode.startswith("overlap-searched"):
+        if mode not in KNOB_OF_MODE:
+            raise ValueError(f"unknown mode {mode!r}; use overlap-searched or overlap-searched-partition")
         return replace(args, pipeline=searched, resource_knob=KNOB_OF_MODE[mode])
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join([*MODES, 'overlap-searched'])}")
     pipeline, graphs, async_ = MODES[mode]
     return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_,
                    resource_knob=KNOB_OF_MODE.get(mode, args.resource_knob))

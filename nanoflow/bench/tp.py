@@ -26,7 +26,7 @@ log = logging.getLogger("nanoflow")
 
 # The 8B presets have no all-reduce nano-ops; under TP the overlap modes use the TP preset.
 TP_PRESETS = {"overlap-preset": "llama-70b-tp-overlap", "overlap-preset-green": "llama-70b-tp-overlap",
-              "overlap-preset-nogrid": "llama-70b-tp-overlap"}
+              "overlap-preset-nogrid": "llama-70b-tp-overlap", "overlap-preset-partition": "llama-70b-tp-overlap"}
 
 
 def _mode_args(ea: Any, mode: str, searched: str | None) -> Any:
@@ -88,6 +88,9 @@ def run_tp(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
+    ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
+    if args.memory_share is not None:
+        ea.extra["memory_share"] = args.memory_share
     ea = replace(ea, tp=args.tp, device=str(comm.device))
     t0 = time.perf_counter()
     parts = load_parts(ea, comm.device, comm.rank, comm.world_size)

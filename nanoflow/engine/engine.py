@@ -114,7 +114,9 @@ class Engine:
             name = "llama-70b-tp-overlap" if self.model.tp_size > 1 else "llama-8b-overlap"
 
         spec = PipelineSpec.load(name) if name.endswith(".json") else load_preset(name)
-        return spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec
+        spec = spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec
+        share = self.args.extra.get("memory_share")  # a sweep override of the spec's shares (bench --memory-share)
+        return spec if share is None else spec.with_memory_share(float(share), self.model.layer_graph(0))
 
     def _make_runner(self, num_blocks: int, block_size: int, pipeline: Any, comm: Any) -> Any:
         from nanoflow.graphs.resources import ResourceConfig
@@ -123,7 +125,8 @@ class Engine:
         return ModelRunner(self.model, num_blocks, block_size, self.dense_batch_size, self.max_model_len,
                            pipeline=pipeline, comm=comm, compile_glue=self.args.compile,
                            cuda_graphs=self.args.cuda_graphs, decode_cap=self.scheduler.max_num_seqs,
-                           resources=ResourceConfig(knob=self.args.resource_knob))
+                           resources=ResourceConfig(knob=self.args.resource_knob,
+                                                    ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))))
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

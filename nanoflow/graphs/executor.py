@@ -94,13 +94,17 @@ class Executor:
         else:
             self._run_streams(make_ctx, num_tokens)
 
-    def _launch(self, op: Any, ctx: StepContext, layer: int, lo: int, hi: int, stream_label: str = "s0") -> None:
-        if self.timeline is not None:
-            self.timeline.begin(layer, op.name, lo, hi, stream_label)
-            op.run(ctx, lo, hi)
-            self.timeline.end()
-        else:
-            op.run(ctx, lo, hi)
+    def _launch(self, op: Any, ctx: StepContext, layer: int, lo: int, hi: int, stream_label: str = "s0",
+                carveout: int | None = None) -> None:
+        from nanoflow.graphs.resources import sm_target
+
+        with sm_target(carveout):
+            if self.timeline is not None:
+                self.timeline.begin(layer, op.name, lo, hi, stream_label)
+                op.run(ctx, lo, hi)
+                self.timeline.end()
+            else:
+                op.run(ctx, lo, hi)
 
     # ---- multi-stream ----------------------------------------------------------------------------------------
     def _prepare_streams(self) -> None:
@@ -110,9 +114,13 @@ class Executor:
         spec = self.spec
         self._deps = spec.dependencies(graph)
         self._wrap = spec.wrap_dependencies(graph)
-        from nanoflow.graphs.resources import make_streams
+        from nanoflow.graphs.nanoop import ResourceKind
+        from nanoflow.graphs.resources import gemm_carveout, make_streams
 
         self._streams = make_streams(spec, self.device, self.resources)
+        # SM carve-out of each COMPUTE nano-op under the ``partition`` knob (None elsewhere).
+        self._carveouts = [gemm_carveout(nop.share, self.device, self.resources)
+                           if graph.op(nop.op).kind is ResourceKind.COMPUTE else None for nop in spec.nano_ops]
         self._plan = True
 
     def _run_streams(self, make_ctx: ContextFactory, num_tokens: int) -> None:
@@ -139,7 +147,7 @@ class Executor:
                 lo, hi = clip_range(nop.lo, nop.hi, num_tokens)
                 with torch.cuda.stream(stream):
                     if lo < hi:
-                        self._launch(graph.op(nop.op), ctx, layer, lo, hi, f"s{nop.stream}")
+                        self._launch(graph.op(nop.op), ctx, layer, lo, hi, f"s{nop.stream}", self._carveouts[i])
                     ev = torch.cuda.Event()
                     ev.record(stream)
                 events[i] = ev

@@ -134,6 +134,18 @@ class PipelineSpec:
         meta = {**self.meta, "rescaled_from": old}
         return replace(self, dense_batch_size=dense, nano_ops=tuple(nano), meta=meta)
 
+    def with_memory_share(self, share: float, graph: LayerGraph) -> PipelineSpec:
+        """The same pipeline with every partitioned MEMORY nano-op (share < 1) at ``share`` and every other
+        partitioned nano-op at ``1 - share``: one number to sweep how the SMs are split between the two sides."""
+        from nanoflow.graphs.nanoop import ResourceKind
+
+        if not 0.0 < share < 1.0:
+            raise PipelineSpecError(f"memory share must be in (0, 1), got {share}")
+        nano = tuple(n if n.share >= 1.0 else
+                     replace(n, share=share if graph.op(n.op).kind is ResourceKind.MEMORY else 1.0 - share)
+                     for n in self.nano_ops)
+        return replace(self, nano_ops=nano, meta={**self.meta, "memory_share": share})
+
     def for_graph(self, graph: LayerGraph) -> PipelineSpec:
         """Drop nano-ops of ops the graph lacks (e.g. all-reduces of a TP preset at TP=1) and their edges."""
         present = set(graph.names)

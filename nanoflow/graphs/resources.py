@@ -2,6 +2,10 @@
 
 - ``grid``: the decode-attention kernel runs a persistent grid of ``programs(R)`` programs, so it occupies about
   R of the SMs and a concurrent GEMM of another nano-batch gets the rest. GEMMs keep cuBLAS's own grid.
+- ``partition``: both sides bounded. Decode attention as in ``grid``; a COMPUTE nano-op with share R < 1 is launched
+  with cuBLASLt's SM-count target set to R of the SMs (torch's SM carve-out, read when the GEMM is launched, so a
+  captured graph keeps it). cuBLAS's Hopper GEMMs are persistent: without a target they start one CTA per SM and the
+  SMs held by attention delay whole waves (measured with ``grid``); with it the two kernels split the SMs.
 - ``green``: every stream of the pipeline is created inside a CUDA green context holding about R_max of the SMs
   (``torch.cuda.green_contexts``), a hard partition; kernels captured from those streams keep it in the graph.
 - ``none``: plain streams (the GPU's block scheduler decides; measured on an H200: a GEMM launched first takes every
@@ -20,7 +24,7 @@ import torch
 
 log = logging.getLogger("nanoflow")
 
-KNOBS = ("grid", "green", "none")
+KNOBS = ("grid", "partition", "green", "none")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ResourceConfig:
     knob: str = "grid"
     ctas_per_sm: int = 2  # decode programs per SM of its share (the kernel fits several CTAs per SM)
     min_programs: int = 8
+    min_gemm_sms: int = 16
 
     def __post_init__(self) -> None:
         if self.knob not in KNOBS:
@@ -42,9 +47,40 @@ def sm_count(device: torch.device) -> int:
 
 def decode_programs(share: float, device: torch.device, cfg: ResourceConfig) -> int | None:
     """Persistent-grid size for a decode nano-op holding ``share`` of the GPU; None = the full default grid."""
-    if cfg.knob != "grid" or share >= 1.0 or device.type != "cuda":
+    if cfg.knob not in ("grid", "partition") or share >= 1.0 or device.type != "cuda":
         return None
     return max(cfg.min_programs, round(share * sm_count(device) * cfg.ctas_per_sm))
+
+
+def gemm_carveout(share: float, device: torch.device, cfg: ResourceConfig) -> int | None:
+    """SMs a COMPUTE nano-op holding ``share`` leaves to others (the ``partition`` knob); None = no target."""
+    if cfg.knob != "partition" or share >= 1.0 or device.type != "cuda":
+        return None
+    total = sm_count(device)
+    return total - min(total, max(cfg.min_gemm_sms, round(share * total)))
+
+
+class sm_target:
+    """Context manager: GEMMs launched inside target ``sm_count - carveout`` SMs (cuBLASLt ``SM_COUNT_TARGET``).
+
+    Torch applies the carve-out on its cuBLASLt path, so the preferred BLAS backend is switched to cuBLASLt for the
+    duration as well; both settings are restored on exit. ``carveout=None`` does nothing.
+    """
+
+    def __init__(self, carveout: int | None):
+        self.carveout = carveout
+
+    def __enter__(self) -> sm_target:
+        if self.carveout is not None:
+            self._prev = (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library())
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            torch._C._set_sm_carveout_experimental(self.carveout)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.carveout is not None:
+            torch._C._set_sm_carveout_experimental(self._prev[0])
+            torch.backends.cuda.preferred_blas_library(self._prev[1])
 
 
 def make_streams(spec: Any, device: torch.device, cfg: ResourceConfig) -> list[torch.cuda.Stream]:

@@ -104,6 +104,92 @@ def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ct
             "t_decode_alone_ms": t_dec_full, "serial_ms": t_gemm + t_dec_full, "pairs": rows}
 
 
+def partition_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
+                    head_dim: int, decode_sms: list[int], ctas_per_sm: list[int], configs: list[dict[str, Any]],
+                    device: torch.device, block_size: int = 16) -> dict[str, Any]:
+    """The ``partition`` knob: the GEMM targets ``sms - k`` SMs (cuBLASLt carve-out), decode attention runs a
+    persistent grid of ``c * k`` programs, for every k in ``decode_sms`` and c in ``ctas_per_sm``.
+
+    ``configs`` are decode-kernel settings (``block_n``, ``num_stages``, ``num_warps``, ``kv_evict``) tried alone at
+    every grid; the pair uses the best one for that grid. Also records the GEMM alone per carve-out and backend, so
+    the GEMM's R -> P curve and the decode kernel's are both visible.
+    """
+    from nanoflow.graphs.resources import sm_target
+    from nanoflow.ops.attention.decode import decode_attention
+
+    dt = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dt, generator=g)
+    w = torch.randn(2 * inter, hidden, device=device, dtype=dt, generator=g) * 0.02
+    y = torch.empty(tokens, 2 * inter, device=device, dtype=dt)
+    pages = -(-ctx // block_size)
+    nblocks = decode_rows * pages + 1
+    kc = torch.randn(nblocks, block_size, kv_heads, head_dim, device=device, dtype=dt, generator=g)
+    vc = torch.randn_like(kc)
+    table = (torch.randperm(nblocks - 1, device=device)[: decode_rows * pages] + 1).view(decode_rows, pages).int()
+    lens = torch.full((decode_rows,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(decode_rows, heads, head_dim, device=device, dtype=dt, generator=g)
+    out = torch.empty_like(q)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    kv_bytes = 2 * decode_rows * ctx * kv_heads * head_dim * kc.element_size()
+    s_hi = torch.cuda.Stream(device=device, priority=-1)
+    s_lo = torch.cuda.Stream(device=device, priority=0)
+
+    def gemm(carveout: int | None) -> Any:
+        def fn() -> None:
+            with sm_target(carveout):
+                torch.mm(x, w.t(), out=y)
+        return fn
+
+    def dec(programs: int | None, cfg: dict[str, Any]) -> Any:
+        return lambda: decode_attention(q, kc, vc, table, lens, out, head_dim**-0.5, max_programs=programs, **cfg)
+
+    def alone(fn: Any, stream: torch.cuda.Stream) -> float:
+        return _events_time([(stream, fn)])[0][0]
+
+    t_gemm = alone(gemm(None), s_lo)
+    t_dec = alone(dec(None, {}), s_hi)
+    gemm_rows = [{"backend": "default", "gemm_sms": sms, "t_ms": t_gemm},
+                 {"backend": "cublaslt", "gemm_sms": sms, "t_ms": alone(gemm(0), s_lo)}]
+    gemm_alone = {}
+    for k in decode_sms:
+        gemm_alone[k] = alone(gemm(k), s_lo)
+        gemm_rows.append({"backend": "cublaslt", "gemm_sms": sms - k, "t_ms": gemm_alone[k],
+                          "P": t_gemm / gemm_alone[k]})
+    decode_rows_out = [{"programs": None, "config": "split-default", "t_ms": t_dec, "tb_s": kv_bytes / t_dec / 1e9}]
+    for cfg in configs:
+        try:
+            t = alone(dec(None, cfg), s_hi)
+            decode_rows_out.append({"programs": None, "config": cfg, "t_ms": t, "tb_s": kv_bytes / t / 1e9})
+        except Exception as exc:  # a config the device cannot run (shared memory): record it, keep the rest
+            decode_rows_out.append({"programs": None, "config": cfg, "error": repr(exc)[:200]})
+    pairs = []
+    for k in decode_sms:
+        for c in ctas_per_sm:
+            p = c * k
+            best: tuple[float, dict[str, Any]] | None = None
+            for cfg in configs:
+                try:
+                    t = alone(dec(p, cfg), s_hi)
+                except Exception as exc:
+                    decode_rows_out.append({"programs": p, "config": cfg, "error": repr(exc)[:200]})
+                    continue
+                decode_rows_out.append({"programs": p, "config": cfg, "t_ms": t, "tb_s": kv_bytes / t / 1e9})
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if best is None:
+                continue
+            (t_d, t_g), total = _events_time([(s_hi, dec(p, best[1])), (s_lo, gemm(k))])
+            pairs.append({"knob": "partition", "decode_sms": k, "programs": p, "config": best[1], "R_decode": k / sms,
+                          "t_decode_alone_ms": best[0], "t_gemm_alone_ms": gemm_alone[k], "t_decode_ms": t_d,
+                          "t_gemm_ms": t_g, "t_pair_ms": total, "P_decode": t_dec / t_d, "P_gemm": t_gemm / t_g,
+                          "speedup_vs_serial": (t_gemm + t_dec) / total})
+    return {"gemm_shape": [tokens, hidden, 2 * inter], "decode": {"rows": decode_rows, "ctx": ctx, "heads": heads,
+            "kv_heads": kv_heads, "head_dim": head_dim, "kv_bytes": kv_bytes}, "sms": sms,
+            "t_gemm_alone_ms": t_gemm, "t_decode_alone_ms": t_dec, "serial_ms": t_gemm + t_dec,
+            "gemm_alone": gemm_rows, "decode_alone": decode_rows_out, "pairs": pairs}
+
+
 def rp_table(pairs: list[dict[str, Any]]) -> list[tuple[float, float]]:
     """Best decode performance reachable at each decode share (non-dominated points, sorted by R)."""
     pts = sorted((1.0 - p["P_gemm"], p["P_decode"]) for p in pairs if "P_gemm" in p)

@@ -13,7 +13,11 @@ import os
 
 import torch
 
-from nanoflow.search.interference import gemm_decode_pairs, rp_table
+from nanoflow.search.interference import gemm_decode_pairs, partition_pairs, rp_table
+
+DECODE_CONFIGS = [{"block_n": bn, "num_stages": st, "num_warps": 4, "kv_evict": ev}
+                  for bn in (64, 128) for st in (2, 3, 4) for ev in ("evict_first", "")]
+DECODE_CONFIGS.append({"block_n": 128, "num_stages": 3, "num_warps": 8, "kv_evict": "evict_first"})
 
 
 def main() -> None:
@@ -22,7 +26,13 @@ def main() -> None:
     ap.add_argument("--decode", default="320:1300,640:1300", help="decode rows:context pairs (comma list)")
     ap.add_argument("--programs", default="16,32,48,64,96,132,192,264", help="decode persistent-grid sizes")
     ap.add_argument("--green", default="16,32,48,64", help="decode green-context SM counts")
+    ap.add_argument("--partition", action="store_true",
+                    help="measure the partition knob instead (GEMM SM carve-out + bounded decode grid)")
+    ap.add_argument("--decode-sms", default="24,32,48,64", help="partition: SMs left to decode attention")
+    ap.add_argument("--ctas-per-sm", default="1,2", help="partition: decode programs per decode SM")
     args = ap.parse_args()
+    if args.partition:
+        return partition(args)
     dev = torch.device("cuda")
     results = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -44,6 +54,33 @@ def main() -> None:
                       f"  P_gemm {p['P_gemm']:.2f} P_decode {p['P_decode']:.2f}")
             print("  R->P:", [(round(r, 2), round(q, 2)) for r, q in res["rp_table"]])
     with open(os.path.join(os.environ.get("OUT", "."), "interference.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
+                  indent=2)
+
+
+def partition(args: argparse.Namespace) -> None:
+    dev = torch.device("cuda")
+    results = []
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        for pair in args.decode.split(","):
+            rows, ctx = (int(v) for v in pair.split(":"))
+            res = partition_pairs(tokens, 4096, 14336, rows, ctx, 32, 8, 128,
+                                  [int(k) for k in args.decode_sms.split(",")],
+                                  [int(c) for c in args.ctas_per_sm.split(",")], DECODE_CONFIGS, dev)
+            res["rp_table"] = rp_table(res["pairs"])
+            results.append(res)
+            print(f"GEMM {tokens}x4096x28672 alone {res['t_gemm_alone_ms']:.3f} ms; decode {rows}x{ctx} alone "
+                  f"{res['t_decode_alone_ms']:.3f} ms; serial {res['serial_ms']:.3f} ms")
+            for g in res["gemm_alone"]:
+                print(f"  gemm {g['backend']:8s} {g['gemm_sms']:3d} SMs {g['t_ms']:.3f} ms")
+            full = [d for d in res["decode_alone"] if d["programs"] is None and "t_ms" in d]
+            for d in sorted(full, key=lambda d: d["t_ms"])[:4]:
+                print(f"  decode full grid {d['config']}: {d['t_ms']:.3f} ms {d['tb_s']:.2f} TB/s")
+            for p in res["pairs"]:
+                print(f"  k={p['decode_sms']:3d} P={p['programs']:4d} {p['config']}: dec alone "
+                      f"{p['t_decode_alone_ms']:.3f} gemm alone {p['t_gemm_alone_ms']:.3f} pair {p['t_pair_ms']:.3f}"
+                      f" ms (x{p['speedup_vs_serial']:.2f}) P_gemm {p['P_gemm']:.2f} P_dec {p['P_decode']:.2f}")
+    with open(os.path.join(os.environ.get("OUT", "."), "interference_partition.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
                   indent=2)
 

@@ -131,7 +131,7 @@ def _decode_split_kernel(
     stride_pot, stride_poh, stride_pos,
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -171,11 +171,11 @@ def _decode_split_kernel(
         slot_in_page = tok % PAGE
         k = tl.load(
             k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
-            mask=valid[:, None], other=0.0,
+            mask=valid[:, None], other=0.0, eviction_policy=EVICT,
         )
         v = tl.load(
             v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
-            mask=valid[:, None], other=0.0,
+            mask=valid[:, None], other=0.0, eviction_policy=EVICT,
         )
         s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -210,7 +210,7 @@ def _decode_persistent_kernel(
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -242,9 +242,9 @@ def _decode_persistent_kernel(
                 page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
                 slot_in_page = tok % PAGE
                 k = tl.load(k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
-                            mask=valid[:, None], other=0.0)
+                            mask=valid[:, None], other=0.0, eviction_policy=EVICT)
                 v = tl.load(v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
-                            mask=valid[:, None], other=0.0)
+                            mask=valid[:, None], other=0.0, eviction_policy=EVICT)
                 s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
                 s = tl.where(valid[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -304,6 +304,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     max_programs: int | None = None,
+    kv_evict: str = "evict_first",
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -321,6 +322,8 @@ def decode_attention(
         block_n: KV tokens per loop iteration (power of two >= 16); ``None`` picks a per-device default.
         max_programs: run a persistent grid of this many programs (one split each) instead of one program per
             (row, kv head, split): the grid-size resource knob that leaves SMs free for an overlapped GEMM.
+        kv_evict: L2 eviction hint of the K/V loads. ``"evict_first"`` (default) marks the streamed KV as the first
+            to leave L2, so a GEMM running beside it keeps its reused weight tiles there; ``""`` is the plain load.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -330,6 +333,8 @@ def decode_attention(
     check_index("block_tables", block_tables, rows, q.device, ndim=2)
     if rows == 0:
         return out
+    if kv_evict not in ("", "evict_first", "evict_last"):
+        raise AttentionInputError(f"kv_evict must be '', 'evict_first' or 'evict_last', got {kv_evict!r}")
     block_n_persist = _default_block_n(q.device, head_dim) if block_n is None else block_n
     if max_programs is not None:
         if max_programs < 1:
@@ -345,7 +350,7 @@ def decode_attention(
             block_tables.stride(0),
             out.stride(0), out.stride(1),
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
-            BLOCK_N=block_n_persist, PRECISION=dot_precision(q.dtype, q.device),
+            BLOCK_N=block_n_persist, PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict,
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
@@ -380,7 +385,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         *po_strides, *plse_strides,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_N=block_n, DIRECT=direct, PRECISION=precision,
+        BLOCK_N=block_n, DIRECT=direct, PRECISION=precision, EVICT=kv_evict,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

@@ -1,0 +1,81 @@
+"""Resource knobs: how a nano-op's share becomes a decode grid or a GEMM SM target, and the share sweep override."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from nanoflow.bench.throughput import mode_args
+from nanoflow.config import EngineArgs
+from nanoflow.graphs import resources
+from nanoflow.graphs.nanoop import ResourceKind
+from nanoflow.graphs.pipeline import PipelineSpecError, load_preset
+from nanoflow.graphs.resources import ResourceConfig, decode_programs, gemm_carveout, sm_target
+
+from tests.test_pipeline_spec import llama_graph
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    monkeypatch.setattr(resources, "sm_count", lambda device: 132)
+
+
+def test_partition_bounds_both_sides(h200):
+    cfg = ResourceConfig(knob="partition", ctas_per_sm=1)
+    assert decode_programs(0.25, CUDA, cfg) == 33  # one program per SM of its quarter
+    assert gemm_carveout(0.75, CUDA, cfg) == 132 - 99  # the GEMM targets 99 SMs, leaving 33
+    assert gemm_carveout(1.0, CUDA, cfg) is None  # an unpartitioned GEMM keeps every SM
+    assert gemm_carveout(0.01, CUDA, cfg) == 132 - cfg.min_gemm_sms
+    assert decode_programs(1.0, CUDA, cfg) is None
+
+
+def test_other_knobs_leave_gemms_alone(h200):
+    for knob in ("grid", "green", "none"):
+        assert gemm_carveout(0.5, CUDA, ResourceConfig(knob=knob)) is None
+    assert decode_programs(0.5, CUDA, ResourceConfig(knob="grid")) == 132
+    assert decode_programs(0.5, CUDA, ResourceConfig(knob="none")) is None
+    assert decode_programs(0.5, torch.device("cpu"), ResourceConfig(knob="partition")) is None
+    with pytest.raises(ValueError, match="partition"):
+        ResourceConfig(knob="sms")
+
+
+def test_sm_target_sets_and_restores_the_carveout():
+    calls = []
+    with mock.patch.object(torch._C, "_set_sm_carveout_experimental", side_effect=calls.append), \
+            mock.patch.object(torch._C, "_get_sm_carveout_experimental", return_value=None), \
+            mock.patch.object(torch.backends.cuda, "preferred_blas_library", return_value="prev") as blas:
+        with sm_target(40):
+            assert calls == [40]
+        assert calls == [40, None]
+        assert blas.call_args_list[-2:] == [mock.call("cublaslt"), mock.call("prev")]
+    with sm_target(None):  # no target: nothing touched (the CPU build has no cuBLASLt at all)
+        pass
+
+
+def test_memory_share_override_keeps_partitioned_pairs_summing_to_one():
+    graph = llama_graph()
+    spec = load_preset("llama-8b-overlap").for_graph(graph)
+    swept = spec.with_memory_share(0.25, graph)
+    swept.validate(graph)
+    for before, after in zip(spec.nano_ops, swept.nano_ops):
+        if before.share >= 1.0:
+            assert after.share == before.share
+        elif graph.op(before.op).kind is ResourceKind.MEMORY:
+            assert after.share == 0.25
+        else:
+            assert after.share == 0.75
+    with pytest.raises(PipelineSpecError, match=r"\(0, 1\)"):
+        spec.with_memory_share(1.0, graph)
+
+
+def test_bench_modes_name_their_knob():
+    args = EngineArgs(model="x")
+    assert mode_args(args, "overlap-preset-partition", None).resource_knob == "partition"
+    assert mode_args(args, "overlap-searched-partition", "s.json").resource_knob == "partition"
+    assert mode_args(args, "overlap-searched", "s.json").resource_knob == "none"
+    with pytest.raises(ValueError, match="unknown mode"):
+        mode_args(args, "overlap-presets", None)

@@ -13,7 +13,6 @@ from nanoflow.graphs import resources
 from nanoflow.graphs.nanoop import ResourceKind
 from nanoflow.graphs.pipeline import PipelineSpecError, load_preset
 from nanoflow.graphs.resources import ResourceConfig, decode_programs, gemm_carveout, sm_target
-
 from tests.test_pipeline_spec import llama_graph
 
 CUDA = torch.device("cuda", 0)

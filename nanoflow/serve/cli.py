@@ -94,7 +94,12 @@ def build_engine(args: argparse.Namespace) -> Any:
     """The AsyncEngine for the parsed engine options (imported lazily: ``--help`` must not load torch)."""
     from nanoflow.engine.async_engine import AsyncEngine
 
-    return AsyncEngine.from_args(engine_args(args))
+    engine = AsyncEngine.from_args(engine_args(args))
+    graphs = engine.engine.runner.graphs
+    if graphs is not None:  # capture every token bucket before accepting traffic (first requests stay fast)
+        print(f"capturing CUDA graphs for {len(graphs.sizes)} batch sizes ...", file=sys.stderr, flush=True)
+        print(f"captured in {graphs.capture_all():.1f} s", file=sys.stderr, flush=True)
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:

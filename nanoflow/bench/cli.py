@@ -44,8 +44,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
-    p.add_argument("--overlap-preset", default="llama-8b-overlap",
-                   help="preset used by the overlap-preset* modes (llama-70b-tp-overlap under TP)")
+    p.add_argument("--overlap-preset", default=None,
+                   help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
+                        "under --tp (mixtral-overlap for Mixtral)")
     p.add_argument("--peer", default=None, choices=["transformers"], help="also run this peer engine")
     p.add_argument("--peer-requests", type=int, default=64, help="requests for the peer (it is slow)")
     p.add_argument("--profile", action="store_true", help="per-op CUDA-event profile of a steady-state batch")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             margs = mode_args(ea, mode, args.searched_spec)
             if mode.startswith("overlap-preset"):
-                margs = replace(margs, pipeline=args.overlap_preset)
+                margs = replace(margs, pipeline=args.overlap_preset or "llama-8b-overlap")
             rec = run_mode(margs, parts, reqs, warm, args.profile)
         except Exception as exc:  # one failing mode must not lose the others' figures
             log.exception("mode %s failed", mode)

@@ -25,15 +25,15 @@ from typing import Any
 log = logging.getLogger("nanoflow")
 
 # The 8B presets have no all-reduce nano-ops; under TP the overlap modes use the TP preset.
-TP_PRESETS = {"overlap-preset": "llama-70b-tp-overlap", "overlap-preset-green": "llama-70b-tp-overlap",
-              "overlap-preset-nogrid": "llama-70b-tp-overlap", "overlap-preset-partition": "llama-70b-tp-overlap"}
+TP_PRESET = "llama-70b-tp-overlap"
 
 
-def _mode_args(ea: Any, mode: str, searched: str | None) -> Any:
+def _mode_args(ea: Any, mode: str, searched: str | None, preset: str | None) -> Any:
+    """The mode's engine args; the overlap-preset* modes run ``preset`` (default: the 70B TP preset)."""
     from nanoflow.bench.throughput import mode_args
 
     args = mode_args(ea, mode, searched)
-    return replace(args, pipeline=TP_PRESETS[mode]) if mode in TP_PRESETS else args
+    return replace(args, pipeline=preset or TP_PRESET) if mode.startswith("overlap-preset") else args
 
 
 def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list[int], int]],
@@ -99,7 +99,7 @@ def run_tp(args: argparse.Namespace) -> int:
     log.info("rank %d: weights ready in %.1f s", comm.rank, time.perf_counter() - t0)
     if ea.kv_cache_tokens is None:  # one capacity for every mode and rank, so the modes' batches are comparable
         per_token = 2 * spec.num_layers * model.local_kv_heads * spec.head_dim * 2
-        mine = int(0.6 * torch.cuda.mem_get_info()[0] / per_token)
+        mine = int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token)
         ea = replace(ea, kv_cache_tokens=min(comm.all_gather_object(mine)))
     if not comm.is_leader:
         follow(comm, parts)
@@ -142,7 +142,7 @@ def _lead(args: argparse.Namespace, ea: Any, parts: dict[str, Any], comm: Any, g
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         log.info("mode %s (tp=%d) ...", mode, args.tp)
         try:
-            rec = _run_mode(_mode_args(ea, mode, args.searched_spec), parts, comm, reqs, warm)
+            rec = _run_mode(_mode_args(ea, mode, args.searched_spec, args.overlap_preset), parts, comm, reqs, warm)
         except Exception as exc:  # keep the other modes' figures (a failure inside a forward ends the run instead)
             log.exception("mode %s failed", mode)
             rec = {"error": repr(exc)}

@@ -117,6 +117,7 @@ class OffloadingEngine(Engine):
         self.stats_swapped_out_tokens = 0
         self.stats_swapped_in_tokens = 0
         self.stats_saved_from_host_copy = 0  # saves served by the host copy (the rest gathered the device pages)
+        self.stats_deferred_saves = 0  # of those, saves that waited for the rows of a step in flight
 
     def add_request(self, prompt: Any, params: Any = None, request_id: str | None = None, on_output: Any = None,
                     *, conversation_id: str | None = None) -> Any:
@@ -195,6 +196,7 @@ class OffloadingEngine(Engine):
             self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
         else:  # a step in flight still writes its last rows; _take_staged completes the save
             copy.pending_save = (tokens, namespace)
+            self.stats_deferred_saves += 1
 
     def swap_out(self, req: Request) -> None:
         if not self.swap_on_preempt:

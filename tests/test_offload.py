@@ -343,3 +343,18 @@ def test_pipeline_with_kv_offload_matches_baseline(tiny):
     off, _ = _stop_run(tiny, OffloadingEngine, pipeline="llama-8b-overlap", simultaneous_offload=False)
     assert on.stats_saved_from_host_copy == 8
     assert _entries(on) == _entries(off)
+
+
+def test_host_kv_copy_grows_rewrites_and_refuses_gaps():
+    from nanoflow.engine.host_kv import HostKVCopy
+
+    kv = _kv(40, seed=5)  # [L, 2, 40, H, D]: the reference positions
+    copy = HostKVCopy(capacity=8, seed=kv[:, :, :6])
+    assert copy.put(6, kv[:, :, 6:20]) and copy.num_tokens == 20  # past the hint: the buffer grows
+    assert not copy.put(21, kv[:, :, 21:22]) and copy.num_tokens == 20  # a gap: refused, nothing stored
+    assert copy.put(20, kv[:, :, 20:40])
+    assert torch.equal(copy.tensor(40), kv) and copy.tensor(40).is_contiguous()
+    assert copy.put(10, kv[:, :, 10:12] + 1) and copy.num_tokens == 12  # recomputed rows replace the old ones
+    assert torch.equal(copy.tensor(12)[:, :, 10:], kv[:, :, 10:12] + 1)
+    with pytest.raises(ValueError, match="holds 12 tokens"):
+        copy.tensor(13)

@@ -132,6 +132,10 @@ class OffloadingEngine(Engine):
         self._conversation.pop(tr.request.request_id, None)
         super()._emit_finished(tr)
 
+    def close(self) -> None:
+        self._copies.clear()
+        super().close()
+
     def _process(self, plan: Any, result: Any) -> None:
         if result.kv_rows is not None:
             result.tokens()  # waits for the step: its staged rows are complete
@@ -139,31 +143,26 @@ class OffloadingEngine(Engine):
         super()._process(plan, result)  # may finish requests, which then save from their host copies
 
     def _take_staged(self, plan: Any, kv_rows: torch.Tensor) -> None:
-        """Append each request's rows of ``plan`` (staged in ``kv_rows``) to its host copy; one gather for all."""
-        take: list[tuple[Any, HostKVCopy, int]] = []  # (seq, copy, offset in the gathered rows)
-        index: list[int] = []
+        """Copy each request's rows of ``plan`` (staged in ``kv_rows``, in the runner's row order) to its host copy."""
         row = 0
-        for seq in plan.seqs:  # the runner's row order
-            req = seq.request
-            copy = self._copies.get(seq.request_id)
+        for seq in plan.seqs:
+            req, rid, n = seq.request, seq.request_id, seq.num_tokens
+            copy = self._copies.get(rid)
             if seq.start == 0 and req.status is _RUNNING:
-                copy = self._copies[seq.request_id] = HostKVCopy(self.host_cache.block_size)
+                copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req))
             # A preempted request's rows are stale (its copy was dropped); a finished one may still await rows.
             if copy is not None and (req.status is _RUNNING or copy.pending_save is not None):
-                take.append((seq, copy, len(index)))
-                index.extend(range(row, row + seq.num_tokens))
-            row += seq.num_tokens
-        if not take:
-            return
-        rows = kv_rows[:, :, torch.tensor(index, dtype=torch.int64)]  # one copy out of the staging slot
-        for seq, copy, at in take:
-            if not copy.put(seq.start, rows[:, :, at:at + seq.num_tokens]):
-                log.debug("host KV copy of %s missed rows before %d; it will be gathered", seq.request_id, seq.start)
-                del self._copies[seq.request_id]
-            elif copy.pending_save is not None and copy.num_tokens >= len(copy.pending_save[0]):
-                tokens, namespace = copy.pending_save
-                del self._copies[seq.request_id]
-                self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
+                if not copy.put(seq.start, kv_rows[:, :, row:row + n]):
+                    log.debug("host KV copy of %s missed rows before %d; it will be gathered", rid, seq.start)
+                    del self._copies[rid]
+                elif copy.pending_save is not None and copy.num_tokens >= len(copy.pending_save[0]):
+                    tokens, namespace = copy.pending_save
+                    del self._copies[rid]
+                    self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
+            row += n
+
+    def _capacity_hint(self, req: Request) -> int:
+        return min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
 
     # ---- hooks called by ReuseScheduler ------------------------------------------------------------------------
     def _gather(self, req: Request) -> tuple[list[int], Any, Any] | None:
@@ -236,7 +235,7 @@ class OffloadingEngine(Engine):
         cache = self.runner.kv_cache
         scatter_pages(cache, to_device(hit.kv, cache.device), req.block_ids, hit.num_tokens)
         if self.simultaneous_offload:
-            self._copies[req.request_id] = HostKVCopy(self.host_cache.block_size, hit.kv[:, :, :hit.num_tokens])
+            self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), hit.kv[:, :, :hit.num_tokens])
         if req.num_preemptions:
             self.stats_swapped_in_tokens += hit.num_tokens
             self.host_cache.discard_namespace(_swap_space(req))

@@ -165,12 +165,12 @@ def tiny(tmp_path_factory):
     return spec, weights, str(path)
 
 
-def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, **kw):
+def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, **kw):
     spec, weights, path = tiny
     parts = {"model": model_class(spec.architecture)(spec, weights), "tokenizer": None, "dtype": torch.float32,
              "source": ModelSource(spec, path, "safetensors", "tiny")}
     args = EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=kv_tokens,
-                      async_scheduling=async_scheduling, cuda_graphs=False, compile=False)
+                      async_scheduling=async_scheduling, cuda_graphs=False, compile=False, pipeline=pipeline)
     engine = cls(args, parts=parts, **kw)
     engine.prefill_tokens = 0
 
@@ -196,17 +196,19 @@ def _conversation(engine, firsts, turns, max_tokens, offloading):
     return answers
 
 
+@pytest.mark.parametrize("simultaneous", [True, False])
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_multiround_reuse_matches_recompute(tiny, async_scheduling):
+def test_multiround_reuse_matches_recompute(tiny, async_scheduling, simultaneous):
     g = torch.Generator().manual_seed(7)
     firsts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (37, 20)]
     turns = [[torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 5)] for _ in firsts]
     plain = _engine(tiny, Engine, async_scheduling=async_scheduling)
     want = _conversation(plain, firsts, turns, 10, offloading=False)
-    reuse = _engine(tiny, OffloadingEngine, async_scheduling=async_scheduling)
+    reuse = _engine(tiny, OffloadingEngine, async_scheduling=async_scheduling, simultaneous_offload=simultaneous)
     got = _conversation(reuse, firsts, turns, 10, offloading=True)
     assert got == want
     assert reuse.stats_reused_tokens > 0
+    assert (reuse.stats_saved_from_host_copy > 0) == simultaneous
     assert reuse.prefill_tokens == plain.prefill_tokens - reuse.stats_reused_tokens
     assert reuse.prefill_tokens < plain.prefill_tokens
 
@@ -226,13 +228,14 @@ def test_other_conversation_does_not_reuse(tiny):
     assert engine.stats_reused_tokens == 32
 
 
-def test_preemption_swaps_instead_of_recomputing(tiny):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_swaps_instead_of_recomputing(tiny, async_scheduling):
     g = torch.Generator().manual_seed(9)
     short = [torch.randint(0, VOCAB, (5,), generator=g).tolist() for _ in range(3)]
     long = [torch.randint(0, VOCAB, (20,), generator=g).tolist() for _ in range(4)]
 
-    def run(cls):
-        engine = _engine(tiny, cls, kv_tokens=160, async_scheduling=False)
+    def run(cls, **kw):
+        engine = _engine(tiny, cls, kv_tokens=160, async_scheduling=async_scheduling, **kw)
         outs = [engine.add_request(p, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)) for p in short]
         outs += [engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for p in long]
         engine.run_until_done()
@@ -243,3 +246,115 @@ def test_preemption_swaps_instead_of_recomputing(tiny):
     assert got == want
     assert swap.stats_swapped_out_tokens > 0 and swap.stats_swapped_in_tokens > 0
     assert swap.prefill_tokens < plain.prefill_tokens
+    # Swapped-in requests restart their host copies from the swapped KV; what they save equals the gather path's.
+    gathered, _ = run(OffloadingEngine, simultaneous_offload=False)
+    assert swap.stats_saved_from_host_copy == 4 and gathered.stats_saved_from_host_copy == 0
+    assert _entries(swap) == _entries(gathered) and len(_entries(swap)) == 4
+
+
+# ---- simultaneous offload: host copies grown from the KV staged inside each step ---------------------------------
+def _rand(g, n):
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+def _entries(engine) -> dict:
+    """{(namespace, token ids): KV bytes} of every host-cache entry."""
+    with engine.host_cache._lock:
+        return {(e.namespace, tuple(e.token_ids)): e.kv.numpy().tobytes()
+                for e in engine.host_cache._entries.values()}
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_host_copy_equals_pages_after_every_step(tiny, async_scheduling):
+    """After every step, each running request's host copy is ``gather_pages`` of its pages, and holds every token
+    computed by the steps already processed (async: all but those of the step in flight)."""
+    from nanoflow.ops.kv_transfer import gather_pages
+    from nanoflow.scheduler.request import RequestStatus
+
+    g = torch.Generator().manual_seed(11)
+    engine = _engine(tiny, OffloadingEngine, async_scheduling=async_scheduling)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [_rand(g, n) for n in (5, 30, 100, 47)]  # 100 > the dense batch: a prefill in two chunks
+    checked = {"fresh": 0, "seeded": 0}
+    for rnd in range(2):  # round 2 reuses round 1's KV: those host copies start from the loaded prefix
+        outs = [engine.add_request(p, params, conversation_id=f"c{i}") for i, p in enumerate(prompts)]
+        while engine.has_unfinished():
+            engine.step()
+            inflight = {s.request_id: s.num_tokens for s in engine._inflight[0].seqs} if engine._inflight else {}
+            for rid, copy in engine._copies.items():
+                req = engine.scheduler.get_request(rid)
+                if req is None or req.status is not RequestStatus.RUNNING:
+                    continue
+                assert copy.num_tokens == req.num_computed_tokens - inflight.get(rid, 0)
+                want = gather_pages(engine.runner.kv_cache, req.block_ids, copy.num_tokens)
+                assert torch.equal(copy.tensor(copy.num_tokens), want)
+                checked["seeded" if rnd else "fresh"] += 1
+        prompts = [p + o.token_ids + _rand(g, 3) for p, o in zip(prompts, outs)]
+    assert engine.stats_reused_tokens > 0
+    assert checked["fresh"] > 20 and checked["seeded"] > 20
+    assert not engine._copies  # finished requests leave nothing behind
+
+
+def _stop_run(tiny, cls, pipeline=None, **kw):
+    """Two rounds of four conversations; round 1 ends each request at a stop token its greedy output contains
+    (EOS-like finishes: with async scheduling the next step is already in flight), round 2 reuses the KV."""
+    g = torch.Generator().manual_seed(12)
+    prompts = [_rand(g, n) for n in (21, 40, 90, 17)]
+    probe = _engine(tiny, Engine)
+    greedy = [probe.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
+    probe.run_until_done()
+    stops = [o.token_ids[5] for o in greedy]
+    engine = _engine(tiny, cls, pipeline=pipeline, **kw)
+    kw_conv = (lambda i: {"conversation_id": f"c{i}"}) if cls is OffloadingEngine else (lambda i: {})
+    answers = []
+    for rnd in range(2):
+        params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[s] if rnd == 0 else None,
+                                 ignore_eos=True) for s in stops]
+        outs = [engine.add_request(p, sp, **kw_conv(i)) for i, (p, sp) in enumerate(zip(prompts, params))]
+        engine.run_until_done()
+        answers.append([o.token_ids for o in outs])
+        prompts = [p + o.token_ids + _rand(g, 4) for p, o in zip(prompts, outs)]
+    assert all(len(a) <= 6 for a in answers[0])  # round 1 did stop at the stop tokens
+    return engine, answers
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_saved_entries_equal_the_gather_path(tiny, async_scheduling):
+    on, got = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling)
+    off, want = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling, simultaneous_offload=False)
+    assert got == want
+    assert on.stats_saved_from_host_copy == 8 and off.stats_saved_from_host_copy == 0
+    assert (on.stats_deferred_saves > 0) == async_scheduling  # stop-token finishes waited for the step in flight
+    assert on.stats_reused_tokens == off.stats_reused_tokens > 0
+    entries = _entries(on)
+    assert len(entries) == 4 and entries == _entries(off)  # byte for byte
+    assert not on._copies
+
+
+def test_pipeline_with_kv_offload_matches_baseline(tiny):
+    """A two-nano-batch, two-stream preset gets kv_offload on a third (copy) stream; on the CPU its nano-ops run in
+    issue order. Tokens equal the sequential plain engine's, saved KV equals the gather path's."""
+    on, got = _stop_run(tiny, OffloadingEngine, pipeline="llama-8b-overlap")
+    spec = on.runner.executor.spec
+    copies = [n for n in spec.nano_ops if n.op == "kv_offload"]
+    assert [(n.lo, n.hi, n.stream) for n in copies] == [(0, 32, 2), (32, 64, 2)] and spec.num_streams == 3
+    _, want = _stop_run(tiny, Engine)
+    assert got == want
+    off, _ = _stop_run(tiny, OffloadingEngine, pipeline="llama-8b-overlap", simultaneous_offload=False)
+    assert on.stats_saved_from_host_copy == 8
+    assert _entries(on) == _entries(off)
+
+
+def test_host_kv_copy_grows_rewrites_and_refuses_gaps():
+    from nanoflow.engine.host_kv import HostKVCopy
+
+    kv = _kv(40, seed=5)  # [L, 2, 40, H, D]: the reference positions
+    copy = HostKVCopy(capacity=8, seed=kv[:, :, :6])
+    assert copy.put(6, kv[:, :, 6:20]) and copy.num_tokens == 20  # past the hint: the buffer grows
+    assert not copy.put(21, kv[:, :, 21:22]) and copy.num_tokens == 20  # a gap: refused, nothing stored
+    assert copy.put(20, kv[:, :, 20:40])
+    assert torch.equal(copy.tensor(40), kv) and copy.tensor(40).is_contiguous()
+    assert copy.put(10, kv[:, :, 10:12] + 1) and copy.num_tokens == 12  # recomputed rows replace the old ones
+    assert torch.equal(copy.tensor(12)[:, :, 10:], kv[:, :, 10:12] + 1)
+    with pytest.raises(ValueError, match="holds 12 tokens"):
+        copy.tensor(13)

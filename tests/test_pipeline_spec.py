@@ -258,3 +258,43 @@ def test_70b_preset_follows_figure_6():
         assert cuts[op] == [768, 2048]
     assert {n.stream for n in spec.nano_ops if "all_reduce" in n.op} == {2}
     assert {n.stream for n in spec.nano_ops if n.op == "decode_attn"} == {1}
+
+
+# ---- the copy op of simultaneous KV offload ------------------------------------------------------------------
+def test_for_graph_adds_kv_offload_on_a_copy_stream():
+    from nanoflow.models.layers import with_kv_offload
+
+    g = with_kv_offload(llama_graph())
+    assert g.names[:4] == ["attn_norm", "qkv", "rope_kv", "kv_offload"] and g.op("kv_offload").kind is ResourceKind.COPY
+    deps = op_dependencies(g)
+    # Reads only its own rows of this layer's cache (rope_kv's writes); nothing reads what it writes, no wrap edge.
+    assert [(e.src, e.cross_token) for e in deps.intra if e.dst == "kv_offload"] == [("rope_kv", False)]
+    assert not [e for e in deps.intra if e.src == "kv_offload"]
+    assert not [e for e in deps.wrap if "kv_offload" in (e.src, e.dst)]
+    base = load_preset("llama-8b-overlap")
+    spec = base.for_graph(g)
+    spec.validate(g)  # stream 0 holds GEMMs of share 1.0 that run beside the copies: copies are off the budget
+    assert spec.num_streams == 3 and len(spec.nano_ops) == len(base.nano_ops) + 2
+    for lo, hi in ((0, 1024), (1024, 2048)):  # issued right after the rope_kv of the same rows, on stream 2
+        i = index(spec, f"rope_kv[{lo}:{hi})")
+        assert spec.nano_ops[i + 1] == NanoOpSpec("kv_offload", lo, hi, 2, spec.nano_ops[i + 1].share)
+        j = i + 1
+        assert spec.dependencies(g)[j] == [i]
+        assert not [k for k, d in enumerate(spec.dependencies(g)) if j in d]
+        assert not [k for k, d in enumerate(spec.wrap_dependencies(g)) if j in d] and not spec.wrap_dependencies(g)[j]
+    assert spec.for_graph(g) == spec  # already listed: kept as is
+    assert spec.for_graph(llama_graph()) == replace(base, num_streams=2)  # and dropped for a graph without it
+    # Extra edges follow their nano-ops to the new indices (base index 3 is decode_attn[0:1024)).
+    edged = replace(base, extra_edges=((0, 3),)).for_graph(g)
+    assert [(edged.nano_ops[i].label, edged.nano_ops[j].label) for i, j in edged.extra_edges] == \
+        [("attn_norm[0:1024)", "decode_attn[0:1024)")]
+    # Single-stream specs keep one stream: the copy runs in order after rope_kv.
+    nb = load_preset("llama-8b-nanobatch").for_graph(g)
+    nb.validate(g)
+    assert nb.num_streams == 1 and {n.stream for n in nb.nano_ops if n.op == "kv_offload"} == {0}
+    seq = PipelineSpec.sequential(g, 2048)
+    seq.validate(g)
+    assert seq.for_graph(g) == seq
+    tp = load_preset("llama-70b-tp-overlap").for_graph(with_kv_offload(llama_graph(tp=True)))
+    tp.validate(with_kv_offload(llama_graph(tp=True)))
+    assert {n.stream for n in tp.nano_ops if n.op == "kv_offload"} == {3} and tp.num_streams == 4

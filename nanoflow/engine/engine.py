@@ -42,6 +42,9 @@ class _Tracked:
 class Engine:
     """Owns one model replica's scheduler and runner; not thread-safe (``AsyncEngine`` wraps it in a thread)."""
 
+    simultaneous_offload = False
+    """Stage every step's new KV in host memory (the ``kv_offload`` op); engines that consume it set this first."""
+
     def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None,
                  tp_rank: int = 0, tp_size: int = 1):
         self.args = args
@@ -126,7 +129,8 @@ class Engine:
                            pipeline=pipeline, comm=comm, compile_glue=self.args.compile,
                            cuda_graphs=self.args.cuda_graphs, decode_cap=self.scheduler.max_num_seqs,
                            resources=ResourceConfig(knob=self.args.resource_knob,
-                                                    ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))))
+                                                    ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))),
+                           kv_offload=self.simultaneous_offload)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -317,6 +321,7 @@ class Engine:
             runner.graphs.close()
             runner.graphs = None
         runner.kv_cache = None
+        runner.kv_staging = None
         runner.bufs = {}
         runner.glue = {}
         self._tracked.clear()

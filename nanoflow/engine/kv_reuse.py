@@ -2,19 +2,25 @@
 
 Data flow:
 
+* simultaneous offload (on by default): every layer's ``kv_offload`` nano-op copies the K/V that ``rope_kv`` just
+  wrote for the step's tokens to a pinned host staging buffer, on a copy stream while the FFN computes, inside the
+  CUDA graph (``graphs.runner``; two staging slots for alternate steps). When a step's results are processed, its
+  staged rows are appended to each running request's :class:`~nanoflow.engine.host_kv.HostKVCopy`, so the host copy
+  of a running request is complete up to the last processed step;
 * a request that ends naturally (stop / length) saves the KV of its computed tokens (prompt + outputs, all layers) to
-  the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id:
-  ``gather_pages`` -> ``to_host`` while its pages are still owned (before ``Scheduler._finish`` frees them);
+  the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id,
+  straight from its host copy. With async scheduling the step launched after the one that finished it may still be
+  writing its last token's KV: the save then waits for that step's rows (``HostKVCopy.pending_save``). The bytes are
+  those of ``gather_pages`` -> ``to_host`` while its pages are still owned (before ``Scheduler._finish`` frees them),
+  which is the fallback (offload-in-graph off, or a host copy that missed rows);
 * a waiting request is admitted with the longest stored block-aligned prefix of its prompt (at most ``prompt - 1``
   tokens, so its last token is still computed and sampled from): blocks are allocated for prefix + first chunk,
-  ``to_device`` -> ``scatter_pages`` writes the stored KV into them and ``num_computed_tokens`` starts past the
-  prefix, so only the new tokens are prefilled;
+  ``to_device`` -> ``scatter_pages`` writes the stored KV into them, the same host tensor seeds its host copy, and
+  ``num_computed_tokens`` starts past the prefix, so only the new tokens are prefilled;
 * a request preempted for lack of KV blocks first swaps its computed KV to the host cache (namespace
-  ``swap:<request id>``); when re-admitted it scatters that KV back instead of recomputing it (what the LRU lost, or a
-  partial last block, is recomputed — correct either way).
-
-Simplification: the KV is saved when a request finishes, not copied layer by layer right after QKV on a copy stream
-inside the CUDA graph ("simultaneous offload"); the saved bytes are identical, only the timing differs.
+  ``swap:<request id>``) by ``gather_pages`` (the step in flight may still be writing its pages, so its host copy is
+  not complete yet) and drops its host copy; when re-admitted it scatters that KV back instead of recomputing it (what
+  the LRU lost, or a partial last block, is recomputed — correct either way).
 
 Ordering: every device copy runs on the current stream, so it comes after the launched iterations that wrote those
 pages and before any later iteration that reuses freed pages (the contract ``BlockManager.free`` documents).
@@ -22,15 +28,21 @@ pages and before any later iteration that reuses freed pages (the contract ``Blo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.engine import Engine
+from nanoflow.engine.host_kv import HostKVCopy
 from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
 from nanoflow.scheduler.batcher import Scheduler
 from nanoflow.scheduler.offload import HostKVCache, PrefixHit
 from nanoflow.scheduler.request import Request, RequestStatus
+
+log = logging.getLogger("nanoflow")
 
 _SAVE_ON = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
 _RUNNING = RequestStatus.RUNNING
@@ -54,6 +66,7 @@ class ReuseScheduler(Scheduler):
     def _preempt(self, req: Request, preempted: list[str]) -> None:
         if req.block_ids:
             self.kv.swap_out(req)
+        self.kv.drop_copy(req)
         super()._preempt(req, preempted)
 
     def _prefix_hit(self, req: Request, max_tokens: int) -> tuple[int, Any]:
@@ -70,13 +83,19 @@ class OffloadingEngine(Engine):
     ``add_request(..., conversation_id=...)`` scopes the lookups of that request and the entry it saves (None: one
     shared scope, so identical prefixes of unrelated requests are reused too). Single device only (``tp_size == 1``).
     Cache sizes come from ``host_cache`` or ``args.extra``: ``kv_host_bytes`` (default 1 GiB), ``kv_ssd_dir``,
-    ``kv_ssd_bytes``.
+    ``kv_ssd_bytes``. ``simultaneous_offload`` (else ``args.extra["simultaneous_offload"]``, default True) copies
+    each step's new KV to host memory inside the step (module docstring); False saves by gathering the pages when a
+    request finishes.
     """
 
     def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None, tp_rank: int = 0,
-                 tp_size: int = 1, *, host_cache: HostKVCache | None = None, swap_on_preempt: bool = True) -> None:
+                 tp_size: int = 1, *, host_cache: HostKVCache | None = None, swap_on_preempt: bool = True,
+                 simultaneous_offload: bool | None = None) -> None:
         if tp_size != 1:
             raise ConfigError("KV offload/reuse supports one device only; run with tp=1 or use the plain Engine")
+        if simultaneous_offload is None:
+            simultaneous_offload = _flag(args.extra.get("simultaneous_offload", True))
+        self.simultaneous_offload = simultaneous_offload  # read by Engine.__init__ when it builds the runner
         super().__init__(args, parts, comm, tp_rank, tp_size)
         if host_cache is None:
             extra = args.extra
@@ -91,10 +110,14 @@ class OffloadingEngine(Engine):
         old = self.scheduler
         self.scheduler = ReuseScheduler(self.blocks, old.dense_batch_size, old.max_num_seqs, old.max_model_len, kv=self)
         self._conversation: dict[str, str | None] = {}
+        self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
+        self._pin = self.device.type == "cuda"
         self.stats_reused_tokens = 0  # prefill tokens loaded from the cache instead of computed
         self.stats_saved_tokens = 0
         self.stats_swapped_out_tokens = 0
         self.stats_swapped_in_tokens = 0
+        self.stats_saved_from_host_copy = 0  # saves served by the host copy (the rest gathered the device pages)
+        self.stats_deferred_saves = 0  # of those, saves that waited for the rows of a step in flight
 
     def add_request(self, prompt: Any, params: Any = None, request_id: str | None = None, on_output: Any = None,
                     *, conversation_id: str | None = None) -> Any:
@@ -109,6 +132,38 @@ class OffloadingEngine(Engine):
         self._conversation.pop(tr.request.request_id, None)
         super()._emit_finished(tr)
 
+    def close(self) -> None:
+        self._copies.clear()
+        super().close()
+
+    def _process(self, plan: Any, result: Any) -> None:
+        if result.kv_rows is not None:
+            result.tokens()  # waits for the step: its staged rows are complete
+            self._take_staged(plan, result.kv_rows)
+        super()._process(plan, result)  # may finish requests, which then save from their host copies
+
+    def _take_staged(self, plan: Any, kv_rows: torch.Tensor) -> None:
+        """Copy each request's rows of ``plan`` (staged in ``kv_rows``, in the runner's row order) to its host copy."""
+        row = 0
+        for seq in plan.seqs:
+            req, rid, n = seq.request, seq.request_id, seq.num_tokens
+            copy = self._copies.get(rid)
+            if seq.start == 0 and req.status is _RUNNING:
+                copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req))
+            # A preempted request's rows are stale (its copy was dropped); a finished one may still await rows.
+            if copy is not None and (req.status is _RUNNING or copy.pending_save is not None):
+                if not copy.put(seq.start, kv_rows[:, :, row:row + n]):
+                    log.debug("host KV copy of %s missed rows before %d; it will be gathered", rid, seq.start)
+                    del self._copies[rid]
+                elif copy.pending_save is not None and copy.num_tokens >= len(copy.pending_save[0]):
+                    tokens, namespace = copy.pending_save
+                    del self._copies[rid]
+                    self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
+            row += n
+
+    def _capacity_hint(self, req: Request) -> int:
+        return min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
+
     # ---- hooks called by ReuseScheduler ------------------------------------------------------------------------
     def _gather(self, req: Request) -> tuple[list[int], Any, Any] | None:
         tokens = req.all_token_ids
@@ -118,10 +173,29 @@ class OffloadingEngine(Engine):
         host, event = to_host(gather_pages(self.runner.kv_cache, req.block_ids, n))
         return tokens[:n], host, event
 
+    def _save(self, tokens: list[int], kv: Any, namespace: str | None, event: Any) -> None:
+        if self.host_cache.put(tokens, kv, namespace, event):
+            self.stats_saved_tokens += len(tokens)
+
     def save_finished(self, req: Request) -> None:
-        got = self._gather(req)
-        if got is not None and self.host_cache.put(got[0], got[1], self._conversation.get(req.request_id), got[2]):
-            self.stats_saved_tokens += len(got[0])
+        """Save ``req``'s KV (called before its pages are freed): from its host copy when it has one, else gathered."""
+        namespace = self._conversation.get(req.request_id)
+        copy = self._copies.get(req.request_id)
+        if copy is None:
+            got = self._gather(req)
+            if got is not None:
+                self._save(got[0], got[1], namespace, got[2])
+            return
+        tokens = req.all_token_ids
+        tokens = tokens[:min(req.num_computed_tokens, len(tokens))]
+        if len(tokens) < self.host_cache.block_size:
+            return
+        self.stats_saved_from_host_copy += 1
+        if copy.num_tokens >= len(tokens):
+            self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
+        else:  # a step in flight still writes its last rows; _take_staged completes the save
+            copy.pending_save = (tokens, namespace)
+            self.stats_deferred_saves += 1
 
     def swap_out(self, req: Request) -> None:
         if not self.swap_on_preempt:
@@ -130,7 +204,15 @@ class OffloadingEngine(Engine):
         if got is not None and self.host_cache.put(got[0], got[1], _swap_space(req), got[2]):
             self.stats_swapped_out_tokens += len(got[0])
 
+    def drop_copy(self, req: Request) -> None:
+        """Forget ``req``'s host copy (preempted: recomputed or reloaded from the start)."""
+        self._copies.pop(req.request_id, None)
+
     def forget(self, req: Request) -> None:
+        """``req`` has finished: drop its swap space and its host copy (unless a save still waits for rows)."""
+        copy = self._copies.get(req.request_id)
+        if copy is not None and copy.pending_save is None:
+            del self._copies[req.request_id]
         if req.num_preemptions:
             self.host_cache.discard_namespace(_swap_space(req))
 
@@ -152,10 +234,19 @@ class OffloadingEngine(Engine):
         """Scatter ``hit``'s KV into ``req``'s freshly allocated pages (called before ``num_computed_tokens`` moves)."""
         cache = self.runner.kv_cache
         scatter_pages(cache, to_device(hit.kv, cache.device), req.block_ids, hit.num_tokens)
+        if self.simultaneous_offload:
+            self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), hit.kv[:, :, :hit.num_tokens])
         if req.num_preemptions:
             self.stats_swapped_in_tokens += hit.num_tokens
             self.host_cache.discard_namespace(_swap_space(req))
         self.stats_reused_tokens += hit.num_tokens
+
+
+def _flag(value: Any) -> bool:
+    """A boolean option from ``EngineArgs.extra`` (JSON/CLI values: true/false, 1/0, "on"/"off")."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "off", "no", "")
+    return bool(value)
 
 
 def _swap_space(req: Request) -> str:

@@ -5,7 +5,8 @@ decode rows' page tables and lengths and the prefill segments' offsets, lengths 
 capacity. Replay copies the iteration's facts into them (rows past the real ones get length 0, which the kernels
 skip) and launches the graph. Shapes are captured lazily the first time a batch needs them (warm-up run first, so
 torch.compile and Triton autotuning happen outside capture), all into one shared memory pool. A batch that fits no
-capacity (too many prefill segments, more tokens than the dense batch) runs eagerly.
+capacity (too many prefill segments, more tokens than the dense batch) runs eagerly. With KV offload the graph
+writes a fixed pinned host staging buffer, so each shape is captured once per staging slot.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ SEGMENT_BUCKETS = (4, 16, 64)
 
 @dataclass(frozen=True)
 class BatchShape:
-    """What a captured graph is specialised to: padded token rows and prefill segments per attention range."""
+    """What a captured graph is specialised to: padded token rows, prefill segments per attention range and the KV
+    staging slot its ``kv_offload`` ops write (always 0 without KV offload)."""
 
     num_tokens: int
     prefill_segments: int
+    staging_slot: int = 0
 
 
 def token_buckets(dense: int, smallest: int = 128) -> list[int]:
@@ -83,7 +86,7 @@ class CudaGraphRunner:
         decode_rows = max((m.decode.rows for m in batch.ranges.values() if m.decode is not None), default=0)
         if decode_rows > self.decode_cap:
             return None
-        return BatchShape(t, bucket)
+        return BatchShape(t, bucket, batch.staging_slot)
 
     def run(self, batch: ForwardBatch) -> bool:
         """Replay the graph for ``batch``'s shape (capturing it first if needed); False = caller runs eagerly."""
@@ -112,6 +115,7 @@ class CudaGraphRunner:
             slot_mapping=torch.zeros(t, dtype=torch.int64, device=dev),
             sample_rows=torch.zeros(0, dtype=torch.int64, device=dev),
             sample_request_ids=[],
+            staging_slot=shape.staging_slot,
         )
         programs = self.runner.executor.decode_programs(t)
         for lo, hi in self.runner.executor.attention_ranges(t):
@@ -174,11 +178,13 @@ class CudaGraphRunner:
         Returns the seconds spent. Shapes with more prefill segments are still captured on first use.
         """
         t0 = time.perf_counter()
+        slots = (0, 1) if self.runner.kv_staging is not None else (0,)
         for t in self.sizes:
             for seg in segment_buckets:
-                shape = BatchShape(t, seg)
-                if shape not in self.captured:
-                    self._capture(shape)
+                for slot in slots:
+                    shape = BatchShape(t, seg, slot)
+                    if shape not in self.captured:
+                        self._capture(shape)
         return time.perf_counter() - t0
 
     def close(self) -> None:

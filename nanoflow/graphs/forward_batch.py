@@ -68,6 +68,7 @@ class ForwardBatch:
     sample_rows: torch.Tensor  # [n] int64: row of the last token of each sampling sequence
     sample_request_ids: list[str]
     ranges: dict[tuple[int, int], RangeMeta] = field(default_factory=dict)
+    staging_slot: int = 0  # which of the runner's two KV staging buffers kv_offload writes (KV offload only)
 
     def attn_meta(self, lo: int, hi: int) -> RangeMeta:
         meta = self.ranges.get((lo, hi))

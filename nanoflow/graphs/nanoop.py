@@ -26,6 +26,9 @@ class ResourceKind(enum.Enum):
     MEMORY = "memory"
     NETWORK = "network"
     OTHER = "other"
+    COPY = "copy"
+    """Device <-> host traffic on the copy engines (PCIe/NVLink-C2C), not SMs: such nano-ops are left out of the
+    pipeline's share budget (see ``PipelineSpec``), and a spec that lacks them gets them on a copy stream."""
 
 
 RunFn = Callable[[Any, int, int], None]

@@ -22,6 +22,11 @@ Dependency rules (op level, then per nano-op; see :func:`op_dependencies`):
 Shares: nano-ops on different streams that neither wait for the other (through dependencies, extra edges and
 stream order, in two consecutive layers) may run at the same time, so their shares must sum to at most 1 -
 checked for pairs and triples (at most one nano-op per stream runs at a time, and presets use <= 3 streams).
+Nano-ops of COPY ops (``kv_offload``) move bytes on the copy engines, not SMs, and are left out of that budget.
+
+Copy ops: presets and searched specs do not list ``kv_offload`` (it exists only when the engine offloads KV).
+:meth:`PipelineSpec.for_graph` adds it: one nano-op per nano-op of its producer (``rope_kv``), same rows, issued right
+after it, on a copy stream of its own (stream 0 for a single-stream spec, which then simply runs it in order).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoflow.graphs.hazards import OpDependencies, OpEdge, links, op_dependencies
-from nanoflow.graphs.nanoop import LayerGraph, nano_depends
+from nanoflow.graphs.nanoop import LayerGraph, ResourceKind, nano_depends
 
 __all__ = ["NanoOpSpec", "OpDependencies", "OpEdge", "PipelineSpec", "PipelineSpecError", "links", "list_presets",
            "load_preset", "op_dependencies"]
@@ -42,6 +47,8 @@ __all__ = ["NanoOpSpec", "OpDependencies", "OpEdge", "PipelineSpec", "PipelineSp
 SHARE_TOLERANCE = 1e-6
 BOUNDARY_MULTIPLE = 16
 """Rescaled and evenly split boundaries are multiples of this (tensor-core friendly row counts)."""
+COPY_SHARE = 0.05
+"""Share given to added copy nano-ops: their gather kernels need few SMs (a green context's smallest partition)."""
 
 
 class PipelineSpecError(ValueError):
@@ -147,11 +154,15 @@ class PipelineSpec:
         return replace(self, nano_ops=nano, meta={**self.meta, "memory_share": share})
 
     def for_graph(self, graph: LayerGraph) -> PipelineSpec:
-        """Drop nano-ops of ops the graph lacks (e.g. all-reduces of a TP preset at TP=1) and their edges."""
+        """The spec fitted to ``graph``: nano-ops of ops the graph lacks (e.g. all-reduces of a TP preset at TP=1)
+        are dropped with their edges, and COPY ops the spec lacks are added (module docstring, "Copy ops")."""
         present = set(graph.names)
         keep = [i for i, n in enumerate(self.nano_ops) if n.op in present]
-        if len(keep) == len(self.nano_ops):
-            return self
+        spec = self if len(keep) == len(self.nano_ops) else self._select(keep)
+        return spec._with_copy_ops(graph)
+
+    def _select(self, keep: list[int]) -> PipelineSpec:
+        """Only the nano-ops at indices ``keep`` (ascending), edges remapped and those of dropped ones removed."""
         new_index = {old: new for new, old in enumerate(keep)}
 
         def remap(edges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
@@ -161,6 +172,31 @@ class PipelineSpec:
         streams = max((n.stream for n in nano), default=0) + 1
         return replace(self, nano_ops=nano, extra_edges=remap(self.extra_edges),
                        extra_wrap_edges=remap(self.extra_wrap_edges), num_streams=streams)
+
+    def _with_copy_ops(self, graph: LayerGraph) -> PipelineSpec:
+        listed = {n.op for n in self.nano_ops}
+        missing = {op.name: op for op in graph.ops if op.kind is ResourceKind.COPY and op.name not in listed}
+        if not missing:
+            return self
+        stream = self.num_streams if self.num_streams > 1 else 0
+        after: dict[str, list[str]] = {}  # producer op -> copy ops issued right after each of its nano-ops
+        for name, op in missing.items():
+            producers = graph.producers(op)
+            if not producers:
+                raise PipelineSpecError(f"copy op {name!r} has no producer in the layer graph to follow")
+            after.setdefault(producers[-1].name, []).append(name)
+        nano: list[NanoOpSpec] = []
+        new_index: dict[int, int] = {}
+        for i, n in enumerate(self.nano_ops):
+            new_index[i] = len(nano)
+            nano.append(n)
+            nano += [NanoOpSpec(c, n.lo, n.hi, stream, COPY_SHARE) for c in after.get(n.op, ())]
+
+        def remap(edges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+            return tuple((new_index[i], new_index[j]) for i, j in edges)
+
+        return replace(self, nano_ops=tuple(nano), extra_edges=remap(self.extra_edges),
+                       extra_wrap_edges=remap(self.extra_wrap_edges), num_streams=max(self.num_streams, stream + 1))
 
     # ---- dependencies ----------------------------------------------------------------------------------------
     def dependencies(self, graph: LayerGraph) -> list[list[int]]:
@@ -289,6 +325,9 @@ class PipelineSpec:
     def _check_shares(self, graph: LayerGraph) -> None:
         pairs, triples = self.concurrency(graph)
         nano = self.nano_ops
+        copy = {i for i, n in enumerate(nano) if graph.op(n.op).kind is ResourceKind.COPY}
+        pairs = [p for p in pairs if p[0] not in copy and p[1] not in copy]
+        triples = [t for t in triples if not any(i in copy for i, _ in t)]
         for i, j, shift in pairs:
             total = nano[i].share + nano[j].share
             if total > 1.0 + SHARE_TOLERANCE:

@@ -5,6 +5,13 @@ executor. ``execute`` returns at once with the sampled ids still on the device (
 host memory and an event), so the engine can form the next plan while the GPU works (async scheduling, paper §4.2.1).
 A decode whose input token is not yet known on the CPU (``-1`` in the plan) takes it from the previous iteration's
 sampled ids on the device.
+
+KV offload (``kv_offload=True``, paper §4.2.2): every layer graph gets the ``kv_offload`` op, which copies the K/V of
+the step's tokens into a pinned host staging buffer ``kv_staging [2, layers, 2, max_tokens, kv_heads, head_dim]``
+while the step runs. There are two staging slots, used by alternate steps (``ForwardBatch.staging_slot``; each
+CUDA-graph shape is captured once per slot), because the engine reads step i's rows only after launching step i+1:
+step i+2, which reuses step i's slot, is launched after that read. ``StepResult.kv_rows`` is the slot a step wrote;
+read it after ``tokens()`` (which waits for the step).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class StepResult:
     device_ids: torch.Tensor  # [n] int64 on the device
     host_ids: torch.Tensor  # [n] int64, pinned when on a GPU
     event: Any
+    kv_rows: torch.Tensor | None = None  # [layers, 2, T, kv_heads, head_dim] staged K/V rows (kv_offload only)
 
     def tokens(self) -> dict[str, int]:
         if self.event is not None:
@@ -43,7 +51,7 @@ class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, max_tokens: int,
                  max_model_len: int, attention: str | None = None, pipeline: Any = None, comm: Any = None,
                  compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
-                 resources: Any = None):
+                 resources: Any = None, kv_offload: bool = False):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -61,7 +69,16 @@ class ModelRunner:
                                      self.spec.rope_scaling, self.device)
         backend = attention or ("triton" if self.device.type == "cuda" else "torch")
         self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size)
-        self.executor = Executor(model.graphs, pipeline, self.device, resources=resources)
+        graphs = model.graphs
+        self.kv_staging: torch.Tensor | None = None
+        self._staging_slot = 0
+        if kv_offload:
+            from nanoflow.models.layers import with_kv_offload
+
+            graphs = [with_kv_offload(g) for g in graphs]
+            self.kv_staging = torch.zeros((2, *cache_shape[:2], max_tokens, *cache_shape[4:]), dtype=dtype,
+                                          pin_memory=self.device.type == "cuda")
+        self.executor = Executor(graphs, pipeline, self.device, resources=resources)
         self.glue: dict[str, Any] = {}
         self.compile_glue = compile_glue
         self.max_seqs = max_tokens
@@ -121,6 +138,8 @@ class ModelRunner:
             sample_rows=to_device(torch.tensor(sample_rows, dtype=torch.int64), dev),
             sample_request_ids=sample_ids,
         )
+        if self.kv_staging is not None:
+            batch.staging_slot, self._staging_slot = self._staging_slot, 1 - self._staging_slot
         keep_host = self.attention.name == "torch"
         programs = self.executor.decode_programs(num_tokens)
         for lo, hi in self.executor.attention_ranges(num_tokens):
@@ -147,11 +166,12 @@ class ModelRunner:
         self.model.embed(ids, self.bufs["hidden"][:t], self.comm)
         self.bufs["residual"][:t].zero_()
         glue = self.glue if glue is None else glue
+        staging = None if self.kv_staging is None else self.kv_staging[batch.staging_slot]
 
         def make_ctx(layer: int) -> StepContext:
             return StepContext(layer=layer, bufs=self.bufs, batch=batch, k_cache=self.kv_cache[layer, 0],
                                v_cache=self.kv_cache[layer, 1], cos_sin=self.cos_sin, attention=self.attention,
-                               comm=self.comm, glue=glue)
+                               comm=self.comm, glue=glue, kv_staging=staging)
 
         self.executor.run(make_ctx, t)
 
@@ -163,6 +183,8 @@ class ModelRunner:
         else:
             ids = sample(logits, sampling)
         result = self._finish(batch.sample_request_ids, ids)
+        if self.kv_staging is not None:
+            result.kv_rows = self.kv_staging[batch.staging_slot]
         return result
 
     def _finish(self, request_ids: list[str], ids: torch.Tensor) -> StepResult:

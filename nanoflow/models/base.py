@@ -50,6 +50,7 @@ class StepContext:
     attention: AttentionBackend
     comm: Any = None  # tensor-parallel communicator (None at TP=1)
     glue: dict[str, Callable[..., Any]] = field(default_factory=dict)  # possibly torch.compile'd glue functions
+    kv_staging: torch.Tensor | None = None  # [layers, 2, T, kv_heads, head_dim] host rows kv_offload writes
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ op              kind      reads                        writes
 attn_norm       OTHER     hidden, residual             x_attn, residual
 qkv             COMPUTE   x_attn                       qkv
 rope_kv         OTHER     qkv                          q, kv_cache
+kv_offload      COPY      kv_cache (own rows)          kv_staging (KV offload only)
 decode_attn     MEMORY    q, kv_cache (cross-token)    attn
 prefill_attn    COMPUTE   q, kv_cache (cross-token)    attn
 o_proj          COMPUTE   attn                         attn_out
@@ -21,6 +22,11 @@ ffn_all_reduce  NETWORK   hidden                       hidden     (TP only)
 
 Every op reads and writes only rows ``[lo, hi)`` (attention reads the KV of earlier tokens through the cache), so
 the executor may split any op into nano-operations over token ranges.
+
+``kv_offload`` ("simultaneous offload", paper §4.2.2) exists only in graphs built with :func:`with_kv_offload` (the
+runner's ``kv_offload`` flag): right after ``rope_kv`` it copies the K/V rows that op stored for the same tokens to a
+pinned host staging buffer, one device->host copy per K and V, on a copy stream while the FFN computes. Nothing
+reads ``kv_staging`` inside the layer; the engine reads it once the step is done.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from nanoflow.ops.kv_store import store_kv
 from nanoflow.ops.norm import add_rms_norm
 from nanoflow.ops.rotary import apply_rotary
 
-C, M, N, OT = ResourceKind.COMPUTE, ResourceKind.MEMORY, ResourceKind.NETWORK, ResourceKind.OTHER
+C, M, N, OT, CP = ResourceKind.COMPUTE, ResourceKind.MEMORY, ResourceKind.NETWORK, ResourceKind.OTHER, ResourceKind.COPY
 
 
 def _glue(ctx: StepContext, name: str, fallback: Callable) -> Callable:
@@ -166,3 +172,33 @@ def llama_layer_graph(w: dict[str, torch.Tensor], layer: int, heads: int, kv_hea
         + [ffn_norm_op(w, prefix, eps)]
         + mlp_ops(w, prefix, tp)
     ))
+
+
+def kv_offload_op() -> Op:
+    """``kv_offload``: K/V of rows ``[lo, hi)`` (just stored by ``rope_kv``) -> ``ctx.kv_staging[layer, :, lo:hi]``.
+
+    The rows are gathered from the cache by their slots into a temporary (one small kernel each for K and V), then
+    copied to the pinned staging buffer without blocking: a device->pinned-host copy is stream-ordered and CUDA-graph
+    capturable. Both copies are contiguous (rows ``lo:hi`` of one ``[T, kv_heads, head_dim]`` plane), so none falls
+    back to a synchronous staged copy.
+    """
+
+    def kv_offload(ctx: StepContext, lo: int, hi: int) -> None:
+        staging = ctx.kv_staging[ctx.layer]  # [2, T, kv_heads, head_dim]
+        slots = ctx.batch.slot_mapping[lo:hi]
+        for i, cache in enumerate((ctx.k_cache, ctx.v_cache)):
+            rows = cache.view(-1, *cache.shape[-2:]).index_select(0, slots)
+            staging[i, lo:hi].copy_(rows, non_blocking=True)
+
+    return Op("kv_offload", CP, ("kv_cache",), ("kv_staging",), kv_offload)
+
+
+def with_kv_offload(graph: LayerGraph) -> LayerGraph:
+    """``graph`` with :func:`kv_offload_op` right after ``rope_kv`` (any architecture whose layer has one)."""
+    names = graph.names
+    if "rope_kv" not in names:
+        raise ValueError(f"KV offload needs a rope_kv op to follow; this layer graph has {', '.join(names)}")
+    if "kv_offload" in names:
+        return graph
+    at = names.index("rope_kv") + 1
+    return graph.with_ops(graph.ops[:at] + (kv_offload_op(),) + graph.ops[at:])

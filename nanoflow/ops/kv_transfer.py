@@ -5,7 +5,9 @@ token ``p`` lives in slot ``block_ids[p // block_size] * block_size + p % block_
 The contiguous form of its first ``n`` tokens is ``[num_layers, 2, n, kv_heads, head_dim]`` — the layout
 ``nanoflow.scheduler.offload.HostKVCache`` stores.
 
-Offload: ``gather_pages`` (one kernel) -> ``to_host`` (one device->host copy into pinned memory, non-blocking).
+Offload: ``gather_pages`` (one kernel) -> ``to_host`` (one device->host copy into pinned memory, non-blocking) — the
+engine's fallback and swap-out path; normally each step's new KV already reaches host memory inside the step (the
+``kv_offload`` op of ``models/layers.py``).
 Load: ``to_device`` (one host->device copy into a contiguous device buffer) -> ``scatter_pages`` (one kernel writes
 the pages). The paper measures 7-10x the host->device bandwidth of copying page by page into the fragmented
 destinations; ``scatter_pages_pagewise`` is that page-by-page baseline (``scripts/device/bench_offload.py``).

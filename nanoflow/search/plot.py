@@ -19,7 +19,8 @@ from matplotlib.patches import Patch
 from nanoflow.graphs.nanoop import LayerGraph, ResourceKind
 from nanoflow.graphs.pipeline import PipelineSpec
 
-COLOURS = {"compute": "#f2b134", "memory": "#59a14f", "network": "#4e79a7", "other": "#bab0ac"}
+COLOURS = {"compute": "#f2b134", "memory": "#59a14f", "network": "#4e79a7", "other": "#bab0ac",
+           "copy": "#b07aa1"}
 MeasuredRow = tuple[str, str, float, float]
 """(stream label, nano-op name such as ``"qkv[0:1024)"``, start ms, end ms)."""
 

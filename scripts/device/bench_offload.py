@@ -6,7 +6,11 @@ Three measurements in one run:
    contiguous host->device copy + the Triton scatter, against copying page by page straight into the fragmented
    pages (the paper reports 7-10x); plus gather + device->host (the offload direction);
 2. throughput cost of offload: the plain ``Engine`` against ``OffloadingEngine`` (saves every finished request's KV to
-   host memory) on N requests of 1,024 prompt / 512 output tokens;
+   host memory) on N requests of 1,024 prompt / 512 output tokens, with simultaneous offload on (every layer's new
+   K/V copied to pinned host memory inside the CUDA graph, on a copy stream beside the FFN) and off (KV gathered from
+   the pages when a request finishes); under ``--pipeline`` (default: the 8B overlap preset, where the copies get a
+   stream of their own; ``none``: the sequential baseline, copies in line on the one stream). Before timing, a short
+   run checks after every step that each running request's host copy equals its device pages (``host_copy_check``);
 3. reuse: multi-round conversations (round r+1's prompt = round r's prompt + the model's answer + a new user turn),
    prefill tokens computed and wall time with and without reuse.
 
@@ -31,6 +35,8 @@ ARGS.add_argument("--model", default="llama-3-8b", help="built-in config name (d
 ARGS.add_argument("--requests", type=int, default=256, help="requests of the 1,024/512 throughput run")
 ARGS.add_argument("--conversations", type=int, default=64, help="conversations of the multi-round run")
 ARGS.add_argument("--rounds", type=int, default=4)
+ARGS.add_argument("--pipeline", default="llama-8b-overlap",
+                  help="pipeline preset of the engine runs (none: the sequential baseline)")
 ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for offload_bench.json (default $OUT)")
 OPTS = ARGS.parse_args()
 if OPTS.dry_run:
@@ -104,9 +110,43 @@ def _engine_args():
     if OPTS.dry_run:
         from nanoflow.config import EngineArgs
 
-        return EngineArgs(model="smollm2-135m", load_format="dummy", dtype="float32", device="cpu",
+        args = EngineArgs(model="smollm2-135m", load_format="dummy", dtype="float32", device="cpu",
                           dense_batch_size=256, kv_cache_tokens=8192, cuda_graphs=False, compile=False)
-    return base_args(OPTS.model, 2048, 0, None, None)
+    else:
+        args = base_args(OPTS.model, 2048, 0, None, None)
+    return replace(args, pipeline=None if OPTS.pipeline == "none" else OPTS.pipeline)
+
+
+def host_copy_check(args, parts, vocab: int) -> dict:
+    """Step by step, each running request's host copy (built from the in-graph staged rows) against its pages."""
+    from nanoflow.engine.kv_reuse import OffloadingEngine
+    from nanoflow.ops.kv_transfer import gather_pages
+    from nanoflow.scheduler.request import RequestStatus, SamplingParams
+
+    engine = OffloadingEngine(args, parts=parts)
+    g = torch.Generator().manual_seed(1)
+    n_req, p_len = (48, 700) if CUDA else (4, 40)
+    for i in range(n_req):
+        prompt = torch.randint(0, vocab, (p_len + 13 * i,), generator=g).tolist()
+        engine.add_request(prompt, SamplingParams(max_tokens=24 + i % 7, temperature=0, ignore_eos=True))
+    checked = mismatched = 0
+    while engine.has_unfinished():
+        engine.step()
+        inflight = {q.request_id: q.num_tokens for q in engine._inflight[0].seqs} if engine._inflight else {}
+        for rid, copy in list(engine._copies.items()):
+            req = engine.scheduler.get_request(rid)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue
+            pages = gather_pages(engine.runner.kv_cache, req.block_ids, copy.num_tokens).cpu()
+            ok = copy.num_tokens == req.num_computed_tokens - inflight.get(rid, 0)
+            ok = ok and torch.equal(copy.tensor(copy.num_tokens), pages)
+            checked += 1
+            mismatched += not ok
+    rec = {"checked": checked, "mismatched": mismatched, "saves_from_host_copy": engine.stats_saved_from_host_copy,
+           "cuda_graph_replays": engine.runner.graphs.replays if engine.runner.graphs is not None else 0}
+    engine.close()
+    print({"host_copy_check": rec}, flush=True)
+    return rec
 
 
 def _run(cls, args, parts, batches, **kw) -> dict:
@@ -130,7 +170,10 @@ def _run(cls, args, parts, batches, **kw) -> dict:
     wall = time.perf_counter() - t0
     rec = {"engine": cls.__name__, "wall_s": wall, "tokens": tokens, "throughput_tok_s": tokens / wall,
            "prefill_tokens_computed": prefill[0]}
-    for k in ("stats_reused_tokens", "stats_saved_tokens", "stats_swapped_out_tokens", "stats_swapped_in_tokens"):
+    if hasattr(engine, "simultaneous_offload"):
+        rec["simultaneous_offload"] = engine.simultaneous_offload
+    for k in ("stats_reused_tokens", "stats_saved_tokens", "stats_swapped_out_tokens", "stats_swapped_in_tokens",
+              "stats_saved_from_host_copy", "stats_deferred_saves"):
         if hasattr(engine, k):
             rec[k] = getattr(engine, k)
     if hasattr(engine, "host_cache"):
@@ -151,11 +194,14 @@ def engine_runs() -> dict:
     g = torch.Generator().manual_seed(0)
     n_req, p_len, o_len = (OPTS.requests, 1024, 512) if not OPTS.dry_run else (4, 64, 16)
     fixed = [(torch.randint(0, vocab, (p_len,), generator=g).tolist(), o_len, None) for _ in range(n_req)]
-    out = {"throughput_1024_512": []}
+    out = {"pipeline": args.pipeline, "host_copy_check": host_copy_check(args, parts, vocab), "throughput_1024_512": []}
     host_bytes = 64 << 30 if CUDA else 1 << 30
-    for cls in (Engine, OffloadingEngine):
-        a = replace(args, extra={**args.extra, "kv_host_bytes": host_bytes}) if cls is OffloadingEngine else args
-        out["throughput_1024_512"].append(_run(cls, a, parts, [lambda _: fixed]))
+    offload_args = replace(args, extra={**args.extra, "kv_host_bytes": host_bytes})
+    for cls, a, kw in ((Engine, args, {}), (OffloadingEngine, offload_args, {"simultaneous_offload": True}),
+                       (OffloadingEngine, offload_args, {"simultaneous_offload": False})):
+        out["throughput_1024_512"].append(_run(cls, a, parts, [lambda _: fixed], **kw))
+    base, on, off = (r["throughput_tok_s"] for r in out["throughput_1024_512"])
+    out["throughput_vs_plain"] = {"simultaneous_on": on / base, "simultaneous_off": off / base}
 
     n_conv, rounds = (OPTS.conversations, OPTS.rounds) if not OPTS.dry_run else (3, 3)
     lo, hi = (200, 800) if not OPTS.dry_run else (20, 60)

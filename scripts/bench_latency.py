@@ -292,6 +292,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         engine = AsyncEngine.from_args(EngineArgs(model=args.model, device=args.device, dtype=args.dtype,
                                                   max_model_len=args.max_model_len))
+        if engine.engine.runner.graphs is not None:  # as `nanoflow serve` does: capture before the first arrival
+            engine.engine.runner.graphs.capture_all()
         sender = EngineSender(engine, ignore_eos)
     try:
         info = await sender.describe()

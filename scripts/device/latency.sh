@@ -11,6 +11,12 @@ RATES=${RATES:-4,8,12,16,20}
 DURATION=${DURATION:-30}
 DATASET=${DATASET:-splitwise}
 PORT=${PORT:-8011}
+if ! python3 -c "import nanoflow.serve.cli" 2> "$OUT/serve_import.log"; then
+  # The HTTP stack did not import here (see serve_import.log): measure the same AsyncEngine in-process instead.
+  tail -n 3 "$OUT/serve_import.log"
+  exec python3 scripts/bench_latency.py --in-process --model "$MODEL" --device cuda --dtype bfloat16 \
+    --rates "$RATES" --duration "$DURATION" --dataset "$DATASET" --warmup 4 --out "$OUT/latency"
+fi
 python3 -m nanoflow.cli serve --model "$MODEL" --device cuda --dtype bfloat16 --port "$PORT" \
   --max-concurrency 4096 > "$OUT/serve.log" 2>&1 &
 SERVER=$!

@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:  # runnable as `python scripts/bench_latency.py` f
     sys.path.insert(0, str(REPO))
 
 from nanoflow.data.datasets import load_dataset  # noqa: E402
-from nanoflow.serve.app import vocab_size_of  # noqa: E402
+from nanoflow.engine.async_engine import vocab_size_of  # noqa: E402
 
 
 class RequestResult(NamedTuple):

@@ -158,3 +158,12 @@ class AsyncEngine:
                 del self._tok_window[:1000]
         for rid in list(eng._tracked):
             eng.abort(rid)
+
+
+def vocab_size_of(engine: Any) -> int | None:
+    """The vocabulary size when the engine or its tokenizer reports one (not part of the engine contract)."""
+    for owner in (engine, getattr(engine, "tokenizer", None)):
+        value = getattr(owner, "vocab_size", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

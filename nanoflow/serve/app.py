@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoflow.engine.async_engine import vocab_size_of
 from nanoflow.serve.errors import APIError, from_validation_error, invalid
 from nanoflow.serve.generation import Admission, GenerationJob, run_job
 from nanoflow.serve.metrics import ServerMetrics
@@ -212,15 +213,6 @@ async def _open(request: Request, state: _ServerState, model: type[M]) -> M:
     req = parse_body(await read_body(request, state.config.max_body_bytes), model)
     state.check_model(getattr(req, "model", None))
     return req
-
-
-def vocab_size_of(engine: Any) -> int | None:
-    """The vocabulary size when the engine or its tokenizer reports one (not part of the engine contract)."""
-    for owner in (engine, getattr(engine, "tokenizer", None)):
-        value = getattr(owner, "vocab_size", None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 def _check_token_ids(ids: list[int], engine: Any) -> None:

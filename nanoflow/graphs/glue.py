@@ -17,8 +17,10 @@ from nanoflow.ops.activation import silu_and_mul
 from nanoflow.ops.norm import add_rms_norm
 
 
-def compiled_glue() -> dict[str, Callable[..., Any]]:
-    opts = {"dynamic": False, "fullgraph": False}
+def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
+    """The glue ops compiled per shape (``dynamic=False``, the engine's CUDA graphs) or once for every row count
+    (``dynamic=True``: the profiler, which times each op at many sizes and must not compile each of them)."""
+    opts = {"dynamic": dynamic, "fullgraph": False}
     return {
         "add_rms_norm": torch.compile(add_rms_norm, **opts),
         "silu_and_mul": torch.compile(silu_and_mul, **opts),

@@ -126,7 +126,7 @@ class OffloadingEngine(Engine):
         self._conversation: dict[str, str | None] = {}
         self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
         self._worker = OffloadWorker()
-        weakref.finalize(self, self._worker.close)
+        weakref.finalize(self, self._worker.close).atexit = False  # an engine dropped unclosed stops its worker
         self._slot_jobs = [0, 0]  # per staging slot: the last worker job reading it
         if self.runner.kv_staging is not None:
             self.runner.staging_guard = self._guard_slot

@@ -131,6 +131,7 @@ class OffloadWorker:
                 self._jobs.popleft()
                 self._done += 1
                 self._cond.notify_all()
+            del job  # release its tensors now (e.g. a pinned block back to torch's caching host allocator)
 
 
 class Ticket:

@@ -99,7 +99,8 @@ class OffloadingEngine(Engine):
     Cache sizes come from ``host_cache`` or ``args.extra``: ``kv_host_bytes`` (default 1 GiB), ``kv_ssd_dir``,
     ``kv_ssd_bytes``. ``simultaneous_offload`` (else ``args.extra["simultaneous_offload"]``, default True) copies
     each step's new KV to host memory inside the step (module docstring); False saves by gathering the pages when a
-    request finishes.
+    request finishes. Host-side copies run on a background :class:`~nanoflow.engine.host_kv.OffloadWorker` thread;
+    ``close()`` stops it.
     """
 
     def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None, tp_rank: int = 0,

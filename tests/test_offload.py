@@ -358,3 +358,104 @@ def test_host_kv_copy_grows_rewrites_and_refuses_gaps():
     assert torch.equal(copy.tensor(12)[:, :, 10:], kv[:, :, 10:12] + 1)
     with pytest.raises(ValueError, match="holds 12 tokens"):
         copy.tensor(13)
+
+
+# ---- the offload worker: staged rows copied off the engine thread ---------------------------------------------------
+def _slow_copies(monkeypatch, delay):
+    """Make every worker job of the engine take ``delay`` seconds longer (jobs queue up behind the engine)."""
+    import time
+
+    from nanoflow.engine import host_kv, kv_reuse
+
+    def slow(copies):
+        time.sleep(delay)
+        host_kv.run_copies(copies)
+
+    monkeypatch.setattr(kv_reuse, "run_copies", slow)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_slow_worker_keeps_saves_byte_exact(tiny, monkeypatch, async_scheduling):
+    """Worker jobs lag the engine by up to two steps (the staging-slot guard holds launches back): tokens, saves and
+    reuse are still those of the gather path, byte for byte."""
+    off, want = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling, simultaneous_offload=False)
+    _slow_copies(monkeypatch, 0.03)
+    on, got = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling)
+    assert got == want
+    assert on.stats_staging_waits > 0  # launches did wait for the worker to consume their slot
+    assert on.stats_saved_from_host_copy == 8 and on.stats_reused_tokens == off.stats_reused_tokens > 0
+    assert _entries(on) == _entries(off)
+    on.close()
+    assert not on._worker.alive
+
+
+def test_saves_hand_over_the_host_copy_buffer(tiny, monkeypatch):
+    """A save stores a slice of the request's host-copy buffer: no copy, no pinned allocation (on the hot path)."""
+    from nanoflow.engine.host_kv import HostKVCopy
+
+    pinned = []
+    real_empty, real_pin = torch.empty, torch.Tensor.pin_memory
+
+    def empty(*args, **kw):
+        if kw.get("pin_memory"):
+            pinned.append(args)
+        return real_empty(*args, **kw)
+
+    def pin_memory(self, *args, **kw):
+        pinned.append(self.shape)
+        return real_pin(self, *args, **kw)
+
+    views = {}
+    real_view = HostKVCopy.view
+
+    def view(self, n):
+        out = real_view(self, n)
+        views[out.data_ptr()] = self.buf
+        return out
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(HostKVCopy, "view", view)
+    on, _ = _stop_run(tiny, OffloadingEngine)
+    with on.host_cache._lock:
+        stored = [e.kv for e in on.host_cache._entries.values()]
+    assert len(stored) == 4 and not pinned
+    for kv in stored:
+        assert kv.data_ptr() in views and kv.untyped_storage().data_ptr() == views[kv.data_ptr()].data_ptr()
+        assert not kv.is_pinned()
+
+
+def test_worker_failure_surfaces_and_close_stops_it(tiny, monkeypatch):
+    from nanoflow.engine import kv_reuse
+
+    def broken(copies):
+        raise OSError("simulated copy failure")
+
+    monkeypatch.setattr(kv_reuse, "run_copies", broken)
+    engine = _engine(tiny, OffloadingEngine)
+    engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    with pytest.raises(RuntimeError, match="offload worker failed") as info:
+        engine.run_until_done()
+    assert isinstance(info.value.__cause__, OSError)
+    engine.close()
+    assert not engine._worker.alive
+
+
+def test_offload_worker_order_wait_and_close():
+    import threading
+
+    from nanoflow.engine.host_kv import OffloadWorker, Ticket
+
+    worker = OffloadWorker()
+    gate, seen = threading.Event(), []
+    first = worker.submit(gate.wait)
+    jobs = [worker.submit(lambda i=i: seen.append(i)) for i in range(5)]
+    assert jobs == list(range(first + 1, first + 6)) and not worker.done(first)
+    gate.set()
+    Ticket(worker, jobs[-1]).synchronize()
+    assert seen == list(range(5)) and worker.done(jobs[-1])
+    worker.submit(lambda: seen.append(5))
+    worker.close()  # runs what was queued, then stops
+    assert seen == list(range(6)) and not worker.alive
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(lambda: None)

@@ -4,31 +4,45 @@ Data flow:
 
 * simultaneous offload (on by default): every layer's ``kv_offload`` nano-op copies the K/V that ``rope_kv`` just
   wrote for the step's tokens to a pinned host staging buffer, on a copy stream while the FFN computes, inside the
-  CUDA graph (``graphs.runner``; two staging slots for alternate steps). When a step's results are processed, its
-  staged rows are appended to each running request's :class:`~nanoflow.engine.host_kv.HostKVCopy`, so the host copy
-  of a running request is complete up to the last processed step;
+  CUDA graph (``graphs.runner``; two staging slots for alternate steps). When a step's results are processed, the
+  engine thread only does bookkeeping (:meth:`HostKVCopy.plan <nanoflow.engine.host_kv.HostKVCopy.plan>`: which rows
+  go where, positions advanced at once) and queues one job on the :class:`~nanoflow.engine.host_kv.OffloadWorker`
+  thread, which copies the step's rows from the staging slot into each running request's pageable
+  :class:`~nanoflow.engine.host_kv.HostKVCopy`. Before launching a step that rewrites a slot, the runner waits for
+  the job that reads the slot's previous rows (``ModelRunner.staging_guard`` -> ``_guard_slot``), so the worker has
+  about one step of GPU time per job before it could hold the engine back;
 * a request that ends naturally (stop / length) saves the KV of its computed tokens (prompt + outputs, all layers) to
-  the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id,
-  straight from its host copy. With async scheduling the step launched after the one that finished it may still be
-  writing its last token's KV: the save then waits for that step's rows (``HostKVCopy.pending_save``). The bytes are
-  those of ``gather_pages`` -> ``to_host`` while its pages are still owned (before ``Scheduler._finish`` frees them),
-  which is the fallback (offload-in-graph off, or a host copy that missed rows);
+  the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id:
+  the entry is a token slice of its host copy's own buffer (no copy, no pinned allocation), stored at once with a
+  :class:`~nanoflow.engine.host_kv.Ticket` of the worker job that writes its last rows; the cache waits on that
+  ticket before anyone reads the entry (a lookup, the SSD writer), so lookups see every save as soon as it is made.
+  With async scheduling the step launched after the one that finished it may still be writing its last token's KV:
+  the save then waits for that step's rows (``HostKVCopy.pending_save``) and is made when they are queued. The bytes
+  are those of ``gather_pages`` -> ``to_host`` while its pages are still owned (before ``Scheduler._finish`` frees
+  them), which is the fallback (offload-in-graph off, or a host copy that missed rows): on a GPU the gather lands in
+  a transient pinned block of torch's caching host allocator (reused, not allocated per save), and a worker job
+  copies it into the pageable tensor the cache keeps once the device->host copy is done;
 * a waiting request is admitted with the longest stored block-aligned prefix of its prompt (at most ``prompt - 1``
   tokens, so its last token is still computed and sampled from): blocks are allocated for prefix + first chunk,
-  ``to_device`` -> ``scatter_pages`` writes the stored KV into them, the same host tensor seeds its host copy, and
-  ``num_computed_tokens`` starts past the prefix, so only the new tokens are prefilled;
+  ``to_device`` (through a pinned bounce block, the stored KV being pageable) -> ``scatter_pages`` writes the stored
+  KV into them, the same host tensor seeds its host copy (a worker job), and ``num_computed_tokens`` starts past the
+  prefix, so only the new tokens are prefilled;
 * a request preempted for lack of KV blocks first swaps its computed KV to the host cache (namespace
   ``swap:<request id>``) by ``gather_pages`` (the step in flight may still be writing its pages, so its host copy is
   not complete yet) and drops its host copy; when re-admitted it scatters that KV back instead of recomputing it (what
   the LRU lost, or a partial last block, is recomputed — correct either way).
 
 Ordering: every device copy runs on the current stream, so it comes after the launched iterations that wrote those
-pages and before any later iteration that reuses freed pages (the contract ``BlockManager.free`` documents).
+pages and before any later iteration that reuses freed pages (the contract ``BlockManager.free`` documents). Worker
+jobs run in submission order; a job that fails makes the next ``step`` (or cache read) raise ``RuntimeError``.
+``close()`` finishes the queued jobs and stops the worker; ``run_until_done`` returns with the worker drained.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +50,7 @@ import torch
 
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.engine import Engine
-from nanoflow.engine.host_kv import HostKVCopy
+from nanoflow.engine.host_kv import Copies, HostKVCopy, OffloadWorker, Ticket, run_copies
 from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
 from nanoflow.scheduler.batcher import Scheduler
 from nanoflow.scheduler.offload import HostKVCache, PrefixHit
@@ -85,7 +99,8 @@ class OffloadingEngine(Engine):
     Cache sizes come from ``host_cache`` or ``args.extra``: ``kv_host_bytes`` (default 1 GiB), ``kv_ssd_dir``,
     ``kv_ssd_bytes``. ``simultaneous_offload`` (else ``args.extra["simultaneous_offload"]``, default True) copies
     each step's new KV to host memory inside the step (module docstring); False saves by gathering the pages when a
-    request finishes.
+    request finishes. Host-side copies run on a background :class:`~nanoflow.engine.host_kv.OffloadWorker` thread;
+    ``close()`` stops it.
     """
 
     def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None, tp_rank: int = 0,
@@ -111,13 +126,19 @@ class OffloadingEngine(Engine):
         self.scheduler = ReuseScheduler(self.blocks, old.dense_batch_size, old.max_num_seqs, old.max_model_len, kv=self)
         self._conversation: dict[str, str | None] = {}
         self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
-        self._pin = self.device.type == "cuda"
+        self._worker = OffloadWorker()
+        weakref.finalize(self, self._worker.close).atexit = False  # an engine dropped unclosed stops its worker
+        self._slot_jobs = [0, 0]  # per staging slot: the last worker job reading it
+        if self.runner.kv_staging is not None:
+            self.runner.staging_guard = self._guard_slot
         self.stats_reused_tokens = 0  # prefill tokens loaded from the cache instead of computed
         self.stats_saved_tokens = 0
         self.stats_swapped_out_tokens = 0
         self.stats_swapped_in_tokens = 0
         self.stats_saved_from_host_copy = 0  # saves served by the host copy (the rest gathered the device pages)
         self.stats_deferred_saves = 0  # of those, saves that waited for the rows of a step in flight
+        self.stats_staging_waits = 0  # launches that waited for the worker to consume their staging slot
+        self.stats_staging_wait_s = 0.0
 
     def add_request(self, prompt: Any, params: Any = None, request_id: str | None = None, on_output: Any = None,
                     *, conversation_id: str | None = None) -> Any:
@@ -133,33 +154,68 @@ class OffloadingEngine(Engine):
         super()._emit_finished(tr)
 
     def close(self) -> None:
+        self._worker.close()
+        self.runner.staging_guard = None
         self._copies.clear()
         super().close()
+
+    def flush_offload(self) -> None:
+        """Wait until the worker has run every queued copy (raises if it failed)."""
+        self._worker.drain()
+
+    def run_until_done(self, progress: Any = None) -> None:
+        super().run_until_done(progress)
+        self.flush_offload()
+
+    def _guard_slot(self, slot: int) -> None:
+        """Runner hook, just before launching a step that writes staging ``slot``: wait for the job reading it."""
+        seq = self._slot_jobs[slot]
+        if not self._worker.done(seq):
+            t0 = time.perf_counter()
+            self._worker.wait(seq)
+            self.stats_staging_waits += 1
+            self.stats_staging_wait_s += time.perf_counter() - t0
 
     def _process(self, plan: Any, result: Any) -> None:
         if result.kv_rows is not None:
             result.tokens()  # waits for the step: its staged rows are complete
-            self._take_staged(plan, result.kv_rows)
+            self._take_staged(plan, result.kv_rows, result.staging_slot)
         super()._process(plan, result)  # may finish requests, which then save from their host copies
 
-    def _take_staged(self, plan: Any, kv_rows: torch.Tensor) -> None:
-        """Copy each request's rows of ``plan`` (staged in ``kv_rows``, in the runner's row order) to its host copy."""
+    def _take_staged(self, plan: Any, kv_rows: torch.Tensor, slot: int) -> None:
+        """Queue one worker job copying each request's rows of ``plan`` (staged in ``kv_rows``, staging slot
+        ``slot``, in the runner's row order) into its host copy; make the saves those rows complete."""
+        copies: Copies = []
+        touched: list[HostKVCopy] = []
+        saves: list[tuple[list[int], HostKVCopy, str | None]] = []
         row = 0
         for seq in plan.seqs:
             req, rid, n = seq.request, seq.request_id, seq.num_tokens
             copy = self._copies.get(rid)
             if seq.start == 0 and req.status is _RUNNING:
-                copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req))
+                copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req), worker=self._worker)
             # A preempted request's rows are stale (its copy was dropped); a finished one may still await rows.
             if copy is not None and (req.status is _RUNNING or copy.pending_save is not None):
-                if not copy.put(seq.start, kv_rows[:, :, row:row + n]):
+                planned = copy.plan(seq.start, kv_rows[:, :, row:row + n])
+                if planned is None:
                     log.debug("host KV copy of %s missed rows before %d; it will be gathered", rid, seq.start)
                     del self._copies[rid]
-                elif copy.pending_save is not None and copy.num_tokens >= len(copy.pending_save[0]):
-                    tokens, namespace = copy.pending_save
-                    del self._copies[rid]
-                    self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
+                else:
+                    copies += planned
+                    touched.append(copy)
+                    if copy.pending_save is not None and copy.num_tokens >= len(copy.pending_save[0]):
+                        tokens, namespace = copy.pending_save
+                        del self._copies[rid]
+                        saves.append((tokens, copy, namespace))
             row += n
+        if not copies:
+            return
+        job = self._worker.submit(lambda: run_copies(copies))
+        self._slot_jobs[slot] = job
+        for copy in touched:
+            copy.seq = job
+        for tokens, copy, namespace in saves:
+            self._save(tokens, copy.view(len(tokens)), namespace, Ticket(self._worker, job))
 
     def _capacity_hint(self, req: Request) -> int:
         return min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
@@ -170,8 +226,15 @@ class OffloadingEngine(Engine):
         n = min(req.num_computed_tokens, len(tokens))  # pending tokens' KV may exist, their ids are not known yet
         if n < self.host_cache.block_size:
             return None
-        host, event = to_host(gather_pages(self.runner.kv_cache, req.block_ids, n))
-        return tokens[:n], host, event
+        gathered = gather_pages(self.runner.kv_cache, req.block_ids, n)
+        if gathered.device.type != "cuda":
+            return tokens[:n], gathered, None  # already a new host tensor
+        # A transient pinned block (torch's caching host allocator: reused once this copy is done, not one
+        # allocation per save) -> the worker copies it into the pageable tensor the cache keeps.
+        pinned, event = to_host(gathered)
+        host = torch.empty(gathered.shape, dtype=gathered.dtype)
+        job = self._worker.submit(lambda: (event.synchronize(), host.copy_(pinned)))
+        return tokens[:n], host, Ticket(self._worker, job)
 
     def _save(self, tokens: list[int], kv: Any, namespace: str | None, event: Any) -> None:
         if self.host_cache.put(tokens, kv, namespace, event):
@@ -192,8 +255,8 @@ class OffloadingEngine(Engine):
             return
         self.stats_saved_from_host_copy += 1
         if copy.num_tokens >= len(tokens):
-            self._save(tokens, copy.tensor(len(tokens), self._pin), namespace, None)
-        else:  # a step in flight still writes its last rows; _take_staged completes the save
+            self._save(tokens, copy.view(len(tokens)), namespace, Ticket(self._worker, copy.seq))
+        else:  # a step in flight still writes its last rows; _take_staged makes the save
             copy.pending_save = (tokens, namespace)
             self.stats_deferred_saves += 1
 
@@ -233,9 +296,10 @@ class OffloadingEngine(Engine):
     def load(self, req: Request, hit: PrefixHit) -> None:
         """Scatter ``hit``'s KV into ``req``'s freshly allocated pages (called before ``num_computed_tokens`` moves)."""
         cache = self.runner.kv_cache
-        scatter_pages(cache, to_device(hit.kv, cache.device), req.block_ids, hit.num_tokens)
+        kv = hit.kv[:, :, :hit.num_tokens]
+        scatter_pages(cache, to_device(kv, cache.device), req.block_ids, hit.num_tokens)
         if self.simultaneous_offload:
-            self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), hit.kv[:, :, :hit.num_tokens])
+            self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), kv, worker=self._worker)
         if req.num_preemptions:
             self.stats_swapped_in_tokens += hit.num_tokens
             self.host_cache.discard_namespace(_swap_space(req))

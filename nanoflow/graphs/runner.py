@@ -9,14 +9,17 @@ sampled ids on the device.
 KV offload (``kv_offload=True``, paper §4.2.2): every layer graph gets the ``kv_offload`` op, which copies the K/V of
 the step's tokens into a pinned host staging buffer ``kv_staging [2, layers, 2, max_tokens, kv_heads, head_dim]``
 while the step runs. There are two staging slots, used by alternate steps (``ForwardBatch.staging_slot``; each
-CUDA-graph shape is captured once per slot), because the engine reads step i's rows only after launching step i+1:
-step i+2, which reuses step i's slot, is launched after that read. ``StepResult.kv_rows`` is the slot a step wrote;
-read it after ``tokens()`` (which waits for the step).
+CUDA-graph shape is captured once per slot), because the engine reads step i's rows only after launching step i+1.
+``StepResult.kv_rows`` is the slot a step wrote (``StepResult.staging_slot`` its index); read it after ``tokens()``
+(which waits for the step). A consumer that reads the slot later (the offloading engine's background worker) sets
+``staging_guard``: ``forward`` calls it with the slot just before launching a step that overwrites that slot, and it
+must return only once the slot's previous rows have been consumed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,7 @@ class StepResult:
     host_ids: torch.Tensor  # [n] int64, pinned when on a GPU
     event: Any
     kv_rows: torch.Tensor | None = None  # [layers, 2, T, kv_heads, head_dim] staged K/V rows (kv_offload only)
+    staging_slot: int = 0  # which staging slot kv_rows is
 
     def tokens(self) -> dict[str, int]:
         if self.event is not None:
@@ -72,6 +76,7 @@ class ModelRunner:
         graphs = model.graphs
         self.kv_staging: torch.Tensor | None = None
         self._staging_slot = 0
+        self.staging_guard: Callable[[int], None] | None = None  # see the module docstring
         if kv_offload:
             from nanoflow.models.layers import with_kv_offload
 
@@ -151,6 +156,8 @@ class ModelRunner:
     # ---- running ---------------------------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run all layers (replaying a captured CUDA graph when one fits); fp32 logits of the sampling rows."""
+        if self.kv_staging is not None and self.staging_guard is not None:
+            self.staging_guard(batch.staging_slot)  # the slot's previous rows must be consumed before it is rewritten
         if self.graphs is None or not self.graphs.run(batch):
             self.run_layers(batch)
         rows = batch.sample_rows
@@ -185,6 +192,7 @@ class ModelRunner:
         result = self._finish(batch.sample_request_ids, ids)
         if self.kv_staging is not None:
             result.kv_rows = self.kv_staging[batch.staging_slot]
+            result.staging_slot = batch.staging_slot
         return result
 
     def _finish(self, request_ids: list[str], ids: torch.Tensor) -> StepResult:

@@ -6,9 +6,11 @@ The contiguous form of its first ``n`` tokens is ``[num_layers, 2, n, kv_heads, 
 ``nanoflow.scheduler.offload.HostKVCache`` stores.
 
 Offload: ``gather_pages`` (one kernel) -> ``to_host`` (one device->host copy into pinned memory, non-blocking) — the
-engine's fallback and swap-out path; normally each step's new KV already reaches host memory inside the step (the
-``kv_offload`` op of ``models/layers.py``).
-Load: ``to_device`` (one host->device copy into a contiguous device buffer) -> ``scatter_pages`` (one kernel writes
+engine's fallback and swap-out path, which copies the pinned result into pageable memory on its worker thread so the
+pinned block returns to torch's caching host allocator; normally each step's new KV already reaches host memory
+inside the step (the ``kv_offload`` op of ``models/layers.py``).
+Load: ``to_device`` (one host->device copy into a contiguous device buffer, from pageable memory through a reused
+pinned bounce block) -> ``scatter_pages`` (one kernel writes
 the pages). The paper measures 7-10x the host->device bandwidth of copying page by page into the fragmented
 destinations; ``scatter_pages_pagewise`` is that page-by-page baseline (``scripts/device/bench_offload.py``).
 
@@ -163,8 +165,16 @@ def to_host(buf: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """One host->device copy into a new contiguous buffer (asynchronous when ``host`` is pinned and contiguous)."""
+    """One host->device copy into a new contiguous buffer, never blocking on queued GPU work.
+
+    A pageable (or non-contiguous) ``host`` is first copied into a pinned bounce block of torch's caching host
+    allocator: the non-blocking copy records an event on that block, which is reused by later calls once the copy is
+    done (no pinned allocation per call). A copy straight from pageable memory would wait for every iteration in
+    flight on the stream."""
     device = torch.device(device)
     if device.type == "cpu":
         return host
-    return host.to(device, non_blocking=host.is_pinned())
+    if not (host.is_pinned() and host.is_contiguous()):
+        bounce = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        host = bounce.copy_(host)
+    return host.to(device, non_blocking=True)

@@ -1,10 +1,13 @@
 """Host-memory and SSD tiers of the KV cache (paper §4.2.2): LRU entries keyed by token prefixes.
 
-An entry holds the KV of ``n`` tokens for every layer as one contiguous CPU tensor laid out like the device cache
-without its pages: ``[num_layers, 2, n, kv_heads, head_dim]`` (pinned when CUDA is available, so host->device copies
-are asynchronous). Entries are found by *token prefix*: each entry is indexed under a chained hash of its tokens at
-every block boundary (``block_size, 2 * block_size, ...``), so ``longest_prefix`` walks a query's block boundaries from
-the longest down and answers with the longest stored block-aligned prefix. Hash hits are confirmed against the stored
+An entry holds the KV of ``n`` tokens for every layer as one CPU tensor laid out like the device cache without its
+pages: ``[num_layers, 2, n, kv_heads, head_dim]``, stored as given — contiguous, or a token slice of a larger such
+tensor (the offloading engine hands over a slice of a request's host-copy buffer: no copy at save time). Entries are
+pageable memory: pinning every entry would cost one slow pinned allocation per save and pin the whole tier;
+``kv_transfer.to_device`` bounces a pageable entry through a reused pinned block when it is loaded.
+Entries are found by *token prefix*: each entry is indexed under a chained hash of its tokens at every block boundary
+(``block_size, 2 * block_size, ...``), so ``longest_prefix`` walks a query's block boundaries from the longest down
+and answers with the longest stored block-aligned prefix. Hash hits are confirmed against the stored
 token ids, so a hash collision can only cost a miss, never wrong KV. A ``namespace`` (e.g. a conversation id) scopes
 both the index and the lookups.
 
@@ -101,7 +104,6 @@ class HostKVCache:
         self.ssd_enabled = self.ssd_dir is not None and ssd_capacity_bytes > 0
         if self.ssd_enabled:
             self.ssd_dir.mkdir(parents=True, exist_ok=True)
-        self._pin = torch.cuda.is_available()
         self._lock = threading.RLock()
         self._host: OrderedDict[str, _Entry] = OrderedDict()  # LRU first; includes entries being written
         self._disk: OrderedDict[str, _Entry] = OrderedDict()
@@ -118,7 +120,8 @@ class HostKVCache:
 
     # ---- public API ----------------------------------------------------------------------------------------
     def put(self, token_ids: list[int], kv: torch.Tensor, namespace: str | None = None, ready: Any = None) -> bool:
-        """Store the KV of ``token_ids`` (``kv``: CPU ``[L, 2, len(token_ids), H, D]``). Returns False when nothing
+        """Store the KV of ``token_ids`` (``kv``: CPU ``[L, 2, len(token_ids), H, D]``, kept as given, not copied: the
+        caller must not modify it afterwards). Returns False when nothing
         was stored (fewer tokens than one block, or larger than the host tier).
 
         Entries of the same namespace whose tokens are a prefix of ``token_ids`` are dropped (subsumed: the new one
@@ -134,7 +137,6 @@ class HostKVCache:
         if nbytes > self.capacity_bytes:
             log.debug("KV entry of %d bytes exceeds the host tier (%d bytes); not stored", nbytes, self.capacity_bytes)
             return False
-        kv = kv.contiguous()
         hashes = _chain_hashes(namespace, token_ids, self.block_size, len(token_ids))
         key = _entry_key(namespace, token_ids)
         with self._lock:
@@ -306,7 +308,7 @@ class HostKVCache:
             return None
         flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         kv = flat.view(entry.dtype).reshape(entry.shape)
-        return kv.pin_memory() if self._pin else kv
+        return kv
 
     # ---- writer thread -------------------------------------------------------------------------------------
     def _write_loop(self) -> None:

@@ -1,20 +1,25 @@
 """KV offload on a GPU (paper §4.2.2); writes ``$OUT/offload_bench.json``.
 
-Three measurements in one run:
+Three measurements in one run, in this order, each printed and written to the JSON as soon as it is done (a run cut
+short keeps what it measured; ``--deadline-s`` skips what would start too late). Before the engine parts, a short run
+checks after every step that each running request's host copy equals its device pages (``host_copy_check``; it also
+warms the kernels up, so the first timed engine run does not pay for Triton compiles):
 
 1. bandwidth: loading one request's KV (LLaMA-3-8B shape, bf16, shuffled pages) from pinned host memory as one
    contiguous host->device copy + the Triton scatter, against copying page by page straight into the fragmented
-   pages (the paper reports 7-10x); plus gather + device->host (the offload direction);
-2. throughput cost of offload: the plain ``Engine`` against ``OffloadingEngine`` (saves every finished request's KV to
+   pages (the paper reports 7-10x); the same load from pageable memory (how the host cache stores entries now:
+   ``to_device`` bounces them through a reused pinned block); plus gather + device->host (the offload direction);
+2. reuse: multi-round conversations (round r+1's prompt = round r's prompt + the model's answer + a new user turn),
+   prefill tokens computed and wall time with and without reuse;
+3. throughput cost of offload: the plain ``Engine`` against ``OffloadingEngine`` (saves every finished request's KV to
    host memory) on N requests of 1,024 prompt / 512 output tokens, with simultaneous offload on (every layer's new
    K/V copied to pinned host memory inside the CUDA graph, on a copy stream beside the FFN) and off (KV gathered from
    the pages when a request finishes); under ``--pipeline`` (default: the 8B overlap preset, where the copies get a
-   stream of their own; ``none``: the sequential baseline, copies in line on the one stream). Before timing, a short
-   run checks after every step that each running request's host copy equals its device pages (``host_copy_check``);
-3. reuse: multi-round conversations (round r+1's prompt = round r's prompt + the model's answer + a new user turn),
-   prefill tokens computed and wall time with and without reuse.
+   stream of their own; ``none``: the sequential baseline, copies in line on the one stream). The offloading runs
+   report how often (and how long) a launch waited for the offload worker to consume its staging slot
+   (``stats_staging_waits`` / ``stats_staging_wait_s``).
 
-    python scripts/device/bench_offload.py             # on the GPU machine (a few minutes on an H100)
+    python scripts/device/bench_offload.py             # on the GPU machine (about five minutes on an H200)
     python scripts/device/bench_offload.py --dry-run   # tiny shapes on the CPU (TRITON_INTERPRET=1)
 """
 
@@ -32,9 +37,11 @@ from pathlib import Path
 ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes and model on the CPU")
 ARGS.add_argument("--model", default="llama-3-8b", help="built-in config name (dummy weights) or an HF folder")
-ARGS.add_argument("--requests", type=int, default=256, help="requests of the 1,024/512 throughput run")
-ARGS.add_argument("--conversations", type=int, default=64, help="conversations of the multi-round run")
-ARGS.add_argument("--rounds", type=int, default=4)
+ARGS.add_argument("--requests", type=int, default=192, help="requests of the 1,024/512 throughput run")
+ARGS.add_argument("--conversations", type=int, default=32, help="conversations of the multi-round run")
+ARGS.add_argument("--rounds", type=int, default=3)
+ARGS.add_argument("--deadline-s", type=float, default=390.0,
+                  help="do not start a part or engine run after this many seconds (its entry says skipped)")
 ARGS.add_argument("--pipeline", default="llama-8b-overlap",
                   help="pipeline preset of the engine runs (none: the sequential baseline)")
 ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for offload_bench.json (default $OUT)")
@@ -49,6 +56,24 @@ from nanoflow.ops import kv_transfer as kt  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not OPTS.dry_run
 DEV = torch.device("cuda" if CUDA else "cpu")
+T0 = time.perf_counter()
+RESULT: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)", "torch": torch.__version__}
+_MODEL: dict = {}
+
+
+def _dump() -> None:
+    """Write everything measured so far (called after every part and engine run)."""
+    path = Path(OPTS.out) / "offload_bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    RESULT["elapsed_s"] = time.perf_counter() - T0
+    path.write_text(json.dumps(RESULT, indent=1))
+
+
+def _late(what: str) -> bool:
+    late = time.perf_counter() - T0 > OPTS.deadline_s
+    if late:
+        print(f"skipping {what}: past --deadline-s {OPTS.deadline_s:.0f}", flush=True)
+    return late
 
 
 def _timed(fn, repeat: int = 10) -> float:
@@ -85,6 +110,11 @@ def bandwidth() -> list[dict]:
         def contiguous(cache=cache, host=host, table=table, n=n):
             kt.scatter_pages(cache, kt.to_device(host, DEV), table, n)
 
+        pageable = host.clone() if CUDA else host  # clone() of a pinned tensor is pageable
+
+        def bounced(cache=cache, pageable=pageable, table=table, n=n):
+            kt.scatter_pages(cache, kt.to_device(pageable, DEV), table, n)
+
         def pagewise(cache=cache, host=host, table=table, n=n):
             kt.scatter_pages_pagewise(cache, host, table, n)
 
@@ -93,11 +123,12 @@ def bandwidth() -> list[dict]:
             if ev is not None:
                 ev.synchronize()
 
-        t_c, t_p, t_o = _timed(contiguous), _timed(pagewise, repeat=3), _timed(offload)
+        t_c, t_p, t_o, t_b = _timed(contiguous), _timed(pagewise, repeat=3), _timed(offload), _timed(bounced)
         check = torch.zeros_like(cache)
         kt.scatter_pages(check, kt.to_device(host, DEV), table, n)
         rows.append({"tokens": n, "bytes": nbytes, "contiguous_scatter_GBps": nbytes / t_c / 1e9,
                      "pagewise_GBps": nbytes / t_p / 1e9, "speedup": t_p / t_c,
+                     "pageable_bounce_scatter_GBps": nbytes / t_b / 1e9, "pageable_is_pinned": pageable.is_pinned(),
                      "gather_d2h_GBps": nbytes / t_o / 1e9,
                      "round_trip_exact": bool(torch.equal(kt.gather_pages(check, table, n).cpu(), host))})
         print(rows[-1], flush=True)
@@ -117,6 +148,21 @@ def _engine_args():
     return replace(args, pipeline=None if OPTS.pipeline == "none" else OPTS.pipeline)
 
 
+def _model() -> tuple:
+    """(engine args, loaded parts, vocab), loaded once and shared by every engine run."""
+    if not _MODEL:
+        from nanoflow.engine.builder import load_parts, resolve_device
+
+        args = _engine_args()
+        parts = load_parts(args, resolve_device(args.device))
+        _MODEL.update(args=args, parts=parts, vocab=parts["model"].spec.vocab_size)
+    return _MODEL["args"], _MODEL["parts"], _MODEL["vocab"]
+
+
+def _host_bytes() -> int:
+    return 64 << 30 if CUDA else 1 << 30
+
+
 def host_copy_check(args, parts, vocab: int) -> dict:
     """Step by step, each running request's host copy (built from the in-graph staged rows) against its pages."""
     from nanoflow.engine.kv_reuse import OffloadingEngine
@@ -125,7 +171,7 @@ def host_copy_check(args, parts, vocab: int) -> dict:
 
     engine = OffloadingEngine(args, parts=parts)
     g = torch.Generator().manual_seed(1)
-    n_req, p_len = (48, 700) if CUDA else (4, 40)
+    n_req, p_len = (16, 700) if CUDA else (4, 40)  # every step gathers each request's pages: keep it short
     for i in range(n_req):
         prompt = torch.randint(0, vocab, (p_len + 13 * i,), generator=g).tolist()
         engine.add_request(prompt, SamplingParams(max_tokens=24 + i % 7, temperature=0, ignore_eos=True))
@@ -173,7 +219,7 @@ def _run(cls, args, parts, batches, **kw) -> dict:
     if hasattr(engine, "simultaneous_offload"):
         rec["simultaneous_offload"] = engine.simultaneous_offload
     for k in ("stats_reused_tokens", "stats_saved_tokens", "stats_swapped_out_tokens", "stats_swapped_in_tokens",
-              "stats_saved_from_host_copy", "stats_deferred_saves"):
+              "stats_saved_from_host_copy", "stats_deferred_saves", "stats_staging_waits", "stats_staging_wait_s"):
         if hasattr(engine, k):
             rec[k] = getattr(engine, k)
     if hasattr(engine, "host_cache"):
@@ -183,26 +229,13 @@ def _run(cls, args, parts, batches, **kw) -> dict:
     return rec
 
 
-def engine_runs() -> dict:
-    from nanoflow.engine.builder import load_parts, resolve_device
+def multiround() -> dict:
+    """Conversations over several rounds, the plain engine (recomputes every prompt) against KV reuse."""
     from nanoflow.engine.engine import Engine
     from nanoflow.engine.kv_reuse import OffloadingEngine
 
-    args = _engine_args()
-    parts = load_parts(args, resolve_device(args.device))
-    vocab = parts["model"].spec.vocab_size
+    args, parts, vocab = _model()
     g = torch.Generator().manual_seed(0)
-    n_req, p_len, o_len = (OPTS.requests, 1024, 512) if not OPTS.dry_run else (4, 64, 16)
-    fixed = [(torch.randint(0, vocab, (p_len,), generator=g).tolist(), o_len, None) for _ in range(n_req)]
-    out = {"pipeline": args.pipeline, "host_copy_check": host_copy_check(args, parts, vocab), "throughput_1024_512": []}
-    host_bytes = 64 << 30 if CUDA else 1 << 30
-    offload_args = replace(args, extra={**args.extra, "kv_host_bytes": host_bytes})
-    for cls, a, kw in ((Engine, args, {}), (OffloadingEngine, offload_args, {"simultaneous_offload": True}),
-                       (OffloadingEngine, offload_args, {"simultaneous_offload": False})):
-        out["throughput_1024_512"].append(_run(cls, a, parts, [lambda _: fixed], **kw))
-    base, on, off = (r["throughput_tok_s"] for r in out["throughput_1024_512"])
-    out["throughput_vs_plain"] = {"simultaneous_on": on / base, "simultaneous_off": off / base}
-
     n_conv, rounds = (OPTS.conversations, OPTS.rounds) if not OPTS.dry_run else (3, 3)
     lo, hi = (200, 800) if not OPTS.dry_run else (20, 60)
     first = [torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
@@ -224,27 +257,67 @@ def engine_runs() -> dict:
 
         return [wave_fn(r) for r in range(rounds)]
 
-    out["multiround"] = []
+    out: dict = {"conversations": n_conv, "rounds": rounds, "runs": []}
+    RESULT["multiround"] = out
     for cls in (Engine, OffloadingEngine):
-        a = replace(args, extra={**args.extra, "kv_host_bytes": host_bytes}) if cls is OffloadingEngine else args
-        out["multiround"].append(_run(cls, a, parts, make_waves()))
-    base, reuse = out["multiround"]
-    out["multiround_prefill_saved_fraction"] = 1 - reuse["prefill_tokens_computed"] / base["prefill_tokens_computed"]
+        if _late(f"multiround {cls.__name__}"):
+            out["runs"].append({"engine": cls.__name__, "skipped": "deadline"})
+            continue
+        a = replace(args, extra={**args.extra, "kv_host_bytes": _host_bytes()}) if cls is OffloadingEngine else args
+        out["runs"].append(_run(cls, a, parts, make_waves()))
+        _dump()
+    base, reuse = out["runs"]
+    if "skipped" not in base and "skipped" not in reuse:
+        out["prefill_saved_fraction"] = 1 - reuse["prefill_tokens_computed"] / base["prefill_tokens_computed"]
+        out["wall_speedup"] = base["wall_s"] / reuse["wall_s"]
+    return out
+
+
+def throughput() -> dict:
+    """Plain / simultaneous offload on / off on the fixed 1,024/512 workload."""
+    from nanoflow.engine.engine import Engine
+    from nanoflow.engine.kv_reuse import OffloadingEngine
+
+    args, parts, vocab = _model()
+    out: dict = {"pipeline": args.pipeline}
+    RESULT["throughput"] = out
+    g = torch.Generator().manual_seed(0)
+    n_req, p_len, o_len = (OPTS.requests, 1024, 512) if not OPTS.dry_run else (4, 64, 16)
+    fixed = [(torch.randint(0, vocab, (p_len,), generator=g).tolist(), o_len, None) for _ in range(n_req)]
+    out["requests"] = n_req
+    out["throughput_1024_512"] = runs = []
+    offload_args = replace(args, extra={**args.extra, "kv_host_bytes": _host_bytes()})
+    for name, cls, a, kw in (("plain", Engine, args, {}),
+                             ("simultaneous_on", OffloadingEngine, offload_args, {"simultaneous_offload": True}),
+                             ("simultaneous_off", OffloadingEngine, offload_args, {"simultaneous_offload": False})):
+        if _late(f"throughput {name}"):
+            runs.append({"run": name, "skipped": "deadline"})
+            continue
+        runs.append({"run": name, **_run(cls, a, parts, [lambda _: fixed], **kw)})
+        base = runs[0].get("throughput_tok_s")
+        if base:
+            out["throughput_vs_plain"] = {r["run"]: r["throughput_tok_s"] / base for r in runs[1:]
+                                          if "throughput_tok_s" in r}
+        _dump()
+    print({"throughput_vs_plain": out.get("throughput_vs_plain")}, flush=True)
     return out
 
 
 def main() -> None:
-    result: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)", "torch": torch.__version__}
-    for name, fn in (("bandwidth", bandwidth), ("engine", engine_runs)):
+    # The host-copy check also warms up (Triton compiles, autotuning) before anything engine-level is timed.
+    for name, fn in (("bandwidth", bandwidth), ("host_copy_check", lambda: host_copy_check(*_model())),
+                     ("multiround", multiround), ("throughput", throughput)):
+        if _late(name):
+            RESULT[name + "_skipped"] = "deadline"
+            continue
         try:
-            result[name] = fn()
-        except Exception:  # keep what the other part measured
-            result[name + "_error"] = traceback.format_exc()
-            print(result[name + "_error"], file=sys.stderr, flush=True)
-    path = Path(OPTS.out) / "offload_bench.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+            RESULT[name] = fn()
+        except Exception:  # keep what the other parts measured
+            RESULT[name + "_error"] = traceback.format_exc()
+            print(RESULT[name + "_error"], file=sys.stderr, flush=True)
+        _dump()
+        print(f"[{time.perf_counter() - T0:.0f} s] {name} done", flush=True)
+    print(f"wrote {Path(OPTS.out) / 'offload_bench.json'}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class RequestResult(NamedTuple):
     error: str | None
     prompt_tokens: int
     output_tokens: int
-    ttft: float  # seconds from send to the first generated text
+    ttft: float | None  # seconds from send to the first generated text; None when no text was streamed
     latency: float  # seconds from send to the last byte
 
     @property
@@ -49,7 +49,9 @@ class RequestResult(NamedTuple):
 
     @property
     def tpot(self) -> float | None:
-        return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        if self.ttft is None or self.output_tokens <= 1:
+            return None
+        return (self.latency - self.ttft) / (self.output_tokens - 1)
 
 
 Prompt = str | list[int]
@@ -100,7 +102,7 @@ class HttpSender:
             return _failed(f"{type(e).__name__}: {e}", start)
         end = time.perf_counter()
         return RequestResult(True, None, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                             (first or end) - start, end - start)
+                             None if first is None else first - start, end - start)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -184,7 +186,11 @@ def summarize(results: Sequence[RequestResult], wall: float, rate: float) -> dic
         row[f"p99_{name}_ms"] = float(np.percentile(arr, 99))
 
     stats("normalized_latency", [r.normalized for r in ok])
-    stats("ttft", [r.ttft for r in ok])
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    if ttfts:
+        stats("ttft", ttfts)
+    else:  # e.g. a model without a tokenizer: the server streams no text, so first-token times are unknown
+        row["ttft_note"] = "no request streamed text before its end; TTFT/TPOT not measurable over HTTP here"
     tpots = [t for t in (r.tpot for r in ok) if t is not None]
     if tpots:
         stats("tpot", tpots)

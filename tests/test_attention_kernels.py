@@ -123,6 +123,58 @@ def test_decode_persistent_grid_matches_reference(gqa, head_dim, max_programs):
     assert_rows(out, ref, [i for i, length in enumerate(lengths) if length], torch.float32)
 
 
+ROW_CASES = [
+    # hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs, dtype
+    (4, 1, 64, 16, None, 1, None, torch.float32),  # MHA, one page per tile, direct store
+    (2, 4, 128, 16, 32, 1, None, torch.bfloat16),  # two pages per tile
+    (2, 8, 64, 8, 16, 3, None, torch.float32),  # two pages of 8 per tile, split-KV + reduce
+    (2, 4, 64, 32, 16, None, None, torch.bfloat16),  # tile inside a page (block_n < block_size), default splits
+    (1, 8, 64, 16, None, None, 1, torch.float32),  # persistent: one program loops over every row
+    (2, 1, 64, 16, 32, None, 3, torch.bfloat16),  # persistent MHA, fewer programs than rows
+    (2, 8, 128, 16, None, 4, 5, torch.float16),  # persistent ignores num_splits (one split per row)
+    (8, 4, 64, 16, None, 2, None, torch.float32),  # LLaMA-3-8B's 8 kv heads
+]
+
+
+@pytest.mark.parametrize("hkv,gqa,head_dim,block_size,block_n,num_splits,max_programs,dtype", ROW_CASES)
+@in_process
+def test_decode_row_variant_matches_reference(hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs,
+                                              dtype):
+    """variant="row": one program per row over all kv heads (full grid, split-KV or persistent)."""
+    gen = seeded("row", hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs, dtype)
+    hq = hkv * gqa
+    lengths = [37, 0, 1, block_size, 100, 65, 32, 0, 33]  # crossing pages and tiles; zero rows stay untouched
+    k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen)
+    n = len(lengths)
+    qkv = torch.randn(n, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, : hq * head_dim].view(n, hq, head_dim)
+    out_buf = torch.full((n + 3, hq, head_dim), float("nan"), dtype=dtype)
+    out = out_buf[2 : n + 2]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    scale = head_dim**-0.5
+    decode_attention(q, k, v, table, seq_lens, out, scale, num_splits=num_splits, block_n=block_n,
+                     max_programs=max_programs, kv_evict="", variant="row")
+    ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
+    ref[2 : n + 2] = decode_attention_ref(q, k, v, table, seq_lens, scale)
+    assert_rows(out_buf, ref, [2 + i for i, length in enumerate(lengths) if length], dtype)
+
+
+def test_decode_row_variant_rejects_bad_inputs():
+    q = torch.randn(2, 6, 64)
+    k = torch.randn(3, 16, 3, 64)
+    lens = torch.ones(2, dtype=torch.int32)
+    table = torch.ones(2, 1, dtype=torch.int32)
+    with pytest.raises(AttentionInputError, match="power-of-two num_kv_heads"):
+        decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, variant="row")
+    k = torch.randn(3, 16, 2, 64)
+    with pytest.raises(AttentionInputError, match="variant"):
+        decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, variant="rows")
+    with pytest.raises(AttentionInputError, match="block_n"):
+        decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, block_n=24, variant="row")
+    with pytest.raises(AttentionInputError, match="max_programs"):
+        decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, max_programs=0, variant="row")
+
+
 @in_process
 def test_decode_row_slices_and_preallocated_workspace():
     """Row-sliced q/out views and a workspace bigger than needed (the CUDA-graph setup) give the reference result."""

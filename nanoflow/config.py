@@ -245,6 +245,8 @@ class EngineArgs:
     compile: bool = True
     pipeline: str | None = None
     resource_knob: str = "grid"  # how nano-op shares are enforced: grid|partition|green|none (graphs/resources.py)
+    # Free-form options, among them: decode_variant ("split"|"row", the Triton decode kernel), decode_options (its
+    # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

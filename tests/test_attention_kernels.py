@@ -175,6 +175,31 @@ def test_decode_row_variant_rejects_bad_inputs():
         decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, max_programs=0, variant="row")
 
 
+@pytest.mark.parametrize("variant,max_programs", [("row", None), ("row", 2), ("split", None)])
+@in_process
+def test_decode_backend_variant(variant, max_programs):
+    """TritonAttention(decode_variant=...) runs the chosen kernel with the metadata's max_programs and its options."""
+    from types import SimpleNamespace
+
+    from nanoflow.ops.attention.backends import TritonAttention
+
+    gen = seeded("backend", variant, max_programs)
+    lengths = [20, 0, 45]
+    k, v, table = paged_kv(lengths, 16, 2, 64, torch.float32, gen)
+    q = torch.randn(3, 8, 64, generator=gen)
+    out = torch.full_like(q, float("nan"))
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    backend = TritonAttention(0.125, 16, decode_variant=variant, decode_options={"block_n": 32, "kv_evict": ""})
+    meta = SimpleNamespace(block_tables=table, seq_lens=seq_lens, num_splits=None, workspace=None,
+                           max_programs=max_programs)
+    backend.decode(q, k, v, meta, out)
+    assert_rows(out, decode_attention_ref(q, k, v, table, seq_lens, 0.125), [0, 2], torch.float32)
+    with pytest.raises(ValueError, match="decode_variant"):
+        TritonAttention(0.125, 16, decode_variant="rows")
+    with pytest.raises(ValueError, match="decode_options"):
+        TritonAttention(0.125, 16, decode_options={"max_programs": 3})
+
+
 @in_process
 def test_decode_row_slices_and_preallocated_workspace():
     """Row-sliced q/out views and a workspace bigger than needed (the CUDA-graph setup) give the reference result."""

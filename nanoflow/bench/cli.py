@@ -43,6 +43,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
+    p.add_argument("--decode-variant", default="split", choices=["split", "row"],
+                   help="decode-attention kernel: split (one program per row and kv head) or row (one per row, all "
+                        "kv heads, whole-page tiles)")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
+    ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
     if args.memory_share is not None:
         ea.extra["memory_share"] = args.memory_share
     t0 = time.perf_counter()

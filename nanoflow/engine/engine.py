@@ -130,7 +130,9 @@ class Engine:
                            cuda_graphs=self.args.cuda_graphs, decode_cap=self.scheduler.max_num_seqs,
                            resources=ResourceConfig(knob=self.args.resource_knob,
                                                     ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))),
-                           kv_offload=self.simultaneous_offload)
+                           kv_offload=self.simultaneous_offload,
+                           decode_variant=str(self.args.extra.get("decode_variant", "split")),
+                           decode_options=self.args.extra.get("decode_options"))
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -138,7 +138,9 @@ class CudaGraphRunner:
 
         spec = self.runner.spec
         model = self.runner.model
-        splits = self.runner.attention.num_splits or default_num_splits(rows, model.local_kv_heads, self.device)
+        # The row decode kernel has one program per row (all kv heads), the split kernel one per (row, kv head).
+        per_row = 1 if getattr(self.runner.attention, "decode_variant", "split") == "row" else model.local_kv_heads
+        splits = self.runner.attention.num_splits or default_num_splits(rows, per_row, self.device)
         return splits, decode_workspace(rows, model.local_heads, spec.head_dim, splits, self.device)
 
     def _load(self, static: ForwardBatch, batch: ForwardBatch, shape: BatchShape) -> None:

@@ -55,7 +55,8 @@ class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, max_tokens: int,
                  max_model_len: int, attention: str | None = None, pipeline: Any = None, comm: Any = None,
                  compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
-                 resources: Any = None, kv_offload: bool = False):
+                 resources: Any = None, kv_offload: bool = False, decode_variant: str = "split",
+                 decode_options: dict[str, Any] | None = None):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -72,7 +73,8 @@ class ModelRunner:
         self.cos_sin = cos_sin_cache(self.spec.head_dim, max(max_model_len, 1) + 1, self.spec.rope_theta,
                                      self.spec.rope_scaling, self.device)
         backend = attention or ("triton" if self.device.type == "cuda" else "torch")
-        self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size)
+        self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size,
+                                      decode_variant=decode_variant, decode_options=decode_options)
         graphs = model.graphs
         self.kv_staging: torch.Tensor | None = None
         self._staging_slot = 0

@@ -76,15 +76,33 @@ class TorchAttention:
             out[q_start:q_start + q_len].copy_(res.transpose(0, 1))
 
 
+DECODE_VARIANTS = ("split", "row")
+
+
 class TritonAttention:
-    """The paged Triton kernels of ``nanoflow.ops.attention``; reads only device tensors (graph-capturable)."""
+    """The paged Triton kernels of ``nanoflow.ops.attention``; reads only device tensors (graph-capturable).
+
+    ``decode_variant`` picks the decode kernel (``"split"``: one program per (row, kv head); ``"row"``: one program per
+    row over all kv heads, whole-page tiles; see ``decode.py``). ``decode_options`` are extra keyword arguments of
+    :func:`~nanoflow.ops.attention.decode.decode_attention` (``block_n``, ``num_warps``, ``num_stages``,
+    ``kv_evict``), e.g. the best config of ``scripts/device/interference.py``.
+    """
 
     name = "triton"
 
-    def __init__(self, scale: float, block_size: int, num_splits: int | None = None):
+    def __init__(self, scale: float, block_size: int, num_splits: int | None = None, decode_variant: str = "split",
+                 decode_options: dict[str, Any] | None = None):
+        if decode_variant not in DECODE_VARIANTS:
+            raise ValueError(f"decode_variant must be one of {DECODE_VARIANTS}, got {decode_variant!r}")
+        allowed = {"block_n", "num_warps", "num_stages", "kv_evict"}
+        unknown = set(decode_options or {}) - allowed
+        if unknown:
+            raise ValueError(f"decode_options may set {sorted(allowed)}, got {sorted(unknown)}")
         self.scale = scale
         self.block_size = block_size
         self.num_splits = num_splits
+        self.decode_variant = decode_variant
+        self.decode_options = dict(decode_options or {})
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
                out: torch.Tensor) -> None:
@@ -92,7 +110,7 @@ class TritonAttention:
 
         decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, self.scale,
                          num_splits=meta.num_splits or self.num_splits, workspace=meta.workspace,
-                         max_programs=meta.max_programs)
+                         max_programs=meta.max_programs, variant=self.decode_variant, **self.decode_options)
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
                 out: torch.Tensor) -> None:
@@ -102,9 +120,11 @@ class TritonAttention:
                           self.scale, meta.max_q_len)
 
 
-def make_backend(name: str, scale: float, block_size: int) -> TorchAttention | TritonAttention:
+def make_backend(name: str, scale: float, block_size: int, decode_variant: str = "split",
+                 decode_options: dict[str, Any] | None = None) -> TorchAttention | TritonAttention:
+    """``decode_variant``/``decode_options`` configure the Triton decode kernel; the torch backend ignores them."""
     if name == "torch":
         return TorchAttention(scale, block_size)
     if name == "triton":
-        return TritonAttention(scale, block_size)
+        return TritonAttention(scale, block_size, decode_variant=decode_variant, decode_options=decode_options)
     raise ValueError(f"unknown attention backend {name!r}; use 'triton' or 'torch'")

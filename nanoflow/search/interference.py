@@ -45,8 +45,11 @@ def _events_time(fns: list[tuple[torch.cuda.Stream, Any]], repeat: int = 10) -> 
 
 def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
                       head_dim: int, programs: list[int], green_sms: list[int], device: torch.device,
-                      block_size: int = 16) -> dict[str, Any]:
-    """Measure GEMM (``tokens x hidden -> 2*inter``, the gate/up projection) beside paged decode attention."""
+                      block_size: int = 16, decode_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure GEMM (``tokens x hidden -> 2*inter``, the gate/up projection) beside paged decode attention.
+
+    ``decode_cfg``: extra keyword arguments of ``decode_attention`` (e.g. ``{"variant": "row"}``)."""
+    decode_cfg = dict(decode_cfg or {})
     from nanoflow.ops.attention.decode import decode_attention
 
     dt = torch.bfloat16
@@ -68,7 +71,8 @@ def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ct
         torch.mm(x, w.t(), out=y)
 
     def dec(p: int | None) -> Any:
-        return lambda: decode_attention(q, kc, vc, table, lens, out, head_dim**-0.5, num_splits=1, max_programs=p)
+        return lambda: decode_attention(q, kc, vc, table, lens, out, head_dim**-0.5, num_splits=1, max_programs=p,
+                                        **decode_cfg)
 
     s_hi = torch.cuda.Stream(device=device, priority=-1)
     s_lo = torch.cuda.Stream(device=device, priority=0)
@@ -100,7 +104,7 @@ def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ct
         except Exception as exc:  # green contexts are beta: record why, keep the rest
             rows.append({"knob": "green", "decode_sms": n, "error": repr(exc)})
     return {"gemm_shape": [tokens, hidden, 2 * inter], "decode": {"rows": decode_rows, "ctx": ctx, "heads": heads,
-            "kv_heads": kv_heads, "head_dim": head_dim}, "sms": sms, "t_gemm_alone_ms": t_gemm,
+            "kv_heads": kv_heads, "head_dim": head_dim, "config": decode_cfg}, "sms": sms, "t_gemm_alone_ms": t_gemm,
             "t_decode_alone_ms": t_dec_full, "serial_ms": t_gemm + t_dec_full, "pairs": rows}
 
 
@@ -110,8 +114,9 @@ def partition_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx:
     """The ``partition`` knob: the GEMM targets ``sms - k`` SMs (cuBLASLt carve-out), decode attention runs a
     persistent grid of ``c * k`` programs, for every k in ``decode_sms`` and c in ``ctas_per_sm``.
 
-    ``configs`` are decode-kernel settings (``block_n``, ``num_stages``, ``num_warps``, ``kv_evict``) tried alone at
-    every grid; the pair uses the best one for that grid. Also records the GEMM alone per carve-out and backend, so
+    ``configs`` are decode-kernel settings (``block_n``, ``num_stages``, ``num_warps``, ``kv_evict``, ``variant``:
+    any keyword of ``decode_attention``, passed through unchanged) tried alone at every grid; the pair uses the best
+    one for that grid. Also records the GEMM alone per carve-out and backend, so
     the GEMM's R -> P curve and the decode kernel's are both visible.
     """
     from nanoflow.graphs.resources import sm_target

@@ -4,8 +4,11 @@ Measures, in one run: the device's copy bandwidth (a large device-to-device copy
 decode attention's achieved bandwidth (K+V bytes read + q/out) for N x seq_len over a few ``num_splits`` values, as a
 fraction of that copy bandwidth; prefill attention TFLOP/s against torch SDPA (causal, contiguous q/k/v, no context);
 and correctness against the float64 reference (bf16 decode on a realistic shape, each prefill shape on one segment,
-decode replayed from a CUDA graph after its metadata changed). Every config is isolated: a failure is recorded and the
-run goes on. Data are random (never zeros) and block tables shuffled, so pages are not contiguous.
+decode replayed from a CUDA graph after its metadata changed). Both decode variants are measured: ``split`` (the
+default) and ``row`` (one program per row over all kv heads), each also on bounded persistent grids (``max_programs``,
+the grid knob that leaves SMs to a concurrent GEMM) to show bandwidth per program. Every config is isolated: a
+failure is recorded and the run goes on. Data are random (never zeros) and block tables shuffled, so pages are not
+contiguous.
 
     python scripts/device/bench_attention.py            # on the GPU machine (about 1-2 minutes on an H100)
     python scripts/device/bench_attention.py --dry-run  # tiny shapes on the CPU through TRITON_INTERPRET
@@ -72,6 +75,8 @@ GPU = Shapes(32, 8, 128, 16, (32, 256, 1024), (1024, 2048, 4096), (1, 2, 4, 8), 
              2 << 30, 40 << 30)
 TINY = Shapes(4, 2, 64, 16, (2, 3), (40, 70), (1, 3), (32,), (0, 20), 64, 1 << 20, 1 << 30)
 SHAPES = TINY if OPTS.dry_run else GPU
+# Persistent-grid sizes (max_programs) measured for both decode variants: bandwidth on a bounded share of the SMs.
+BOUNDED_PROGRAMS = (16, 32, 48, 64, 132, 264) if not OPTS.dry_run else (1, 2)
 DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 DTYPE = torch.bfloat16
 
@@ -130,26 +135,37 @@ def check_decode(report: dict, gen: torch.Generator) -> None:
     scale = SHAPES.d**-0.5
     ref = decode_attention_ref(q, k, v, table, lens, scale)
     live = lens > 0
-    for splits in SHAPES.splits:
+    configs = [{"num_splits": s} for s in SHAPES.splits]
+    configs += [{"variant": "row", "num_splits": s} for s in SHAPES.splits]
+    configs += [{"variant": "row", "max_programs": BOUNDED_PROGRAMS[0]},
+                {"variant": "row", "max_programs": BOUNDED_PROGRAMS[-1], "block_n": 2 * SHAPES.block_size}]
+    for cfg in configs:
         out = torch.full_like(q, float("nan"))
-        decode_attention(q, k, v, table, lens, out, scale, num_splits=splits)
+        what = f"decode bf16 N={rows} " + " ".join(f"{key}={val}" for key, val in cfg.items())
+        try:
+            decode_attention(q, k, v, table, lens, out, scale, **cfg)
+        except Exception as exc:
+            report["checks"].append({"what": what, "rel_err": float("nan"), "error": repr(exc)[:300], "ok": False})
+            continue
         err = rel_err(out[live], ref[live])
         untouched = bool(out[~live].isnan().all())
-        report["checks"].append({"what": f"decode bf16 N={rows} splits={splits}", "rel_err": err,
-                                 "skipped_rows_untouched": untouched, "ok": err < 2e-2 and untouched})
+        report["checks"].append({"what": what, "rel_err": err, "skipped_rows_untouched": untouched,
+                                 "ok": err < 2e-2 and untouched})
     if DEVICE.type != "cuda":
         return
     # CUDA graph: capture with one set of lengths, change them in place, replay, compare with the new reference.
     ws = decode_workspace(rows, SHAPES.hq, SHAPES.d, 4, DEVICE)
-    out = torch.full_like(q, float("nan"))
-    decode_attention(q, k, v, table, lens, out, scale, num_splits=4, workspace=ws)  # compile outside capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode_attention(q, k, v, table, lens, out, scale, num_splits=4, workspace=ws)
-    lens.copy_(torch.randint(1, max_len + 1, (rows,), generator=gen, device=DEVICE, dtype=torch.int32))
-    graph.replay()
-    err = rel_err(out, decode_attention_ref(q, k, v, table, lens, scale))
-    report["checks"].append({"what": "decode bf16 CUDA-graph replay, new lengths", "rel_err": err, "ok": err < 2e-2})
+    for variant in ("split", "row"):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, k, v, table, lens, out, scale, num_splits=4, workspace=ws, variant=variant)  # compile
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            decode_attention(q, k, v, table, lens, out, scale, num_splits=4, workspace=ws, variant=variant)
+        lens.copy_(torch.randint(1, max_len + 1, (rows,), generator=gen, device=DEVICE, dtype=torch.int32))
+        graph.replay()
+        err = rel_err(out, decode_attention_ref(q, k, v, table, lens, scale))
+        report["checks"].append({"what": f"decode bf16 {variant} CUDA-graph replay, new lengths", "rel_err": err,
+                                 "ok": err < 2e-2})
 
 
 def bench_decode(report: dict, copy_gbs: float, gen: torch.Generator) -> None:
@@ -162,7 +178,9 @@ def bench_decode(report: dict, copy_gbs: float, gen: torch.Generator) -> None:
     for rows in SHAPES.decode_rows:
         q = torch.randn(rows, SHAPES.hq, SHAPES.d, generator=gen, device=DEVICE, dtype=DTYPE)
         out = torch.empty_like(q)
-        ws = decode_workspace(rows, SHAPES.hq, SHAPES.d, max(SHAPES.splits), DEVICE)
+        # Room for the row variant's default too (one program per row, so more splits on few rows).
+        ws = decode_workspace(rows, SHAPES.hq, SHAPES.d, max(*SHAPES.splits, default_num_splits(rows, 1, DEVICE)),
+                              DEVICE)
         for length in SHAPES.decode_lens:
             rec: dict = {"N": rows, "seq_len": length}
             report["decode"].append(rec)
@@ -185,6 +203,17 @@ def bench_decode(report: dict, copy_gbs: float, gen: torch.Generator) -> None:
                            default_frac=rec["per_splits"][default]["GBps"] / copy_gbs,
                            ms=rec["per_splits"][best]["ms"], GBps=rec["per_splits"][best]["GBps"])
                 rec["frac_of_copy"] = rec["GBps"] / copy_gbs
+                # The row variant at its default full grid, then both variants on bounded persistent grids.
+                row_ms = bench_ms(partial(decode_attention, q, k, v, table, lens, out, SHAPES.d**-0.5, workspace=ws,
+                                          variant="row"))
+                rec["row_default"] = {"ms": row_ms, "GBps": moved / row_ms / 1e6,
+                                      "frac_of_copy": moved / row_ms / 1e6 / copy_gbs}
+                rec["bounded"] = {}
+                for variant, programs in itertools.product(("split", "row"), BOUNDED_PROGRAMS):
+                    ms = bench_ms(partial(decode_attention, q, k, v, table, lens, out, SHAPES.d**-0.5,
+                                          max_programs=programs, variant=variant))
+                    rec["bounded"][f"{variant}@{programs}"] = {"ms": ms, "GBps": moved / ms / 1e6,
+                                                               "GBps_per_program": moved / ms / 1e6 / programs}
             except Exception as exc:  # keep going: one config's failure must not cost the run
                 rec["error"] = repr(exc)
                 report["failures"].append({"decode": (rows, length), "trace": traceback.format_exc()[-2000:]})
@@ -217,6 +246,23 @@ def tune_decode(report: dict, k: torch.Tensor, v: torch.Tensor, copy_gbs: float,
                             ms = bench_ms(partial(
                                 decode_attention, q, k, v, table, lens, out, 0.1, num_splits=splits, workspace=ws,
                                 block_n=block_n, num_warps=warps, num_stages=stages))
+                            rec.update(ms=ms, frac_of_copy=moved / ms / 1e6 / copy_gbs)
+                        except Exception as exc:
+                            rec["error"] = repr(exc)[:300]
+                        report["tune"].append(rec)
+        # The row variant: one program per row (all kv heads); tiles of whole pages. Full grid and bounded grids.
+        grids = [{"splits": s} for s in (1, 2, 4)] + [{"max_programs": p} for p in (48, 132)]
+        for block_n in (16, 32, 64) if not OPTS.dry_run else (16,):
+            for warps in (4, 8) if not OPTS.dry_run else (4,):
+                for stages in (1, 2, 3, 4) if not OPTS.dry_run else (2,):
+                    for grid in grids if not OPTS.dry_run else grids[1:2] + grids[-1:]:
+                        rec = {"N": rows, "seq_len": length, "variant": "row", "block_n": block_n,
+                               "num_warps": warps, "num_stages": stages, **grid}
+                        try:
+                            ms = bench_ms(partial(
+                                decode_attention, q, k, v, table, lens, out, 0.1, num_splits=grid.get("splits"),
+                                workspace=ws, max_programs=grid.get("max_programs"), block_n=block_n,
+                                num_warps=warps, num_stages=stages, variant="row"))
                             rec.update(ms=ms, frac_of_copy=moved / ms / 1e6 / copy_gbs)
                         except Exception as exc:
                             rec["error"] = repr(exc)[:300]
@@ -308,6 +354,12 @@ def print_table(report: dict) -> None:
         if "ms" in r:
             print(f"       {r['N']:5d}  {r['seq_len']:7d}  {r['best_splits']:6d}({r['default_splits']})  "
                   f"{r['ms']:8.3f}  {r['GBps']:7.0f}  {r['frac_of_copy']:6.1%}")
+            if "row_default" in r:
+                row = r["row_default"]
+                print(f"        row variant (default grid)  {row['ms']:8.3f}  {row['GBps']:7.0f}  "
+                      f"{row['frac_of_copy']:6.1%}")
+            if r.get("bounded"):
+                print("        bounded GB/s:", ", ".join(f"{key} {b['GBps']:.0f}" for key, b in r["bounded"].items()))
         else:
             print(f"       {r['N']:5d}  {r['seq_len']:7d}  {r.get('skipped') or r.get('error')}")
     print("prefill chunk   ctx  segs      ms   TFLOP/s  SDPA TFLOP/s  rel_err")
@@ -320,10 +372,12 @@ def print_table(report: dict) -> None:
             print(f"       {r['chunk']:5d} {r['ctx']:5d}  {r.get('error')}")
     if report["tune"]:
         best = sorted((t for t in report["tune"] if "ms" in t), key=lambda t: (t["N"], t["ms"]))
+        keys = ("block_n", "num_warps", "num_stages", "splits", "max_programs", "frac_of_copy")
         for rows in sorted({t["N"] for t in best}):
-            print(f"tune N={rows} best:", [
-                {k: t[k] for k in ("block_n", "num_warps", "num_stages", "splits", "frac_of_copy")}
-                for t in best if t["N"] == rows][:4])
+            for variant in ("split", "row"):
+                print(f"tune N={rows} {variant} best:", [
+                    {k: t[k] for k in keys if k in t}
+                    for t in best if t["N"] == rows and t.get("variant", "split") == variant][:4])
     for chunk in sorted({t["chunk"] for t in report["tune_prefill"]}):
         best = sorted((t for t in report["tune_prefill"] if t["chunk"] == chunk and "ms" in t), key=lambda t: t["ms"])
         print(f"tune prefill chunk={chunk} best:", [

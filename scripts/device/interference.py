@@ -18,6 +18,11 @@ from nanoflow.search.interference import gemm_decode_pairs, partition_pairs, rp_
 DECODE_CONFIGS = [{"block_n": bn, "num_stages": st, "num_warps": 4, "kv_evict": ev}
                   for bn in (64, 128) for st in (2, 3, 4) for ev in ("evict_first", "")]
 DECODE_CONFIGS.append({"block_n": 128, "num_stages": 3, "num_warps": 8, "kv_evict": "evict_first"})
+# The row-wise kernel (one program per row over all kv heads; a tile is block_n / 16 whole pages, 32 KB of K per page
+# for 8 kv heads of 128 in bf16). Configs that exceed shared memory (e.g. block_n 32 with 4 stages) are recorded as
+# errors by partition_pairs and skipped.
+DECODE_CONFIGS += [{"variant": "row", "block_n": bn, "num_stages": st, "num_warps": w, "kv_evict": "evict_first"}
+                   for bn in (16, 32) for st in (2, 3, 4) for w in (4, 8)]
 
 
 def main() -> None:
@@ -30,6 +35,10 @@ def main() -> None:
                     help="measure the partition knob instead (GEMM SM carve-out + bounded decode grid)")
     ap.add_argument("--decode-sms", default="24,32,48,64", help="partition: SMs left to decode attention")
     ap.add_argument("--ctas-per-sm", default="1,2", help="partition: decode programs per decode SM")
+    ap.add_argument("--decode-variant", default="split", choices=["split", "row"],
+                    help="grid knob (default mode): the decode kernel variant; the partition mode sweeps both "
+                         "through DECODE_CONFIGS")
+    ap.add_argument("--row-only", action="store_true", help="partition: sweep only the row-variant configs")
     args = ap.parse_args()
     if args.partition:
         return partition(args)
@@ -40,7 +49,8 @@ def main() -> None:
             rows, ctx = (int(v) for v in pair.split(":"))
             res = gemm_decode_pairs(tokens, 4096, 14336, rows, ctx, 32, 8, 128,
                                     [int(p) for p in args.programs.split(",")],
-                                    [int(s) for s in args.green.split(",") if s], dev)
+                                    [int(s) for s in args.green.split(",") if s], dev,
+                                    decode_cfg={"variant": args.decode_variant})
             res["rp_table"] = rp_table(res["pairs"])
             results.append(res)
             print(f"GEMM {tokens}x4096x28672 alone {res['t_gemm_alone_ms']:.3f} ms; decode {rows}x{ctx} alone "
@@ -60,13 +70,14 @@ def main() -> None:
 
 def partition(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
+    configs = [c for c in DECODE_CONFIGS if c.get("variant") == "row"] if args.row_only else DECODE_CONFIGS
     results = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
         for pair in args.decode.split(","):
             rows, ctx = (int(v) for v in pair.split(":"))
             res = partition_pairs(tokens, 4096, 14336, rows, ctx, 32, 8, 128,
                                   [int(k) for k in args.decode_sms.split(",")],
-                                  [int(c) for c in args.ctas_per_sm.split(",")], DECODE_CONFIGS, dev)
+                                  [int(c) for c in args.ctas_per_sm.split(",")], configs, dev)
             res["rp_table"] = rp_table(res["pairs"])
             results.append(res)
             print(f"GEMM {tokens}x4096x28672 alone {res['t_gemm_alone_ms']:.3f} ms; decode {rows}x{ctx} alone "

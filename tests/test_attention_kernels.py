@@ -136,12 +136,13 @@ ROW_CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", ["row", "row_flat"])
 @pytest.mark.parametrize("hkv,gqa,head_dim,block_size,block_n,num_splits,max_programs,dtype", ROW_CASES)
 @in_process
 def test_decode_row_variant_matches_reference(hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs,
-                                              dtype):
-    """variant="row": one program per row over all kv heads (full grid, split-KV or persistent)."""
-    gen = seeded("row", hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs, dtype)
+                                              dtype, variant):
+    """variant="row"/"row_flat": one program per row over all kv heads (full grid, split-KV or persistent)."""
+    gen = seeded(variant, hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs, dtype)
     hq = hkv * gqa
     lengths = [37, 0, 1, block_size, 100, 65, 32, 0, 33]  # crossing pages and tiles; zero rows stay untouched
     k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen)
@@ -153,7 +154,7 @@ def test_decode_row_variant_matches_reference(hkv, gqa, head_dim, block_size, bl
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
     scale = head_dim**-0.5
     decode_attention(q, k, v, table, seq_lens, out, scale, num_splits=num_splits, block_n=block_n,
-                     max_programs=max_programs, kv_evict="", variant="row")
+                     max_programs=max_programs, kv_evict="", variant=variant)
     ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
     ref[2 : n + 2] = decode_attention_ref(q, k, v, table, seq_lens, scale)
     assert_rows(out_buf, ref, [2 + i for i, length in enumerate(lengths) if length], dtype)
@@ -175,7 +176,7 @@ def test_decode_row_variant_rejects_bad_inputs():
         decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, max_programs=0, variant="row")
 
 
-@pytest.mark.parametrize("variant,max_programs", [("row", None), ("row", 2), ("split", None)])
+@pytest.mark.parametrize("variant,max_programs", [("row", None), ("row", 2), ("row_flat", 2), ("split", None)])
 @in_process
 def test_decode_backend_variant(variant, max_programs):
     """TritonAttention(decode_variant=...) runs the chosen kernel with the metadata's max_programs and its options."""

@@ -43,9 +43,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
-    p.add_argument("--decode-variant", default="split", choices=["split", "row"],
-                   help="decode-attention kernel: split (one program per row and kv head) or row (one per row, all "
-                        "kv heads, whole-page tiles)")
+    p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat"],
+                   help="decode-attention kernel: split (one program per row and kv head), row (one per row, all "
+                        "kv heads, whole-page tiles, batched 3-D dots) or row_flat (the same with 2-D dots)")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "

@@ -10,7 +10,7 @@ the grid knob that leaves SMs to a concurrent GEMM) to show bandwidth per progra
 failure is recorded and the run goes on. Data are random (never zeros) and block tables shuffled, so pages are not
 contiguous.
 
-    python scripts/device/bench_attention.py            # on the GPU machine (about 1-2 minutes on an H100)
+    python scripts/device/bench_attention.py            # on the GPU machine (about 2-3 minutes on an H100)
     python scripts/device/bench_attention.py --dry-run  # tiny shapes on the CPU through TRITON_INTERPRET
     python scripts/device/bench_attention.py --tune     # also sweep tile/warp/stage choices (decode|prefill|all)
 """
@@ -138,7 +138,9 @@ def check_decode(report: dict, gen: torch.Generator) -> None:
     configs = [{"num_splits": s} for s in SHAPES.splits]
     configs += [{"variant": "row", "num_splits": s} for s in SHAPES.splits]
     configs += [{"variant": "row", "max_programs": BOUNDED_PROGRAMS[0]},
-                {"variant": "row", "max_programs": BOUNDED_PROGRAMS[-1], "block_n": 2 * SHAPES.block_size}]
+                {"variant": "row", "max_programs": BOUNDED_PROGRAMS[-1], "block_n": 2 * SHAPES.block_size},
+                {"variant": "row_flat", "num_splits": SHAPES.splits[-1]},
+                {"variant": "row_flat", "max_programs": BOUNDED_PROGRAMS[0]}]
     for cfg in configs:
         out = torch.full_like(q, float("nan"))
         what = f"decode bf16 N={rows} " + " ".join(f"{key}={val}" for key, val in cfg.items())
@@ -155,7 +157,7 @@ def check_decode(report: dict, gen: torch.Generator) -> None:
         return
     # CUDA graph: capture with one set of lengths, change them in place, replay, compare with the new reference.
     ws = decode_workspace(rows, SHAPES.hq, SHAPES.d, 4, DEVICE)
-    for variant in ("split", "row"):
+    for variant in ("split", "row", "row_flat"):
         out = torch.full_like(q, float("nan"))
         decode_attention(q, k, v, table, lens, out, scale, num_splits=4, workspace=ws, variant=variant)  # compile
         graph = torch.cuda.CUDAGraph()
@@ -203,13 +205,14 @@ def bench_decode(report: dict, copy_gbs: float, gen: torch.Generator) -> None:
                            default_frac=rec["per_splits"][default]["GBps"] / copy_gbs,
                            ms=rec["per_splits"][best]["ms"], GBps=rec["per_splits"][best]["GBps"])
                 rec["frac_of_copy"] = rec["GBps"] / copy_gbs
-                # The row variant at its default full grid, then both variants on bounded persistent grids.
-                row_ms = bench_ms(partial(decode_attention, q, k, v, table, lens, out, SHAPES.d**-0.5, workspace=ws,
-                                          variant="row"))
-                rec["row_default"] = {"ms": row_ms, "GBps": moved / row_ms / 1e6,
-                                      "frac_of_copy": moved / row_ms / 1e6 / copy_gbs}
+                # The row variants at their default full grid, then all variants on bounded persistent grids.
+                for variant in ("row", "row_flat"):
+                    row_ms = bench_ms(partial(decode_attention, q, k, v, table, lens, out, SHAPES.d**-0.5,
+                                              workspace=ws, variant=variant))
+                    rec[f"{variant}_default"] = {"ms": row_ms, "GBps": moved / row_ms / 1e6,
+                                                 "frac_of_copy": moved / row_ms / 1e6 / copy_gbs}
                 rec["bounded"] = {}
-                for variant, programs in itertools.product(("split", "row"), BOUNDED_PROGRAMS):
+                for variant, programs in itertools.product(("split", "row", "row_flat"), BOUNDED_PROGRAMS):
                     ms = bench_ms(partial(decode_attention, q, k, v, table, lens, out, SHAPES.d**-0.5,
                                           max_programs=programs, variant=variant))
                     rec["bounded"][f"{variant}@{programs}"] = {"ms": ms, "GBps": moved / ms / 1e6,
@@ -250,19 +253,19 @@ def tune_decode(report: dict, k: torch.Tensor, v: torch.Tensor, copy_gbs: float,
                         except Exception as exc:
                             rec["error"] = repr(exc)[:300]
                         report["tune"].append(rec)
-        # The row variant: one program per row (all kv heads); tiles of whole pages. Full grid and bounded grids.
+        # The row variants: one program per row (all kv heads); tiles of whole pages. Full grid and bounded grids.
         grids = [{"splits": s} for s in (1, 2, 4)] + [{"max_programs": p} for p in (48, 132)]
-        for block_n in (16, 32, 64) if not OPTS.dry_run else (16,):
+        for variant, block_n in itertools.product(("row", "row_flat"), (16, 32, 64) if not OPTS.dry_run else (16,)):
             for warps in (4, 8) if not OPTS.dry_run else (4,):
                 for stages in (1, 2, 3, 4) if not OPTS.dry_run else (2,):
                     for grid in grids if not OPTS.dry_run else grids[1:2] + grids[-1:]:
-                        rec = {"N": rows, "seq_len": length, "variant": "row", "block_n": block_n,
+                        rec = {"N": rows, "seq_len": length, "variant": variant, "block_n": block_n,
                                "num_warps": warps, "num_stages": stages, **grid}
                         try:
                             ms = bench_ms(partial(
                                 decode_attention, q, k, v, table, lens, out, 0.1, num_splits=grid.get("splits"),
                                 workspace=ws, max_programs=grid.get("max_programs"), block_n=block_n,
-                                num_warps=warps, num_stages=stages, variant="row"))
+                                num_warps=warps, num_stages=stages, variant=variant))
                             rec.update(ms=ms, frac_of_copy=moved / ms / 1e6 / copy_gbs)
                         except Exception as exc:
                             rec["error"] = repr(exc)[:300]
@@ -354,10 +357,11 @@ def print_table(report: dict) -> None:
         if "ms" in r:
             print(f"       {r['N']:5d}  {r['seq_len']:7d}  {r['best_splits']:6d}({r['default_splits']})  "
                   f"{r['ms']:8.3f}  {r['GBps']:7.0f}  {r['frac_of_copy']:6.1%}")
-            if "row_default" in r:
-                row = r["row_default"]
-                print(f"        row variant (default grid)  {row['ms']:8.3f}  {row['GBps']:7.0f}  "
-                      f"{row['frac_of_copy']:6.1%}")
+            for variant in ("row", "row_flat"):
+                if f"{variant}_default" in r:
+                    row = r[f"{variant}_default"]
+                    print(f"        {variant:8s} (default grid)     {row['ms']:8.3f}  {row['GBps']:7.0f}  "
+                          f"{row['frac_of_copy']:6.1%}")
             if r.get("bounded"):
                 print("        bounded GB/s:", ", ".join(f"{key} {b['GBps']:.0f}" for key, b in r["bounded"].items()))
         else:
@@ -374,7 +378,7 @@ def print_table(report: dict) -> None:
         best = sorted((t for t in report["tune"] if "ms" in t), key=lambda t: (t["N"], t["ms"]))
         keys = ("block_n", "num_warps", "num_stages", "splits", "max_programs", "frac_of_copy")
         for rows in sorted({t["N"] for t in best}):
-            for variant in ("split", "row"):
+            for variant in ("split", "row", "row_flat"):
                 print(f"tune N={rows} {variant} best:", [
                     {k: t[k] for k in keys if k in t}
                     for t in best if t["N"] == rows and t.get("variant", "split") == variant][:4])

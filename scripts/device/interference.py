@@ -23,6 +23,9 @@ DECODE_CONFIGS.append({"block_n": 128, "num_stages": 3, "num_warps": 8, "kv_evic
 # errors by partition_pairs and skipped.
 DECODE_CONFIGS += [{"variant": "row", "block_n": bn, "num_stages": st, "num_warps": w, "kv_evict": "evict_first"}
                    for bn in (16, 32) for st in (2, 3, 4) for w in (4, 8)]
+# The same tiles with 2-D dots over the flattened heads (fewer registers, more FLOPs).
+DECODE_CONFIGS += [{"variant": "row_flat", "block_n": bn, "num_stages": st, "num_warps": w, "kv_evict": "evict_first"}
+                   for bn in (16, 32) for st in (2, 3) for w in (4, 8)]
 
 
 def main() -> None:
@@ -35,10 +38,11 @@ def main() -> None:
                     help="measure the partition knob instead (GEMM SM carve-out + bounded decode grid)")
     ap.add_argument("--decode-sms", default="24,32,48,64", help="partition: SMs left to decode attention")
     ap.add_argument("--ctas-per-sm", default="1,2", help="partition: decode programs per decode SM")
-    ap.add_argument("--decode-variant", default="split", choices=["split", "row"],
+    ap.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat"],
                     help="grid knob (default mode): the decode kernel variant; the partition mode sweeps both "
                          "through DECODE_CONFIGS")
-    ap.add_argument("--row-only", action="store_true", help="partition: sweep only the row-variant configs")
+    ap.add_argument("--row-only", action="store_true",
+                    help="partition: sweep only the row/row_flat-variant configs")
     args = ap.parse_args()
     if args.partition:
         return partition(args)
@@ -70,7 +74,7 @@ def main() -> None:
 
 def partition(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
-    configs = [c for c in DECODE_CONFIGS if c.get("variant") == "row"] if args.row_only else DECODE_CONFIGS
+    configs = [c for c in DECODE_CONFIGS if c.get("variant", "split") != "split"] if args.row_only else DECODE_CONFIGS
     results = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
         for pair in args.decode.split(","):

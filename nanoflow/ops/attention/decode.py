@@ -14,7 +14,9 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
   concurrent GEMM. Scores and P @ V are batched 3-D ``tl.dot`` (batch = kv head; Triton 3.x supports 3-D operands,
   the first dimension being the batch, compiled and in the interpreter); the GQA group is padded to >= 16 rows, so
   the fp32 accumulator is ``num_kv_heads * 16 * head_dim`` (64 KB for 8 kv heads of 128, group <= 16): register
-  pressure grows with kv heads, hence the variant suits GQA with few kv heads per GPU.
+  pressure grows with kv heads, hence the variant suits GQA with few kv heads per GPU. ``variant="row_flat"`` keeps the
+  work split and tiles but flattens the heads into 2-D dots (q ``[num_heads, D]`` x K ``[block_n * kv_heads, D]``,
+  other heads' columns masked): kv_heads x the useful FLOPs, an accumulator of only ``num_heads * head_dim``.
 * Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (both variants).
 
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
@@ -358,6 +360,95 @@ def _decode_row_kernel(
 
 
 @triton.jit
+def _decode_row_flat_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    num_items, num_splits,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_pot, stride_poh, stride_pos,
+    stride_plt, stride_plh,
+    KVH: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+):
+    """``variant="row_flat"``: the row kernel's work items and whole-page tiles, but 2-D dots over flattened heads.
+
+    q is ``[BLOCK_M, D]`` (all query heads of the row, padded to >= 16), a K/V tile is ``[BLOCK_N * KVH, D]`` (the
+    pages' memory order: column ``c`` is token ``c // KVH``, kv head ``c % KVH``), and scores of a query head against
+    another kv head's columns are masked out. The dots do KVH x the useful FLOPs (vs 16 / GROUP for the batched form),
+    but the accumulator is ``[BLOCK_M, D]`` instead of ``[KVH, 16, D]``: far fewer registers for many kv heads.
+    """
+    BLOCK_C: tl.constexpr = BLOCK_N * KVH
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, KVH)
+    m_valid = offs_m < KVH * GROUP
+    # Padding rows (q = 0) ride along with the last kv head, so they see valid columns and stay finite.
+    row_head = tl.minimum(offs_m // GROUP, KVH - 1)
+    col_head = tl.reshape(tl.broadcast_to(offs_h[None, :], [BLOCK_N, KVH]), [BLOCK_C])
+    same_head = row_head[:, None] == col_head[None, :]  # [BLOCK_M, BLOCK_C]
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        row = item // num_splits
+        split = item % num_splits
+        seq_len = tl.load(lens_ptr + row)
+        num_tiles = tl.cdiv(seq_len, BLOCK_N)
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
+        tile_lo = split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+        if (seq_len > 0) & (tile_lo < tile_hi):
+            row64 = row.to(tl.int64)
+            q = tl.load(q_ptr + row64 * stride_qt + offs_m[:, None] * stride_qh + offs_d[None, :],
+                        mask=m_valid[:, None], other=0.0)
+            bt_row = bt_ptr + row64 * stride_bt
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            for tile in range(tile_lo, tile_hi):
+                tok = tile * BLOCK_N + offs_n
+                valid = tok < seq_len
+                if BLOCK_N >= PAGE:
+                    NUM_PAGES: tl.constexpr = BLOCK_N // PAGE
+                    pidx = tile * NUM_PAGES + tl.arange(0, NUM_PAGES)
+                    page = tl.load(bt_row + pidx, mask=pidx * PAGE < seq_len, other=0).to(tl.int64)
+                    slot = tl.arange(0, PAGE)
+                    k_tok = tl.reshape(page[:, None] * stride_kb + (slot * stride_kt)[None, :], [BLOCK_N])
+                    v_tok = tl.reshape(page[:, None] * stride_vb + (slot * stride_vt)[None, :], [BLOCK_N])
+                else:
+                    page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+                    k_tok = page * stride_kb + (tok % PAGE) * stride_kt
+                    v_tok = page * stride_vb + (tok % PAGE) * stride_vt
+                k_col = tl.reshape(k_tok[:, None] + (offs_h * stride_kh)[None, :], [BLOCK_C])
+                v_col = tl.reshape(v_tok[:, None] + (offs_h * stride_vh)[None, :], [BLOCK_C])
+                c_valid = tl.reshape(tl.broadcast_to(valid[:, None], [BLOCK_N, KVH]), [BLOCK_C])
+                k = tl.load(k_ptr + k_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
+                            eviction_policy=EVICT)  # [BLOCK_C, D]
+                v = tl.load(v_ptr + v_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
+                            eviction_policy=EVICT)
+                s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2  # [BLOCK_M, BLOCK_C]
+                s = tl.where(same_head & c_valid[None, :], s, float("-inf"))
+                # Every tile holds >= 1 valid token of every kv head, so each row's m_new is finite.
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            if DIRECT:
+                tl.store(out_ptr + row64 * stride_ot + offs_m[:, None] * stride_oh + offs_d[None, :],
+                         acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
+            else:
+                po = po_ptr + row64 * stride_pot + offs_m[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
+                tl.store(po, acc, mask=m_valid[:, None])
+                tl.store(plse_ptr + row64 * stride_plt + offs_m * stride_plh + split, m_i + tl.log2(l_i),
+                         mask=m_valid)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     lens_ptr, out_ptr, po_ptr, plse_ptr,
     num_splits,
@@ -427,7 +518,9 @@ def decode_attention(
         variant: ``"split"`` (default): one program per (row, kv head[, split]), K/V tiles ``[block_n, head_dim]`` of
             one kv head. ``"row"``: one program per (row[, split]) serving all kv heads, K/V tiles
             ``[block_n, num_kv_heads, head_dim]`` (whole contiguous pages), far more bytes in flight per program;
-            needs a power-of-two ``num_kv_heads``. ``max_programs``, ``num_splits``, ``workspace``, ``block_n``,
+            needs a power-of-two ``num_kv_heads``. ``"row_flat"``: the same work split and tiles with 2-D dots over
+            the flattened heads (more FLOPs, far fewer registers; see :func:`_decode_row_flat_kernel`).
+            ``max_programs``, ``num_splits``, ``workspace``, ``block_n``,
             ``num_warps``, ``num_stages`` and ``kv_evict`` mean the same for both (work items are rows, not
             (row, kv head) pairs, for ``"row"``).
     Returns ``out``.
@@ -441,11 +534,11 @@ def decode_attention(
         return out
     if kv_evict not in ("", "evict_first", "evict_last"):
         raise AttentionInputError(f"kv_evict must be '', 'evict_first' or 'evict_last', got {kv_evict!r}")
-    if variant == "row":
+    if variant in ("row", "row_flat"):
         return _decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
-                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group)
+                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat")
     if variant != "split":
-        raise AttentionInputError(f"variant must be 'split' or 'row', got {variant!r}")
+        raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
     block_n_persist = _default_block_n(q.device, head_dim) if block_n is None else block_n
     if max_programs is not None:
         if max_programs < 1:
@@ -515,9 +608,10 @@ def _decode_row(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, out: torch.Tensor, scale: float, num_splits: int | None,
     workspace: DecodeWorkspace | None, block_n: int | None, num_warps: int, num_stages: int,
-    max_programs: int | None, kv_evict: str, page: int, group: int,
+    max_programs: int | None, kv_evict: str, page: int, group: int, flat: bool,
 ) -> torch.Tensor:
-    """``decode_attention(variant="row")``: see :func:`_decode_row_kernel`. Inputs are already checked."""
+    """``decode_attention(variant="row"|"row_flat")``: see :func:`_decode_row_kernel` and
+    :func:`_decode_row_flat_kernel`. Inputs are already checked."""
     rows, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     if kv_heads & (kv_heads - 1):
@@ -551,7 +645,11 @@ def _decode_row(
         _check_workspace(workspace, rows, num_heads, head_dim, num_splits, q.device)
         po, plse = workspace
         po_strides, plse_strides = po.stride()[:3], plse.stride()[:2]
-    _decode_row_kernel[(grid,)](
+    if flat:
+        kernel, tiling = _decode_row_flat_kernel, {"BLOCK_M": max(16, triton.next_power_of_2(num_heads))}
+    else:
+        kernel, tiling = _decode_row_kernel, {"BLOCK_G": max(16, triton.next_power_of_2(group))}
+    kernel[(grid,)](
         q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
         rows * num_splits, num_splits,
         scale * LOG2E,
@@ -561,7 +659,7 @@ def _decode_row(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         *po_strides, *plse_strides,
-        KVH=kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
+        KVH=kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE=page, **tiling,
         BLOCK_N=block_n, DIRECT=direct, PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -9,19 +9,20 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
   ``out`` directly; otherwise it writes a normalised partial output and its log-sum-exp to the workspace.
 * Row kernel (``variant="row"``), grid ``(N * num_splits,)`` or a persistent ``(max_programs,)``: a program owns a
   whole row (all kv heads) and a range of its tiles, so each K/V tile ``[block_n, num_kv_heads, head_dim]`` is whole
-  pages, each a contiguous ``page * num_kv_heads * head_dim`` run (32 KB for 16 x 8 x 128 bf16): ~8x the bytes in
-  flight per program of the split kernel, for when decode attention must reach HBM bandwidth on a few SMs beside a
-  concurrent GEMM. Scores and P @ V are batched 3-D ``tl.dot`` (batch = kv head; Triton 3.x supports 3-D operands,
-  the first dimension being the batch, compiled and in the interpreter); the GQA group is padded to >= 16 rows, so
-  the fp32 accumulator is ``num_kv_heads * 16 * head_dim`` (64 KB for 8 kv heads of 128, group <= 16): register
-  pressure grows with kv heads, hence the variant suits GQA with few kv heads per GPU. ``variant="row_flat"`` keeps the
-  work split and tiles but flattens the heads into 2-D dots (q ``[num_heads, D]`` x K ``[block_n * kv_heads, D]``,
-  other heads' columns masked): kv_heads x the useful FLOPs, an accumulator of only ``num_heads * head_dim``.
-* Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (both variants).
+  pages, each a contiguous ``page * num_kv_heads * head_dim`` run (32 KB for 16 x 8 x 128 bf16): num_kv_heads x the
+  bytes per load of the split kernel at the same ``block_n``, in contiguous runs instead of 256 B rows strided by
+  ``num_kv_heads * head_dim``; meant to reach HBM bandwidth on a few SMs beside a concurrent GEMM. Scores and P @ V
+  are batched 3-D ``tl.dot`` (batch = kv head; Triton 3.x supports 3-D operands, the first dimension being the
+  batch, compiled and in the interpreter); the GQA group is padded to >= 16 rows, so the fp32 accumulator is
+  ``num_kv_heads * 16 * head_dim`` (64 KB for 8 kv heads of 128, group <= 16): register pressure grows with kv
+  heads, hence the variant suits GQA with few kv heads per GPU. ``variant="row_flat"`` keeps the work split and
+  tiles but flattens the heads into 2-D dots (q ``[num_heads, D]`` x K ``[block_n * kv_heads, D]``, other heads'
+  columns masked): kv_heads x the useful FLOPs, an accumulator of only ``num_heads * head_dim``.
+* Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (every variant).
 
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
 95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). The row
-kernel is not measured on a GPU yet.
+kernels (row, row_flat) are not measured on a GPU yet.
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their

@@ -459,3 +459,45 @@ def test_offload_worker_order_wait_and_close():
     assert seen == list(range(6)) and not worker.alive
     with pytest.raises(RuntimeError, match="closed"):
         worker.submit(lambda: None)
+
+
+def test_host_buffer_reserve_prefaults_size_classes():
+    """The reserve hands out fresh buffers at first, then touched ones it prepared in the background, per size class
+    (tokens rounded up to the granule); a size no longer asked for is dropped; close stops the thread."""
+    import time
+
+    from nanoflow.engine.host_kv import HostBufferReserve
+
+    reserve = HostBufferReserve(depth=2, granule=8, classes=1)
+    try:
+        first = reserve.take((2, 2, 13, 1, 4), torch.float32)
+        assert first.shape == (2, 2, 16, 1, 4) and reserve.stats_fresh == 1
+        key = reserve.key((2, 2, 13, 1, 4), torch.float32)
+        deadline = time.monotonic() + 10
+        while len(reserve._ready.get(key, ())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ready = reserve.take((2, 2, 9, 1, 4), torch.float32)  # same class: a prepared, zeroed buffer
+        assert reserve.stats_ready_hits == 1 and ready.shape == (2, 2, 16, 1, 4) and not ready.any()
+        assert ready.data_ptr() != first.data_ptr()
+        reserve.take((2, 2, 40, 1, 4), torch.float32)  # another class; classes=1 drops the old one's buffers
+        assert key not in reserve._ready
+    finally:
+        reserve.close()
+    assert not reserve._thread.is_alive()
+
+
+def test_offloading_engine_takes_host_buffers_from_the_reserve(tiny):
+    engine = _engine(tiny, OffloadingEngine)
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        for i in range(6):
+            engine.add_request([5 + i] * 40, params)
+            engine.run_until_done()
+        reserve = engine._reserve
+        assert reserve is not None and reserve.stats_fresh + reserve.stats_ready_hits == 6
+    finally:
+        engine.close()
+    assert not engine._reserve._thread.is_alive()
+    off = _engine(tiny, OffloadingEngine, simultaneous_offload=False)
+    assert off._reserve is None
+    off.close()

@@ -50,7 +50,7 @@ import torch
 
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.engine import Engine
-from nanoflow.engine.host_kv import Copies, HostKVCopy, OffloadWorker, Ticket, run_copies
+from nanoflow.engine.host_kv import Copies, HostBufferReserve, HostKVCopy, OffloadWorker, Ticket, run_copies
 from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
 from nanoflow.scheduler.batcher import Scheduler
 from nanoflow.scheduler.offload import HostKVCache, PrefixHit
@@ -128,6 +128,10 @@ class OffloadingEngine(Engine):
         self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
         self._worker = OffloadWorker()
         weakref.finalize(self, self._worker.close).atexit = False  # an engine dropped unclosed stops its worker
+        depth = int(args.extra.get("kv_host_prefault", 4))  # pre-faulted host buffers per size class (0: none)
+        self._reserve = HostBufferReserve(depth) if depth > 0 and self.simultaneous_offload else None
+        if self._reserve is not None:
+            weakref.finalize(self, self._reserve.close).atexit = False
         self._slot_jobs = [0, 0]  # per staging slot: the last worker job reading it
         if self.runner.kv_staging is not None:
             self.runner.staging_guard = self._guard_slot
@@ -155,6 +159,8 @@ class OffloadingEngine(Engine):
 
     def close(self) -> None:
         self._worker.close()
+        if self._reserve is not None:
+            self._reserve.close()
         self.runner.staging_guard = None
         self._copies.clear()
         super().close()
@@ -193,7 +199,8 @@ class OffloadingEngine(Engine):
             req, rid, n = seq.request, seq.request_id, seq.num_tokens
             copy = self._copies.get(rid)
             if seq.start == 0 and req.status is _RUNNING:
-                copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req), worker=self._worker)
+                copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req), worker=self._worker,
+                                                          reserve=self._reserve)
             # A preempted request's rows are stale (its copy was dropped); a finished one may still await rows.
             if copy is not None and (req.status is _RUNNING or copy.pending_save is not None):
                 planned = copy.plan(seq.start, kv_rows[:, :, row:row + n])
@@ -299,7 +306,8 @@ class OffloadingEngine(Engine):
         kv = hit.kv[:, :, :hit.num_tokens]
         scatter_pages(cache, to_device(kv, cache.device), req.block_ids, hit.num_tokens)
         if self.simultaneous_offload:
-            self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), kv, worker=self._worker)
+            self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), kv, worker=self._worker,
+                                                              reserve=self._reserve)
         if req.num_preemptions:
             self.stats_swapped_in_tokens += hit.num_tokens
             self.host_cache.discard_namespace(_swap_space(req))

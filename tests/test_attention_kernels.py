@@ -87,19 +87,24 @@ DECODE_CASES = [
 @in_process
 def test_decode_matches_reference(gqa, head_dim, block_size, num_splits, block_n, dtype):
     gen = seeded(gqa, head_dim, block_size, num_splits, block_n, dtype)
-    hkv = 2
+    check_decode([37, 0, 1, block_size, 100, 65], 2, gqa, head_dim, block_size, dtype, gen,
+                 num_splits=num_splits, block_n=block_n)
+
+
+def check_decode(lengths, hkv, gqa, head_dim, block_size, dtype, gen, **kw):
+    """Run decode_attention(**kw) on paged rows of ``lengths`` and compare with the float64 reference.
+
+    q is the q-columns of a fused ``[N, (Hq + 2 Hkv) * D]`` QKV buffer and out a row slice of a NaN-filled bigger
+    buffer, so strides are exercised and rows of length 0 must stay untouched."""
     hq = hkv * gqa
-    lengths = [37, 0, 1, block_size, 100, 65]
     k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen)
     n = len(lengths)
-    # q: the q-columns of a fused [N, (Hq + 2 Hkv) * D] QKV buffer; out: a row slice of a bigger buffer.
     qkv = torch.randn(n, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
     q = qkv[:, : hq * head_dim].view(n, hq, head_dim)
     out_buf = torch.full((n + 3, hq, head_dim), float("nan"), dtype=dtype)
-    out = out_buf[2 : n + 2]
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
     scale = head_dim**-0.5
-    decode_attention(q, k, v, table, seq_lens, out, scale, num_splits=num_splits, block_n=block_n)
+    decode_attention(q, k, v, table, seq_lens, out_buf[2 : n + 2], scale, **kw)
     ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
     ref[2 : n + 2] = decode_attention_ref(q, k, v, table, seq_lens, scale)
     assert_rows(out_buf, ref, [2 + i for i, length in enumerate(lengths) if length], dtype)
@@ -143,21 +148,9 @@ def test_decode_row_variant_matches_reference(hkv, gqa, head_dim, block_size, bl
                                               dtype, variant):
     """variant="row"/"row_flat": one program per row over all kv heads (full grid, split-KV or persistent)."""
     gen = seeded(variant, hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs, dtype)
-    hq = hkv * gqa
     lengths = [37, 0, 1, block_size, 100, 65, 32, 0, 33]  # crossing pages and tiles; zero rows stay untouched
-    k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen)
-    n = len(lengths)
-    qkv = torch.randn(n, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
-    q = qkv[:, : hq * head_dim].view(n, hq, head_dim)
-    out_buf = torch.full((n + 3, hq, head_dim), float("nan"), dtype=dtype)
-    out = out_buf[2 : n + 2]
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    scale = head_dim**-0.5
-    decode_attention(q, k, v, table, seq_lens, out, scale, num_splits=num_splits, block_n=block_n,
-                     max_programs=max_programs, kv_evict="", variant=variant)
-    ref = torch.full(out_buf.shape, float("nan"), dtype=torch.float64)
-    ref[2 : n + 2] = decode_attention_ref(q, k, v, table, seq_lens, scale)
-    assert_rows(out_buf, ref, [2 + i for i, length in enumerate(lengths) if length], dtype)
+    check_decode(lengths, hkv, gqa, head_dim, block_size, dtype, gen, num_splits=num_splits, block_n=block_n,
+                 max_programs=max_programs, kv_evict="", variant=variant)
 
 
 def test_decode_row_variant_rejects_bad_inputs():

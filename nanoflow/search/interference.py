@@ -43,15 +43,10 @@ def _events_time(fns: list[tuple[torch.cuda.Stream, Any]], repeat: int = 10) -> 
     return [statistics.median(p) for p in per], statistics.median(totals)
 
 
-def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
-                      head_dim: int, programs: list[int], green_sms: list[int], device: torch.device,
-                      block_size: int = 16, decode_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure GEMM (``tokens x hidden -> 2*inter``, the gate/up projection) beside paged decode attention.
-
-    ``decode_cfg``: extra keyword arguments of ``decode_attention`` (e.g. ``{"variant": "row"}``)."""
-    decode_cfg = dict(decode_cfg or {})
-    from nanoflow.ops.attention.decode import decode_attention
-
+def _pair_inputs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
+                 head_dim: int, device: torch.device, block_size: int) -> tuple[torch.Tensor, ...]:
+    """bf16 operands of one pair: the gate/up GEMM's ``x, w, y`` and paged decode attention's ``q``, caches, a
+    shuffled block table, lengths and ``out`` (every row ``ctx`` tokens long)."""
     dt = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, hidden, device=device, dtype=dt, generator=g)
@@ -64,7 +59,20 @@ def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ct
     table = (torch.randperm(nblocks - 1, device=device)[: decode_rows * pages] + 1).view(decode_rows, pages).int()
     lens = torch.full((decode_rows,), ctx, dtype=torch.int32, device=device)
     q = torch.randn(decode_rows, heads, head_dim, device=device, dtype=dt, generator=g)
-    out = torch.empty_like(q)
+    return x, w, y, q, kc, vc, table, lens, torch.empty_like(q)
+
+
+def gemm_decode_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
+                      head_dim: int, programs: list[int], green_sms: list[int], device: torch.device,
+                      block_size: int = 16, decode_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure GEMM (``tokens x hidden -> 2*inter``, the gate/up projection) beside paged decode attention.
+
+    ``decode_cfg``: extra keyword arguments of ``decode_attention`` (e.g. ``{"variant": "row"}``)."""
+    decode_cfg = dict(decode_cfg or {})
+    from nanoflow.ops.attention.decode import decode_attention
+
+    x, w, y, q, kc, vc, table, lens, out = _pair_inputs(tokens, hidden, inter, decode_rows, ctx, heads, kv_heads,
+                                                        head_dim, device, block_size)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
 
     def gemm() -> None:
@@ -122,19 +130,8 @@ def partition_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx:
     from nanoflow.graphs.resources import sm_target
     from nanoflow.ops.attention.decode import decode_attention
 
-    dt = torch.bfloat16
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(tokens, hidden, device=device, dtype=dt, generator=g)
-    w = torch.randn(2 * inter, hidden, device=device, dtype=dt, generator=g) * 0.02
-    y = torch.empty(tokens, 2 * inter, device=device, dtype=dt)
-    pages = -(-ctx // block_size)
-    nblocks = decode_rows * pages + 1
-    kc = torch.randn(nblocks, block_size, kv_heads, head_dim, device=device, dtype=dt, generator=g)
-    vc = torch.randn_like(kc)
-    table = (torch.randperm(nblocks - 1, device=device)[: decode_rows * pages] + 1).view(decode_rows, pages).int()
-    lens = torch.full((decode_rows,), ctx, dtype=torch.int32, device=device)
-    q = torch.randn(decode_rows, heads, head_dim, device=device, dtype=dt, generator=g)
-    out = torch.empty_like(q)
+    x, w, y, q, kc, vc, table, lens, out = _pair_inputs(tokens, hidden, inter, decode_rows, ctx, heads, kv_heads,
+                                                        head_dim, device, block_size)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     kv_bytes = 2 * decode_rows * ctx * kv_heads * head_dim * kc.element_size()
     s_hi = torch.cuda.Stream(device=device, priority=-1)

@@ -272,6 +272,39 @@ def _decode_persistent_kernel(
 
 
 @triton.jit
+def _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N: tl.constexpr):
+    """``(seq_len, tile_lo, tile_hi)``: the KV tiles split ``split`` of ``row`` owns (``cdiv(tiles, splits)`` each;
+    ``tile_lo >= tile_hi`` when the row is too short to reach this split)."""
+    seq_len = tl.load(lens_ptr + row)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    return seq_len, tile_lo, tile_hi
+
+
+@triton.jit
+def _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb, stride_vt,
+                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Element offsets of the ``BLOCK_N`` token slots of ``tile`` in the K and V caches (kv head 0, dim 0).
+
+    Whole pages (``BLOCK_N >= PAGE``): one block-table entry per page, each page a contiguous ``[PAGE, KVH, D]`` run.
+    A tile inside one page: one page lookup per token."""
+    if BLOCK_N >= PAGE:
+        NUM_PAGES: tl.constexpr = BLOCK_N // PAGE
+        pidx = tile * NUM_PAGES + tl.arange(0, NUM_PAGES)
+        page = tl.load(bt_row + pidx, mask=pidx * PAGE < seq_len, other=0).to(tl.int64)
+        slot = tl.arange(0, PAGE)
+        k_tok = tl.reshape(page[:, None] * stride_kb + (slot * stride_kt)[None, :], [BLOCK_N])
+        v_tok = tl.reshape(page[:, None] * stride_vb + (slot * stride_vt)[None, :], [BLOCK_N])
+    else:
+        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        k_tok = page * stride_kb + (tok % PAGE) * stride_kt
+        v_tok = page * stride_vb + (tok % PAGE) * stride_vt
+    return k_tok, v_tok
+
+
+@triton.jit
 def _decode_row_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     num_items, num_splits,
@@ -305,11 +338,7 @@ def _decode_row_kernel(
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
         row = item // num_splits
         split = item % num_splits
-        seq_len = tl.load(lens_ptr + row)
-        num_tiles = tl.cdiv(seq_len, BLOCK_N)
-        tiles_per_split = tl.cdiv(num_tiles, num_splits)
-        tile_lo = split * tiles_per_split
-        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+        seq_len, tile_lo, tile_hi = _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N)
         # seq_len <= 0: no store at all (out row untouched); a split past the row's end writes nothing either.
         if (seq_len > 0) & (tile_lo < tile_hi):
             row64 = row.to(tl.int64)
@@ -322,19 +351,8 @@ def _decode_row_kernel(
             for tile in range(tile_lo, tile_hi):
                 tok = tile * BLOCK_N + offs_n
                 valid = tok < seq_len
-                if BLOCK_N >= PAGE:
-                    # Whole pages: one block-table entry per page, each page a contiguous [PAGE, KVH, D] run.
-                    NUM_PAGES: tl.constexpr = BLOCK_N // PAGE
-                    pidx = tile * NUM_PAGES + tl.arange(0, NUM_PAGES)
-                    page = tl.load(bt_row + pidx, mask=pidx * PAGE < seq_len, other=0).to(tl.int64)
-                    slot = tl.arange(0, PAGE)
-                    k_tok = tl.reshape(page[:, None] * stride_kb + (slot * stride_kt)[None, :], [BLOCK_N])
-                    v_tok = tl.reshape(page[:, None] * stride_vb + (slot * stride_vt)[None, :], [BLOCK_N])
-                else:
-                    # A tile inside one page (block_n < page size): one page lookup per token.
-                    page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-                    k_tok = page * stride_kb + (tok % PAGE) * stride_kt
-                    v_tok = page * stride_vb + (tok % PAGE) * stride_vt
+                k_tok, v_tok = _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb,
+                                                   stride_vt, PAGE, BLOCK_N)
                 k = tl.load(k_ptr + k_tok[:, None, None] + k_hd[None, :, :], mask=valid[:, None, None], other=0.0,
                             eviction_policy=EVICT)  # [BLOCK_N, KVH, D], memory order
                 v = tl.load(v_ptr + v_tok[:, None, None] + v_hd[None, :, :], mask=valid[:, None, None], other=0.0,
@@ -395,11 +413,7 @@ def _decode_row_flat_kernel(
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
         row = item // num_splits
         split = item % num_splits
-        seq_len = tl.load(lens_ptr + row)
-        num_tiles = tl.cdiv(seq_len, BLOCK_N)
-        tiles_per_split = tl.cdiv(num_tiles, num_splits)
-        tile_lo = split * tiles_per_split
-        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+        seq_len, tile_lo, tile_hi = _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N)
         if (seq_len > 0) & (tile_lo < tile_hi):
             row64 = row.to(tl.int64)
             q = tl.load(q_ptr + row64 * stride_qt + offs_m[:, None] * stride_qh + offs_d[None, :],
@@ -411,17 +425,8 @@ def _decode_row_flat_kernel(
             for tile in range(tile_lo, tile_hi):
                 tok = tile * BLOCK_N + offs_n
                 valid = tok < seq_len
-                if BLOCK_N >= PAGE:
-                    NUM_PAGES: tl.constexpr = BLOCK_N // PAGE
-                    pidx = tile * NUM_PAGES + tl.arange(0, NUM_PAGES)
-                    page = tl.load(bt_row + pidx, mask=pidx * PAGE < seq_len, other=0).to(tl.int64)
-                    slot = tl.arange(0, PAGE)
-                    k_tok = tl.reshape(page[:, None] * stride_kb + (slot * stride_kt)[None, :], [BLOCK_N])
-                    v_tok = tl.reshape(page[:, None] * stride_vb + (slot * stride_vt)[None, :], [BLOCK_N])
-                else:
-                    page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-                    k_tok = page * stride_kb + (tok % PAGE) * stride_kt
-                    v_tok = page * stride_vb + (tok % PAGE) * stride_vt
+                k_tok, v_tok = _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb,
+                                                   stride_vt, PAGE, BLOCK_N)
                 k_col = tl.reshape(k_tok[:, None] + (offs_h * stride_kh)[None, :], [BLOCK_C])
                 v_col = tl.reshape(v_tok[:, None] + (offs_h * stride_vh)[None, :], [BLOCK_C])
                 c_valid = tl.reshape(tl.broadcast_to(valid[:, None], [BLOCK_N, KVH]), [BLOCK_C])

@@ -95,7 +95,11 @@ class HttpSender:
                     event = json.loads(line[6:])
                     if "error" in event:
                         return _failed(event["error"].get("message", "error event"), start)
-                    if first is None and any(c.get("text") for c in event.get("choices", [])):
+                    # The first chunk carrying generated output: text, or an empty-text chunk from a model without a
+                    # tokenizer (the server sends one per step then); the final chunk (finish_reason) does not count.
+                    choices = event.get("choices", [])
+                    if first is None and any(c.get("text") or (c.get("text") == "" and not c.get("finish_reason"))
+                                             for c in choices):
                         first = time.perf_counter()
                     usage = event.get("usage") or usage
         except Exception as e:  # a benchmark records failures instead of stopping

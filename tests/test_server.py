@@ -345,3 +345,24 @@ def test_real_disconnect_frees_the_engine(server: str) -> None:
         return samples["nanoflow_num_requests_running"] == 0 and samples["nanoflow_num_requests_waiting"] == 0
 
     assert _wait(idle, timeout=30)
+
+
+class _TokenlessEngine(FakeEngine):
+    """The fake engine's tokens with no text, like a model without a tokenizer (dummy weights of a built-in config)."""
+
+    async def generate(self, prompt, params, request_id):
+        async for out in super().generate(prompt, params, request_id):
+            out.text = ""
+            yield out
+
+
+def test_stream_without_text_still_paces_tokens() -> None:
+    """No text to stream: one empty-text chunk per generated step before the finish chunk, and usage counts them."""
+    with ServerThread(create_app(_TokenlessEngine(token_delay=0.0))) as url:
+        body = {"model": "fake-model", "prompt": [104, 105], "max_tokens": 5, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events = sse_events(httpx.post(f"{url}/v1/completions", json=body).text)
+        chunks = [e for e in events if isinstance(e, dict) and e.get("choices")]
+        assert [c["choices"][0]["text"] for c in chunks] == [""] * 5
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4 + ["length"]
+        assert events[-2]["usage"]["completion_tokens"] == 5

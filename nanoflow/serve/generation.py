@@ -283,11 +283,17 @@ async def _events(
             if job.kind == "chat":
                 yield job.text_chunk(None)  # the role chunk OpenAI sends first
             out: RequestOutput | None = first
+            # While the output has tokens but no text (a model without a tokenizer), send an empty-text chunk per step
+            # that produced tokens, so clients still see them arrive (time to first token, per-token pacing).
+            sent_tokens = 0
             while out is not None:
                 last = out
                 delta = text.update(out.text, out.finished)
                 if delta.text:
                     yield job.text_chunk(delta.text)
+                elif not out.text and len(out.token_ids) > sent_tokens and not (delta.stopped or out.finished):
+                    yield job.text_chunk("")
+                sent_tokens = len(out.token_ids)
                 if delta.stopped or out.finished:
                     break
                 out = await anext(stream, None)

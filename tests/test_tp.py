@@ -40,6 +40,9 @@ def _save_model(path: Path, arch: str, vocab: int) -> Path:
     torch.manual_seed(0)
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    elif arch == "mixtral":  # experts sharded along their intermediate size, the router replicated
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg, num_local_experts=4,
+                                                                           num_experts_per_tok=2))
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
     with torch.no_grad():  # peaked logits: greedy choices are not decided by rounding noise
@@ -104,6 +107,7 @@ CASES = {
     # name: (architecture, vocab, launcher, extra CLI flags); greedy, so HF transformers is a reference too.
     # Qwen2 has QKV biases (sharded with the heads); vocab 131 is padded to 132 over 2 ranks; dense 40 chunks prefill.
     "qwen2-vocab131-async-torchrun": ("qwen2", 131, "torchrun", ["--dense-batch-size", "40"]),
+    "mixtral-vocab128-async-torchrun": ("mixtral", 128, "torchrun", ["--dense-batch-size", "48"]),
     "llama-vocab128-sync-smallkv-accelerate": ("llama", 128, "accelerate",
                                                ["--no-async", "--kv-cache-tokens", "112", "--dense-batch-size", "64"]),
 }

@@ -32,8 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
     p.add_argument("--pipeline", default=None,
                    help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, or 'none'")
-    p.add_argument("--resource-knob", default="grid", choices=["grid", "green", "none"],
-                   help="how nano-op shares are enforced on the GPU: decode persistent grid, green contexts, or none")
+    p.add_argument("--resource-knob", default="grid", choices=["grid", "partition", "green", "none"],
+                   help="how nano-op shares are enforced on the GPU: decode persistent grid; partition (that grid plus "
+                        "a cuBLASLt SM target for the GEMMs beside it); green contexts; or none")
     p.add_argument("--no-async", action="store_true", help="schedule synchronously (batch i+1 after batch i ends)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the forward eagerly on the GPU")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the glue ops")

@@ -108,6 +108,9 @@ CASES = {
     # Qwen2 has QKV biases (sharded with the heads); vocab 131 is padded to 132 over 2 ranks; dense 40 chunks prefill.
     "qwen2-vocab131-async-torchrun": ("qwen2", 131, "torchrun", ["--dense-batch-size", "40"]),
     "mixtral-vocab128-async-torchrun": ("mixtral", 128, "torchrun", ["--dense-batch-size", "48"]),
+    # the MoE TP preset: all-reduces on their own stream, run in issue order on the CPU
+    "mixtral-tp-preset-torchrun": ("mixtral", 128, "torchrun", ["--dense-batch-size", "64",
+                                                                "--pipeline", "mixtral-tp-overlap"]),
     "llama-vocab128-sync-smallkv-accelerate": ("llama", 128, "accelerate",
                                                ["--no-async", "--kv-cache-tokens", "112", "--dense-batch-size", "64"]),
 }

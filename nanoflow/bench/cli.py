@@ -49,7 +49,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
-                        "under --tp (mixtral-overlap for Mixtral)")
+                        "under --tp (mixtral-overlap / mixtral-tp-overlap for Mixtral)")
     p.add_argument("--peer", default=None, choices=["transformers"], help="also run this peer engine")
     p.add_argument("--peer-requests", type=int, default=64, help="requests for the peer (it is slow)")
     p.add_argument("--profile", action="store_true", help="per-op CUDA-event profile of a steady-state batch")

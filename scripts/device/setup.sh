@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Source on the lent GPU machine: installs carried wheels (.whl/) into /tmp/site and puts the repo on the path.
-set -e
+# No `set -e` here: it would stay on in the sourcing shell and kill background jobs started there on a first error.
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed" >&2; return 1 2>/dev/null || exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD

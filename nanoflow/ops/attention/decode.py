@@ -7,17 +7,8 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
   of KV tiles (``block_n`` tokens, i.e. several pages, per iteration). It serves all GQA query heads of its kv head at
   once (the group padded to >= 16 rows for ``tl.dot``), so each K/V tile is loaded once. With one split it writes
   ``out`` directly; otherwise it writes a normalised partial output and its log-sum-exp to the workspace.
-* Row kernel (``variant="row"``), grid ``(N * num_splits,)`` or a persistent ``(max_programs,)``: a program owns a
-  whole row (all kv heads) and a range of its tiles, so each K/V tile ``[block_n, num_kv_heads, head_dim]`` is whole
-  pages, each a contiguous ``page * num_kv_heads * head_dim`` run (32 KB for 16 x 8 x 128 bf16): num_kv_heads x the
-  bytes per load of the split kernel at the same ``block_n``, in contiguous runs instead of 256 B rows strided by
-  ``num_kv_heads * head_dim``; meant to reach HBM bandwidth on a few SMs beside a concurrent GEMM. Scores and P @ V
-  are batched 3-D ``tl.dot`` (batch = kv head; Triton 3.x supports 3-D operands, the first dimension being the
-  batch, compiled and in the interpreter); the GQA group is padded to >= 16 rows, so the fp32 accumulator is
-  ``num_kv_heads * 16 * head_dim`` (64 KB for 8 kv heads of 128, group <= 16): register pressure grows with kv
-  heads, hence the variant suits GQA with few kv heads per GPU. ``variant="row_flat"`` keeps the work split and
-  tiles but flattens the heads into 2-D dots (q ``[num_heads, D]`` x K ``[block_n * kv_heads, D]``, other heads'
-  columns masked): kv_heads x the useful FLOPs, an accumulator of only ``num_heads * head_dim``.
+* Row kernels (``variant="row"`` / ``"row_flat"``, :mod:`nanoflow.ops.attention.decode_row`): a program owns a
+  whole row (all kv heads), so each K/V tile is whole contiguous pages.
 * Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (every variant).
 
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
@@ -272,189 +263,6 @@ def _decode_persistent_kernel(
 
 
 @triton.jit
-def _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N: tl.constexpr):
-    """``(seq_len, tile_lo, tile_hi)``: the KV tiles split ``split`` of ``row`` owns (``cdiv(tiles, splits)`` each;
-    ``tile_lo >= tile_hi`` when the row is too short to reach this split)."""
-    seq_len = tl.load(lens_ptr + row)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    return seq_len, tile_lo, tile_hi
-
-
-@triton.jit
-def _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb, stride_vt,
-                        PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Element offsets of the ``BLOCK_N`` token slots of ``tile`` in the K and V caches (kv head 0, dim 0).
-
-    Whole pages (``BLOCK_N >= PAGE``): one block-table entry per page, each page a contiguous ``[PAGE, KVH, D]`` run.
-    A tile inside one page: one page lookup per token."""
-    if BLOCK_N >= PAGE:
-        NUM_PAGES: tl.constexpr = BLOCK_N // PAGE
-        pidx = tile * NUM_PAGES + tl.arange(0, NUM_PAGES)
-        page = tl.load(bt_row + pidx, mask=pidx * PAGE < seq_len, other=0).to(tl.int64)
-        slot = tl.arange(0, PAGE)
-        k_tok = tl.reshape(page[:, None] * stride_kb + (slot * stride_kt)[None, :], [BLOCK_N])
-        v_tok = tl.reshape(page[:, None] * stride_vb + (slot * stride_vt)[None, :], [BLOCK_N])
-    else:
-        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        k_tok = page * stride_kb + (tok % PAGE) * stride_kt
-        v_tok = page * stride_vb + (tok % PAGE) * stride_vt
-    return k_tok, v_tok
-
-
-@triton.jit
-def _decode_row_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
-    num_items, num_splits,
-    scale_log2,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_bt,
-    stride_ot, stride_oh,
-    stride_pot, stride_poh, stride_pos,
-    stride_plt, stride_plh,
-    KVH: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-):
-    """Row-wise decode: one work item is (row, split) with ALL kv heads of the row, so a K (or V) tile is
-    ``[BLOCK_N, KVH, HEAD_DIM]`` -- whole pages, each one contiguous run of ``PAGE * KVH * HEAD_DIM`` elements.
-
-    Items are dealt round-robin (item = pid, pid + P, ...): the full grid has one program per item, the persistent
-    grid (``max_programs``) fewer. Scores and P @ V are batched 3-D ``tl.dot`` over the kv heads:
-    ``[KVH, BLOCK_G, D] x [KVH, D, BLOCK_N] -> [KVH, BLOCK_G, BLOCK_N]``; softmax state is per (kv head, q head).
-    """
-    offs_h = tl.arange(0, KVH)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_valid = (offs_g < GROUP)[None, :]  # [1, BLOCK_G]
-    heads = offs_h[:, None] * GROUP + offs_g[None, :]  # [KVH, BLOCK_G] query heads
-    # [KVH, HEAD_DIM] offsets of each kv head's row inside one token's slot.
-    k_hd = offs_h[:, None] * stride_kh + offs_d[None, :]
-    v_hd = offs_h[:, None] * stride_vh + offs_d[None, :]
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        row = item // num_splits
-        split = item % num_splits
-        seq_len, tile_lo, tile_hi = _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N)
-        # seq_len <= 0: no store at all (out row untouched); a split past the row's end writes nothing either.
-        if (seq_len > 0) & (tile_lo < tile_hi):
-            row64 = row.to(tl.int64)
-            q = tl.load(q_ptr + row64 * stride_qt + heads[:, :, None] * stride_qh + offs_d[None, None, :],
-                        mask=g_valid[:, :, None], other=0.0)  # [KVH, BLOCK_G, D]
-            bt_row = bt_ptr + row64 * stride_bt
-            m_i = tl.full([KVH, BLOCK_G], float("-inf"), tl.float32)
-            l_i = tl.zeros([KVH, BLOCK_G], tl.float32)
-            acc = tl.zeros([KVH, BLOCK_G, HEAD_DIM], tl.float32)
-            for tile in range(tile_lo, tile_hi):
-                tok = tile * BLOCK_N + offs_n
-                valid = tok < seq_len
-                k_tok, v_tok = _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb,
-                                                   stride_vt, PAGE, BLOCK_N)
-                k = tl.load(k_ptr + k_tok[:, None, None] + k_hd[None, :, :], mask=valid[:, None, None], other=0.0,
-                            eviction_policy=EVICT)  # [BLOCK_N, KVH, D], memory order
-                v = tl.load(v_ptr + v_tok[:, None, None] + v_hd[None, :, :], mask=valid[:, None, None], other=0.0,
-                            eviction_policy=EVICT)
-                s = tile_dot(q, tl.permute(k, (1, 2, 0)), PRECISION) * scale_log2  # [KVH, BLOCK_G, BLOCK_N]
-                s = tl.where(valid[None, None, :], s, float("-inf"))
-                # Every tile holds >= 1 valid token, so m_new is finite.
-                m_new = tl.maximum(m_i, tl.max(s, 2))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, :, None])
-                l_i = l_i * alpha + tl.sum(p, 2)
-                acc = acc * alpha[:, :, None] + tile_dot(p.to(v.dtype), tl.permute(v, (1, 0, 2)), PRECISION)
-                m_i = m_new
-            acc = acc / l_i[:, :, None]
-            if DIRECT:
-                tl.store(out_ptr + row64 * stride_ot + heads[:, :, None] * stride_oh + offs_d[None, None, :],
-                         acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, :, None])
-            else:
-                po = (po_ptr + row64 * stride_pot + heads[:, :, None] * stride_poh + split * stride_pos
-                      + offs_d[None, None, :])
-                tl.store(po, acc, mask=g_valid[:, :, None])
-                tl.store(plse_ptr + row64 * stride_plt + heads * stride_plh + split, m_i + tl.log2(l_i),
-                         mask=g_valid)
-
-
-@triton.jit
-def _decode_row_flat_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
-    num_items, num_splits,
-    scale_log2,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_bt,
-    stride_ot, stride_oh,
-    stride_pot, stride_poh, stride_pos,
-    stride_plt, stride_plh,
-    KVH: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-):
-    """``variant="row_flat"``: the row kernel's work items and whole-page tiles, but 2-D dots over flattened heads.
-
-    q is ``[BLOCK_M, D]`` (all query heads of the row, padded to >= 16), a K/V tile is ``[BLOCK_N * KVH, D]`` (the
-    pages' memory order: column ``c`` is token ``c // KVH``, kv head ``c % KVH``), and scores of a query head against
-    another kv head's columns are masked out. The dots do KVH x the useful FLOPs (vs 16 / GROUP for the batched form),
-    but the accumulator is ``[BLOCK_M, D]`` instead of ``[KVH, 16, D]``: far fewer registers for many kv heads.
-    """
-    BLOCK_C: tl.constexpr = BLOCK_N * KVH
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, KVH)
-    m_valid = offs_m < KVH * GROUP
-    # Padding rows (q = 0) ride along with the last kv head, so they see valid columns and stay finite.
-    row_head = tl.minimum(offs_m // GROUP, KVH - 1)
-    col_head = tl.reshape(tl.broadcast_to(offs_h[None, :], [BLOCK_N, KVH]), [BLOCK_C])
-    same_head = row_head[:, None] == col_head[None, :]  # [BLOCK_M, BLOCK_C]
-    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        row = item // num_splits
-        split = item % num_splits
-        seq_len, tile_lo, tile_hi = _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N)
-        if (seq_len > 0) & (tile_lo < tile_hi):
-            row64 = row.to(tl.int64)
-            q = tl.load(q_ptr + row64 * stride_qt + offs_m[:, None] * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None], other=0.0)
-            bt_row = bt_ptr + row64 * stride_bt
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-            for tile in range(tile_lo, tile_hi):
-                tok = tile * BLOCK_N + offs_n
-                valid = tok < seq_len
-                k_tok, v_tok = _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb,
-                                                   stride_vt, PAGE, BLOCK_N)
-                k_col = tl.reshape(k_tok[:, None] + (offs_h * stride_kh)[None, :], [BLOCK_C])
-                v_col = tl.reshape(v_tok[:, None] + (offs_h * stride_vh)[None, :], [BLOCK_C])
-                c_valid = tl.reshape(tl.broadcast_to(valid[:, None], [BLOCK_N, KVH]), [BLOCK_C])
-                k = tl.load(k_ptr + k_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
-                            eviction_policy=EVICT)  # [BLOCK_C, D]
-                v = tl.load(v_ptr + v_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
-                            eviction_policy=EVICT)
-                s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2  # [BLOCK_M, BLOCK_C]
-                s = tl.where(same_head & c_valid[None, :], s, float("-inf"))
-                # Every tile holds >= 1 valid token of every kv head, so each row's m_new is finite.
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
-                m_i = m_new
-            acc = acc / l_i[:, None]
-            if DIRECT:
-                tl.store(out_ptr + row64 * stride_ot + offs_m[:, None] * stride_oh + offs_d[None, :],
-                         acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
-            else:
-                po = po_ptr + row64 * stride_pot + offs_m[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
-                tl.store(po, acc, mask=m_valid[:, None])
-                tl.store(plse_ptr + row64 * stride_plt + offs_m * stride_plh + split, m_i + tl.log2(l_i),
-                         mask=m_valid)
-
-
-@triton.jit
 def _decode_reduce_kernel(
     lens_ptr, out_ptr, po_ptr, plse_ptr,
     num_splits,
@@ -541,14 +349,15 @@ def decode_attention(
     if kv_evict not in ("", "evict_first", "evict_last"):
         raise AttentionInputError(f"kv_evict must be '', 'evict_first' or 'evict_last', got {kv_evict!r}")
     if variant in ("row", "row_flat"):
-        return _decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
-                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat")
+        from nanoflow.ops.attention.decode_row import decode_row
+
+        return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
+                          block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat")
     if variant != "split":
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
     block_n_persist = _default_block_n(q.device, head_dim) if block_n is None else block_n
     if max_programs is not None:
-        if max_programs < 1:
-            raise AttentionInputError(f"max_programs must be >= 1, got {max_programs}")
+        check_programs(max_programs)
         kv_heads = k_cache.shape[2]
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
             q, k_cache, v_cache, block_tables, seq_lens, out,
@@ -564,25 +373,10 @@ def decode_attention(
             num_warps=num_warps, num_stages=num_stages,
         )
         return out
-    if num_splits is None:
-        num_splits = default_num_splits(rows, k_cache.shape[2], q.device)
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise AttentionInputError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-    block_n = _default_block_n(q.device, head_dim) if block_n is None else block_n
-    if block_n < 16 or block_n & (block_n - 1):
-        raise AttentionInputError(f"block_n must be a power of two >= 16, got {block_n}")
-
-    direct = num_splits == 1
-    if direct:
-        # The partial pointers are never dereferenced with DIRECT; pass out so the signature stays uniform.
-        po, plse = out, out
-        po_strides, plse_strides = (0, 0, 0), (0, 0)
-    else:
-        if workspace is None:
-            workspace = decode_workspace(rows, num_heads, head_dim, num_splits, q.device)
-        _check_workspace(workspace, rows, num_heads, head_dim, num_splits, q.device)
-        po, plse = workspace
-        po_strides, plse_strides = po.stride()[:3], plse.stride()[:2]
+    num_splits = check_splits(default_num_splits(rows, k_cache.shape[2], q.device) if num_splits is None
+                              else num_splits)
+    block_n = check_block_n(_default_block_n(q.device, head_dim) if block_n is None else block_n)
+    direct, po, plse, po_strides, plse_strides = split_outputs(out, workspace, num_splits)
 
     precision = dot_precision(q.dtype, q.device)
     _decode_split_kernel[(rows, k_cache.shape[2], num_splits)](
@@ -599,84 +393,52 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
-        _decode_reduce_kernel[(rows, num_heads)](
-            seq_lens, out, po, plse,
-            num_splits,
-            out.stride(0), out.stride(1),
-            *po_strides, *plse_strides,
-            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=1 if head_dim <= 64 else 2,
-        )
+        reduce_splits(seq_lens, out, po, plse, po_strides, plse_strides, num_splits, block_n)
     return out
 
 
-def _decode_row(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, out: torch.Tensor, scale: float, num_splits: int | None,
-    workspace: DecodeWorkspace | None, block_n: int | None, num_warps: int, num_stages: int,
-    max_programs: int | None, kv_evict: str, page: int, group: int, flat: bool,
-) -> torch.Tensor:
-    """``decode_attention(variant="row"|"row_flat")``: see :func:`_decode_row_kernel` and
-    :func:`_decode_row_flat_kernel`. Inputs are already checked."""
-    rows, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    if kv_heads & (kv_heads - 1):
-        raise AttentionInputError(
-            f'variant="row" needs a power-of-two num_kv_heads (one tile spans all kv heads), got {kv_heads}; '
-            f'use variant="split"'
-        )
-    if block_n is None:
-        # One page per iteration on a GPU (e.g. 16 x 8 x 128 bf16 = 32 KB of K and 32 KB of V); the interpreter uses
-        # 16 tokens so small test shapes still cross tiles.
-        block_n = max(16, page) if q.device.type == "cuda" else 16
+# ---- shared by the split and row launchers ------------------------------------------------------------------------
+def check_programs(max_programs: int) -> int:
+    if max_programs < 1:
+        raise AttentionInputError(f"max_programs must be >= 1, got {max_programs}")
+    return max_programs
+
+
+def check_splits(num_splits: int) -> int:
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise AttentionInputError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    return num_splits
+
+
+def check_block_n(block_n: int) -> int:
     if block_n < 16 or block_n & (block_n - 1):
         raise AttentionInputError(f"block_n must be a power of two >= 16, got {block_n}")
-    if max_programs is not None:
-        if max_programs < 1:
-            raise AttentionInputError(f"max_programs must be >= 1, got {max_programs}")
-        num_splits, grid = 1, min(max_programs, rows)  # persistent: rows dealt round-robin, one split each
-    else:
-        if num_splits is None:
-            num_splits = default_num_splits(rows, 1, q.device)
-        if not 1 <= num_splits <= MAX_SPLITS:
-            raise AttentionInputError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-        grid = rows * num_splits
-    direct = num_splits == 1
-    if direct:
-        po, plse = out, out  # never dereferenced with DIRECT
-        po_strides, plse_strides = (0, 0, 0), (0, 0)
-    else:
-        if workspace is None:
-            workspace = decode_workspace(rows, num_heads, head_dim, num_splits, q.device)
-        _check_workspace(workspace, rows, num_heads, head_dim, num_splits, q.device)
-        po, plse = workspace
-        po_strides, plse_strides = po.stride()[:3], plse.stride()[:2]
-    if flat:
-        kernel, tiling = _decode_row_flat_kernel, {"BLOCK_M": max(16, triton.next_power_of_2(num_heads))}
-    else:
-        kernel, tiling = _decode_row_kernel, {"BLOCK_G": max(16, triton.next_power_of_2(group))}
-    kernel[(grid,)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
-        rows * num_splits, num_splits,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+    return block_n
+
+
+def split_outputs(out: torch.Tensor, workspace: DecodeWorkspace | None, num_splits: int) -> tuple:
+    """``(direct, po, plse, po_strides, plse_strides)`` for a kernel writing ``num_splits`` splits per row: with one
+    split it writes ``out`` directly (the partial pointers are then never dereferenced; ``out`` keeps the signature
+    uniform), otherwise the (checked or newly allocated) workspace."""
+    if num_splits == 1:
+        return True, out, out, (0, 0, 0), (0, 0)
+    rows, num_heads, head_dim = out.shape
+    if workspace is None:
+        workspace = decode_workspace(rows, num_heads, head_dim, num_splits, out.device)
+    _check_workspace(workspace, rows, num_heads, head_dim, num_splits, out.device)
+    po, plse = workspace
+    return False, po, plse, po.stride()[:3], plse.stride()[:2]
+
+
+def reduce_splits(seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor,
+                  po_strides: tuple, plse_strides: tuple, num_splits: int, block_n: int) -> None:
+    """Combine each row's splits into ``out`` (the writers split rows into tiles of ``block_n`` tokens)."""
+    rows, num_heads, head_dim = out.shape
+    _decode_reduce_kernel[(rows, num_heads)](
+        seq_lens, out, po, plse,
+        num_splits,
         out.stride(0), out.stride(1),
         *po_strides, *plse_strides,
-        KVH=kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE=page, **tiling,
-        BLOCK_N=block_n, DIRECT=direct, PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict,
-        num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=1 if head_dim <= 64 else 2,
     )
-    if not direct:
-        # Same split arithmetic (per-row tiles of block_n tokens), so the split kernel's reduce applies unchanged.
-        _decode_reduce_kernel[(rows, num_heads)](
-            seq_lens, out, po, plse,
-            num_splits,
-            out.stride(0), out.stride(1),
-            *po_strides, *plse_strides,
-            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=1 if head_dim <= 64 else 2,
-        )
-    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python scripts/bench_latency.py` from a checkout
     sys.path.insert(0, str(REPO))
 
+from nanoflow.bench import git_commit  # noqa: E402
 from nanoflow.data.datasets import load_dataset  # noqa: E402
 from nanoflow.engine.async_engine import vocab_size_of  # noqa: E402
 
@@ -282,14 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     ignore_eos = not args.respect_eos
     vocab = args.vocab_size
@@ -331,7 +323,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         await sender.close()
     best = max_rate_under_slo(rows, args.slo_ms)
-    common = {"device": info["device"], "model": info["model"], "commit": _commit(), "command": " ".join(sys.argv),
+    common = {"device": info["device"], "model": info["model"], "commit": git_commit(), "command": " ".join(sys.argv),
               "mode": "online-latency", "workload": args.dataset, "target": args.url or "in-process",
               "slo_ms": args.slo_ms, "max_rate_under_slo": best, "ignore_eos": ignore_eos}
     try:

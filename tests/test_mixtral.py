@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import hf_greedy
 
 from nanoflow.config import ModelSpec
 from nanoflow.models.loader import load_weights
@@ -155,25 +156,12 @@ def _save_tiny(tmp_path) -> str:
     return str(tmp_path)
 
 
-def _hf_greedy(path: str, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs, logits = [], []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-            logits.append(model(ids).logits[0, -1].float())
-        outs.append(gen[0, len(p):].tolist())
-    return outs, logits
-
-
 @pytest.fixture(scope="module")
 def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[list[int]], list, list]:
     path = _save_tiny(tmp_path_factory.mktemp("mixtral"))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    expected, ref_logits = _hf_greedy(path, prompts)
+    expected, ref_logits = hf_greedy(path, prompts, NEW_TOKENS)
     return path, prompts, expected, ref_logits
 
 

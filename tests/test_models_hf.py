@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import hf_greedy  # noqa: E402
+
 from nanoflow import LLM, SamplingParams  # noqa: E402
 
 PROMPT_LENS = (5, 17, 33, 64)
@@ -34,22 +36,9 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _hf_greedy(path: str, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs, logits = [], []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0, min_new_tokens=NEW_TOKENS)
-            logits.append(model(ids).logits[0, -1].float())
-        outs.append(gen[0, len(p):].tolist())
-    return outs, logits
-
-
 def _check(path: str, vocab: int, dense: int = 48) -> None:
     prompts = _prompts(vocab)
-    expected, ref_logits = _hf_greedy(path, prompts)
+    expected, ref_logits = hf_greedy(path, prompts, NEW_TOKENS)
     # A small dense batch forces chunked prefill and mixed decode/prefill batches.
     llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=dense, kv_cache_tokens=4096,
               async_scheduling=True)

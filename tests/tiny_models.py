@@ -22,3 +22,20 @@ def save_tiny_llama(path: Path, std: float = 0.1, seed: int = 0, **overrides: in
                 p.normal_(0.0, std)
     model.save_pretrained(path)
     return str(path)
+
+
+def hf_greedy(path: str, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """transformers' greedy continuation of each prompt (exactly ``new_tokens``, EOS ignored) and its last-prompt-token
+    logits: the independent reference of the model tests."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    outs, logits = [], []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+            logits.append(model(ids).logits[0, -1].float())
+        outs.append(gen[0, len(p):].tolist())
+    return outs, logits

@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -60,17 +59,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
     from nanoflow.bench.throughput import base_args, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
@@ -105,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     n_warm = args.warmup_requests or args.dense_batch_size // in_len + 4
     warm = workload(args.workload, n_warm, spec.vocab_size, args.seed + 1, max_len)
     warm = [(ids, min(n, 16)) for ids, n in warm]
-    common = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": _commit(),
+    common = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),
               "command": "nanoflow bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
               "model": args.model, "tp": 1, "workload": args.workload, "dense_batch": args.dense_batch_size,
               "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal, "gemm": peak,

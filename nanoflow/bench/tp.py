@@ -72,7 +72,7 @@ def run_tp(args: argparse.Namespace) -> int:
     """The bench on ``args.tp`` ranks (launched by torchrun / accelerate); rank 0 returns 0 once results are written."""
     import torch
 
-    from nanoflow.bench.cli import _commit
+    from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
     from nanoflow.bench.throughput import base_args, workload
     from nanoflow.engine.builder import load_parts
@@ -107,7 +107,7 @@ def run_tp(args: argparse.Namespace) -> int:
         comm.close()
         return 0
     try:
-        records = _lead(args, ea, parts, comm, gemm_peak, workload, _commit())
+        records = _lead(args, ea, parts, comm, gemm_peak, workload, git_commit())
     finally:
         stop_followers(comm)
     out = Path(args.output)

@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -42,7 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from _common import bench_ms as _bench_ms  # noqa: E402
+from _common import rel_err  # noqa: E402
 
+from nanoflow.bench import git_commit  # noqa: E402
 from nanoflow.ops.attention import (  # noqa: E402
     decode_attention,
     decode_attention_ref,
@@ -82,12 +84,7 @@ DTYPE = torch.bfloat16
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds (CUDA events via do_bench); the dry run times one call on the host."""
-    if OPTS.dry_run:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return _bench_ms(fn, OPTS.dry_run)
 
 
 def pages(rows: int, tokens_per_row: int) -> int:
@@ -108,10 +105,6 @@ def shuffled_tables(rows: int, tokens_per_row: int, num_blocks: int, gen: torch.
     per_row = triton.cdiv(tokens_per_row, SHAPES.block_size)
     perm = torch.randperm(num_blocks - 1, generator=gen, device=DEVICE)[: rows * per_row] + 1
     return perm.view(rows, per_row).to(torch.int32)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.double() - ref).norm() / ref.norm())
 
 
 def copy_bandwidth(report: dict) -> float:
@@ -338,14 +331,6 @@ def tune_prefill(report: dict, gen: torch.Generator) -> None:
             except Exception as exc:
                 rec["error"] = repr(exc)[:300]
             report["tune_prefill"].append(rec)
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 
 def print_table(report: dict) -> None:
     print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}")

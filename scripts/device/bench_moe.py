@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -45,7 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from _common import bench_ms as _bench_ms  # noqa: E402
+from _common import rel_err  # noqa: E402
 
+from nanoflow.bench import git_commit  # noqa: E402
 from nanoflow.ops import moe  # noqa: E402
 from nanoflow.ops.grouped_gemm import GemmConfig, default_config, grouped_gemm  # noqa: E402
 
@@ -73,16 +75,7 @@ TUNE_BUDGET_S = 40.0  # the sweep starts no new config after this long (keeps th
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds (CUDA events via do_bench); the dry run times one call on the host."""
-    if OPTS.dry_run:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.double() - ref.double()).norm() / ref.double().norm())
+    return _bench_ms(fn, OPTS.dry_run, warmup=10, rep=50)
 
 
 def routing(tokens: int, skew: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,14 +244,6 @@ def check_gemm_graph(report: dict, weights: dict[str, torch.Tensor], gen: torch.
                                  "rows_past_offsets_untouched": untouched, "ok": err < 1e-2 and untouched})
     except Exception as exc:
         report["checks"].append({"what": "CUDA-graph replay", "error": repr(exc)[:500], "ok": False})
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def print_table(report: dict) -> None:

@@ -98,6 +98,21 @@ def tile_dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def attend_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+    """One online-softmax step over a K/V tile: ``q [M, D]``, ``k, v [N, D]``; ``keep`` (broadcast to ``[M, N]``)
+    says which scores count. Returns the new ``(m_i, l_i, acc)``. Every row must keep >= 1 score of the tile, so the
+    new maximum is finite and exp2 never sees (-inf) - (-inf)."""
+    s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i, acc
+
+
 def _default_block_n(device: torch.device, head_dim: int) -> int:
     if device.type != "cuda":
         return 16  # the interpreter: small tiles keep multi-tile paths exercised on tiny test shapes
@@ -181,15 +196,8 @@ def _decode_split_kernel(
             v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
             mask=valid[:, None], other=0.0, eviction_policy=EVICT,
         )
-        s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        # Every tile of a split holds >= 1 valid token, so m_new is finite and exp2 never sees (-inf) - (-inf).
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
+        # Every tile of a split holds >= 1 valid token.
+        m_i, l_i, acc = attend_tile(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
 
     acc = acc / l_i[:, None]
     if DIRECT:
@@ -249,14 +257,7 @@ def _decode_persistent_kernel(
                             mask=valid[:, None], other=0.0, eviction_policy=EVICT)
                 v = tl.load(v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
                             mask=valid[:, None], other=0.0, eviction_policy=EVICT)
-                s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = attend_tile(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
             acc = acc / l_i[:, None]
             tl.store(out_ptr + row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, None])

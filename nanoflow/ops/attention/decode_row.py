@@ -27,6 +27,7 @@ import triton.language as tl
 from nanoflow.ops.attention.decode import (
     LOG2E,
     DecodeWorkspace,
+    attend_tile,
     check_block_n,
     check_programs,
     check_splits,
@@ -202,15 +203,9 @@ def _decode_row_flat_kernel(
                             eviction_policy=EVICT)  # [BLOCK_C, D]
                 v = tl.load(v_ptr + v_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
                             eviction_policy=EVICT)
-                s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2  # [BLOCK_M, BLOCK_C]
-                s = tl.where(same_head & c_valid[None, :], s, float("-inf"))
-                # Every tile holds >= 1 valid token of every kv head, so each row's m_new is finite.
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
-                m_i = m_new
+                # Scores [BLOCK_M, BLOCK_C]; every tile holds >= 1 valid token of every kv head.
+                m_i, l_i, acc = attend_tile(q, k, v, same_head & c_valid[None, :], m_i, l_i, acc, scale_log2,
+                                            PRECISION)
             acc = acc / l_i[:, None]
             if DIRECT:
                 tl.store(out_ptr + row64 * stride_ot + offs_m[:, None] * stride_oh + offs_d[None, :],

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from nanoflow.graphs.nanoop import LayerGraph
+from nanoflow.graphs.nanoop import LayerGraph, ResourceKind
+from nanoflow.graphs.resources import ResourceConfig, decode_programs, gemm_carveout, make_streams, sm_target
 from nanoflow.models.base import StepContext
 
 ContextFactory = Callable[[int], StepContext]
@@ -32,8 +33,6 @@ class Executor:
 
     def __init__(self, graphs: list[LayerGraph], spec: Any = None, device: torch.device | None = None,
                  timeline: Any = None, resources: Any = None):
-        from nanoflow.graphs.resources import ResourceConfig
-
         self.resources = resources or ResourceConfig()
         self.graphs = graphs
         self.spec = spec
@@ -66,8 +65,6 @@ class Executor:
 
     def decode_programs(self, num_tokens: int) -> dict[tuple[int, int], int | None]:
         """Persistent-grid size of each decode nano-op's range (the grid knob); only when streams overlap."""
-        from nanoflow.graphs.resources import decode_programs
-
         if not self.multi_stream:
             return {}
         out: dict[tuple[int, int], int | None] = {}
@@ -96,15 +93,16 @@ class Executor:
 
     def _launch(self, op: Any, ctx: StepContext, layer: int, lo: int, hi: int, stream_label: str = "s0",
                 carveout: int | None = None) -> None:
-        from nanoflow.graphs.resources import sm_target
-
-        with sm_target(carveout):
-            if self.timeline is not None:
-                self.timeline.begin(layer, op.name, lo, hi, stream_label)
-                op.run(ctx, lo, hi)
-                self.timeline.end()
-            else:
-                op.run(ctx, lo, hi)
+        if carveout is not None:  # a partitioned GEMM: launch it with its SM target, then restore the default
+            with sm_target(carveout):
+                self._launch(op, ctx, layer, lo, hi, stream_label)
+            return
+        if self.timeline is not None:
+            self.timeline.begin(layer, op.name, lo, hi, stream_label)
+            op.run(ctx, lo, hi)
+            self.timeline.end()
+        else:
+            op.run(ctx, lo, hi)
 
     # ---- multi-stream ----------------------------------------------------------------------------------------
     def _prepare_streams(self) -> None:
@@ -114,9 +112,6 @@ class Executor:
         spec = self.spec
         self._deps = spec.dependencies(graph)
         self._wrap = spec.wrap_dependencies(graph)
-        from nanoflow.graphs.nanoop import ResourceKind
-        from nanoflow.graphs.resources import gemm_carveout, make_streams
-
         self._streams = make_streams(spec, self.device, self.resources)
         # SM carve-out of each COMPUTE nano-op under the ``partition`` knob (None elsewhere).
         self._carveouts = [gemm_carveout(nop.share, self.device, self.resources)

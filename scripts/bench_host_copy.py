@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from nanoflow.bench import git_commit  # noqa: E402
 from nanoflow.engine.host_kv import HostBufferReserve  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     rec = {"what": "offload worker copies, staged rows -> host buffers", "device": f"CPU ({platform.processor()})",
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "bytes": nbytes, "fresh_GBps": nbytes / t_fresh / 1e9, "prefaulted_GBps": nbytes / t_ready / 1e9,
-           "command": "python " + " ".join(sys.argv)}
+           "command": "python " + " ".join(sys.argv), "commit": git_commit()}
     print(json.dumps(rec, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")

@@ -45,6 +45,22 @@ class LLM:
         else:
             self.engine = Engine(self.args)
 
+    def shutdown(self) -> None:
+        """Release the engine (idempotent). Under tensor parallelism this also ends the followers and leaves the
+        process group now, while the interpreter is whole: a gloo group left for interpreter teardown can abort
+        the process ("terminate called without an active exception") after all the work is done."""
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
+        else:
+            self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -71,11 +71,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoflow.data import load_dataset
     from nanoflow.engine.llm import LLM
+
+    with LLM(**engine_kwargs(args)) as llm:
+        return _run(args, llm)
+
+
+def _run(args: argparse.Namespace, llm: Any) -> int:
+    from nanoflow.data import load_dataset
     from nanoflow.scheduler.request import SamplingParams
 
-    llm = LLM(**engine_kwargs(args))
     vocab = llm.engine.spec.vocab_size
     # Synthetic traces are drawn to fit the context; rows of a file are kept as given, so an over-long prompt comes
     # back as an error line in the output (one line per request) instead of vanishing.

@@ -165,12 +165,16 @@ def tiny(tmp_path_factory):
     return spec, weights, str(path)
 
 
-def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, **kw):
+def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, arena_bytes=64 << 20, **kw):
+    """``arena_bytes``: the offloading engine's host arena (small: the default maps 1 GiB + the KV cache per engine;
+    None: that default)."""
     spec, weights, path = tiny
     parts = {"model": model_class(spec.architecture)(spec, weights), "tokenizer": None, "dtype": torch.float32,
              "source": ModelSource(spec, path, "safetensors", "tiny")}
+    extra = {} if arena_bytes is None else {"kv_host_arena_bytes": arena_bytes}
     args = EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=kv_tokens,
-                      async_scheduling=async_scheduling, cuda_graphs=False, compile=False, pipeline=pipeline)
+                      async_scheduling=async_scheduling, cuda_graphs=False, compile=False, pipeline=pipeline,
+                      extra=extra)
     engine = cls(args, parts=parts, **kw)
     engine.prefill_tokens = 0
 
@@ -461,43 +465,109 @@ def test_offload_worker_order_wait_and_close():
         worker.submit(lambda: None)
 
 
-def test_host_buffer_reserve_prefaults_size_classes():
-    """The reserve hands out fresh buffers at first, then touched ones it prepared in the background, per size class
-    (tokens rounded up to the granule); a size no longer asked for is dropped; close stops the thread."""
-    import time
+def test_host_arena_recycles_ranges_once_no_tensor_views_them():
+    """Ranges come back only when the last view is gone, coalesce, and are handed out again; a request larger than any
+    free range falls back to a fresh tensor; a hold keeps a range until its event completes."""
+    import gc
 
-    from nanoflow.engine.host_kv import HostBufferReserve
+    from nanoflow.engine.host_arena import ALIGN, HostArena
 
-    reserve = HostBufferReserve(depth=2, granule=8, classes=1)
-    try:
-        first = reserve.take((2, 2, 13, 1, 4), torch.float32)
-        assert first.shape == (2, 2, 16, 1, 4) and reserve.stats_fresh == 1
-        key = reserve.key((2, 2, 13, 1, 4), torch.float32)
-        deadline = time.monotonic() + 10
-        while len(reserve._ready.get(key, ())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        ready = reserve.take((2, 2, 9, 1, 4), torch.float32)  # same class: a prepared, zeroed buffer
-        assert reserve.stats_ready_hits == 1 and ready.shape == (2, 2, 16, 1, 4) and not ready.any()
-        assert ready.data_ptr() != first.data_ptr()
-        reserve.take((2, 2, 40, 1, 4), torch.float32)  # another class; classes=1 drops the old one's buffers
-        assert key not in reserve._ready
-    finally:
-        reserve.close()
-    assert not reserve._thread.is_alive()
+    arena = HostArena(8 * ALIGN, background=False)
+    a = arena.take((2, 2, 100, 2, 8), torch.bfloat16)  # one ALIGN unit
+    b = arena.take((2 * ALIGN,), torch.uint8)  # two units
+    assert arena.owns(a) and arena.owns(b) and arena.stats()["arena_in_use"] == 3 * ALIGN
+    a.fill_(1.5)
+    view = a[:, :, :7]
+    del a
+    gc.collect()
+    assert arena.stats()["arena_in_use"] == 3 * ALIGN  # the slice still views it
+    assert torch.all(view == 1.5)
+    del view
+    assert arena.stats()["arena_in_use"] == 2 * ALIGN
+    too_big = arena.take((7 * ALIGN,), torch.uint8)  # 6 units free, in two pieces: fresh memory instead
+    assert not arena.owns(too_big) and arena.stats()["arena_fallbacks"] == 1
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+    ev = Event()
+    arena.hold(b, ev)
+    del b
+    assert arena.stats()["arena_in_use"] == 2 * ALIGN  # held: a copy may still read it
+    ev.done = True
+    stats = arena.stats()
+    assert stats["arena_in_use"] == 0 and stats["arena_peak_in_use"] == 3 * ALIGN
+    whole = arena.take((8 * ALIGN,), torch.uint8)  # everything coalesced into one range again
+    assert arena.owns(whole)
+    arena.close()
+    assert not arena.owns(arena.take((4,), torch.float32))  # closed: fresh tensors
 
 
-def test_offloading_engine_takes_host_buffers_from_the_reserve(tiny):
-    engine = _engine(tiny, OffloadingEngine)
-    try:
-        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        for i in range(6):
-            engine.add_request([5 + i] * 40, params)
-            engine.run_until_done()
-        reserve = engine._reserve
-        assert reserve is not None and reserve.stats_fresh + reserve.stats_ready_hits == 6
-    finally:
-        engine.close()
-    assert not engine._reserve._thread.is_alive()
-    off = _engine(tiny, OffloadingEngine, simultaneous_offload=False)
-    assert off._reserve is None
-    off.close()
+def test_host_arena_never_hands_out_a_live_range_twice():
+    """Two threads take and drop tensors concurrently (finalizers run in either thread): every live tensor keeps the
+    bytes it wrote."""
+    import random
+    import threading
+
+    from nanoflow.engine.host_arena import ALIGN, HostArena
+
+    arena = HostArena(64 * ALIGN, background=False)
+    errors: list[str] = []
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        live: list[tuple[torch.Tensor, int]] = []
+        for i in range(400):
+            if live and rng.random() < 0.5:
+                t, tag = live.pop(rng.randrange(len(live)))
+                if not torch.all(t == tag):
+                    errors.append(f"thread {seed}: tensor {tag} was overwritten")
+            else:
+                tag = seed * 1000 + i
+                t = arena.take((rng.randrange(1, 3 * ALIGN // 4),), torch.int32)
+                t.fill_(tag)
+                live.append((t, tag))
+        for t, tag in live:
+            if not torch.all(t == tag):
+                errors.append(f"thread {seed}: tensor {tag} was overwritten")
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    stats = arena.stats()
+    assert stats["arena_in_use"] == 0 and stats["arena_taken"] > 0
+
+
+def test_offloading_engine_keeps_host_kv_in_its_arena(tiny):
+    """Host copies and the cache entries made from them live in the engine's arena (pre-faulted memory); with
+    ``kv_host_arena_bytes=0`` they are fresh tensors, with the same outputs."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = {}
+    for arena_bytes in (None, 0):
+        engine = _engine(tiny, OffloadingEngine, arena_bytes=arena_bytes)
+        try:
+            assert engine.host_arena.wait_ready(30) == (arena_bytes is None)
+            got = []
+            for i in range(4):
+                got.append(engine.add_request([5 + i] * 40, params))
+                engine.run_until_done()
+            outs[arena_bytes] = [o.token_ids for o in got]
+            entries = list(engine.host_cache._entries.values())
+            assert len(entries) == 4
+            stats = engine.host_arena.stats()
+            if arena_bytes is None:
+                assert all(engine.host_arena.owns(e.kv) for e in entries)
+                assert stats["arena_taken"] >= 4 and stats["arena_fallbacks"] == 0 and stats["arena_in_use"] > 0
+            else:
+                assert not any(engine.host_arena.owns(e.kv) for e in entries) and stats["arena_taken"] == 0
+        finally:
+            engine.close()
+    assert outs[None] == outs[0]
+
+

@@ -1,16 +1,17 @@
 """Host copies of running requests' KV, grown step by step from the rows ``kv_offload`` staged (paper §4.2.2), and
 the background thread that does the copying.
 
-Layout: one pageable CPU buffer ``[layers, 2, capacity, kv_heads, head_dim]`` per request whose first ``num_tokens``
-positions hold the request's KV (the layout ``HostKVCache`` stores, as a token slice of it). The capacity comes from
-a hint (prompt + max new tokens): the OS backs only the pages written, so a generous hint costs address space, not
-memory; the buffer doubles when the hint was short. At a natural finish the cache receives ``view(n)`` — a slice of
-this very buffer, no copy and no pinned allocation.
+Layout: one CPU buffer ``[layers, 2, capacity, kv_heads, head_dim]`` per request whose first ``num_tokens``
+positions hold the request's KV (the layout ``HostKVCache`` stores, as a token slice of it), taken from the engine's
+:class:`~nanoflow.engine.host_arena.HostArena` (pre-faulted, pinned on a GPU machine, recycled once nothing views
+it) or, without one, a fresh pageable tensor. The capacity comes from a hint (prompt + max new tokens); the buffer
+doubles when the hint was short. At a natural finish the cache receives ``view(n)`` — a slice of this very buffer,
+no copy.
 
 Split of the work: the engine thread only does bookkeeping. :meth:`HostKVCopy.plan` advances ``num_tokens`` (and
 picks/grows the buffer) at once and returns the ``(dst, src)`` copies that make it true; the engine hands them to
 the :class:`OffloadWorker`, one job per processed step, which performs them in submission order (torch CPU copies
-release the GIL, so the copies, and the page faults of the growing buffers, overlap the engine loop). Anything that
+release the GIL, so the copies overlap the engine loop). Anything that
 reads a buffer waits for the job that last wrote it: ``HostKVCopy.tensor`` waits itself; a cache entry is stored
 with a :class:`Ticket` as its ``ready`` object, which ``HostKVCache`` waits on before the entry is read. A job's
 sources are views of a pinned staging slot; the runner waits (``ModelRunner.staging_guard``) for the last job that
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from nanoflow.engine.host_arena import HostArena
 
 Copies = list[tuple[torch.Tensor, torch.Tensor]]  # (dst, src) pairs of one job; their destinations are disjoint
 
@@ -147,83 +150,6 @@ class Ticket:
         self.worker.wait(self.seq)
 
 
-class HostBufferReserve:
-    """Pre-faulted pageable buffers for host KV copies, prepared by a background thread.
-
-    A fresh ``torch.empty`` is backed by pages the OS maps and zeroes on first write, so the copy worker's first pass
-    over a new request's buffer costs a page fault and a zeroing per 4 KB on top of the copy
-    (``scripts/bench_host_copy.py`` on a 2-core CPU: 2.7-3.3 GB/s into fresh pages, 3.8 GB/s into touched ones; on an
-    H200 run the worker fell behind the GPU). This thread
-    keeps up to ``depth`` buffers of each recently asked size allocated and touched, so that work happens on another
-    core before a request needs the buffer. Buffers are never reused after they are handed out (no aliasing risk);
-    sizes are rounded up to ``granule`` tokens so similar requests share a size class; only the ``classes`` most
-    recently asked sizes are prepared.
-    """
-
-    def __init__(self, depth: int = 4, granule: int = 256, classes: int = 2) -> None:
-        self.depth, self.granule, self.classes = depth, granule, classes
-        self._cond = threading.Condition()
-        self._ready: dict[tuple[Any, ...], list[torch.Tensor]] = {}
-        self._wanted: list[tuple[Any, ...]] = []  # most recent last
-        self._closed = False
-        self.stats_ready_hits = 0
-        self.stats_fresh = 0
-        self._thread = threading.Thread(target=self._loop, name="nanoflow-kv-prefault", daemon=True)
-        self._thread.start()
-
-    def key(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Any, ...]:
-        """The size class of a ``[L, 2, tokens, H, D]`` request: tokens rounded up to the granule."""
-        tokens = -(-shape[2] // self.granule) * self.granule
-        return (*shape[:2], tokens, *shape[3:], dtype)
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A buffer of at least ``shape`` (token dimension rounded up): a prepared one when ready, else a fresh one;
-        either way the size class is (re)marked as wanted so the thread prepares the next ones."""
-        key = self.key(shape, dtype)
-        with self._cond:
-            if key in self._wanted:
-                self._wanted.remove(key)
-            self._wanted.append(key)
-            del self._wanted[:-self.classes]
-            ready = self._ready.get(key)
-            buf = ready.pop() if ready else None
-            for stale in [k for k in self._ready if k not in self._wanted]:
-                del self._ready[stale]  # a size no longer asked for: give its memory back
-            self._cond.notify_all()
-        if buf is not None:
-            self.stats_ready_hits += 1
-            return buf
-        self.stats_fresh += 1
-        return torch.empty(key[:-1], dtype=dtype)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._ready.clear()
-            self._cond.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _next_wanted(self) -> tuple[Any, ...] | None:
-        for key in reversed(self._wanted):
-            if len(self._ready.get(key, ())) < self.depth:
-                return key
-        return None
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and self._next_wanted() is None:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                key = self._next_wanted()
-            buf = torch.zeros(key[:-1], dtype=key[-1])  # the zeroing writes every page: they are mapped now
-            with self._cond:
-                if not self._closed and key in self._wanted:
-                    self._ready.setdefault(key, []).append(buf)
-
-
 class HostKVCopy:
     """KV of one request's first ``num_tokens`` positions in host memory; see the module docstring.
 
@@ -231,12 +157,12 @@ class HostKVCopy:
     copies at once."""
 
     def __init__(self, capacity: int, seed: torch.Tensor | None = None, worker: OffloadWorker | None = None,
-                 reserve: HostBufferReserve | None = None) -> None:
+                 arena: HostArena | None = None) -> None:
         self.capacity = capacity
         self.buf: torch.Tensor | None = None
         self.num_tokens = 0
         self.worker = worker
-        self.reserve = reserve
+        self.arena = arena
         self.seq = 0
         self.pending_save: tuple[list[int], str | None] | None = None
         """(token ids, namespace) of a save waiting for rows of steps still in flight (async scheduling)."""
@@ -254,8 +180,8 @@ class HostKVCopy:
         if self.buf is None or end > self.buf.shape[2]:
             size = max(end, self.capacity, 2 * (0 if self.buf is None else self.buf.shape[2]))
             shape = (*rows.shape[:2], size, *rows.shape[3:])
-            grown = (self.reserve.take(shape, rows.dtype) if self.reserve is not None
-                     else torch.empty(shape, dtype=rows.dtype))  # pageable either way
+            grown = (self.arena.take(shape, rows.dtype) if self.arena is not None
+                     else torch.empty(shape, dtype=rows.dtype))
             keep = min(self.num_tokens, start)
             if keep:
                 copies.append((grown[:, :, :keep], self.buf[:, :, :keep]))

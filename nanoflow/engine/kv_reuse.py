@@ -2,15 +2,16 @@
 
 Data flow:
 
-* simultaneous offload (on by default): every layer's ``kv_offload`` nano-op copies the K/V that ``rope_kv`` just
-  wrote for the step's tokens to a pinned host staging buffer, on a copy stream while the FFN computes, inside the
-  CUDA graph (``graphs.runner``; two staging slots for alternate steps). When a step's results are processed, the
-  engine thread only does bookkeeping (:meth:`HostKVCopy.plan <nanoflow.engine.host_kv.HostKVCopy.plan>`: which rows
-  go where, positions advanced at once) and queues one job on the :class:`~nanoflow.engine.host_kv.OffloadWorker`
-  thread, which copies the step's rows from the staging slot into each running request's pageable
-  :class:`~nanoflow.engine.host_kv.HostKVCopy`. Before launching a step that rewrites a slot, the runner waits for
-  the job that reads the slot's previous rows (``ModelRunner.staging_guard`` -> ``_guard_slot``), so the worker has
-  about one step of GPU time per job before it could hold the engine back;
+* simultaneous offload (on by default): every layer's ``kv_offload`` nano-op copies the K/V that ``rope_kv`` just wrote
+  for the step's tokens to a pinned host staging buffer, on a copy stream while the FFN computes, inside the CUDA graph
+  (``graphs.runner``; two staging slots for alternate steps). When a step's results are processed, the engine thread
+  only does bookkeeping (:meth:`HostKVCopy.plan <nanoflow.engine.host_kv.HostKVCopy.plan>`: which rows go where,
+  positions advanced at once) and queues one job on the :class:`~nanoflow.engine.host_kv.OffloadWorker` thread, which
+  copies the step's rows from the staging slot into each running request's :class:`~nanoflow.engine.host_kv.HostKVCopy`,
+  a buffer of the engine's :class:`~nanoflow.engine.host_arena.HostArena` (mapped once, pinned on a GPU, recycled: no
+  page faults). Before launching a step that rewrites a slot, the runner waits for the job that reads the slot's
+  previous rows (``ModelRunner.staging_guard`` -> ``_guard_slot``), so the worker has about one step of GPU time per job
+  before it could hold the engine back;
 * a request that ends naturally (stop / length) saves the KV of its computed tokens (prompt + outputs, all layers) to
   the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id:
   the entry is a token slice of its host copy's own buffer (no copy, no pinned allocation), stored at once with a
@@ -19,14 +20,14 @@ Data flow:
   With async scheduling the step launched after the one that finished it may still be writing its last token's KV:
   the save then waits for that step's rows (``HostKVCopy.pending_save``) and is made when they are queued. The bytes
   are those of ``gather_pages`` -> ``to_host`` while its pages are still owned (before ``Scheduler._finish`` frees
-  them), which is the fallback (offload-in-graph off, or a host copy that missed rows): on a GPU the gather lands in
-  a transient pinned block of torch's caching host allocator (reused, not allocated per save), and a worker job
-  copies it into the pageable tensor the cache keeps once the device->host copy is done;
+  them), which is the fallback (offload-in-graph off, or a host copy that missed rows): on a GPU the gather is copied
+  straight into a pinned arena range that the cache keeps (without the arena: into a transient pinned block, then
+  by a worker job into a pageable tensor);
 * a waiting request is admitted with the longest stored block-aligned prefix of its prompt (at most ``prompt - 1``
   tokens, so its last token is still computed and sampled from): blocks are allocated for prefix + first chunk,
-  ``to_device`` (through a pinned bounce block, the stored KV being pageable) -> ``scatter_pages`` writes the stored
-  KV into them, the same host tensor seeds its host copy (a worker job), and ``num_computed_tokens`` starts past the
-  prefix, so only the new tokens are prefilled;
+  ``to_device`` (DMA from a pinned arena range; else through a pinned bounce block) -> ``scatter_pages`` writes the
+  stored KV into them, the same host tensor seeds its host copy (a worker job), and ``num_computed_tokens`` starts past
+  the prefix, so only the new tokens are prefilled;
 * a request preempted for lack of KV blocks first swaps its computed KV to the host cache (namespace
   ``swap:<request id>``) by ``gather_pages`` (the step in flight may still be writing its pages, so its host copy is
   not complete yet) and drops its host copy; when re-admitted it scatters that KV back instead of recomputing it (what
@@ -41,6 +42,7 @@ jobs run in submission order; a job that fails makes the next ``step`` (or cache
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from pathlib import Path
@@ -50,7 +52,8 @@ import torch
 
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.engine import Engine
-from nanoflow.engine.host_kv import Copies, HostBufferReserve, HostKVCopy, OffloadWorker, Ticket, run_copies
+from nanoflow.engine.host_arena import HostArena
+from nanoflow.engine.host_kv import Copies, HostKVCopy, OffloadWorker, Ticket, run_copies
 from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
 from nanoflow.scheduler.batcher import Scheduler
 from nanoflow.scheduler.offload import HostKVCache, PrefixHit
@@ -97,15 +100,17 @@ class OffloadingEngine(Engine):
     ``add_request(..., conversation_id=...)`` scopes the lookups of that request and the entry it saves (None: one
     shared scope, so identical prefixes of unrelated requests are reused too). Single device only (``tp_size == 1``).
     Cache sizes come from ``host_cache`` or ``args.extra``: ``kv_host_bytes`` (default 1 GiB), ``kv_ssd_dir``,
-    ``kv_ssd_bytes``. ``simultaneous_offload`` (else ``args.extra["simultaneous_offload"]``, default True) copies
-    each step's new KV to host memory inside the step (module docstring); False saves by gathering the pages when a
-    request finishes. Host-side copies run on a background :class:`~nanoflow.engine.host_kv.OffloadWorker` thread;
-    ``close()`` stops it.
+    ``kv_ssd_bytes``. Host buffers come from one :class:`~nanoflow.engine.host_arena.HostArena` (``host_arena``, else
+    one of ``extra["kv_host_arena_bytes"]`` bytes, default: the host tier plus the device KV cache, at most 60% of
+    the machine's memory; pinned on CUDA; 0: fresh buffers). ``simultaneous_offload`` (else
+    ``args.extra["simultaneous_offload"]``, default True) copies each step's new KV to host memory inside the step
+    (module docstring); False saves by gathering the pages when a request finishes. Host-side copies run on a
+    background :class:`~nanoflow.engine.host_kv.OffloadWorker` thread; ``close()`` stops it.
     """
 
     def __init__(self, args: EngineArgs, parts: dict[str, Any] | None = None, comm: Any = None, tp_rank: int = 0,
                  tp_size: int = 1, *, host_cache: HostKVCache | None = None, swap_on_preempt: bool = True,
-                 simultaneous_offload: bool | None = None) -> None:
+                 simultaneous_offload: bool | None = None, host_arena: HostArena | None = None) -> None:
         if tp_size != 1:
             raise ConfigError("KV offload/reuse supports one device only; run with tp=1 or use the plain Engine")
         if simultaneous_offload is None:
@@ -128,10 +133,8 @@ class OffloadingEngine(Engine):
         self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
         self._worker = OffloadWorker()
         weakref.finalize(self, self._worker.close).atexit = False  # an engine dropped unclosed stops its worker
-        depth = int(args.extra.get("kv_host_prefault", 4))  # pre-faulted host buffers per size class (0: none)
-        self._reserve = HostBufferReserve(depth) if depth > 0 and self.simultaneous_offload else None
-        if self._reserve is not None:
-            weakref.finalize(self, self._reserve.close).atexit = False
+        self._own_arena = host_arena is None
+        self.host_arena = host_arena if host_arena is not None else self._default_arena()
         self._slot_jobs = [0, 0]  # per staging slot: the last worker job reading it
         if self.runner.kv_staging is not None:
             self.runner.staging_guard = self._guard_slot
@@ -159,8 +162,8 @@ class OffloadingEngine(Engine):
 
     def close(self) -> None:
         self._worker.close()
-        if self._reserve is not None:
-            self._reserve.close()
+        if self._own_arena:
+            self.host_arena.close()
         self.runner.staging_guard = None
         self._copies.clear()
         super().close()
@@ -200,7 +203,7 @@ class OffloadingEngine(Engine):
             copy = self._copies.get(rid)
             if seq.start == 0 and req.status is _RUNNING:
                 copy = self._copies[rid] = HostKVCopy(self._capacity_hint(req), worker=self._worker,
-                                                          reserve=self._reserve)
+                                                      arena=self.host_arena)
             # A preempted request's rows are stale (its copy was dropped); a finished one may still await rows.
             if copy is not None and (req.status is _RUNNING or copy.pending_save is not None):
                 planned = copy.plan(seq.start, kv_rows[:, :, row:row + n])
@@ -224,6 +227,16 @@ class OffloadingEngine(Engine):
         for tokens, copy, namespace in saves:
             self._save(tokens, copy.view(len(tokens)), namespace, Ticket(self._worker, job))
 
+    def _default_arena(self) -> HostArena:
+        extra = self.args.extra
+        size = extra.get("kv_host_arena_bytes")
+        if size is None:
+            kv = self.runner.kv_cache
+            kv_bytes = 0 if kv is None else kv.numel() * kv.element_size()
+            phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            size = min(self.host_cache.capacity_bytes + kv_bytes, int(0.6 * phys))
+        return HostArena(int(size), pin=self.device.type == "cuda")
+
     def _capacity_hint(self, req: Request) -> int:
         return min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
 
@@ -236,10 +249,16 @@ class OffloadingEngine(Engine):
         gathered = gather_pages(self.runner.kv_cache, req.block_ids, n)
         if gathered.device.type != "cuda":
             return tokens[:n], gathered, None  # already a new host tensor
+        host = self.host_arena.take(tuple(gathered.shape), gathered.dtype)
+        if host.is_pinned():  # an arena range: the device->host copy lands where the cache keeps it
+            host.copy_(gathered, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.host_arena.hold(host, event)  # its range stays taken until the copy is done, whoever drops it
+            return tokens[:n], host, event
         # A transient pinned block (torch's caching host allocator: reused once this copy is done, not one
         # allocation per save) -> the worker copies it into the pageable tensor the cache keeps.
         pinned, event = to_host(gathered)
-        host = torch.empty(gathered.shape, dtype=gathered.dtype)
         job = self._worker.submit(lambda: (event.synchronize(), host.copy_(pinned)))
         return tokens[:n], host, Ticket(self._worker, job)
 
@@ -305,9 +324,13 @@ class OffloadingEngine(Engine):
         cache = self.runner.kv_cache
         kv = hit.kv[:, :, :hit.num_tokens]
         scatter_pages(cache, to_device(kv, cache.device), req.block_ids, hit.num_tokens)
+        if cache.is_cuda:  # the host->device copy may read kv straight from its arena range: keep it until done
+            event = torch.cuda.Event()
+            event.record()
+            self.host_arena.hold(kv, event)
         if self.simultaneous_offload:
             self._copies[req.request_id] = HostKVCopy(self._capacity_hint(req), kv, worker=self._worker,
-                                                              reserve=self._reserve)
+                                                      arena=self.host_arena)
         if req.num_preemptions:
             self.stats_swapped_in_tokens += hit.num_tokens
             self.host_cache.discard_namespace(_swap_space(req))

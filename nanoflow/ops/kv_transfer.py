@@ -5,14 +5,13 @@ token ``p`` lives in slot ``block_ids[p // block_size] * block_size + p % block_
 The contiguous form of its first ``n`` tokens is ``[num_layers, 2, n, kv_heads, head_dim]`` — the layout
 ``nanoflow.scheduler.offload.HostKVCache`` stores.
 
-Offload: ``gather_pages`` (one kernel) -> ``to_host`` (one device->host copy into pinned memory, non-blocking) — the
-engine's fallback and swap-out path, which copies the pinned result into pageable memory on its worker thread so the
-pinned block returns to torch's caching host allocator; normally each step's new KV already reaches host memory
-inside the step (the ``kv_offload`` op of ``models/layers.py``).
-Load: ``to_device`` (one host->device copy into a contiguous device buffer, from pageable memory through a reused
-pinned bounce block) -> ``scatter_pages`` (one kernel writes
-the pages). The paper measures 7-10x the host->device bandwidth of copying page by page into the fragmented
-destinations; ``scatter_pages_pagewise`` is that page-by-page baseline (``scripts/device/bench_offload.py``).
+Offload: ``gather_pages`` (one kernel) -> one device->host copy into pinned memory, non-blocking (``to_host``, or
+the engine's host arena) — the engine's fallback and swap-out path; normally each step's new KV already reaches host
+memory inside the step (the ``kv_offload`` op of ``models/layers.py``).
+Load: ``to_device`` (one host->device copy into a device buffer: DMA from pinned memory, pageable memory through a
+reused pinned bounce block) -> ``scatter_pages`` (one kernel writes the pages). The paper measures 7-10x the
+host->device bandwidth of copying page by page into the fragmented destinations; ``scatter_pages_pagewise`` is that
+page-by-page baseline (``scripts/device/bench_offload.py``).
 
 Every copy is issued on the current stream, so it is ordered after the iterations already launched that write these
 pages and before later ones that may reuse them (``BlockManager.free`` relies on that order).
@@ -165,16 +164,36 @@ def to_host(buf: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """One host->device copy into a new contiguous buffer, never blocking on queued GPU work.
+    """One host->device copy into a new device buffer, never blocking on queued GPU work.
 
-    A pageable (or non-contiguous) ``host`` is first copied into a pinned bounce block of torch's caching host
-    allocator: the non-blocking copy records an event on that block, which is reused by later calls once the copy is
-    done (no pinned allocation per call). A copy straight from pageable memory would wait for every iteration in
-    flight on the stream."""
+    Pinned memory (e.g. the host KV arena) is copied by DMA straight from where it lies; a token slice
+    ``[L, 2, n, H, D]`` of a pinned ``[L, 2, m, H, D]`` tensor copies the whole dense ``m``-token tensor and returns
+    the slice of the copy (``m - n`` extra tokens beat a CPU copy of the ``n``). The caller keeps ``host`` alive until
+    the copy has completed (an event recorded after this call). A pageable (or otherwise non-dense) ``host`` is
+    first copied into a pinned bounce block of torch's caching host allocator: the non-blocking copy records an event
+    on that block, which is reused by later calls once the copy is done (no pinned allocation per call). A copy
+    straight from pageable memory would wait for every iteration in flight on the stream."""
     device = torch.device(device)
     if device.type == "cpu":
         return host
-    if not (host.is_pinned() and host.is_contiguous()):
-        bounce = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        host = bounce.copy_(host)
-    return host.to(device, non_blocking=True)
+    if host.is_pinned():
+        if host.is_contiguous():
+            return host.to(device, non_blocking=True)
+        dense = _dense_token_cover(host)
+        if dense is not None:
+            return dense.to(device, non_blocking=True)[:, :, :host.shape[2]]
+    bounce = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    return bounce.copy_(host).to(device, non_blocking=True)
+
+
+def _dense_token_cover(t: torch.Tensor) -> torch.Tensor | None:
+    """For a token slice ``x[:, :, :n]`` of a contiguous ``x`` of shape ``[L, 2, m, H, D]``: ``x`` (same storage);
+    else None."""
+    if t.dim() != 5:
+        return None
+    L, two, n, H, D = t.shape
+    hd = H * D
+    s0, s1, s2, s3, s4 = t.stride()
+    if s4 != 1 or s3 != D or s2 != hd or s1 % hd or s0 != two * s1:
+        return None
+    return t.as_strided((L, two, s1 // hd, H, D), t.stride())

@@ -2,9 +2,9 @@
 
 An entry holds the KV of ``n`` tokens for every layer as one CPU tensor laid out like the device cache without its
 pages: ``[num_layers, 2, n, kv_heads, head_dim]``, stored as given — contiguous, or a token slice of a larger such
-tensor (the offloading engine hands over a slice of a request's host-copy buffer: no copy at save time). Entries are
-pageable memory: pinning every entry would cost one slow pinned allocation per save and pin the whole tier;
-``kv_transfer.to_device`` bounces a pageable entry through a reused pinned block when it is loaded.
+tensor (the offloading engine hands over a slice of a request's host-copy buffer: no copy at save time). The cache
+does not care where the bytes live: the offloading engine's entries are ranges of its pinned host arena, which
+``kv_transfer.to_device`` copies by DMA; a pageable entry (an SSD read) is bounced through a reused pinned block.
 Entries are found by *token prefix*: each entry is indexed under a chained hash of its tokens at every block boundary
 (``block_size, 2 * block_size, ...``), so ``longest_prefix`` walks a query's block boundaries from the longest down
 and answers with the longest stored block-aligned prefix. Hash hits are confirmed against the stored

@@ -85,3 +85,17 @@ def test_bad_inputs_raise():
         kt.scatter_pages(cache, torch.zeros(3, 2, 8, 2, 8, dtype=torch.float16), table, 8)
     with pytest.raises(kt.KVTransferError, match="strides"):
         kt.scatter_pages(cache, torch.zeros(2, 3, 8, 2, 8).transpose(0, 1), table, 8)
+
+
+def test_dense_token_cover_finds_the_tensor_a_token_slice_was_cut_from():
+    """``to_device`` DMAs a pinned token slice by copying the dense tensor it was cut from: the cover must be that
+    tensor (same storage, same bytes), and anything that is not such a slice gets None (the bounce path)."""
+    from nanoflow.ops.kv_transfer import _dense_token_cover
+
+    full = torch.randn(3, 2, 10, 2, 4)
+    cover = _dense_token_cover(full[:, :, :6])
+    assert cover is not None and cover.shape == full.shape and cover.data_ptr() == full.data_ptr()
+    assert torch.equal(cover, full) and torch.equal(cover[:, :, :6], full[:, :, :6])
+    assert _dense_token_cover(full[:, :, 2:6]) is None  # its cover would run past the storage
+    assert _dense_token_cover(full.transpose(3, 4)) is None
+    assert _dense_token_cover(full[:, :1]) is None  # K only: not a [L, 2, m, H, D] layout

@@ -196,4 +196,6 @@ def _dense_token_cover(t: torch.Tensor) -> torch.Tensor | None:
     s0, s1, s2, s3, s4 = t.stride()
     if s4 != 1 or s3 != D or s2 != hd or s1 % hd or s0 != two * s1:
         return None
+    if (t.storage_offset() + L * s0) * t.element_size() > t.untyped_storage().nbytes():
+        return None  # not cut from the start of such a tensor
     return t.as_strided((L, two, s1 // hd, H, D), t.stride())

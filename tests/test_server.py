@@ -366,3 +366,42 @@ def test_stream_without_text_still_paces_tokens() -> None:
         assert [c["choices"][0]["text"] for c in chunks] == [""] * 5
         assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4 + ["length"]
         assert events[-2]["usage"]["completion_tokens"] == 5
+
+
+@real
+def test_real_kv_offload_reuses_earlier_rounds(client, tmp_path: Path) -> None:
+    """`serve --kv-offload`: round 2 of a conversation (its prompt = round 1's messages + the reply + a new turn) loads
+    round 1's KV instead of computing it (the metrics count reused prompt tokens) and answers exactly what the
+    server without offload answers (greedy); a bad conversation_id is a 400 naming the field."""
+    from openai import BadRequestError, OpenAI
+    from serve_harness import ServerProcess
+
+    proc = ServerProcess(["serve", "--device", "cpu", "--kv-offload", "--kv-host-gib", "0.5"], tmp_path / "kv.log")
+    url = proc.start()
+    try:
+        offload = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+
+        def rounds(c, conv):
+            messages = [{"role": "user", "content": "Tell me about the moon."}]
+            replies = []
+            for turn in ("And the sun?", "Which is larger?"):
+                extra = {} if conv is None else {"extra_body": {"conversation_id": conv}}
+                r = c.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0, **extra)
+                replies.append(r.choices[0].message.content)
+                messages += [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": turn}]
+            return replies
+
+        def reused() -> float:
+            families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
+            return next(s.value for f in families for s in f.samples if s.name == "nanoflow_kv_reused_tokens_total")
+
+        assert reused() == 0
+        got = rounds(offload, "conv-1")
+        assert reused() > 0  # round 2 started past round 1's prompt + reply
+        assert got == rounds(client, None)
+        with pytest.raises(BadRequestError, match="conversation_id"):
+            offload.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                            extra_body={"conversation_id": ""})
+    finally:
+        assert proc.stop(timeout=90) == 0, proc.log()

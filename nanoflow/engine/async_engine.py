@@ -47,6 +47,10 @@ class AsyncEngine:
             from nanoflow.engine.distributed import make_engine
 
             return cls(make_engine(args))
+        if args.extra.get("kv_offload"):
+            from nanoflow.engine.kv_reuse import OffloadingEngine
+
+            return cls(OffloadingEngine(args))
         return cls(Engine(args))
 
     async def start(self) -> None:
@@ -104,6 +108,7 @@ class AsyncEngine:
             "iteration_ms": eng.last_iteration_s * 1e3,
             "num_finished": self._num_finished,
             "generated_tokens": self._generated,
+            **(eng.reuse_stats() if hasattr(eng, "reuse_stats") else {}),
         }
 
     # ---- the engine thread -----------------------------------------------------------------------------------

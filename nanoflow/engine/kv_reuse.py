@@ -97,8 +97,9 @@ class ReuseScheduler(Scheduler):
 class OffloadingEngine(Engine):
     """An :class:`Engine` whose finished requests leave their KV in a host/SSD cache for the next round.
 
-    ``add_request(..., conversation_id=...)`` scopes the lookups of that request and the entry it saves (None: one
-    shared scope, so identical prefixes of unrelated requests are reused too). Single device only (``tp_size == 1``).
+    ``add_request(..., conversation_id=...)`` (or ``SamplingParams.conversation_id``) scopes the lookups of that
+    request and the entry it saves (None: one shared scope, so identical prefixes of unrelated requests are reused
+    too). Single device only (``tp_size == 1``).
     Cache sizes come from ``host_cache`` or ``args.extra``: ``kv_host_bytes`` (default 1 GiB), ``kv_ssd_dir``,
     ``kv_ssd_bytes``. Host buffers come from one :class:`~nanoflow.engine.host_arena.HostArena` (``host_arena``, else
     one of ``extra["kv_host_arena_bytes"]`` bytes, default: the host tier plus the device KV cache, at most 60% of
@@ -149,7 +150,10 @@ class OffloadingEngine(Engine):
 
     def add_request(self, prompt: Any, params: Any = None, request_id: str | None = None, on_output: Any = None,
                     *, conversation_id: str | None = None) -> Any:
-        """``Engine.add_request`` plus ``conversation_id``, the scope of this request's KV lookups and saves."""
+        """``Engine.add_request`` plus ``conversation_id``, the scope of this request's KV lookups and saves (default:
+        ``params.conversation_id``)."""
+        if conversation_id is None and params is not None:
+            conversation_id = getattr(params, "conversation_id", None)
         if request_id is None:
             request_id = f"req-{self._counter}"  # the id the base class would give; it still advances the counter
         if request_id not in self._tracked:
@@ -226,6 +230,12 @@ class OffloadingEngine(Engine):
             copy.seq = job
         for tokens, copy, namespace in saves:
             self._save(tokens, copy.view(len(tokens)), namespace, Ticket(self._worker, job))
+
+    def reuse_stats(self) -> dict[str, Any]:
+        """KV reuse counters for ``/metrics``: prefill tokens loaded instead of computed, tokens saved, host tier."""
+        cache = self.host_cache.stats()
+        return {"kv_reused_tokens": self.stats_reused_tokens, "kv_saved_tokens": self.stats_saved_tokens,
+                "kv_host_tier_bytes": cache["host_bytes"], "kv_ssd_tier_bytes": cache["disk_bytes"]}
 
     def _default_arena(self) -> HostArena:
         extra = self.args.extra

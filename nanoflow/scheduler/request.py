@@ -76,6 +76,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    conversation_id: str | None = None
+    """Scope of KV reuse across rounds (engines with KV offload): a request finds and leaves its KV under this id."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -95,6 +97,10 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
             )
+        if self.conversation_id is not None and (not isinstance(self.conversation_id, str)
+                                                 or not 0 < len(self.conversation_id) <= 256):
+            raise ValueError(f"conversation_id must be a string of 1-256 characters or None, got "
+                             f"{self.conversation_id!r}")
         # frozen: normalise through object.__setattr__ (copies, so a caller's list cannot change us later).
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))

@@ -45,6 +45,9 @@ class _SamplingFields(_Request):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    conversation_id: str | None = Field(None, min_length=1, max_length=256,
+                                        description="Extension: with `serve --kv-offload`, requests of one "
+                                                    "conversation reuse the KV of its earlier rounds.")
 
     @field_validator("n")
     @classmethod
@@ -100,6 +103,7 @@ class _SamplingFields(_Request):
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
+            "conversation_id": self.conversation_id,
         }
 
 

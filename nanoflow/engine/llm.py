@@ -38,10 +38,18 @@ class LLM:
             logging.getLogger("nanoflow").warning(
                 "launched with WORLD_SIZE=%s but tp=1: every rank runs a full copy; pass --tp to shard the model",
                 os.environ["WORLD_SIZE"])
+        if tp > 1 and extra.get("kv_offload"):
+            from nanoflow.config import ConfigError
+
+            raise ConfigError("KV offload/reuse runs on one device only; drop --kv-offload or use --tp 1")
         if tp > 1:
             from nanoflow.engine.distributed import make_engine
 
             self.engine = make_engine(self.args)
+        elif extra.get("kv_offload"):  # KV reuse across rounds (SamplingParams.conversation_id scopes it)
+            from nanoflow.engine.kv_reuse import OffloadingEngine
+
+            self.engine = OffloadingEngine(self.args)
         else:
             self.engine = Engine(self.args)
 

@@ -42,11 +42,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, tp=args.tp,
-                dense_batch_size=args.dense_batch_size, max_model_len=args.max_model_len,
-                kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
-                async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
-                compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob)
+    kw = dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, tp=args.tp,
+              dense_batch_size=args.dense_batch_size, max_model_len=args.max_model_len,
+              kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
+              async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
+              compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob)
+    if getattr(args, "kv_offload", False):
+        if args.kv_host_gib <= 0:
+            raise SystemExit(f"--kv-host-gib must be > 0, got {args.kv_host_gib}")
+        kw.update(kv_offload=True, kv_host_bytes=int(args.kv_host_gib * 2**30))
+    return kw
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -64,6 +69,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens (throughput runs)")
+    p.add_argument("--kv-offload", action="store_true",
+                   help="keep each finished request's KV in host memory and reuse it across the rounds of a "
+                        "multi-round dataset (e.g. multiround:splitwise): rounds run one after another, and a round "
+                        "whose prompt extends the previous one by a stand-in answer gets the model's real answer "
+                        "instead, as in a live chat; the summary counts the prompt tokens reused")
+    p.add_argument("--kv-host-gib", type=float, default=16.0, help="host-memory tier of --kv-offload, GiB")
     p.add_argument("--chat", default="auto", choices=["auto", "yes", "no"],
                    help="wrap text prompts in the tokenizer's chat template as a user turn; auto = when the "
                         "tokenizer has one (instruct models)")
@@ -100,16 +111,19 @@ def _run(args: argparse.Namespace, llm: Any) -> int:
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=args.max_tokens or item.max_tokens or 64,
                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                     ignore_eos=args.ignore_eos))
+                                     ignore_eos=args.ignore_eos,
+                                     conversation_id=item.conversation_id if args.kv_offload else None))
     t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = _generate_by_round(llm, data.items, prompts, params) if args.kv_offload else llm.generate(prompts, params)
     wall = time.perf_counter() - t0
     out_path = Path(args.output)
     with out_path.open("w") as f:
         for o in outputs:
-            f.write(json.dumps({"request_id": o.request_id, "prompt": o.prompt, "text": o.text,
-                                "token_ids": o.token_ids, "finish_reason": o.finish_reason, "error": o.error})
-                    + "\n")
+            row = {"request_id": o.request_id, "prompt": o.prompt, "text": o.text, "token_ids": o.token_ids,
+                   "finish_reason": o.finish_reason, "error": o.error}
+            if args.kv_offload:  # the prompt actually sent (stitched onto earlier answers)
+                row["prompt_token_ids"] = list(o.prompt_token_ids)
+            f.write(json.dumps(row) + "\n")
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     gen_tokens = sum(len(o.token_ids) for o in outputs)
     errors = sum(o.finish_reason == "error" for o in outputs)
@@ -117,5 +131,37 @@ def _run(args: argparse.Namespace, llm: Any) -> int:
                "prompt_tokens": prompt_tokens, "generated_tokens": gen_tokens, "wall_s": round(wall, 3),
                "total_tokens_per_s": round((prompt_tokens + gen_tokens) / wall, 1) if wall > 0 else None,
                "output": str(out_path), "model": llm.engine.model_name, "device": str(llm.engine.device)}
+    if args.kv_offload:
+        reused = llm.engine.stats_reused_tokens
+        summary.update(kv_reused_tokens=reused, prefill_tokens_computed=prompt_tokens - reused,
+                       prefill_saved_fraction=round(reused / prompt_tokens, 4) if prompt_tokens else 0.0)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _generate_by_round(llm: Any, items: list[Any], prompts: list[Any], params: list[Any]) -> list[Any]:
+    """Generate round by round (every conversation's round r before any round r + 1), so each round can reuse the
+    KV its conversation's previous round left behind. A token-id prompt that extends its conversation's previous
+    dataset prompt by a stand-in answer of that round's ``max_tokens`` tokens (how synthetic multi-round traces
+    are built) gets the previous round's actual prompt + generated answer in its place. Outputs in dataset order."""
+    outputs: list[Any] = [None] * len(items)
+    last: dict[str, tuple[list[int], int, list[int]]] = {}  # conversation -> (dataset prompt, its max_tokens, sent)
+    for r in sorted({item.round for item in items}):
+        batch = [i for i, item in enumerate(items) if item.round == r]
+        sent = []
+        for i in batch:
+            item, prompt = items[i], prompts[i]
+            prev = last.get(item.conversation_id) if item.conversation_id is not None else None
+            if prev is not None and isinstance(prompt, list) and item.prompt_token_ids is not None:
+                ds_prompt, stand_in, actual = prev
+                cut = len(ds_prompt) + stand_in
+                if len(prompt) > cut and prompt[:len(ds_prompt)] == ds_prompt:
+                    prompt = actual + prompt[cut:]
+            sent.append(prompt)
+        for i, out in zip(batch, llm.generate(sent, [params[i] for i in batch])):
+            outputs[i] = out
+            item = items[i]
+            if item.conversation_id is not None and item.prompt_token_ids is not None and out.error is None:
+                actual = list(out.prompt_token_ids) + list(out.token_ids)
+                last[item.conversation_id] = (item.prompt_token_ids, item.max_tokens or 0, actual)
+    return outputs

@@ -365,17 +365,50 @@ def test_host_kv_copy_grows_rewrites_and_refuses_gaps():
 
 
 # ---- the offload worker: staged rows copied off the engine thread ---------------------------------------------------
+def test_worker_copies_on_several_threads_equal_one_by_one():
+    """Large jobs are split by bytes (big copies cut along the layer dimension) over the copy threads; the result
+    equals copying each pair in turn, and the copy threads run single-threaded torch ops without changing the
+    calling thread's or later threads' settings."""
+    import threading
+
+    from nanoflow.engine.host_kv import PARALLEL_BYTES, OffloadWorker, split_copies
+
+    g = torch.Generator().manual_seed(0)
+    srcs = [torch.randn(8, 2, n, 4, 32, generator=g) for n in (1, 1, 3, 700, 1200, 2)]
+    assert sum(s.numel() * 4 for s in srcs) > PARALLEL_BYTES
+    groups = split_copies([(torch.empty_like(s), s) for s in srcs], 3)
+    loads = [sum(s.numel() for _, s in grp) for grp in groups]
+    assert len(groups) == 3 and max(loads) < 0.5 * sum(loads)  # the two big copies were cut and spread
+    dsts = [torch.zeros_like(s) for s in srcs]
+    threads_before = torch.get_num_threads()
+    worker = OffloadWorker(copy_threads=3)
+    try:
+        worker.wait(worker.submit(lambda: worker.copy(list(zip(dsts, srcs)))))
+        assert worker.copy_threads == 3
+    finally:
+        worker.close()
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == threads_before and seen == [threads_before]
+
+
+
 def _slow_copies(monkeypatch, delay):
     """Make every worker job of the engine take ``delay`` seconds longer (jobs queue up behind the engine)."""
     import time
 
-    from nanoflow.engine import host_kv, kv_reuse
+    from nanoflow.engine import host_kv
 
-    def slow(copies):
+    real = host_kv.OffloadWorker.copy
+
+    def slow(self, copies):
         time.sleep(delay)
-        host_kv.run_copies(copies)
+        real(self, copies)
 
-    monkeypatch.setattr(kv_reuse, "run_copies", slow)
+    monkeypatch.setattr(host_kv.OffloadWorker, "copy", slow)
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])
@@ -430,12 +463,12 @@ def test_saves_hand_over_the_host_copy_buffer(tiny, monkeypatch):
 
 
 def test_worker_failure_surfaces_and_close_stops_it(tiny, monkeypatch):
-    from nanoflow.engine import kv_reuse
+    from nanoflow.engine import host_kv
 
-    def broken(copies):
+    def broken(self, copies):
         raise OSError("simulated copy failure")
 
-    monkeypatch.setattr(kv_reuse, "run_copies", broken)
+    monkeypatch.setattr(host_kv.OffloadWorker, "copy", broken)
     engine = _engine(tiny, OffloadingEngine)
     engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     with pytest.raises(RuntimeError, match="offload worker failed") as info:

@@ -25,8 +25,11 @@ the older rows.
 from __future__ import annotations
 
 import collections
+import ctypes
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -52,12 +55,79 @@ def run_copies(copies: Copies) -> None:
             dst.copy_(src)
 
 
+PARALLEL_BYTES = 8 << 20  # a job smaller than this is copied by one thread
+_OPENMP: list[Any] = []
+
+
+def _openmp() -> Any:
+    """The OpenMP runtime torch loaded (ctypes handle), or None."""
+    if not _OPENMP:
+        lib = None
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+            for path in sorted(paths):
+                name = path.rsplit("/", 1)[-1]
+                if name.startswith(("libgomp", "libiomp", "libomp")):
+                    lib = ctypes.CDLL(path)  # already loaded: the same instance torch uses
+                    break
+        except OSError:
+            lib = None
+        _OPENMP.append(lib)
+    return _OPENMP[0]
+
+
+def single_threaded_ops() -> None:
+    """Make torch's CPU ops run on the calling thread alone. OpenMP's thread count is a per-thread setting;
+    ``torch.set_num_threads`` would also change the default of every thread started later (e.g. a CPU engine's)."""
+    torch.ones(1 << 16).add_(1)  # torch's one-time init for this thread first: it would reset the setting below
+    lib = _openmp()
+    if lib is not None:
+        lib.omp_set_num_threads(1)
+
+
+def default_copy_threads() -> int:
+    """Copy threads of an offload worker: a quarter of the cores, 1 to 4 (the engine thread needs the rest)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def split_copies(copies: Copies, parts: int) -> list[Copies]:
+    """``copies`` as at most ``parts`` groups of about equal bytes; a copy larger than a group's share is first cut
+    along its first (layer) dimension. Destinations stay disjoint, so the groups may run at once."""
+    nbytes = [s.numel() * s.element_size() for _, s in copies]
+    share = max(sum(nbytes) // max(parts, 1), 1)
+    pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for (dst, src), nb in zip(copies, nbytes):
+        k = min(src.shape[0], -(-nb // share)) if src.dim() and nb > share else 1
+        if k > 1:
+            pieces += [(d.numel() * d.element_size(), d, s) for d, s in zip(dst.chunk(k), src.chunk(k))]
+        else:
+            pieces.append((nb, dst, src))
+    groups: list[Copies] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for nb, dst, src in sorted(pieces, key=lambda p: -p[0]):  # largest first onto the lightest group
+        i = load.index(min(load))
+        groups[i].append((dst, src))
+        load[i] += nb
+    return [g for g in groups if g]
+
+
 class OffloadWorker:
     """One daemon thread running jobs (callables) in submission order; ``submit`` returns a sequence number that
     :meth:`wait` takes. A failed job stops the thread and every later ``submit``/``wait`` raises ``RuntimeError``
-    (chained to the job's exception) instead of hanging."""
+    (chained to the job's exception) instead of hanging.
 
-    def __init__(self, name: str = "nanoflow-kv-offload") -> None:
+    :meth:`copy` (for jobs) performs a list of copies on ``copy_threads`` threads (this one and a pool), each copying
+    single-threaded: torch's own intra-op threads would fork an OpenMP team for every small strided copy (one
+    request's token is 64 strided 2 KB rows), and a team whose members wait for a core that is busy elsewhere stalls
+    for a scheduler quantum (``scripts/bench_host_copy.py`` measures both ways)."""
+
+    def __init__(self, name: str = "nanoflow-kv-offload", copy_threads: int | None = None) -> None:
+        self.copy_threads = default_copy_threads() if copy_threads is None else max(1, int(copy_threads))
+        self._pool = None
+        if self.copy_threads > 1:
+            self._pool = ThreadPoolExecutor(self.copy_threads - 1, thread_name_prefix=name + "-copy",
+                                            initializer=single_threaded_ops)
         self._cond = threading.Condition()
         self._jobs: collections.deque[Callable[[], Any]] = collections.deque()
         self._submitted = 0
@@ -102,6 +172,17 @@ class OffloadWorker:
             seq = self._submitted
         self.wait(seq)
 
+    def copy(self, copies: Copies) -> None:
+        """Perform ``copies`` (disjoint destinations) on the copy threads; returns when all are done."""
+        if self._pool is None or sum(s.numel() * s.element_size() for _, s in copies) < PARALLEL_BYTES:
+            run_copies(copies)
+            return
+        first, *rest = split_copies(copies, self.copy_threads)
+        futures = [self._pool.submit(run_copies, group) for group in rest]
+        run_copies(first)
+        for f in futures:
+            f.result()
+
     def close(self) -> None:
         """Run the jobs already submitted, then stop the thread (idempotent; a failed worker just stops)."""
         with self._cond:
@@ -109,12 +190,15 @@ class OffloadWorker:
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"the KV offload worker failed: {self._error!r}") from self._error
 
     def _loop(self) -> None:
+        single_threaded_ops()  # see the class docstring
         while True:
             with self._cond:
                 while not self._jobs and not self._closed:
@@ -198,7 +282,7 @@ class HostKVCopy:
         if self.worker is None:
             run_copies(copies)
         else:
-            self.seq = self.worker.submit(lambda: run_copies(copies))
+            self.seq = self.worker.submit(lambda: self.worker.copy(copies))
         return True
 
     def wait(self) -> None:

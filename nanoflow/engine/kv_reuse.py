@@ -53,7 +53,7 @@ import torch
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.engine import Engine
 from nanoflow.engine.host_arena import HostArena
-from nanoflow.engine.host_kv import Copies, HostKVCopy, OffloadWorker, Ticket, run_copies
+from nanoflow.engine.host_kv import Copies, HostKVCopy, OffloadWorker, Ticket
 from nanoflow.ops.kv_transfer import gather_pages, scatter_pages, to_device, to_host
 from nanoflow.scheduler.batcher import Scheduler
 from nanoflow.scheduler.offload import HostKVCache, PrefixHit
@@ -132,7 +132,8 @@ class OffloadingEngine(Engine):
         self.scheduler = ReuseScheduler(self.blocks, old.dense_batch_size, old.max_num_seqs, old.max_model_len, kv=self)
         self._conversation: dict[str, str | None] = {}
         self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
-        self._worker = OffloadWorker()
+        threads = args.extra.get("kv_copy_threads")  # default: a quarter of the cores, 1-4
+        self._worker = OffloadWorker(copy_threads=None if threads is None else int(threads))
         weakref.finalize(self, self._worker.close).atexit = False  # an engine dropped unclosed stops its worker
         self._own_arena = host_arena is None
         self.host_arena = host_arena if host_arena is not None else self._default_arena()
@@ -224,7 +225,7 @@ class OffloadingEngine(Engine):
             row += n
         if not copies:
             return
-        job = self._worker.submit(lambda: run_copies(copies))
+        job = self._worker.submit(lambda: self._worker.copy(copies))
         self._slot_jobs[slot] = job
         for copy in touched:
             copy.seq = job

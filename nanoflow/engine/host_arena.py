@@ -132,9 +132,12 @@ class HostArena:
             if self.pin:  # page-lock it in place (torch's pinned allocator would round large sizes up)
                 ptr = storage.data_ptr()
                 err = int(torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0))
-                if err != 0:
-                    raise RuntimeError(f"cudaHostRegister failed with CUDA error {err}")
-                weakref.finalize(storage, _unregister, ptr)  # before the memory goes back to the OS
+                if err == 0:
+                    weakref.finalize(storage, _unregister, ptr)  # before the memory goes back to the OS
+                else:  # still mapped once and recycled; copies to and from the GPU bounce through pinned blocks
+                    self.pin = False
+                    self.error = f"cudaHostRegister failed with CUDA error {err}; the arena stays pageable"
+                    log.warning("host KV arena: %s", self.error)
         except (RuntimeError, MemoryError) as exc:  # no room (pinned memory is limited): run without the arena
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("host KV arena of %.1f GiB could not be allocated (%s); KV offload uses fresh buffers",

@@ -3,11 +3,24 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 import triton
+
+from nanoflow.bench import git_commit
+
+DRY_RUN_DEVICE = "cpu (TRITON_INTERPRET dry run)"
+
+
+def report_header(device: str | None = None) -> dict:
+    """The fields a device script's JSON report starts with (benchmarks/results/README.md; result tooling reads them):
+    ``device`` (default: the current CUDA device's name), the torch and triton versions, the ``commit`` of this
+    checkout and the ``command`` line."""
+    return {"device": torch.cuda.get_device_name() if device is None else device, "torch": torch.__version__,
+            "triton": triton.__version__, "commit": git_commit(), "command": " ".join(sys.argv)}
 
 
 def bench_ms(fn: Callable[[], object], dry_run: bool, warmup: int = 25, rep: int = 100) -> float:

@@ -41,10 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from _common import DRY_RUN_DEVICE, rel_err, report_header  # noqa: E402
 from _common import bench_ms as _bench_ms  # noqa: E402
-from _common import rel_err  # noqa: E402
 
-from nanoflow.bench import git_commit  # noqa: E402
 from nanoflow.ops.attention import (  # noqa: E402
     decode_attention,
     decode_attention_ref,
@@ -378,9 +377,7 @@ def print_table(report: dict) -> None:
 def main() -> int:
     started = time.time()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (TRITON_INTERPRET dry run)"
-    report: dict = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-                    "commit": git_commit(), "command": " ".join(sys.argv), "dtype": str(DTYPE),
+    report: dict = {**report_header(None if DEVICE.type == "cuda" else DRY_RUN_DEVICE), "dtype": str(DTYPE),
                     "shapes": SHAPES.__dict__, "checks": [], "decode": [], "prefill": [], "tune": [],
                     "tune_prefill": [], "failures": []}
     if DEVICE.type == "cuda":

@@ -58,13 +58,14 @@ if OPTS.dry_run:
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+from _common import report_header  # noqa: E402
 
 from nanoflow.ops import kv_transfer as kt  # noqa: E402
 
 CUDA = torch.cuda.is_available() and not OPTS.dry_run
 DEV = torch.device("cuda" if CUDA else "cpu")
 T0 = time.perf_counter()
-RESULT: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu (dry run)", "torch": torch.__version__}
+RESULT: dict = report_header(None if CUDA else "cpu (dry run)")
 _MODEL: dict = {}
 
 

@@ -12,6 +12,7 @@ import os
 import time
 
 import torch
+from _common import report_header
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     lens = [int(x) for x in args.lens.split(",")]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, spec.vocab_size, (n,), generator=g).tolist() for n in lens]
-    results = {"model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results = {"model": args.model, **report_header()}
     for graphs in (False, True):
         eng = Engine(EngineArgs(**{**ea.__dict__, "cuda_graphs": graphs}), parts=parts)
         ours = eng.prompt_logits(prompts)

@@ -12,6 +12,7 @@ import json
 import os
 
 import torch
+from _common import report_header
 
 from nanoflow.search.interference import gemm_decode_pairs, partition_pairs, rp_table
 
@@ -68,8 +69,7 @@ def main() -> None:
                       f"  P_gemm {p['P_gemm']:.2f} P_decode {p['P_decode']:.2f}")
             print("  R->P:", [(round(r, 2), round(q, 2)) for r, q in res["rp_table"]])
     with open(os.path.join(os.environ.get("OUT", "."), "interference.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
-                  indent=2)
+        json.dump({**report_header(), "results": results}, f, indent=2)
 
 
 def partition(args: argparse.Namespace) -> None:
@@ -96,8 +96,7 @@ def partition(args: argparse.Namespace) -> None:
                       f"{p['t_decode_alone_ms']:.3f} gemm alone {p['t_gemm_alone_ms']:.3f} pair {p['t_pair_ms']:.3f}"
                       f" ms (x{p['speedup_vs_serial']:.2f}) P_gemm {p['P_gemm']:.2f} P_dec {p['P_decode']:.2f}")
     with open(os.path.join(os.environ.get("OUT", "."), "interference_partition.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
-                  indent=2)
+        json.dump({**report_header(), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import report_header
 
 NUM_PROMPTS = 48
 MAX_TOKENS = 32
@@ -85,10 +86,9 @@ def _agreement(a: dict, b: dict) -> dict:
 
 def compare(d: Path, json_out: Path | None) -> int:
     runs = {p.stem: torch.load(p) for p in sorted(d.glob("tp*.pt"))}
-    report: dict = {"runs": {k: {"wall_s": v["wall_s"], "tp": v["tp"], "dtype": v["dtype"],
-                                 "pipeline": v["pipeline"]} for k, v in runs.items()}}
-    if torch.cuda.is_available():
-        report["device"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
+    device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
+    report: dict = {**report_header(device), "runs": {k: {"wall_s": v["wall_s"], "tp": v["tp"], "dtype": v["dtype"],
+                                                          "pipeline": v["pipeline"]} for k, v in runs.items()}}
     ok = True
     for name, run_ in runs.items():
         if run_["tp"] == 1:

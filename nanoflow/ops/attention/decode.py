@@ -11,6 +11,10 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
   whole row (all kv heads), so each K/V tile is whole contiguous pages.
 * Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (every variant).
 
+The attention kernels (split, persistent, row, row_flat) share one online-softmax step (:func:`attend_tile`), one
+result store (:func:`store_result`) and the leading stride arguments their launchers pass (:func:`decode_strides`);
+the split and persistent kernels run the same work item (:func:`_attend_group`).
+
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
 95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). The row
 kernels (row, row_flat) are not measured on a GPU yet.
@@ -99,18 +103,43 @@ def tile_dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def attend_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
-    """One online-softmax step over a K/V tile: ``q [M, D]``, ``k, v [N, D]``; ``keep`` (broadcast to ``[M, N]``)
-    says which scores count. Returns the new ``(m_i, l_i, acc)``. Every row must keep >= 1 score of the tile, so the
-    new maximum is finite and exp2 never sees (-inf) - (-inf)."""
-    s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
+def attend_tile(q, kt, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+    """One online-softmax step over a K/V tile: ``q [..., M, D]``, ``kt [..., D, N]`` (K transposed),
+    ``v [..., N, D]``, where ``...`` are optional batch dims (the row kernel's kv heads); ``keep`` (broadcast to
+    ``[..., M, N]``) says which scores count. Returns the new ``(m_i, l_i, acc)``: ``[..., M]``, ``[..., M]``,
+    ``[..., M, D]``. Every row must keep >= 1 score of the tile, so the new maximum is finite and exp2 never sees
+    (-inf) - (-inf)."""
+    s = tile_dot(q, kt, PRECISION) * scale_log2
     s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, -1))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
+    p = tl.exp2(s - tl.expand_dims(m_new, -1))
+    l_i = l_i * alpha + tl.sum(p, -1)
+    acc = acc * tl.expand_dims(alpha, -1) + tile_dot(p.to(v.dtype), v, PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def store_result(
+    out_ptr, po_ptr, plse_ptr, row64, split, heads, mask, m_i, l_i, acc,
+    stride_ot, stride_oh,
+    stride_pot, stride_poh, stride_pos,
+    stride_plt, stride_plh,
+    HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
+):
+    """Store a work item's result for query ``heads`` of row ``row64`` (``heads`` and ``mask``, which of them are real
+    rather than padding, of any shape ``S``; ``m_i, l_i`` of ``S`` and ``acc`` of ``S + [HEAD_DIM]`` as
+    :func:`attend_tile` leaves them): with DIRECT the normalised output into ``out``, otherwise split ``split``'s
+    normalised partial output and its log-sum-exp into the workspace."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = acc / tl.expand_dims(l_i, -1)
+    if DIRECT:
+        tl.store(out_ptr + row64 * stride_ot + tl.expand_dims(heads, -1) * stride_oh + offs_d,
+                 acc.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(mask, -1))
+    else:
+        po = po_ptr + row64 * stride_pot + tl.expand_dims(heads, -1) * stride_poh + split * stride_pos + offs_d
+        tl.store(po, acc, mask=tl.expand_dims(mask, -1))
+        tl.store(plse_ptr + row64 * stride_plt + heads * stride_plh + split, m_i + tl.log2(l_i), mask=mask)
 
 
 def _default_block_n(device: torch.device, head_dim: int) -> int:
@@ -139,8 +168,9 @@ def _check_workspace(
 
 
 @triton.jit
-def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+def _attend_group(
+    q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr,
+    row, kvh, split, seq_len, tile_lo, tile_hi,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -152,20 +182,9 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
-    seq_len = tl.load(lens_ptr + row)
-    if seq_len <= 0:
-        return
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    if tile_lo >= num_tiles:
-        return
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-
+    """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
+    to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
+    stored by :func:`store_result` (as split ``split``)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -196,19 +215,46 @@ def _decode_split_kernel(
             v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
             mask=valid[:, None], other=0.0, eviction_policy=EVICT,
         )
-        # Every tile of a split holds >= 1 valid token.
-        m_i, l_i, acc = attend_tile(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
+        m_i, l_i, acc = attend_tile(q, tl.trans(k), v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
+    store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc,
+                 stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)
 
-    acc = acc / l_i[:, None]
-    if DIRECT:
-        tl.store(
-            out_ptr + row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-            acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, None],
-        )
-    else:
-        po = po_ptr + row64 * stride_pot + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
-        tl.store(po, acc, mask=g_valid[:, None])
-        tl.store(plse_ptr + row64 * stride_plt + heads * stride_plh + split, m_i + tl.log2(l_i), mask=g_valid)
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    stride_pot, stride_poh, stride_pos,
+    stride_plt, stride_plh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    seq_len = tl.load(lens_ptr + row)
+    if seq_len <= 0:
+        return
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tile_lo = split * tiles_per_split
+    if tile_lo >= num_tiles:
+        return
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    # Every tile of a split holds >= 1 valid token.
+    _attend_group(
+        q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
+        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+        stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT,
+    )
 
 
 @triton.jit
@@ -229,38 +275,19 @@ def _decode_persistent_kernel(
     Bounding the grid bounds the SMs decode attention occupies, leaving the rest to a concurrent GEMM of another
     nano-batch. Items are dealt round-robin (item = pid, pid + P, ...), so long and short rows mix on every program.
     """
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_valid = offs_g < GROUP
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
         row = item // num_kv_heads
         kvh = item % num_kv_heads
         seq_len = tl.load(lens_ptr + row)
         if seq_len > 0:
-            heads = kvh * GROUP + offs_g
-            row64 = row.to(tl.int64)
-            q = tl.load(q_ptr + row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                        mask=g_valid[:, None], other=0.0)
-            bt_row = bt_ptr + row64 * stride_bt
-            k_head = k_ptr + kvh * stride_kh
-            v_head = v_ptr + kvh * stride_vh
-            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-            for tile in range(0, tl.cdiv(seq_len, BLOCK_N)):
-                tok = tile * BLOCK_N + offs_n
-                valid = tok < seq_len
-                page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-                slot_in_page = tok % PAGE
-                k = tl.load(k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
-                            mask=valid[:, None], other=0.0, eviction_policy=EVICT)
-                v = tl.load(v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
-                            mask=valid[:, None], other=0.0, eviction_policy=EVICT)
-                m_i, l_i, acc = attend_tile(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
-            acc = acc / l_i[:, None]
-            tl.store(out_ptr + row64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, None])
+            # All of the row's tiles as one split, stored straight to out (DIRECT: no partial pointers or strides).
+            _attend_group(
+                q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, out_ptr, out_ptr, row, kvh, 0, seq_len, 0,
+                tl.cdiv(seq_len, BLOCK_N), scale_log2,
+                stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
+                stride_ot, stride_oh, 0, 0, 0, 0, 0,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT,
+            )
 
 
 @triton.jit
@@ -356,49 +383,42 @@ def decode_attention(
                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat")
     if variant != "split":
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
-    block_n_persist = _default_block_n(q.device, head_dim) if block_n is None else block_n
+    kv_heads = k_cache.shape[2]
+    strides = decode_strides(q, k_cache, v_cache, block_tables, out)
+    meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
+                PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, num_warps=num_warps, num_stages=num_stages)
     if max_programs is not None:
         check_programs(max_programs)
-        kv_heads = k_cache.shape[2]
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
-            q, k_cache, v_cache, block_tables, seq_lens, out,
-            rows * kv_heads, kv_heads,
-            scale * LOG2E,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_tables.stride(0),
-            out.stride(0), out.stride(1),
-            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
-            BLOCK_N=block_n_persist, PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict,
-            num_warps=num_warps, num_stages=num_stages,
+            q, k_cache, v_cache, block_tables, seq_lens, out, rows * kv_heads, kv_heads, scale * LOG2E, *strides,
+            BLOCK_N=_default_block_n(q.device, head_dim) if block_n is None else block_n, **meta,
         )
         return out
-    num_splits = check_splits(default_num_splits(rows, k_cache.shape[2], q.device) if num_splits is None
-                              else num_splits)
+    num_splits = check_splits(default_num_splits(rows, kv_heads, q.device) if num_splits is None else num_splits)
     block_n = check_block_n(_default_block_n(q.device, head_dim) if block_n is None else block_n)
-    direct, po, plse, po_strides, plse_strides = split_outputs(out, workspace, num_splits)
-
-    precision = dot_precision(q.dtype, q.device)
-    _decode_split_kernel[(rows, k_cache.shape[2], num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        *po_strides, *plse_strides,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_N=block_n, DIRECT=direct, PRECISION=precision, EVICT=kv_evict,
-        num_warps=num_warps, num_stages=num_stages,
+    direct, po, plse, partial_strides = split_outputs(out, workspace, num_splits)
+    _decode_split_kernel[(rows, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse, scale * LOG2E, *strides, *partial_strides,
+        BLOCK_N=block_n, DIRECT=direct, **meta,
     )
     if not direct:
-        reduce_splits(seq_lens, out, po, plse, po_strides, plse_strides, num_splits, block_n)
+        reduce_splits(seq_lens, out, po, plse, partial_strides, num_splits, block_n)
     return out
 
 
 # ---- shared by the split and row launchers ------------------------------------------------------------------------
+def decode_strides(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   out: torch.Tensor) -> tuple[int, ...]:
+    """The stride arguments every decode kernel (split, persistent, row, row_flat) takes after its scalars, in
+    signature order: q (row, head), K and V (page, slot, kv head), the block table (row), out (row, head)."""
+    return (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), *out.stride()[:2])
+
+
+def dot_rows(n: int) -> int:
+    """Rows of a ``tl.dot`` operand holding ``n`` query heads: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def check_programs(max_programs: int) -> int:
     if max_programs < 1:
         raise AttentionInputError(f"max_programs must be >= 1, got {max_programs}")
@@ -418,28 +438,26 @@ def check_block_n(block_n: int) -> int:
 
 
 def split_outputs(out: torch.Tensor, workspace: DecodeWorkspace | None, num_splits: int) -> tuple:
-    """``(direct, po, plse, po_strides, plse_strides)`` for a kernel writing ``num_splits`` splits per row: with one
-    split it writes ``out`` directly (the partial pointers are then never dereferenced; ``out`` keeps the signature
-    uniform), otherwise the (checked or newly allocated) workspace."""
+    """``(direct, po, plse, partial_strides)`` for a kernel writing ``num_splits`` splits per row: with one split it
+    writes ``out`` directly (the partial pointers are then never dereferenced; ``out`` keeps the signature uniform),
+    otherwise the (checked or newly allocated) workspace. ``partial_strides``: the kernels' last stride arguments,
+    ``partial_out`` (row, head, split) then ``partial_lse`` (row, head)."""
     if num_splits == 1:
-        return True, out, out, (0, 0, 0), (0, 0)
+        return True, out, out, (0, 0, 0, 0, 0)
     rows, num_heads, head_dim = out.shape
     if workspace is None:
         workspace = decode_workspace(rows, num_heads, head_dim, num_splits, out.device)
     _check_workspace(workspace, rows, num_heads, head_dim, num_splits, out.device)
     po, plse = workspace
-    return False, po, plse, po.stride()[:3], plse.stride()[:2]
+    return False, po, plse, (*po.stride()[:3], *plse.stride()[:2])
 
 
 def reduce_splits(seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor,
-                  po_strides: tuple, plse_strides: tuple, num_splits: int, block_n: int) -> None:
+                  partial_strides: tuple, num_splits: int, block_n: int) -> None:
     """Combine each row's splits into ``out`` (the writers split rows into tiles of ``block_n`` tokens)."""
     rows, num_heads, head_dim = out.shape
     _decode_reduce_kernel[(rows, num_heads)](
-        seq_lens, out, po, plse,
-        num_splits,
-        out.stride(0), out.stride(1),
-        *po_strides, *plse_strides,
+        seq_lens, out, po, plse, num_splits, *out.stride()[:2], *partial_strides,
         HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=1 if head_dim <= 64 else 2,
     )

@@ -31,25 +31,30 @@ from nanoflow.ops.attention.decode import (
     check_block_n,
     check_programs,
     check_splits,
+    decode_strides,
     default_num_splits,
     dot_precision,
+    dot_rows,
     reduce_splits,
     split_outputs,
-    tile_dot,
+    store_result,
 )
 from nanoflow.ops.attention.reference import AttentionInputError
 
 
 @triton.jit
-def _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N: tl.constexpr):
-    """``(seq_len, tile_lo, tile_hi)``: the KV tiles split ``split`` of ``row`` owns (``cdiv(tiles, splits)`` each;
-    ``tile_lo >= tile_hi`` when the row is too short to reach this split)."""
+def _item_tiles(lens_ptr, item, num_splits, BLOCK_N: tl.constexpr):
+    """``(row, split, seq_len, tile_lo, tile_hi)`` of work item ``item`` (split ``item % num_splits`` of row
+    ``item // num_splits``): the KV tiles it owns (``cdiv(tiles, splits)`` each; ``tile_lo >= tile_hi`` when the row
+    is too short to reach this split)."""
+    row = item // num_splits
+    split = item % num_splits
     seq_len = tl.load(lens_ptr + row)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    return seq_len, tile_lo, tile_hi
+    return row, split, seq_len, tile_lo, tile_hi
 
 
 @triton.jit
@@ -105,9 +110,7 @@ def _decode_row_kernel(
     k_hd = offs_h[:, None] * stride_kh + offs_d[None, :]
     v_hd = offs_h[:, None] * stride_vh + offs_d[None, :]
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        row = item // num_splits
-        split = item % num_splits
-        seq_len, tile_lo, tile_hi = _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N)
+        row, split, seq_len, tile_lo, tile_hi = _item_tiles(lens_ptr, item, num_splits, BLOCK_N)
         # seq_len <= 0: no store at all (out row untouched); a split past the row's end writes nothing either.
         if (seq_len > 0) & (tile_lo < tile_hi):
             row64 = row.to(tl.int64)
@@ -126,25 +129,11 @@ def _decode_row_kernel(
                             eviction_policy=EVICT)  # [BLOCK_N, KVH, D], memory order
                 v = tl.load(v_ptr + v_tok[:, None, None] + v_hd[None, :, :], mask=valid[:, None, None], other=0.0,
                             eviction_policy=EVICT)
-                s = tile_dot(q, tl.permute(k, (1, 2, 0)), PRECISION) * scale_log2  # [KVH, BLOCK_G, BLOCK_N]
-                s = tl.where(valid[None, None, :], s, float("-inf"))
-                # Every tile holds >= 1 valid token, so m_new is finite.
-                m_new = tl.maximum(m_i, tl.max(s, 2))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, :, None])
-                l_i = l_i * alpha + tl.sum(p, 2)
-                acc = acc * alpha[:, :, None] + tile_dot(p.to(v.dtype), tl.permute(v, (1, 0, 2)), PRECISION)
-                m_i = m_new
-            acc = acc / l_i[:, :, None]
-            if DIRECT:
-                tl.store(out_ptr + row64 * stride_ot + heads[:, :, None] * stride_oh + offs_d[None, None, :],
-                         acc.to(out_ptr.dtype.element_ty), mask=g_valid[:, :, None])
-            else:
-                po = (po_ptr + row64 * stride_pot + heads[:, :, None] * stride_poh + split * stride_pos
-                      + offs_d[None, None, :])
-                tl.store(po, acc, mask=g_valid[:, :, None])
-                tl.store(plse_ptr + row64 * stride_plt + heads * stride_plh + split, m_i + tl.log2(l_i),
-                         mask=g_valid)
+                # Scores [KVH, BLOCK_G, BLOCK_N]; every tile holds >= 1 valid token.
+                m_i, l_i, acc = attend_tile(q, tl.permute(k, (1, 2, 0)), tl.permute(v, (1, 0, 2)),
+                                            valid[None, None, :], m_i, l_i, acc, scale_log2, PRECISION)
+            store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc, stride_ot, stride_oh,
+                         stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)
 
 
 @triton.jit
@@ -180,9 +169,7 @@ def _decode_row_flat_kernel(
     col_head = tl.reshape(tl.broadcast_to(offs_h[None, :], [BLOCK_N, KVH]), [BLOCK_C])
     same_head = row_head[:, None] == col_head[None, :]  # [BLOCK_M, BLOCK_C]
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
-        row = item // num_splits
-        split = item % num_splits
-        seq_len, tile_lo, tile_hi = _split_tiles(lens_ptr, row, split, num_splits, BLOCK_N)
+        row, split, seq_len, tile_lo, tile_hi = _item_tiles(lens_ptr, item, num_splits, BLOCK_N)
         if (seq_len > 0) & (tile_lo < tile_hi):
             row64 = row.to(tl.int64)
             q = tl.load(q_ptr + row64 * stride_qt + offs_m[:, None] * stride_qh + offs_d[None, :],
@@ -204,17 +191,10 @@ def _decode_row_flat_kernel(
                 v = tl.load(v_ptr + v_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
                             eviction_policy=EVICT)
                 # Scores [BLOCK_M, BLOCK_C]; every tile holds >= 1 valid token of every kv head.
-                m_i, l_i, acc = attend_tile(q, k, v, same_head & c_valid[None, :], m_i, l_i, acc, scale_log2,
-                                            PRECISION)
-            acc = acc / l_i[:, None]
-            if DIRECT:
-                tl.store(out_ptr + row64 * stride_ot + offs_m[:, None] * stride_oh + offs_d[None, :],
-                         acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
-            else:
-                po = po_ptr + row64 * stride_pot + offs_m[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
-                tl.store(po, acc, mask=m_valid[:, None])
-                tl.store(plse_ptr + row64 * stride_plt + offs_m * stride_plh + split, m_i + tl.log2(l_i),
-                         mask=m_valid)
+                m_i, l_i, acc = attend_tile(q, tl.trans(k), v, same_head & c_valid[None, :], m_i, l_i, acc,
+                                            scale_log2, PRECISION)
+            store_result(out_ptr, po_ptr, plse_ptr, row64, split, offs_m, m_valid, m_i, l_i, acc, stride_ot, stride_oh,
+                         stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)
 
 
 def decode_row(
@@ -242,25 +222,18 @@ def decode_row(
     else:
         num_splits = check_splits(default_num_splits(rows, 1, q.device) if num_splits is None else num_splits)
         grid = rows * num_splits
-    direct, po, plse, po_strides, plse_strides = split_outputs(out, workspace, num_splits)
+    direct, po, plse, partial_strides = split_outputs(out, workspace, num_splits)
     if flat:
-        kernel, tiling = _decode_row_flat_kernel, {"BLOCK_M": max(16, triton.next_power_of_2(num_heads))}
+        kernel, tiling = _decode_row_flat_kernel, {"BLOCK_M": dot_rows(num_heads)}
     else:
-        kernel, tiling = _decode_row_kernel, {"BLOCK_G": max(16, triton.next_power_of_2(group))}
+        kernel, tiling = _decode_row_kernel, {"BLOCK_G": dot_rows(group)}
     kernel[(grid,)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
-        rows * num_splits, num_splits,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        *po_strides, *plse_strides,
+        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse, rows * num_splits, num_splits, scale * LOG2E,
+        *decode_strides(q, k_cache, v_cache, block_tables, out), *partial_strides,
         KVH=kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE=page, **tiling,
         BLOCK_N=block_n, DIRECT=direct, PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:  # same split arithmetic (per-row tiles of block_n tokens): the split kernel's reduce applies
-        reduce_splits(seq_lens, out, po, plse, po_strides, plse_strides, num_splits, block_n)
+        reduce_splits(seq_lens, out, po, plse, partial_strides, num_splits, block_n)
     return out

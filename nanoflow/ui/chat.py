@@ -48,9 +48,11 @@ class ChatSession:
         self.engine = engine
 
     async def reply(
-        self, history: list[dict[str, Any]], temperature: float, top_p: float, max_tokens: int
+        self, history: list[dict[str, Any]], temperature: float, top_p: float, max_tokens: int,
+        conversation_id: str | None = None,
     ) -> AsyncIterator[tuple[str, str]]:
-        """Yield ``(reply text so far, stats line)`` for the conversation ``history`` (ending with the user)."""
+        """Yield ``(reply text so far, stats line)`` for the conversation ``history`` (ending with the user).
+        ``conversation_id`` scopes KV reuse across turns when the engine offloads KV (``--kv-offload``)."""
         from nanoflow.scheduler.request import SamplingParams
 
         engine = self.engine
@@ -62,7 +64,7 @@ class ChatSession:
                        "Press Clear to start over.")
             return
         params = SamplingParams(max_tokens=min(int(max_tokens), room), temperature=float(temperature),
-                                top_p=float(top_p))
+                                top_p=float(top_p), conversation_id=conversation_id)
         request_id = f"chat-ui-{uuid.uuid4().hex}"
         started, first, finished = time.monotonic(), None, False
         try:
@@ -104,7 +106,7 @@ def build_ui(engine: Any) -> Any:
                                    elem_id="max-tokens")
 
         async def respond(message: str, history: list[dict[str, Any]] | None, temp: float, p: float,
-                          limit: float) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:
+                          limit: float, request: gr.Request) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:
             history = list(history or [])
             if not message.strip():
                 yield history, "", STATS_IDLE
@@ -112,7 +114,9 @@ def build_ui(engine: Any) -> Any:
             history.append({"role": "user", "content": message})
             shown = [*history, {"role": "assistant", "content": ""}]
             yield shown, "", "Waiting for the first token…"
-            async for text, line in session.reply(history, temp, p, int(limit)):
+            # One browser session, one conversation: with --kv-offload each turn reuses the KV of the ones before.
+            conversation = getattr(request, "session_hash", None) or None
+            async for text, line in session.reply(history, temp, p, int(limit), conversation):
                 shown[-1] = {"role": "assistant", "content": text}
                 yield shown, "", line
 

@@ -105,8 +105,8 @@ def build_ui(engine: Any) -> Any:
             max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max new tokens",
                                    elem_id="max-tokens")
 
-        async def respond(message: str, history: list[dict[str, Any]] | None, temp: float, p: float,
-                          limit: float, request: gr.Request) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:
+        async def respond(message: str, history: list[dict[str, Any]] | None, temp: float, p: float, limit: float,
+                          request: gr.Request = None) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:
             history = list(history or [])
             if not message.strip():
                 yield history, "", STATS_IDLE

@@ -43,15 +43,9 @@ class AsyncEngine:
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> AsyncEngine:
-        if args.tp > 1:  # rank 0 serves; the other ranks follow inside make_engine and never return
-            from nanoflow.engine.distributed import make_engine
+        from nanoflow.engine.builder import create_engine
 
-            return cls(make_engine(args))
-        if args.extra.get("kv_offload"):
-            from nanoflow.engine.kv_reuse import OffloadingEngine
-
-            return cls(OffloadingEngine(args))
-        return cls(Engine(args))
+        return cls(create_engine(args))  # under tensor parallelism rank 0 serves; the others follow inside
 
     async def start(self) -> None:
         if self._thread is not None:

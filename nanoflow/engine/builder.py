@@ -106,3 +106,21 @@ def load_parts(args: EngineArgs, device: torch.device, tp_rank: int = 0, tp_size
         tokenizer = load_tokenizer(source.path)
     model = model_class(source.spec.architecture)(source.spec, weights, tp_rank=tp_rank, tp_size=tp_size)
     return {"source": source, "dtype": dtype, "model": model, "tokenizer": tokenizer}
+
+
+def create_engine(args: EngineArgs) -> Any:
+    """The engine ``args`` ask for: the tensor-parallel leader (``tp > 1``; other ranks follow inside and never
+    return), the KV-offloading engine (``extra["kv_offload"]``, one device only), else the plain engine."""
+    if args.tp > 1 and args.extra.get("kv_offload"):
+        raise ConfigError("KV offload/reuse runs on one device only; drop --kv-offload or use --tp 1")
+    if args.tp > 1:
+        from nanoflow.engine.distributed import make_engine
+
+        return make_engine(args)
+    if args.extra.get("kv_offload"):
+        from nanoflow.engine.kv_reuse import OffloadingEngine
+
+        return OffloadingEngine(args)
+    from nanoflow.engine.engine import Engine
+
+    return Engine(args)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanoflow.config import EngineArgs
-from nanoflow.engine.engine import Engine
 from nanoflow.engine.outputs import RequestOutput
 from nanoflow.scheduler.request import SamplingParams
 
@@ -38,20 +37,9 @@ class LLM:
             logging.getLogger("nanoflow").warning(
                 "launched with WORLD_SIZE=%s but tp=1: every rank runs a full copy; pass --tp to shard the model",
                 os.environ["WORLD_SIZE"])
-        if tp > 1 and extra.get("kv_offload"):
-            from nanoflow.config import ConfigError
+        from nanoflow.engine.builder import create_engine
 
-            raise ConfigError("KV offload/reuse runs on one device only; drop --kv-offload or use --tp 1")
-        if tp > 1:
-            from nanoflow.engine.distributed import make_engine
-
-            self.engine = make_engine(self.args)
-        elif extra.get("kv_offload"):  # KV reuse across rounds (SamplingParams.conversation_id scopes it)
-            from nanoflow.engine.kv_reuse import OffloadingEngine
-
-            self.engine = OffloadingEngine(self.args)
-        else:
-            self.engine = Engine(self.args)
+        self.engine = create_engine(self.args)
 
     def shutdown(self) -> None:
         """Release the engine (idempotent). Under tensor parallelism this also ends the followers and leaves the

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine."""
@@ -47,10 +49,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
               async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
               compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob)
-    if getattr(args, "kv_offload", False):
-        if args.kv_host_gib <= 0:
-            raise SystemExit(f"--kv-host-gib must be > 0, got {args.kv_host_gib}")
-        kw.update(kv_offload=True, kv_host_bytes=int(args.kv_host_gib * 2**30))
+    if hasattr(args, "kv_offload"):  # run-offline's flags; bench has none
+        kw.update(kv_offload_extra(args))
     return kw
 
 
@@ -69,12 +69,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens (throughput runs)")
-    p.add_argument("--kv-offload", action="store_true",
-                   help="keep each finished request's KV in host memory and reuse it across the rounds of a "
-                        "multi-round dataset (e.g. multiround:splitwise): rounds run one after another, and a round "
-                        "whose prompt extends the previous one by a stand-in answer gets the model's real answer "
-                        "instead, as in a live chat; the summary counts the prompt tokens reused")
-    p.add_argument("--kv-host-gib", type=float, default=16.0, help="host-memory tier of --kv-offload, GiB")
+    add_kv_offload_args(p, "the rounds of a multi-round dataset (e.g. multiround:splitwise), run one round "
+                           "after another; a round whose prompt extends the previous one by a stand-in answer gets "
+                           "the model's real answer instead, as in a live chat; the summary counts the prompt tokens "
+                           "reused",
+                        host_gib=16.0)
     p.add_argument("--chat", default="auto", choices=["auto", "yes", "no"],
                    help="wrap text prompts in the tokenizer's chat template as a user turn; auto = when the "
                         "tokenizer has one (instruct models)")

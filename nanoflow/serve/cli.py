@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanoflow.config import DTYPES, EngineArgs
+from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
 from nanoflow.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, ServerConfig, create_app
 
 DEFAULT_PORT = 8000
@@ -46,15 +47,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight and activation dtype; auto uses the checkpoint's (float32 on CPU)")
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="context length in tokens (prompt + output); default: the model's own limit")
-    parser.add_argument("--kv-offload", action="store_true",
-                        help="keep finished requests' KV in host memory (and on SSD with --kv-ssd-dir) and reuse it "
-                             "for later prompts that start with the same tokens, scoped by the request's "
-                             "'conversation_id' field (requests without one share one scope)")
-    parser.add_argument("--kv-host-gib", type=float, default=4.0,
-                        help="host-memory tier of --kv-offload, GiB; least recently used KV moves to SSD or is dropped")
-    parser.add_argument("--kv-ssd-dir", default=None,
-                        help="folder for the SSD tier of --kv-offload (checksummed files); default: host memory only")
-    parser.add_argument("--kv-ssd-gib", type=float, default=64.0, help="size of the SSD tier, GiB")
+    add_kv_offload_args(parser, "the rounds of a conversation, scoped by the request's 'conversation_id' field "
+                                "(requests without one share one scope)", host_gib=4.0)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -96,16 +90,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
-    extra: dict[str, Any] = {}
-    if args.kv_offload:
-        if args.kv_host_gib <= 0 or args.kv_ssd_gib < 0:
-            raise SystemExit(f"--kv-host-gib must be > 0 and --kv-ssd-gib >= 0, got {args.kv_host_gib} and "
-                             f"{args.kv_ssd_gib}")
-        extra = {"kv_offload": True, "kv_host_bytes": int(args.kv_host_gib * 2**30)}
-        if args.kv_ssd_dir:
-            extra.update(kv_ssd_dir=args.kv_ssd_dir, kv_ssd_bytes=int(args.kv_ssd_gib * 2**30))
     return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                      extra=extra)
+                      extra=kv_offload_extra(args))
 
 
 def build_engine(args: argparse.Namespace) -> Any:

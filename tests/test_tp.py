@@ -198,6 +198,7 @@ for name, async_, temperature in (("async", True, 0.0), ("sync", False, 0.0), ("
 reqs = [(p, 4) for p in prompts]
 result["bench"] = _run_mode(mode_args(args, "non-overlap-sync", None), parts, comm, reqs, reqs[:2])
 stop_followers(comm)
+assert comm.group is None and comm.control is None  # no handle keeps a gloo group alive into interpreter teardown
 json.dump(result, open(out, "w"))
 """
 

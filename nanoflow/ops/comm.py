@@ -199,9 +199,14 @@ class Communicator:
             raise self._lost("barrier", exc) from exc
 
     def close(self) -> None:
-        """Destroy the process groups (idempotent); the communicator is unusable afterwards."""
+        """Destroy the process groups and drop this communicator's handles to them (idempotent; unusable afterwards).
+
+        Dropping the handles matters: ``destroy_process_group`` only unregisters the groups, and a gloo group that a
+        live object still references is destroyed during interpreter teardown, where its worker threads can abort
+        the process ("terminate called without an active exception") after all the work is done."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.group = self.control = None
 
 
 def _nccl_options(settings: CommSettings) -> Any:

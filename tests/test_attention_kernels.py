@@ -13,7 +13,9 @@ import zlib
 
 from interpreted import fresh_interpreter_test, import_interpreted, interpret_env, is_interpreted  # noqa: F401
 
-decode_mod, prefill_mod = import_interpreted("nanoflow.ops.attention.decode", "nanoflow.ops.attention.prefill")
+decode_mod, prefill_mod, split_mod, softmax_mod, tile_mod = import_interpreted(
+    "nanoflow.ops.attention.decode", "nanoflow.ops.attention.prefill", "nanoflow.ops.attention.split_kv",
+    "nanoflow.ops.attention.online_softmax", "nanoflow.ops.tile_dot")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -24,12 +26,13 @@ from nanoflow.ops.attention.reference import (  # noqa: E402
     prefill_attention_ref,
 )
 
-IN_PROCESS = is_interpreted(decode_mod._decode_split_kernel, prefill_mod._prefill_kernel)
+IN_PROCESS = is_interpreted(decode_mod._decode_split_kernel, prefill_mod._prefill_kernel,
+                            split_mod._decode_reduce_kernel, softmax_mod.attend_tile, tile_mod.tile_dot)
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
 test_whole_file_in_fresh_interpreter = fresh_interpreter_test(__file__, IN_PROCESS)
 
 decode_attention = decode_mod.decode_attention
-decode_workspace = decode_mod.decode_workspace
+decode_workspace = split_mod.decode_workspace
 prefill_attention = prefill_mod.prefill_attention
 
 

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from nanoflow.ops import moe  # noqa: E402
 
-IN_PROCESS = is_interpreted(gg._grouped_gemm_kernel)
+IN_PROCESS = is_interpreted(gg._grouped_gemm_kernel, gg.tile_dot)
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported compiled; covered by the subprocess run")
 test_whole_file_in_fresh_interpreter = fresh_interpreter_test(__file__, IN_PROCESS)
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -134,7 +134,7 @@ class CudaGraphRunner:
         return batch
 
     def _decode_workspace(self, rows: int) -> Any:
-        from nanoflow.ops.attention.decode import decode_workspace, default_num_splits
+        from nanoflow.ops.attention.split_kv import decode_workspace, default_num_splits
 
         spec = self.runner.spec
         model = self.runner.model

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoflow.ops.attention.decode import dot_precision, tile_dot
+from nanoflow.ops.tile_dot import dot_precision, tile_dot
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

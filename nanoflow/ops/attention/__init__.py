@@ -5,9 +5,10 @@ Layout contract and float64 oracles: :mod:`nanoflow.ops.attention.reference`.
 
 from __future__ import annotations
 
-from nanoflow.ops.attention.decode import DecodeWorkspace, decode_attention, decode_workspace, default_num_splits
+from nanoflow.ops.attention.decode import decode_attention
 from nanoflow.ops.attention.prefill import prefill_attention
 from nanoflow.ops.attention.reference import AttentionInputError, decode_attention_ref, prefill_attention_ref
+from nanoflow.ops.attention.split_kv import DecodeWorkspace, decode_workspace, default_num_splits
 
 __all__ = [
     "AttentionInputError",

@@ -11,9 +11,10 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
   whole row (all kv heads), so each K/V tile is whole contiguous pages.
 * Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (every variant).
 
-The attention kernels (split, persistent, row, row_flat) share one online-softmax step (:func:`attend_tile`), one
-result store (:func:`store_result`) and the leading stride arguments their launchers pass (:func:`decode_strides`);
-the split and persistent kernels run the same work item (:func:`_attend_group`).
+The attention kernels (split, persistent, row, row_flat) share one online-softmax step and one result store
+(:mod:`nanoflow.ops.attention.online_softmax`), the split-KV workspace and reduce
+(:mod:`nanoflow.ops.attention.split_kv`) and the leading stride arguments their launchers pass
+(:func:`decode_strides`); the split and persistent kernels run the same work item (:func:`_attend_group`).
 
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
 95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). The row
@@ -21,150 +22,34 @@ kernels (row, row_flat) are not measured on a GPU yet.
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their
-``out`` rows are left untouched. Splits are assigned per row from its own length (``cdiv(tiles, num_splits)`` tiles
-each); splits past the end exit and the reduce kernel recomputes how many splits a row used, so no workspace entry
-is read that was not written.
+``out`` rows are left untouched.
 """
 
 from __future__ import annotations
-
-import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from nanoflow.ops.attention.online_softmax import LOG2E, attend_tile, dot_rows, store_result
 from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
-
-LOG2E = 1.4426950408889634
-MAX_SPLITS = 64
-
-
-class DecodeWorkspace(NamedTuple):
-    """Scratch for split-KV partial results; preallocate it once (static address) to capture CUDA graphs.
-
-    ``partial_out``: ``[max_rows, num_heads, max_splits, head_dim]`` float32 (each split's normalised output);
-    ``partial_lse``: ``[max_rows, num_heads, max_splits]`` float32 (each split's log2-sum-exp2 of scaled scores).
-    """
-
-    partial_out: torch.Tensor
-    partial_lse: torch.Tensor
-
-
-def decode_workspace(
-    max_rows: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device | str
-) -> DecodeWorkspace:
-    """Allocate scratch serving every call with at most ``max_rows`` rows and at most ``num_splits`` splits."""
-    if max_rows < 0 or num_heads <= 0 or head_dim <= 0 or not 1 <= num_splits <= MAX_SPLITS:
-        raise AttentionInputError(
-            f"decode_workspace needs max_rows >= 0, positive heads/head_dim and 1 <= num_splits <= {MAX_SPLITS}; "
-            f"got ({max_rows}, {num_heads}, {head_dim}, {num_splits})"
-        )
-    return DecodeWorkspace(
-        torch.empty(max_rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=device),
-        torch.empty(max_rows, num_heads, num_splits, dtype=torch.float32, device=device),
-    )
-
-
-def default_num_splits(num_rows: int, num_kv_heads: int, device: torch.device | str) -> int:
-    """Heuristic grid size: enough (row, kv head, split) programs to keep every SM busy for a few waves.
-
-    Only shapes are used (never sequence lengths, which live on the device), so it is CUDA-graph safe.
-    """
-    device = torch.device(device)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    programs = max(1, num_rows * num_kv_heads)
-    # Two programs per SM keep HBM busy (measured: splitting 256+ rows x 8 kv heads only lost bandwidth on H100 and
-    # H200); each extra split costs the reduce launch and partial-result traffic, which dominate short sequences.
-    return max(1, min(MAX_SPLITS, 16, math.ceil(2 * sm_count / programs)))
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """The PRECISION constexpr for :func:`tile_dot`: exact fp32 for fp32 inputs (tf32 would cost ~3e-4 relative).
-
-    Triton's CPU interpreter multiplies bfloat16 operands as their raw uint16 bits (seen with triton 3.9), so off
-    CUDA bf16 tiles are upcast first; bf16 products are exact in fp32, so the result matches the GPU's MMA.
-    """
-    if dtype == torch.float32:
-        return "ieee"
-    if dtype == torch.bfloat16 and device.type != "cuda":
-        return "upcast"
-    return "tf32"  # ignored by Triton for 16-bit operands
-
-
-@triton.jit
-def tile_dot(a, b, PRECISION: tl.constexpr):
-    """``a @ b`` accumulated in fp32; see :func:`dot_precision` for PRECISION."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def attend_tile(q, kt, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
-    """One online-softmax step over a K/V tile: ``q [..., M, D]``, ``kt [..., D, N]`` (K transposed),
-    ``v [..., N, D]``, where ``...`` are optional batch dims (the row kernel's kv heads); ``keep`` (broadcast to
-    ``[..., M, N]``) says which scores count. Returns the new ``(m_i, l_i, acc)``: ``[..., M]``, ``[..., M]``,
-    ``[..., M, D]``. Every row must keep >= 1 score of the tile, so the new maximum is finite and exp2 never sees
-    (-inf) - (-inf)."""
-    s = tile_dot(q, kt, PRECISION) * scale_log2
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, -1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - tl.expand_dims(m_new, -1))
-    l_i = l_i * alpha + tl.sum(p, -1)
-    acc = acc * tl.expand_dims(alpha, -1) + tile_dot(p.to(v.dtype), v, PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def store_result(
-    out_ptr, po_ptr, plse_ptr, row64, split, heads, mask, m_i, l_i, acc,
-    stride_ot, stride_oh,
-    stride_pot, stride_poh, stride_pos,
-    stride_plt, stride_plh,
-    HEAD_DIM: tl.constexpr, DIRECT: tl.constexpr,
-):
-    """Store a work item's result for query ``heads`` of row ``row64`` (``heads`` and ``mask``, which of them are real
-    rather than padding, of any shape ``S``; ``m_i, l_i`` of ``S`` and ``acc`` of ``S + [HEAD_DIM]`` as
-    :func:`attend_tile` leaves them): with DIRECT the normalised output into ``out``, otherwise split ``split``'s
-    normalised partial output and its log-sum-exp into the workspace."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = acc / tl.expand_dims(l_i, -1)
-    if DIRECT:
-        tl.store(out_ptr + row64 * stride_ot + tl.expand_dims(heads, -1) * stride_oh + offs_d,
-                 acc.to(out_ptr.dtype.element_ty), mask=tl.expand_dims(mask, -1))
-    else:
-        po = po_ptr + row64 * stride_pot + tl.expand_dims(heads, -1) * stride_poh + split * stride_pos + offs_d
-        tl.store(po, acc, mask=tl.expand_dims(mask, -1))
-        tl.store(plse_ptr + row64 * stride_plt + heads * stride_plh + split, m_i + tl.log2(l_i), mask=mask)
+from nanoflow.ops.attention.split_kv import (
+    DecodeWorkspace,
+    check_block_n,
+    check_programs,
+    check_splits,
+    default_num_splits,
+    reduce_splits,
+    split_outputs,
+    split_tiles,
+)
+from nanoflow.ops.tile_dot import dot_precision
 
 
 def _default_block_n(device: torch.device, head_dim: int) -> int:
     if device.type != "cuda":
         return 16  # the interpreter: small tiles keep multi-tile paths exercised on tiny test shapes
     return 64 if head_dim <= 128 else 32
-
-
-def _check_workspace(
-    ws: DecodeWorkspace, rows: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
-) -> None:
-    po, plse = ws
-    fits = (
-        po.dim() == 4 and plse.dim() == 3 and po.shape[0] >= rows and plse.shape[0] >= rows
-        and po.shape[1] == num_heads and plse.shape[1] == num_heads and po.shape[3] == head_dim
-        and min(po.shape[2], plse.shape[2]) >= num_splits
-        and po.dtype == torch.float32 and plse.dtype == torch.float32
-        and po.device == device and plse.device == device and po.stride(3) == 1 and plse.stride(2) == 1
-    )
-    if not fits:
-        raise AttentionInputError(
-            f"workspace must come from decode_workspace(max_rows>={rows}, {num_heads}, {head_dim}, "
-            f"num_splits>={num_splits}, {device}); got partial_out {tuple(po.shape)} {po.dtype} on {po.device}, "
-            f"partial_lse {tuple(plse.shape)}"
-        )
 
 
 @triton.jit
@@ -241,8 +126,7 @@ def _decode_split_kernel(
     seq_len = tl.load(lens_ptr + row)
     if seq_len <= 0:
         return
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    num_tiles, tiles_per_split = split_tiles(seq_len, num_splits, BLOCK_N)
     tile_lo = split * tiles_per_split
     if tile_lo >= num_tiles:
         return
@@ -288,37 +172,6 @@ def _decode_persistent_kernel(
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
                 GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT,
             )
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    lens_ptr, out_ptr, po_ptr, plse_ptr,
-    num_splits,
-    stride_ot, stride_oh,
-    stride_pot, stride_poh, stride_pos,
-    stride_plt, stride_plh,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(lens_ptr + row)
-    if seq_len <= 0:
-        return
-    # Same split arithmetic as the split kernel: exactly the splits that wrote results are read.
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    used = tl.cdiv(num_tiles, tiles_per_split)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_valid = offs_s < used
-    row64 = row.to(tl.int64)
-    lse = tl.load(plse_ptr + row64 * stride_plt + head * stride_plh + offs_s, mask=s_valid, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))
-    weight = weight / tl.sum(weight, 0)
-    po = po_ptr + row64 * stride_pot + head * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :]
-    parts = tl.load(po, mask=s_valid[:, None], other=0.0)
-    result = tl.sum(parts * weight[:, None], 0)
-    tl.store(out_ptr + row64 * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(
@@ -406,58 +259,8 @@ def decode_attention(
     return out
 
 
-# ---- shared by the split and row launchers ------------------------------------------------------------------------
 def decode_strides(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    out: torch.Tensor) -> tuple[int, ...]:
     """The stride arguments every decode kernel (split, persistent, row, row_flat) takes after its scalars, in
     signature order: q (row, head), K and V (page, slot, kv head), the block table (row), out (row, head)."""
     return (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), *out.stride()[:2])
-
-
-def dot_rows(n: int) -> int:
-    """Rows of a ``tl.dot`` operand holding ``n`` query heads: the next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(n))
-
-
-def check_programs(max_programs: int) -> int:
-    if max_programs < 1:
-        raise AttentionInputError(f"max_programs must be >= 1, got {max_programs}")
-    return max_programs
-
-
-def check_splits(num_splits: int) -> int:
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise AttentionInputError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-    return num_splits
-
-
-def check_block_n(block_n: int) -> int:
-    if block_n < 16 or block_n & (block_n - 1):
-        raise AttentionInputError(f"block_n must be a power of two >= 16, got {block_n}")
-    return block_n
-
-
-def split_outputs(out: torch.Tensor, workspace: DecodeWorkspace | None, num_splits: int) -> tuple:
-    """``(direct, po, plse, partial_strides)`` for a kernel writing ``num_splits`` splits per row: with one split it
-    writes ``out`` directly (the partial pointers are then never dereferenced; ``out`` keeps the signature uniform),
-    otherwise the (checked or newly allocated) workspace. ``partial_strides``: the kernels' last stride arguments,
-    ``partial_out`` (row, head, split) then ``partial_lse`` (row, head)."""
-    if num_splits == 1:
-        return True, out, out, (0, 0, 0, 0, 0)
-    rows, num_heads, head_dim = out.shape
-    if workspace is None:
-        workspace = decode_workspace(rows, num_heads, head_dim, num_splits, out.device)
-    _check_workspace(workspace, rows, num_heads, head_dim, num_splits, out.device)
-    po, plse = workspace
-    return False, po, plse, (*po.stride()[:3], *plse.stride()[:2])
-
-
-def reduce_splits(seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor,
-                  partial_strides: tuple, num_splits: int, block_n: int) -> None:
-    """Combine each row's splits into ``out`` (the writers split rows into tiles of ``block_n`` tokens)."""
-    rows, num_heads, head_dim = out.shape
-    _decode_reduce_kernel[(rows, num_heads)](
-        seq_lens, out, po, plse, num_splits, *out.stride()[:2], *partial_strides,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=1 if head_dim <= 64 else 2,
-    )

@@ -24,22 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoflow.ops.attention.decode import (
-    LOG2E,
+from nanoflow.ops.attention.decode import decode_strides
+from nanoflow.ops.attention.online_softmax import LOG2E, attend_tile, dot_rows, store_result
+from nanoflow.ops.attention.reference import AttentionInputError
+from nanoflow.ops.attention.split_kv import (
     DecodeWorkspace,
-    attend_tile,
     check_block_n,
     check_programs,
     check_splits,
-    decode_strides,
     default_num_splits,
-    dot_precision,
-    dot_rows,
     reduce_splits,
     split_outputs,
-    store_result,
+    split_tiles,
 )
-from nanoflow.ops.attention.reference import AttentionInputError
+from nanoflow.ops.tile_dot import dot_precision
 
 
 @triton.jit
@@ -50,8 +48,7 @@ def _item_tiles(lens_ptr, item, num_splits, BLOCK_N: tl.constexpr):
     row = item // num_splits
     split = item % num_splits
     seq_len = tl.load(lens_ptr + row)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    num_tiles, tiles_per_split = split_tiles(seq_len, num_splits, BLOCK_N)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     return row, split, seq_len, tile_lo, tile_hi

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoflow.ops.attention.decode import dot_precision, tile_dot
 from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
+from nanoflow.ops.tile_dot import dot_precision, tile_dot
 
 LOG2E = 1.4426950408889634
 

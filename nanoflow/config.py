@@ -30,6 +30,12 @@ def env_flag(name: str, default: bool = False) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def cache_root() -> Path:
+    """Where NanoFlow keeps what it derives once and reuses (kernel profiles, searched pipelines, converted
+    tokenizers): ``$NANOFLOW_CACHE``, else ``~/.cache/nanoflow``."""
+    return Path(os.environ.get("NANOFLOW_CACHE", Path.home() / ".cache" / "nanoflow"))
+
+
 def builtin_model_names() -> list[str]:
     """Short names of the model configs shipped in ``nanoflow/configs``."""
     folder = resources.files("nanoflow") / "configs"

@@ -80,6 +80,43 @@ def test_gguf_tokenizer_matches_transformers(tok: Tokenizer, hf_tok) -> None:
     assert tok.decode(tok.encode(TEXTS[-1])) == "user\nHi there\n"  # specials dropped by default
 
 
+def test_gguf_tokenizer_cache(gguf_path: Path, hf_tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              caplog: pytest.LogCaptureFixture) -> None:
+    """The GGUF tokenizer is converted once, then loaded from the cache; the cached copy is the converted one (ids
+    of every text and every single-id decode as transformers' own conversion), and a damaged entry is replaced."""
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path))
+    conversions = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        conversions.append("gguf_file" in kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+
+    def check(t: Tokenizer | None) -> None:
+        assert t is not None and (t.bos_token_id, t.eos_token_ids, t.vocab_size) == (1, (2,), 49152)
+        for text in TEXTS:
+            for special in (True, False):
+                assert t.encode(text, add_special_tokens=special) == hf_tok.encode(text, add_special_tokens=special)
+        assert [t.decode([i], skip_special_tokens=False) for i in range(0, 49152, 7)] == [
+            hf_tok.decode([i], skip_special_tokens=False) for i in range(0, 49152, 7)]
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+        assert t.apply_chat_template(messages) == hf_tok.apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True)
+
+    check(load_tokenizer(gguf_path))
+    [entry] = (tmp_path / "tokenizers").iterdir()
+    assert conversions == [True] and (entry / "tokenizer.json").is_file()
+    check(load_tokenizer(gguf_path))
+    assert conversions == [True, False]  # loaded from the cache, not converted
+    (entry / "tokenizer.json").write_text("{ truncated")
+    check(load_tokenizer(gguf_path))
+    assert conversions == [True, False, False, True] and "ignoring the cached tokenizer" in caplog.text
+    check(load_tokenizer(gguf_path))
+    assert conversions[-1] is False and [p.name for p in (tmp_path / "tokenizers").iterdir()] == [entry.name]
+
+
 def test_gguf_chat_template(tok: Tokenizer) -> None:
     assert tok.has_chat_template
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])

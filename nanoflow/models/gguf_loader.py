@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,14 @@ def _f32(value: float) -> float:
     return float(f"{float(value):.7g}")
 
 
+@lru_cache(maxsize=2)
+def _open_reader(reader_cls: Any, path: str, size: int, mtime_ns: int) -> Any:
+    """One parsed reader per file version: parsing the metadata (the tokenizer's ~50k strings) takes seconds, and
+    the model spec and the weights both need it. ``size`` and ``mtime_ns`` key the cache, so a rewritten file is
+    parsed again. The reader only reads (a read-only memory map), so sharing it is safe."""
+    return reader_cls(path)
+
+
 class GGUFSource:
     """A llama GGUF file seen as HF-named tensors (the loader's TensorSource); reads are dequantized to float32."""
 
@@ -102,7 +110,8 @@ class GGUFSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightLoadError(f"GGUF file {self.path} does not exist")
-        self.reader = GGUFReader(str(self.path))
+        stat = self.path.stat()
+        self.reader = _open_reader(GGUFReader, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
         arch = _field(self.reader, "general.architecture")
         if arch != "llama":
             raise WeightLoadError(

@@ -1,14 +1,19 @@
 """Tokenizers: a small wrapper over transformers' AutoTokenizer, and an incremental detokenizer for streaming.
 
 Sources: a HF folder (tokenizer.json, tokenizer.model (sentencepiece), vocab.json + merges.txt, tokenizer_config.json
-with the chat template) or a GGUF file whose embedded tokenizer transformers rebuilds. A folder without tokenizer
-files (or a built-in short model name, which ships only a config) gives ``None``: the engine then accepts token ids
-only. A tokenizer without a chat template uses :data:`CHATML_TEMPLATE`.
+with the chat template) or a GGUF file whose embedded tokenizer transformers rebuilds (converted once, then loaded
+from a cache: :func:`_gguf_tokenizer`). A folder without tokenizer files (or a built-in short model name, which ships
+only a config) gives ``None``: the engine then accepts token ids only. A tokenizer without a chat template uses
+:data:`CHATML_TEMPLATE`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+log = logging.getLogger("nanoflow")
 
 
 class TokenizerLoadError(ValueError):
@@ -108,7 +115,7 @@ def load_tokenizer(source: str | Path | None) -> Tokenizer | None:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise TokenizerLoadError(f"{path} is neither a model folder nor a .gguf file")
-            return Tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+            return Tokenizer(_gguf_tokenizer(path))
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             ggufs = sorted(path.glob("*.gguf"))
             return load_tokenizer(ggufs[0]) if len(ggufs) == 1 else None
@@ -118,6 +125,44 @@ def load_tokenizer(source: str | Path | None) -> Tokenizer | None:
             raise
         raise TokenizerLoadError(f"cannot load the tokenizer in {path}: {e}") from e
     return Tokenizer(backend, extra_eos_token_ids=_generation_eos(path))
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The transformers tokenizer embedded in a GGUF file.
+
+    transformers rebuilds it from the metadata, which takes seconds (it parses the whole file and converts the
+    vocabulary and merges). The result is saved once under ``cache_root()/tokenizers`` (keyed by the file's path,
+    size, modification time and the transformers version) and loaded from there afterwards in a fraction of a
+    second. A cache that cannot be written or read is skipped with a warning: the conversion is the reference."""
+    from transformers import AutoTokenizer
+    from transformers import __version__ as transformers_version
+
+    from nanoflow.config import cache_root
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers_version}"
+    folder = cache_root() / "tokenizers" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    stale = False
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("ignoring the cached tokenizer in %s (%s); converting %s again", folder, e, path.name)
+            stale = True
+    backend = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    try:
+        backend.save_pretrained(str(staging))
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)  # atomic: readers see the whole folder or none
+    except OSError as e:
+        if not (folder / "tokenizer.json").is_file():  # else another process (a TP rank) cached it first
+            log.warning("could not cache the tokenizer of %s in %s (%s); it is converted again next time",
+                        path.name, folder, e)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return backend
 
 
 class IncrementalDetokenizer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import statistics
 from pathlib import Path
@@ -19,11 +18,13 @@ from typing import Any
 
 import torch
 
+from nanoflow.config import cache_root
+
 log = logging.getLogger("nanoflow")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NANOFLOW_CACHE", Path.home() / ".cache" / "nanoflow")) / "profiles"
+    return cache_root() / "profiles"
 
 
 def profile_path(gpu: str, model: str, dtype: str, tp: int) -> Path:

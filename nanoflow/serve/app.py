@@ -32,13 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoflow.engine.async_engine import vocab_size_of
 from nanoflow.serve.errors import APIError, from_validation_error, invalid
 from nanoflow.serve.generation import Admission, GenerationJob, run_job
+from nanoflow.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY
 from nanoflow.serve.metrics import ServerMetrics
 from nanoflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, param_of
 
 logger = logging.getLogger("nanoflow.serve")
 
-DEFAULT_MAX_CONCURRENCY = 256
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from nanoflow.config import DTYPES, EngineArgs
 from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
-from nanoflow.serve.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, ServerConfig, create_app
+from nanoflow.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, require_server_packages
 
 DEFAULT_PORT = 8000
 
@@ -78,7 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``serve`` on an ``argparse`` subparsers object; returns the new parser."""
+    """Register ``serve`` on an ``argparse`` subparsers object; returns the new parser. Raises ImportError when
+    the ``serve`` extra is missing (the CLI then lists the command as unavailable)."""
+    require_server_packages()
     parser = subparsers.add_parser(
         "serve",
         help="run the OpenAI-compatible HTTP server",
@@ -108,6 +110,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``nanoflow serve`` with parsed arguments; returns the process exit code."""
+    from nanoflow.serve.app import ServerConfig, create_app
+
     try:
         engine = build_engine(args)
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError: a bad --model/--dtype/... value

@@ -10,6 +10,7 @@ stage-II MILP consumes, plus the pair's speedup over running the two back to bac
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import torch
@@ -190,6 +191,68 @@ def partition_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx:
             "kv_heads": kv_heads, "head_dim": head_dim, "kv_bytes": kv_bytes}, "sms": sms,
             "t_gemm_alone_ms": t_gemm, "t_decode_alone_ms": t_dec, "serial_ms": t_gemm + t_dec,
             "gemm_alone": gemm_rows, "decode_alone": decode_rows_out, "pairs": pairs}
+
+
+def sustained_clocks(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
+                     head_dim: int, programs: int | None, device: torch.device, seconds: float = 2.0,
+                     block_size: int = 16, read: Any = None) -> dict[str, Any]:
+    """GEMM alone, decode attention alone and the pair (decode on a persistent grid of ``programs``), each run back
+    to back for ``seconds`` while :class:`~nanoflow.bench.gpu_monitor.GpuMonitor` samples the SM / memory clocks,
+    power and clock-event reasons: whether the pair's slowdown comes with lower clocks (power-bound) or not (HBM /
+    L2 contention). ``read``: the monitor's reading function (default NVML)."""
+    from nanoflow.bench.gpu_monitor import GpuMonitor
+    from nanoflow.ops.attention.decode import decode_attention
+
+    x, w, y, q, kc, vc, table, lens, out = _pair_inputs(tokens, hidden, inter, decode_rows, ctx, heads, kv_heads,
+                                                        head_dim, device, block_size)
+    s_hi = torch.cuda.Stream(device=device, priority=-1)
+    s_lo = torch.cuda.Stream(device=device, priority=0)
+
+    def gemm() -> None:
+        torch.mm(x, w.t(), out=y)
+
+    def dec(p: int | None) -> Any:
+        return lambda: decode_attention(q, kc, vc, table, lens, out, head_dim**-0.5, num_splits=1, max_programs=p)
+
+    phases = {"gemm": [(s_lo, gemm)], "decode": [(s_hi, dec(None))], "pair": [(s_hi, dec(programs)), (s_lo, gemm)]}
+    origin = torch.cuda.current_stream(device)
+
+    def launch(fns: list[tuple[torch.cuda.Stream, Any]], iters: int) -> float:
+        """``iters`` iterations of the phase (its kernels start together each time); ms per iteration."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(origin)
+        for _ in range(iters):
+            ready = torch.cuda.Event()
+            ready.record(origin)
+            for stream, fn in fns:
+                stream.wait_event(ready)
+                with torch.cuda.stream(stream):
+                    fn()
+                done = torch.cuda.Event()
+                done.record(stream)
+                origin.wait_event(done)
+        end.record(origin)
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+
+    report: dict[str, Any] = {"gemm_shape": [tokens, hidden, 2 * inter], "decode": {"rows": decode_rows, "ctx": ctx,
+                              "programs": programs}, "seconds": seconds}
+    monitor_args = {"device_index": device.index or 0} if read is None else {"read": read}
+    with GpuMonitor(**monitor_args) as idle:
+        time.sleep(min(0.5, seconds))
+    report["idle"] = idle.summary()
+    for name, fns in phases.items():
+        per_iter = launch(fns, 3)  # warm-up, and the size of a batch of about 50 ms
+        batch = max(1, int(50.0 / max(per_iter, 1e-3)))
+        times = []
+        with GpuMonitor(**monitor_args) as mon:
+            began = time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                times.append(launch(fns, batch))
+        report[name] = {"ms_per_iter": statistics.median(times), "iters": batch * len(times), **mon.summary()}
+    report["pair_vs_serial"] = (report["gemm"]["ms_per_iter"] + report["decode"]["ms_per_iter"]) / \
+        report["pair"]["ms_per_iter"]
+    return report
 
 
 def rp_table(pairs: list[dict[str, Any]]) -> list[tuple[float, float]]:

@@ -9,5 +9,5 @@ PY=${PYTHON:-python3}
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d .whl \
   gguf "pulp==3.3.2" fastapi starlette pydantic pydantic_core uvicorn annotated-types typing-inspection typing_extensions \
-  opentelemetry-api anyio sniffio h11 idna click prometheus-client httpx httpcore certifi
+  opentelemetry-api anyio sniffio h11 idna click prometheus-client httpx httpcore certifi nvidia-ml-py
 ls .whl

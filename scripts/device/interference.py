@@ -14,7 +14,7 @@ import os
 import torch
 from _common import report_header
 
-from nanoflow.search.interference import gemm_decode_pairs, partition_pairs, rp_table
+from nanoflow.search.interference import gemm_decode_pairs, partition_pairs, rp_table, sustained_clocks
 
 DECODE_CONFIGS = [{"block_n": bn, "num_stages": st, "num_warps": 4, "kv_evict": ev}
                   for bn in (64, 128) for st in (2, 3, 4) for ev in ("evict_first", "")]
@@ -44,9 +44,16 @@ def main() -> None:
                          "through DECODE_CONFIGS")
     ap.add_argument("--row-only", action="store_true",
                     help="partition: sweep only the row/row_flat-variant configs")
+    ap.add_argument("--clocks", action="store_true",
+                    help="instead: GEMM, decode and the pair (decode grid = first of --programs) each sustained for "
+                         "--seconds while NVML samples SM/memory clocks, power and throttle reasons (needs "
+                         "nvidia-ml-py); tells a power-bound pair from HBM/L2 contention")
+    ap.add_argument("--seconds", type=float, default=2.0, help="clocks: seconds per phase")
     args = ap.parse_args()
     if args.partition:
         return partition(args)
+    if args.clocks:
+        return clocks(args)
     dev = torch.device("cuda")
     results = []
     for tokens in [int(t) for t in args.tokens.split(",")]:
@@ -69,6 +76,27 @@ def main() -> None:
                       f"  P_gemm {p['P_gemm']:.2f} P_decode {p['P_decode']:.2f}")
             print("  R->P:", [(round(r, 2), round(q, 2)) for r, q in res["rp_table"]])
     with open(os.path.join(os.environ.get("OUT", "."), "interference.json"), "w") as f:
+        json.dump({**report_header(), "results": results}, f, indent=2)
+
+
+def clocks(args: argparse.Namespace) -> None:
+    dev = torch.device("cuda")
+    results = []
+    programs = int(args.programs.split(",")[0])
+    for tokens in [int(t) for t in args.tokens.split(",")]:
+        for pair in args.decode.split(","):
+            rows, ctx = (int(v) for v in pair.split(":"))
+            res = sustained_clocks(tokens, 4096, 14336, rows, ctx, 32, 8, 128, programs, dev, args.seconds)
+            results.append(res)
+            print(f"GEMM {tokens}x4096x28672 | decode {rows}x{ctx} on {programs} programs: pair x"
+                  f"{res['pair_vs_serial']:.2f} vs serial")
+            for phase in ("idle", "gemm", "decode", "pair"):
+                r = res[phase]
+                ms = f"{r['ms_per_iter']:.3f} ms/iter" if "ms_per_iter" in r else "-"
+                print(f"  {phase:6s} {ms:>16s}  SM {r['sm_mhz']['median']:.0f} MHz (min {r['sm_mhz']['min']:.0f})  "
+                      f"mem {r['mem_mhz']['median']:.0f} MHz  {r['power_w']['median']:.0f} W (max "
+                      f"{r['power_w']['max']:.0f})  {r['reasons']}")
+    with open(os.path.join(os.environ.get("OUT", "."), "interference_clocks.json"), "w") as f:
         json.dump({**report_header(), "results": results}, f, indent=2)
 
 

@@ -1,0 +1,39 @@
+"""GpuMonitor's sampling and summary, driven by a scripted reading function (no GPU)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from nanoflow.bench.gpu_monitor import GpuMonitor, nvml_reader, reason_names
+
+
+def test_summary_of_scripted_samples() -> None:
+    readings = iter([(1980.0, 3201.0, 350.0, 0x0), (1755.0, 3201.0, 699.0, 0x4), (1600.0, 3201.0, 700.0, 0x4 | 0x8),
+                     (1800.0, 3201.0, 650.0, 0x4)])
+    last = (1800.0, 3201.0, 650.0, 0x4)
+    with GpuMonitor(interval_s=0.001, read=lambda: next(readings, last)) as mon:
+        deadline = time.monotonic() + 5
+        while len(mon.samples) < 6 and time.monotonic() < deadline:
+            time.sleep(0.002)
+    s = mon.summary()
+    n = s["samples"]
+    assert n >= 6 and len(mon.samples) == n
+    assert s["sm_mhz"]["max"] == 1980.0 and s["sm_mhz"]["min"] == 1600.0 and s["sm_mhz"]["median"] == 1800.0
+    assert s["power_w"]["max"] == 700.0 and s["mem_mhz"] == {"median": 3201.0, "min": 3201.0, "max": 3201.0}
+    # the power cap was set in every sample but the first; hw_slowdown in exactly one
+    assert s["reasons"] == {"hw_slowdown": pytest.approx(1 / n), "sw_power_cap": pytest.approx((n - 1) / n)}
+    assert [x.t for x in mon.samples] == sorted(x.t for x in mon.samples)
+
+
+def test_reason_names_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert reason_names(0) == []
+    assert reason_names(0x4 | 0x40) == ["sw_power_cap", "hw_thermal_slowdown"]
+    assert reason_names(0x1000 | 0x1) == ["gpu_idle", "0x1000"]
+    with pytest.raises(ValueError, match="interval_s"):
+        GpuMonitor(interval_s=0, read=lambda: (0.0, 0.0, 0.0, 0))
+    assert GpuMonitor(read=lambda: (0.0, 0.0, 0.0, 0)).summary() == {"samples": 0}
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # import pynvml -> ImportError
+    with pytest.raises(RuntimeError, match="pip install nvidia-ml-py"):
+        nvml_reader(0)

@@ -16,6 +16,11 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 DTYPES = ("float32", "bfloat16", "float16")
+# KV-cache element types: "auto" = the model's dtype; "fp8" = float8 e4m3 with unit scale (values clamped to +-448),
+# half the bytes of bf16, so twice the tokens fit (what vLLM calls kv_cache_dtype="fp8" without calibrated scales).
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_HELP = ("KV-cache element type: auto = the model's dtype; fp8 = float8 e4m3 with unit scale, half "
+                       "the bytes of bf16, so about twice the KV tokens fit (on a GPU: compute capability 8.9+)")
 
 
 class ConfigError(ValueError):
@@ -251,6 +256,7 @@ class EngineArgs:
     compile: bool = True
     pipeline: str | None = None
     resource_knob: str = "grid"  # how nano-op shares are enforced: grid|partition|green|none (graphs/resources.py)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     # Free-form options, among them: decode_variant ("split"|"row", the Triton decode kernel), decode_options (its
     # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -267,5 +273,8 @@ class EngineArgs:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.tp < 1:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")

@@ -44,8 +44,10 @@ def seeded(*case: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
 
 
-def paged_kv(lengths: list[int], block_size: int, hkv: int, d: int, dtype: torch.dtype, gen: torch.Generator):
-    """Random K/V pages; row r's tokens live on shuffled pages of ``table[r]``. Unread memory is NaN."""
+def paged_kv(lengths: list[int], block_size: int, hkv: int, d: int, dtype: torch.dtype, gen: torch.Generator,
+             kv_dtype: torch.dtype | None = None):
+    """Random K/V pages (stored as ``kv_dtype``, default ``dtype``); row r's tokens live on shuffled pages of
+    ``table[r]``. Unread memory is NaN."""
     pages = [math.ceil(n / block_size) for n in lengths]
     num_blocks = 1 + sum(pages) + 2
     k = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(dtype)
@@ -60,6 +62,8 @@ def paged_kv(lengths: list[int], block_size: int, hkv: int, d: int, dtype: torch
             v[ids[-1], n % block_size :] = float("nan")
     k[0] = float("nan")
     v[0] = float("nan")
+    if kv_dtype is not None:
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
     return k, v, table
 
 
@@ -94,13 +98,13 @@ def test_decode_matches_reference(gqa, head_dim, block_size, num_splits, block_n
                  num_splits=num_splits, block_n=block_n)
 
 
-def check_decode(lengths, hkv, gqa, head_dim, block_size, dtype, gen, **kw):
+def check_decode(lengths, hkv, gqa, head_dim, block_size, dtype, gen, kv_dtype=None, **kw):
     """Run decode_attention(**kw) on paged rows of ``lengths`` and compare with the float64 reference.
 
     q is the q-columns of a fused ``[N, (Hq + 2 Hkv) * D]`` QKV buffer and out a row slice of a NaN-filled bigger
     buffer, so strides are exercised and rows of length 0 must stay untouched."""
     hq = hkv * gqa
-    k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen)
+    k, v, table = paged_kv(lengths, block_size, hkv, head_dim, dtype, gen, kv_dtype)
     n = len(lengths)
     qkv = torch.randn(n, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
     q = qkv[:, : hq * head_dim].view(n, hq, head_dim)
@@ -253,11 +257,36 @@ PREFILL_CASES = [
 @in_process
 def test_prefill_matches_reference(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype):
     gen = seeded(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype)
+    check_prefill(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype, gen)
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("variant,kw", [("split", {"num_splits": 1}), ("split", {"num_splits": 3}),
+                                        ("split", {"max_programs": 3}), ("row", {"num_splits": 2}),
+                                        ("row_flat", {"max_programs": 2})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@in_process
+def test_decode_fp8_cache_matches_reference(variant, kw, dtype):
+    """A float8 e4m3 cache (kv_cache_dtype="fp8"): every decode kernel widens it on load and computes the attention
+    the reference computes on the same float8 values."""
+    gen = seeded("fp8", variant, sorted(kw.items()), dtype)
+    check_decode([37, 0, 1, 16, 100, 65], 2, 4, 64, 16, dtype, gen, kv_dtype=FP8, variant=variant, **kw)
+
+
+@pytest.mark.parametrize("dtype,pack_gqa", [(torch.float32, False), (torch.bfloat16, True)])
+@in_process
+def test_prefill_fp8_cache_matches_reference(dtype, pack_gqa):
+    check_prefill(4, 64, 16, 16, 32, pack_gqa, dtype, seeded("fp8-prefill", dtype, pack_gqa), kv_dtype=FP8)
+
+
+def check_prefill(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype, gen, kv_dtype=None):
     hkv = 2
     hq = hkv * gqa
     # (q_len, ctx_len): fresh prompt, skipped, one-token extend, context crossing pages, multi-block chunk.
     segs = [(21, 0), (0, 9), (1, 30), (13, 19), (37, 5)]
-    k, v, table = paged_kv([ql + ctx for ql, ctx in segs], block_size, hkv, head_dim, dtype, gen)
+    k, v, table = paged_kv([ql + ctx for ql, ctx in segs], block_size, hkv, head_dim, dtype, gen, kv_dtype)
     # Segments are packed with a gap row between them; gaps belong to no segment and must stay NaN.
     starts, row = [], 1
     for ql, _ in segs:

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from nanoflow.config import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+
 log = logging.getLogger("nanoflow")
 
 
@@ -30,6 +32,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--kv-fraction", type=float, default=0.6,
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.bench.measure import gemm_peak
     from nanoflow.bench.throughput import base_args, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
-    from nanoflow.engine.builder import load_parts
+    from nanoflow.engine.builder import kv_bytes_per_token, load_parts, resolve_kv_dtype
 
     if not torch.cuda.is_available():
         print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_tp(args)
     device = torch.device("cuda")
-    ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
+    ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
+                   args.kv_cache_dtype)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
     if args.memory_share is not None:
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     spec = parts["model"].spec
     log.info("weights ready in %.1f s", time.perf_counter() - t0)
     if ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
-        per_token = 2 * spec.num_layers * spec.kv_size * 2
+        kv_dtype = resolve_kv_dtype(ea.kv_cache_dtype, parts["dtype"], device)
+        per_token = kv_bytes_per_token(spec, parts["model"].local_kv_heads, kv_dtype)
         ea = replace(ea, kv_cache_tokens=int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token))
     peak = gemm_peak(spec, args.dense_batch_size, parts["dtype"], device)
     optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)

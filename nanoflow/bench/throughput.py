@@ -113,9 +113,10 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
     return rec
 
 
-def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None) -> EngineArgs:
+def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None,
+              kv_cache_dtype: str = "auto") -> EngineArgs:
     return EngineArgs(model=model, load_format="dummy", dtype="bfloat16", device="cuda", dense_batch_size=dense,
-                      seed=seed, kv_cache_tokens=kv_tokens, max_num_seqs=max_num_seqs)
+                      seed=seed, kv_cache_tokens=kv_tokens, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
 
 
 def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:

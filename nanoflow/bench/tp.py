@@ -75,7 +75,7 @@ def run_tp(args: argparse.Namespace) -> int:
     from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
     from nanoflow.bench.throughput import base_args, workload
-    from nanoflow.engine.builder import load_parts
+    from nanoflow.engine.builder import kv_bytes_per_token, load_parts, resolve_kv_dtype
     from nanoflow.engine.distributed import follow, stop_followers
     from nanoflow.ops.comm import init_from_env
 
@@ -87,7 +87,8 @@ def run_tp(args: argparse.Namespace) -> int:
         print(f"--tp {args.tp}: launch with torchrun --nproc-per-node {args.tp} -m nanoflow.bench.tp ...",
               file=sys.stderr)
         return 2
-    ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs)
+    ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
+                   getattr(args, "kv_cache_dtype", "auto"))
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
     if args.memory_share is not None:
@@ -99,7 +100,8 @@ def run_tp(args: argparse.Namespace) -> int:
     spec = model.spec
     log.info("rank %d: weights ready in %.1f s", comm.rank, time.perf_counter() - t0)
     if ea.kv_cache_tokens is None:  # one capacity for every mode and rank, so the modes' batches are comparable
-        per_token = 2 * spec.num_layers * model.local_kv_heads * spec.head_dim * 2
+        per_token = kv_bytes_per_token(spec, model.local_kv_heads,
+                                       resolve_kv_dtype(ea.kv_cache_dtype, parts["dtype"], comm.device))
         mine = int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token)
         ea = replace(ea, kv_cache_tokens=min(comm.all_gather_object(mine)))
     if not comm.is_leader:

@@ -46,6 +46,25 @@ def resolve_dtype(dtype: str, device: torch.device, spec: ModelSpec) -> torch.dt
     return _DTYPES[dtype]
 
 
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type: the model's (``auto``) or float8 e4m3 (``fp8``). fp8 needs a GPU whose Triton
+    converts float8 in registers (compute capability 8.9+: Ada, Hopper, Blackwell), or the CPU."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ConfigError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported; use auto or fp8")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or newer; {name} is "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use kv_cache_dtype='auto'")
+    return torch.float8_e4m3fn
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv_heads_local: int, kv_dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in one rank's cache (all layers)."""
+    return 2 * spec.num_layers * kv_heads_local * spec.head_dim * torch.finfo(kv_dtype).bits // 8
+
+
 def resolve_source(model: str | None, load_format: str) -> ModelSource:
     """``None`` = the embedded SmolLM2-135M-Instruct GGUF; a short name; an HF folder; a ``.gguf`` file."""
     if model is None or str(model).endswith(".gguf") or model == "smollm2-135m":
@@ -76,13 +95,14 @@ def resolve_source(model: str | None, load_format: str) -> ModelSource:
 
 def kv_capacity_tokens(args: EngineArgs, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                        activation_bytes: int, kv_heads_local: int, fraction: float = 0.9) -> int:
-    """KV tokens to allocate: ``kv_cache_tokens`` if given, else what free GPU memory holds (CPU: 32,768)."""
+    """KV tokens to allocate: ``kv_cache_tokens`` if given, else what free GPU memory holds in elements of ``dtype``
+    (the KV cache's; CPU: 32,768)."""
     if args.kv_cache_tokens is not None:
         return args.kv_cache_tokens
     if device.type != "cuda":
         return 32768
     free, _total = torch.cuda.mem_get_info(device)
-    per_token = 2 * spec.num_layers * kv_heads_local * spec.head_dim * torch.finfo(dtype).bits // 8
+    per_token = kv_bytes_per_token(spec, kv_heads_local, dtype)
     budget = int(free * fraction) - activation_bytes - (2 << 30)
     if budget <= per_token * 1024:
         raise ConfigError(f"only {free / 2**30:.1f} GiB of GPU memory is free after the weights; not enough for a "
@@ -113,6 +133,9 @@ def create_engine(args: EngineArgs) -> Any:
     return), the KV-offloading engine (``extra["kv_offload"]``, one device only), else the plain engine."""
     if args.tp > 1 and args.extra.get("kv_offload"):
         raise ConfigError("KV offload/reuse runs on one device only; drop --kv-offload or use --tp 1")
+    if args.kv_cache_dtype != "auto" and args.extra.get("kv_offload"):
+        raise ConfigError("KV offload/reuse keeps the cache in the model's dtype; drop --kv-offload or use "
+                          "--kv-cache-dtype auto")
     if args.tp > 1:
         from nanoflow.engine.distributed import make_engine
 

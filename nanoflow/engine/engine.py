@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from nanoflow.config import ConfigError, EngineArgs
-from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_device
+from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_device, resolve_kv_dtype
 from nanoflow.engine.outputs import RequestMetrics, RequestOutput
 from nanoflow.ops.sampling import SamplingTensors
 from nanoflow.scheduler.batcher import BatchPlan, Scheduler
@@ -62,7 +62,8 @@ class Engine:
                               f"{spec.max_position_embeddings}")
         self.dense_batch_size = args.dense_batch_size or self._default_dense_batch(parts["dtype"])
         act_bytes = sum(b.width for b in self.model.buffer_specs().values()) * self.dense_batch_size * 2
-        kv_tokens = kv_capacity_tokens(args, spec, self.device, parts["dtype"], act_bytes, self.model.local_kv_heads)
+        self.kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, parts["dtype"], self.device)
+        kv_tokens = kv_capacity_tokens(args, spec, self.device, self.kv_dtype, act_bytes, self.model.local_kv_heads)
         bs = args.block_size
         num_blocks = kv_tokens // bs + 1  # +1: the null block
         self.kv_tokens = kv_tokens
@@ -132,7 +133,7 @@ class Engine:
                                                     ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))),
                            kv_offload=self.simultaneous_offload,
                            decode_variant=str(self.args.extra.get("decode_variant", "split")),
-                           decode_options=self.args.extra.get("decode_options"))
+                           decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

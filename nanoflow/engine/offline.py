@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanoflow.config import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
 from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
 
 
@@ -37,6 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resource-knob", default="grid", choices=["grid", "partition", "green", "none"],
                    help="how nano-op shares are enforced on the GPU: decode persistent grid; partition (that grid plus "
                         "a cuBLASLt SM target for the GEMMs beside it); green contexts; or none")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--no-async", action="store_true", help="schedule synchronously (batch i+1 after batch i ends)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the forward eagerly on the GPU")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the glue ops")
@@ -48,7 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               dense_batch_size=args.dense_batch_size, max_model_len=args.max_model_len,
               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
               async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
-              compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob)
+              compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob,
+              kv_cache_dtype=args.kv_cache_dtype)
     if hasattr(args, "kv_offload"):  # run-offline's flags; bench has none
         kw.update(kv_offload_extra(args))
     return kw

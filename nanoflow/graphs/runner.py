@@ -56,7 +56,7 @@ class ModelRunner:
                  max_model_len: int, attention: str | None = None, pipeline: Any = None, comm: Any = None,
                  compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
                  resources: Any = None, kv_offload: bool = False, decode_variant: str = "split",
-                 decode_options: dict[str, Any] | None = None):
+                 decode_options: dict[str, Any] | None = None, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -65,7 +65,8 @@ class ModelRunner:
         self.comm = comm
         dtype = model.dtype
         cache_shape = (self.spec.num_layers, 2, num_blocks, block_size, model.local_kv_heads, self.spec.head_dim)
-        self.kv_cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
+        # kv_dtype: the model's dtype, or float8 (store_kv rounds into it; the attention kernels widen on load).
+        self.kv_cache = torch.zeros(cache_shape, dtype=kv_dtype or dtype, device=self.device)
         self.bufs = {
             name: torch.zeros(max_tokens, b.width, dtype=b.dtype or dtype, device=self.device)
             for name, b in model.buffer_specs().items()

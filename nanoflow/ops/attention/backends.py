@@ -46,8 +46,8 @@ class TorchAttention:
         idx, mask = self._slots(meta, q.device)
         n, heads, dim = q.shape
         kv_heads = k_cache.shape[-2]
-        k = k_cache.view(-1, kv_heads, dim)[idx].transpose(1, 2)  # [n, kvh, L, d]
-        v = v_cache.view(-1, kv_heads, dim)[idx].transpose(1, 2)
+        k = k_cache.view(-1, kv_heads, dim)[idx].to(q.dtype).transpose(1, 2)  # [n, kvh, L, d]; float8 widened
+        v = v_cache.view(-1, kv_heads, dim)[idx].to(q.dtype).transpose(1, 2)
         # One query per row; SDPA's fused CPU kernel (GQA heads share their kv head) beats einsum + softmax by ~25%.
         res = F.scaled_dot_product_attention(q.view(n, heads, 1, dim), k, v, attn_mask=mask[:, None, None, :],
                                              scale=self.scale, enable_gqa=heads != kv_heads)
@@ -64,8 +64,8 @@ class TorchAttention:
             slots = torch.tensor(blocks, dtype=torch.int64)[pos // self.block_size] * self.block_size \
                 + pos % self.block_size
             slots = slots.to(q.device)
-            k = kf[slots].transpose(0, 1)  # [kvh, L, d]
-            v = vf[slots].transpose(0, 1)
+            k = kf[slots].to(q.dtype).transpose(0, 1)  # [kvh, L, d]
+            v = vf[slots].to(q.dtype).transpose(0, 1)
             qs = q[q_start:q_start + q_len].transpose(0, 1)  # [h, q, d]
             allowed = torch.arange(total, device=q.device)[None, :] <= (
                 ctx_len + torch.arange(q_len, device=q.device)[:, None])

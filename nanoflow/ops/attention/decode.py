@@ -95,11 +95,11 @@ def _attend_group(
         k = tl.load(
             k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
             mask=valid[:, None], other=0.0, eviction_policy=EVICT,
-        )
+        ).to(q.dtype)  # a float8 cache is widened in registers (a no-op otherwise)
         v = tl.load(
             v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
             mask=valid[:, None], other=0.0, eviction_policy=EVICT,
-        )
+        ).to(q.dtype)
         m_i, l_i, acc = attend_tile(q, tl.trans(k), v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
     store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc,
                  stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)

@@ -123,9 +123,9 @@ def _decode_row_kernel(
                 k_tok, v_tok = _tile_token_offsets(bt_row, tile, tok, valid, seq_len, stride_kb, stride_kt, stride_vb,
                                                    stride_vt, PAGE, BLOCK_N)
                 k = tl.load(k_ptr + k_tok[:, None, None] + k_hd[None, :, :], mask=valid[:, None, None], other=0.0,
-                            eviction_policy=EVICT)  # [BLOCK_N, KVH, D], memory order
+                            eviction_policy=EVICT).to(q.dtype)  # [BLOCK_N, KVH, D], memory order; float8 widened
                 v = tl.load(v_ptr + v_tok[:, None, None] + v_hd[None, :, :], mask=valid[:, None, None], other=0.0,
-                            eviction_policy=EVICT)
+                            eviction_policy=EVICT).to(q.dtype)
                 # Scores [KVH, BLOCK_G, BLOCK_N]; every tile holds >= 1 valid token.
                 m_i, l_i, acc = attend_tile(q, tl.permute(k, (1, 2, 0)), tl.permute(v, (1, 0, 2)),
                                             valid[None, None, :], m_i, l_i, acc, scale_log2, PRECISION)
@@ -184,9 +184,9 @@ def _decode_row_flat_kernel(
                 v_col = tl.reshape(v_tok[:, None] + (offs_h * stride_vh)[None, :], [BLOCK_C])
                 c_valid = tl.reshape(tl.broadcast_to(valid[:, None], [BLOCK_N, KVH]), [BLOCK_C])
                 k = tl.load(k_ptr + k_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
-                            eviction_policy=EVICT)  # [BLOCK_C, D]
+                            eviction_policy=EVICT).to(q.dtype)  # [BLOCK_C, D]; float8 widened
                 v = tl.load(v_ptr + v_col[:, None] + offs_d[None, :], mask=c_valid[:, None], other=0.0,
-                            eviction_policy=EVICT)
+                            eviction_policy=EVICT).to(q.dtype)
                 # Scores [BLOCK_M, BLOCK_C]; every tile holds >= 1 valid token of every kv head.
                 m_i, l_i, acc = attend_tile(q, tl.trans(k), v, same_head & c_valid[None, :], m_i, l_i, acc,
                                             scale_log2, PRECISION)

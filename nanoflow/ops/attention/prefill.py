@@ -52,9 +52,9 @@ def _attend_tile(
     k_ptrs = k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :]
     v_ptrs = v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :]
     if MASKED:
-        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0).to(q.dtype)  # a float8 cache is widened in registers
     else:
-        k = tl.load(k_ptrs)
+        k = tl.load(k_ptrs).to(q.dtype)
     s = tile_dot(q, tl.trans(k), PRECISION) * scale_log2
     if MASKED:
         s = tl.where((tok[None, :] <= q_pos[:, None]) & valid[None, :], s, float("-inf"))
@@ -64,9 +64,9 @@ def _attend_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0).to(q.dtype)
     else:
-        v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs).to(q.dtype)
     acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 

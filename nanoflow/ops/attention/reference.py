@@ -51,9 +51,9 @@ def check_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
         raise AttentionInputError(
-            f"KV cache dtypes ({k_cache.dtype}, {v_cache.dtype}) must equal q's dtype {q.dtype}"
+            f"KV cache dtypes ({k_cache.dtype}, {v_cache.dtype}) must both be q's dtype {q.dtype} or float8_e4m3fn"
         )
     if k_cache.device != q.device or v_cache.device != q.device:
         raise AttentionInputError(f"KV cache is on {k_cache.device}/{v_cache.device} but q is on {q.device}")

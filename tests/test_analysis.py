@@ -246,3 +246,23 @@ def test_cli_every_flag_documented() -> None:
     assert {"--model", "--gpu", "--tp", "--dense-batch", "--prompt-len", "--decode-len", "--workload",
             "--peak-tflops", "--dtype-bytes", "--json"} <= flags
     assert all(action.help for action in sub._actions)
+
+
+def test_float8_kv_cache_doubles_the_batch_and_halves_decode_kv_reads() -> None:
+    """``kv_dtype_bytes=1`` (a float8 KV cache beside bf16 weights): the same memory holds twice the requests, and
+    decode attention reads half the KV bytes, computed by hand from the Table 2 formulas."""
+    model, gpu = ModelSpec.load("llama-3-70b"), get_gpu("h200")
+    wl = Workload(1024, 512, "1024/512")
+    bf16 = analyze(model, gpu, 2, None, wl)
+    fp8 = analyze(model, gpu, 2, None, wl, kv_dtype_bytes=1)
+    assert fp8.memory.kv_bytes_per_token * 2 == bf16.memory.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2
+    free = 2 * 141e9 - model.num_params * 2
+    assert bf16.memory.max_concurrent_requests == int(free // (1280 * 2 * 80 * 8 * 128 * 2))
+    assert fp8.memory.max_concurrent_requests == int(free // (1280 * 2 * 80 * 8 * 128))
+    dense = 2048
+    a, b = (analyze(model, gpu, 2, dense, wl, kv_dtype_bytes=k) for k in (None, 1))
+    dec = {r.name: r for r in a.ops}["dec_attn"], {r.name: r for r in b.ops}["dec_attn"]
+    n_dec, kv_read = dense / 3, 2 * 8 * 128 * 1280  # decode rows; K+V elements per row per layer
+    assert dec[0].mem_gb - dec[1].mem_gb == pytest.approx(80 * n_dec * kv_read * (2 - 1) / 1e9)
+    with pytest.raises(AnalysisError, match="kv_dtype_bytes must be positive"):
+        analyze(model, gpu, 2, dense, wl, kv_dtype_bytes=0)

@@ -51,6 +51,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="per-GPU compute in TFLOP/s replacing the Table 1 FP16 figure everywhere, e.g. a "
                              "profiled GEMM peak (the paper uses 280 for the A100 in §3.5)")
+    parser.add_argument("--kv-dtype-bytes", type=float, default=None,
+                        help="bytes per KV-cache element when they differ from --dtype-bytes (1 for a float8 cache, "
+                             "--kv-cache-dtype fp8): sizes the KV cache and decode attention's reads")
     parser.add_argument("--dtype-bytes", type=float, default=2,
                         help="bytes per element of weights, activations and KV cache, S_type (default: 2 = FP16)")
     parser.add_argument("--mem-fraction", type=float, default=1.0,
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         model = ModelSpec.load(args.model)
         gpu = get_gpu(args.gpu)
         report = analyze(model, gpu, n_gpu=args.tp, dense_batch=args.dense_batch, workload=_workload(args),
-                         dtype_bytes=args.dtype_bytes, peak_tflops=args.peak_tflops, mem_fraction=args.mem_fraction)
+                         dtype_bytes=args.dtype_bytes, peak_tflops=args.peak_tflops, mem_fraction=args.mem_fraction,
+                         kv_dtype_bytes=args.kv_dtype_bytes)
     except (AnalysisError, UnknownGPUError, ConfigError) as exc:
         print(f"nanoflow analyze: error: {exc}", file=sys.stderr)
         return 2

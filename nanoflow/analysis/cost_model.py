@@ -247,7 +247,8 @@ def kv_bytes_per_token(model: ModelSpec, n_gpu: int = 1, dtype_bytes: float = 2)
 
 
 def memory_plan(
-    model: ModelSpec, gpu: GPUSpec, n_gpu: int, workload: Workload, dtype_bytes: float = 2, mem_fraction: float = 1.0
+    model: ModelSpec, gpu: GPUSpec, n_gpu: int, workload: Workload, dtype_bytes: float = 2, mem_fraction: float = 1.0,
+    kv_dtype_bytes: float | None = None,
 ) -> MemoryPlan:
     """The largest batch the memory of ``n_gpu`` GPUs sustains (paper §3.1: weights + all KV caches fit).
 
@@ -256,12 +257,13 @@ def memory_plan(
     average over its life (prompt plus half its decode), so ``R = floor((capacity - weights) / ((p + d/2) * kv))``
     requests run concurrently. Each iteration they emit ``R`` decode tokens, and keeping ``R`` constant admits
     ``R*p/d`` prefill tokens, so the dense batch is ``floor(R * (p + d) / d)``. Both are 0 when weights do not fit.
+    ``kv_dtype_bytes``: bytes per KV-cache element when they differ from the weights' (1 for a float8 cache).
     """
     if not 0 < mem_fraction <= 1:
         raise AnalysisError(f"mem_fraction must be in (0, 1], got {mem_fraction}")
     capacity = n_gpu * gpu.mem_gb * 1e9 * mem_fraction
     weights = model.num_params * dtype_bytes
-    per_token = kv_bytes_per_token(model, n_gpu, dtype_bytes)
+    per_token = kv_bytes_per_token(model, n_gpu, dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes)
     per_request = workload.mean_decode_context * per_token
     requests = max(0, math.floor((capacity - weights) / per_request)) if per_request > 0 else 0
     dense = math.floor(requests / workload.decode_fraction)
@@ -283,9 +285,12 @@ def op_costs(
     workload: Workload,
     dtype_bytes: float = 2,
     compute_tflops_per_gpu: float | None = None,
+    kv_dtype_bytes: float | None = None,
 ) -> tuple[OpCost, ...]:
-    """The seven Table 2 rows, in :data:`OP_NAMES` order (formulas in the module docstring)."""
+    """The seven Table 2 rows, in :data:`OP_NAMES` order (formulas in the module docstring); ``kv_dtype_bytes``
+    prices decode attention's KV-cache reads when the cache's elements differ from ``dtype_bytes``."""
     s, b, n_layers = dtype_bytes, float(dense_batch), model.num_layers
+    s_kv = s if kv_dtype_bytes is None else kv_dtype_bytes
     d_model, q, kv, inter = model.hidden_size, model.q_size, model.kv_size, model.intermediate_size
     kv_stored = _stored_kv_heads(model, n_gpu) * model.head_dim
     n_dec = b * workload.decode_fraction
@@ -310,7 +315,7 @@ def op_costs(
             s * (touched * inter * d_model + b * active * inter + b * d_model),
             0.0,
         ),
-        "dec_attn": (4 * q * ctx * n_dec, s * n_dec * (2 * kv_stored * ctx + 2 * q + 2 * kv), 0.0),
+        "dec_attn": (4 * q * ctx * n_dec, s_kv * n_dec * 2 * kv_stored * ctx + s * n_dec * (2 * q + 2 * kv), 0.0),
         "pf_attn": (4 * q * workload.prompt_len * n_pf, s * n_pf * (2 * q + 2 * kv), 0.0),
     }
     net_bytes = 4 * (n_gpu - 1) * b * d_model * s
@@ -341,12 +346,15 @@ def analyze(
     dtype_bytes: float = 2,
     peak_tflops: float | None = None,
     mem_fraction: float = 1.0,
+    kv_dtype_bytes: float | None = None,
 ) -> CostReport:
     """Evaluate the cost model; ``dense_batch=None`` uses the largest batch memory sustains (:func:`memory_plan`).
 
     ``peak_tflops`` (per GPU) replaces the spec's FP16 compute everywhere: the rows' T_compute, eq. (2) and
     eq. (5) (the paper uses a profiled 280 TFLOP/s for the A100 in §3.5, against 312 in Table 1).
     Classification: network-bound if eq. (3) exceeds eqs. (1) and (2); otherwise compute-bound iff T_R < 1.
+    ``kv_dtype_bytes`` (e.g. 1 for a float8 KV cache) sizes the KV cache and decode attention's reads; default
+    ``dtype_bytes``.
     """
     if n_gpu < 1:
         raise AnalysisError(f"n_gpu (tensor-parallel degree) must be >= 1, got {n_gpu}")
@@ -354,7 +362,9 @@ def analyze(
         raise AnalysisError(f"dtype_bytes must be positive (2 for FP16/BF16), got {dtype_bytes}")
     if peak_tflops is not None and peak_tflops <= 0:
         raise AnalysisError(f"peak_tflops must be positive, got {peak_tflops}")
-    plan = memory_plan(model, gpu, n_gpu, workload, dtype_bytes, mem_fraction)
+    if kv_dtype_bytes is not None and kv_dtype_bytes <= 0:
+        raise AnalysisError(f"kv_dtype_bytes must be positive (1 for a float8 cache), got {kv_dtype_bytes}")
+    plan = memory_plan(model, gpu, n_gpu, workload, dtype_bytes, mem_fraction, kv_dtype_bytes)
     if dense_batch is None:
         if plan.max_dense_batch < 1:
             raise AnalysisError(
@@ -367,7 +377,7 @@ def analyze(
         raise AnalysisError(f"dense_batch must be >= 1 token, got {dense_batch}")
 
     tflops = peak_tflops if peak_tflops is not None else gpu.fp16_gflops / 1e3
-    rows = op_costs(model, gpu, n_gpu, dense_batch, workload, dtype_bytes, tflops)
+    rows = op_costs(model, gpu, n_gpu, dense_batch, workload, dtype_bytes, tflops, kv_dtype_bytes)
     totals = _sum_rows(rows)
     params = model.active_params
     t_mem = 1e3 * gpu.mem_size_over_bw_s

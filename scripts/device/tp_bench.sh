@@ -8,7 +8,8 @@
 # bench    : LLaMA-3-70B (dummy bf16 weights) at TP=2 over bench modes -> $OUT/bench_tp2.json/.png
 # channels : the network resource knob: non-overlap and overlap-preset at NCCL channel counts $CHANNELS
 #            -> $OUT/bench_tp2_ch<N>.json/.png (at most 8 files come back from $OUT: keep CHANNELS to 4 values)
-# Environment overrides: MODEL, MODES, WORKLOAD, NUM_REQUESTS, DENSE, KV_FRACTION, PRESET, CHANNELS, NPROC, TAG. Collective timeout:
+# Environment overrides: MODEL, MODES, WORKLOAD, NUM_REQUESTS, DENSE, KV_FRACTION, KV_DTYPE (auto|fp8), PRESET, CHANNELS,
+# NPROC, TAG. Collective timeout:
 # NANOFLOW_TP_TIMEOUT_S (default 600 s).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +24,7 @@ DENSE=${DENSE:-2048}
 KV_FRACTION=${KV_FRACTION:-0.85}
 PRESET=${PRESET:-llama-70b-tp-overlap}
 TAG=${TAG:-}
+KV_DTYPE=${KV_DTYPE:-auto}
 CHANNELS=${CHANNELS:-"8 32"}
 RUN="torchrun --standalone --nproc-per-node $NPROC"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())"
@@ -46,7 +48,8 @@ check() {
 bench() {
   $RUN -m nanoflow.bench.tp --tp "$NPROC" --model "$MODEL" --modes "$MODES" --workload "$WORKLOAD" \
     --num-requests "$NUM_REQUESTS" --dense-batch-size "$DENSE" --kv-fraction "$KV_FRACTION" \
-    --overlap-preset "$PRESET" --output "$OUT/bench_tp$NPROC$TAG" 2>&1 | tee "$OUT/bench_tp$NPROC$TAG.log"
+    --kv-cache-dtype "$KV_DTYPE" --overlap-preset "$PRESET" --output "$OUT/bench_tp$NPROC$TAG" 2>&1 \
+    | tee "$OUT/bench_tp$NPROC$TAG.log"
 }
 
 channels() {

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from nanoflow.config import ConfigError, EngineArgs
-from nanoflow.engine.builder import kv_capacity_tokens, load_parts
+from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_kv_dtype
 from nanoflow.engine.engine import Engine
 from nanoflow.ops.comm import Communicator, init_from_env, read_launch_env
 from nanoflow.ops.sampling import SamplingTensors
@@ -153,7 +153,8 @@ def _rank_args(args: EngineArgs, parts: dict[str, Any], comm: Communicator) -> E
         # Same default as Engine.__init__ (the activation buffers are sized to the dense batch).
         dense = args.dense_batch_size or (2048 if device.type == "cuda" else 256)
         act_bytes = sum(b.width for b in model.buffer_specs().values()) * dense * 2
-        mine = kv_capacity_tokens(args, model.spec, device, parts["dtype"], act_bytes, model.local_kv_heads)
+        kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, parts["dtype"], device)
+        mine = kv_capacity_tokens(args, model.spec, device, kv_dtype, act_bytes, model.local_kv_heads)
         args = replace(args, kv_cache_tokens=min(comm.all_gather_object(mine)))
     return args
 

@@ -60,9 +60,9 @@ class Engine:
         if args.max_model_len and args.max_model_len > spec.max_position_embeddings:
             raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's context "
                               f"{spec.max_position_embeddings}")
-        self.dense_batch_size = args.dense_batch_size or self._default_dense_batch(parts["dtype"])
-        act_bytes = sum(b.width for b in self.model.buffer_specs().values()) * self.dense_batch_size * 2
         self.kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, parts["dtype"], self.device)
+        self.dense_batch_size = args.dense_batch_size or self._default_dense_batch(self.kv_dtype)
+        act_bytes = sum(b.width for b in self.model.buffer_specs().values()) * self.dense_batch_size * 2
         kv_tokens = kv_capacity_tokens(args, spec, self.device, self.kv_dtype, act_bytes, self.model.local_kv_heads)
         bs = args.block_size
         num_blocks = kv_tokens // bs + 1  # +1: the null block
@@ -86,9 +86,9 @@ class Engine:
         self.last_iteration_s = 0.0
         self.plan_hook: Callable[[BatchPlan], None] | None = None  # benchmarks keep sample plans
 
-    def _default_dense_batch(self, dtype: torch.dtype) -> int:
-        """Paper §4.1.1: from GPU memory, weights and the expected workload (``extra["avg_prompt"/"avg_decode"]``,
-        default 1,024 / 512); 256 on a CPU."""
+    def _default_dense_batch(self, kv_dtype: torch.dtype) -> int:
+        """Paper §4.1.1: from GPU memory, weights, the KV cache's element size and the expected workload
+        (``extra["avg_prompt"/"avg_decode"]``, default 1,024 / 512); 256 on a CPU."""
         if self.device.type != "cuda":
             return 256
         from nanoflow.scheduler.memory import dense_batch_from_memory
@@ -98,7 +98,7 @@ class Engine:
         plan = dense_batch_from_memory(self.model.spec, total, weight_bytes,
                                        float(self.args.extra.get("avg_prompt", 1024)),
                                        float(self.args.extra.get("avg_decode", 512)),
-                                       dtype_bytes=torch.finfo(dtype).bits // 8, block_size=self.args.block_size)
+                                       dtype_bytes=torch.finfo(kv_dtype).bits // 8, block_size=self.args.block_size)
         log.info("dense batch from memory: %d tokens (%d decode requests, %d KV tokens)", plan.dense_batch_size,
                  plan.max_decode_requests, plan.kv_tokens)
         return plan.dense_batch_size

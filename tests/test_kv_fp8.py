@@ -12,7 +12,7 @@ from tiny_models import save_tiny_llama
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.config import ConfigError, EngineArgs, ModelSpec
-from nanoflow.engine.builder import create_engine, kv_bytes_per_token, resolve_kv_dtype
+from nanoflow.engine.builder import kv_bytes_per_token, resolve_kv_dtype
 from nanoflow.ops.kv_store import store_kv
 
 transformers = pytest.importorskip("transformers")
@@ -81,8 +81,6 @@ def test_fp8_halves_the_bytes_per_token_and_bad_settings_are_refused(monkeypatch
     assert kv_bytes_per_token(spec, 4, FP8) * 2 == kv_bytes_per_token(spec, 4, torch.bfloat16) == 2 * 80 * 4 * 128 * 2
     with pytest.raises(ConfigError, match="kv_cache_dtype 'int4' is not supported"):
         EngineArgs(kv_cache_dtype="int4")
-    with pytest.raises(ConfigError, match="drop --kv-offload or use --kv-cache-dtype auto"):
-        create_engine(EngineArgs(device="cpu", kv_cache_dtype="fp8", extra={"kv_offload": True}))
     assert resolve_kv_dtype("auto", torch.bfloat16, torch.device("cpu")) is torch.bfloat16
     assert resolve_kv_dtype("fp8", torch.float32, torch.device("cpu")) is FP8
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))

@@ -57,7 +57,7 @@ def test_lru_order_host_only():
     assert cache.stats()["dropped"] == 1 and cache.host_bytes == 2 * _nbytes(8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_evict_to_ssd_and_back_byte_exact(tmp_path, dtype):
     per = _nbytes(8) // 4 * dtype.itemsize
     cache = HostKVCache(per, tmp_path, ssd_capacity_bytes=10 * per, block_size=BS)
@@ -73,7 +73,7 @@ def test_evict_to_ssd_and_back_byte_exact(tmp_path, dtype):
     assert torch.equal(hit.kv.view(torch.uint8), kva.view(torch.uint8))
     cache.flush()
     assert cache.tier_of(a) == "host" and cache.tier_of(b) == "disk"  # b was LRU when a came back
-    assert torch.equal(cache.longest_prefix(b).kv, kvb)
+    assert torch.equal(cache.longest_prefix(b).kv.view(torch.uint8), kvb.view(torch.uint8))
     assert cache.stats()["ssd_reads"] == 2
     cache.close()
 
@@ -165,7 +165,8 @@ def tiny(tmp_path_factory):
     return spec, weights, str(path)
 
 
-def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, arena_bytes=64 << 20, **kw):
+def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, arena_bytes=64 << 20,
+            kv_cache_dtype="auto", **kw):
     """``arena_bytes``: the offloading engine's host arena (small: the default maps 1 GiB + the KV cache per engine;
     None: that default)."""
     spec, weights, path = tiny
@@ -174,7 +175,7 @@ def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, are
     extra = {} if arena_bytes is None else {"kv_host_arena_bytes": arena_bytes}
     args = EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=kv_tokens,
                       async_scheduling=async_scheduling, cuda_graphs=False, compile=False, pipeline=pipeline,
-                      extra=extra)
+                      kv_cache_dtype=kv_cache_dtype, extra=extra)
     engine = cls(args, parts=parts, **kw)
     engine.prefill_tokens = 0
 
@@ -200,15 +201,18 @@ def _conversation(engine, firsts, turns, max_tokens, offloading):
     return answers
 
 
-@pytest.mark.parametrize("simultaneous", [True, False])
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_multiround_reuse_matches_recompute(tiny, async_scheduling, simultaneous):
+@pytest.mark.parametrize("simultaneous,async_scheduling,kv_dtype", [
+    (True, True, "auto"), (True, False, "auto"), (False, True, "auto"), (False, False, "auto"),
+    (True, True, "fp8"), (False, False, "fp8")])  # a float8 cache is saved and reloaded byte for byte too
+def test_multiround_reuse_matches_recompute(tiny, async_scheduling, simultaneous, kv_dtype):
     g = torch.Generator().manual_seed(7)
     firsts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (37, 20)]
     turns = [[torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 5)] for _ in firsts]
-    plain = _engine(tiny, Engine, async_scheduling=async_scheduling)
+    plain = _engine(tiny, Engine, async_scheduling=async_scheduling, kv_cache_dtype=kv_dtype)
     want = _conversation(plain, firsts, turns, 10, offloading=False)
-    reuse = _engine(tiny, OffloadingEngine, async_scheduling=async_scheduling, simultaneous_offload=simultaneous)
+    reuse = _engine(tiny, OffloadingEngine, async_scheduling=async_scheduling, simultaneous_offload=simultaneous,
+                    kv_cache_dtype=kv_dtype)
+    assert reuse.runner.kv_cache.dtype == (torch.float8_e4m3fn if kv_dtype == "fp8" else torch.float32)
     got = _conversation(reuse, firsts, turns, 10, offloading=True)
     assert got == want
     assert reuse.stats_reused_tokens > 0
@@ -232,14 +236,14 @@ def test_other_conversation_does_not_reuse(tiny):
     assert engine.stats_reused_tokens == 32
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_preemption_swaps_instead_of_recomputing(tiny, async_scheduling):
+@pytest.mark.parametrize("async_scheduling,kv_dtype", [(False, "auto"), (True, "auto"), (True, "fp8")])
+def test_preemption_swaps_instead_of_recomputing(tiny, async_scheduling, kv_dtype):
     g = torch.Generator().manual_seed(9)
     short = [torch.randint(0, VOCAB, (5,), generator=g).tolist() for _ in range(3)]
     long = [torch.randint(0, VOCAB, (20,), generator=g).tolist() for _ in range(4)]
 
     def run(cls, **kw):
-        engine = _engine(tiny, cls, kv_tokens=160, async_scheduling=async_scheduling, **kw)
+        engine = _engine(tiny, cls, kv_tokens=160, async_scheduling=async_scheduling, kv_cache_dtype=kv_dtype, **kw)
         outs = [engine.add_request(p, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)) for p in short]
         outs += [engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for p in long]
         engine.run_until_done()
@@ -264,7 +268,7 @@ def _rand(g, n):
 def _entries(engine) -> dict:
     """{(namespace, token ids): KV bytes} of every host-cache entry."""
     with engine.host_cache._lock:
-        return {(e.namespace, tuple(e.token_ids)): e.kv.numpy().tobytes()
+        return {(e.namespace, tuple(e.token_ids)): e.kv.contiguous().view(torch.uint8).numpy().tobytes()
                 for e in engine.host_cache._entries.values()}
 
 

@@ -133,9 +133,6 @@ def create_engine(args: EngineArgs) -> Any:
     return), the KV-offloading engine (``extra["kv_offload"]``, one device only), else the plain engine."""
     if args.tp > 1 and args.extra.get("kv_offload"):
         raise ConfigError("KV offload/reuse runs on one device only; drop --kv-offload or use --tp 1")
-    if args.kv_cache_dtype != "auto" and args.extra.get("kv_offload"):
-        raise ConfigError("KV offload/reuse keeps the cache in the model's dtype; drop --kv-offload or use "
-                          "--kv-cache-dtype auto")
     if args.tp > 1:
         from nanoflow.engine.distributed import make_engine
 

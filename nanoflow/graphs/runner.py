@@ -84,8 +84,8 @@ class ModelRunner:
             from nanoflow.models.layers import with_kv_offload
 
             graphs = [with_kv_offload(g) for g in graphs]
-            self.kv_staging = torch.zeros((2, *cache_shape[:2], max_tokens, *cache_shape[4:]), dtype=dtype,
-                                          pin_memory=self.device.type == "cuda")
+            self.kv_staging = torch.zeros((2, *cache_shape[:2], max_tokens, *cache_shape[4:]),
+                                          dtype=self.kv_cache.dtype, pin_memory=self.device.type == "cuda")
         self.executor = Executor(graphs, pipeline, self.device, resources=resources)
         self.glue: dict[str, Any] = {}
         self.compile_glue = compile_glue

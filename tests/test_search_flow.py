@@ -73,3 +73,24 @@ def test_engine_auto_pipeline_prefers_a_cached_searched_spec(tmp_path, monkeypat
     out.parent.mkdir(parents=True)
     spec.save(out)
     assert Engine(args).runner.executor.spec.name == "searched-test"
+
+
+def test_fp8_kv_specs_are_cached_apart(tmp_path, monkeypatch):
+    """``nanoflow search --kv-cache-dtype fp8`` writes its spec under its own name (its decode attention reads half
+    the bytes); the engine's cache lookup finds it for an fp8 cache only."""
+    import argparse
+
+    from nanoflow.search.cli import _default_output, cached_pipeline
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path))
+    args = argparse.Namespace(model="llama-3-8b", dense_batch=2048, workload="constant:1024:512", tp=1,
+                              kv_cache_dtype="fp8")
+    fp8 = _default_output(args)
+    auto = _default_output(argparse.Namespace(**{**vars(args), "kv_cache_dtype": "auto"}))
+    assert fp8.name == "llama-3-8b-d2048-constant_1024_512-kvfp8-tp1.json" != auto.name
+    fp8.parent.mkdir(parents=True)
+    fp8.write_text("{}")
+    assert cached_pipeline("llama-3-8b", 2048, 1, "fp8") == fp8
+    assert cached_pipeline("llama-3-8b", 2048, 1) is None
+    auto.write_text("{}")
+    assert cached_pipeline("llama-3-8b", 2048, 1) == auto and cached_pipeline("llama-3-8b", 2048, 1, "fp8") == fp8

@@ -111,7 +111,8 @@ class Engine:
         if name == "auto":  # a searched spec cached for this model and dense size, else the hand preset
             from nanoflow.search.cli import cached_pipeline
 
-            found = cached_pipeline(self.model_name, self.dense_batch_size, self.model.tp_size)
+            found = cached_pipeline(self.model_name, self.dense_batch_size, self.model.tp_size,
+                                    self.args.kv_cache_dtype)
             if found is not None:
                 log.info("using the searched pipeline %s", found)
                 return PipelineSpec.load(found)

@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds for both MILP stages together")
     p.add_argument("--max-split", type=int, default=4, help="most nano-operations per op")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (adds the all-reduce ops)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="KV-cache element type the GPU profile is made with (decode attention reads it); fp8 "
+                        "profiles and specs are cached apart from the others")
     p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
     return p
 
@@ -142,18 +145,28 @@ def _timed_sequential(spec: Any, problem: Any) -> Any:
 def _default_output(args: argparse.Namespace) -> Path:
     from nanoflow.search.profiler import cache_dir
 
-    name = f"{args.model}-d{args.dense_batch}-{args.workload.replace(':', '_')}-tp{args.tp}.json"
+    kv = _kv_tag(getattr(args, "kv_cache_dtype", "auto"))
+    name = f"{args.model}-d{args.dense_batch}-{args.workload.replace(':', '_')}{kv}-tp{args.tp}.json"
     return cache_dir().parent / "pipelines" / name
 
 
-def cached_pipeline(model: str, dense: int, tp: int) -> Path | None:
-    """The newest searched spec in the cache for (model, dense batch, TP), any workload; None if there is none."""
+def _kv_tag(kv_cache_dtype: str) -> str:
+    """``-kvfp8`` for float8-KV profiles and specs (their decode attention reads half the bytes), else nothing."""
+    return "" if kv_cache_dtype == "auto" else f"-kv{kv_cache_dtype}"
+
+
+def cached_pipeline(model: str, dense: int, tp: int, kv_cache_dtype: str = "auto") -> Path | None:
+    """The newest searched spec in the cache for (model, dense batch, TP, KV-cache dtype), any workload; None if
+    there is none."""
     from nanoflow.search.profiler import cache_dir
 
     folder = cache_dir().parent / "pipelines"
     if not folder.is_dir():
         return None
-    found = sorted(folder.glob(f"{Path(model).name}-d{dense}-*-tp{tp}.json"), key=lambda p: p.stat().st_mtime)
+    tag = _kv_tag(kv_cache_dtype)
+    found = sorted((p for p in folder.glob(f"{Path(model).name}-d{dense}-*-tp{tp}.json")
+                    if p.name.endswith(f"{tag}-tp{tp}.json") and (tag or "-kvfp8-tp" not in p.name)),
+                   key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
@@ -168,8 +181,9 @@ def _profile_on_gpu(args: argparse.Namespace, sizes: list[int], decode_rows: int
 
     kv = 64 * (ctx + 16) + args.dense_batch * 2 + 4096
     engine = Engine(EngineArgs(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
-                               dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64))
-    path = profile_path(torch.cuda.get_device_name(), args.model, "bfloat16", args.tp)
+                               dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64,
+                               kv_cache_dtype=args.kv_cache_dtype))
+    path = profile_path(torch.cuda.get_device_name(), args.model, "bfloat16" + _kv_tag(args.kv_cache_dtype), args.tp)
     try:
         return profile_ops(engine, sizes, decode_rows, ctx, path=path)
     finally:

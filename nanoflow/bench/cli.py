@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.bench.measure import gemm_peak
     from nanoflow.bench.throughput import base_args, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
-    from nanoflow.engine.builder import kv_bytes_per_token, load_parts, resolve_kv_dtype
+    from nanoflow.engine.builder import kv_token_bytes, load_parts
 
     if not torch.cuda.is_available():
         print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     spec = parts["model"].spec
     log.info("weights ready in %.1f s", time.perf_counter() - t0)
     if ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
-        kv_dtype = resolve_kv_dtype(ea.kv_cache_dtype, parts["dtype"], device)
-        per_token = kv_bytes_per_token(spec, parts["model"].local_kv_heads, kv_dtype)
+        per_token = kv_token_bytes(ea, parts, device)
         ea = replace(ea, kv_cache_tokens=int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token))
     peak = gemm_peak(spec, args.dense_batch_size, parts["dtype"], device)
     optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)

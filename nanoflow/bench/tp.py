@@ -75,7 +75,7 @@ def run_tp(args: argparse.Namespace) -> int:
     from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
     from nanoflow.bench.throughput import base_args, workload
-    from nanoflow.engine.builder import kv_bytes_per_token, load_parts, resolve_kv_dtype
+    from nanoflow.engine.builder import kv_token_bytes, load_parts
     from nanoflow.engine.distributed import follow, stop_followers
     from nanoflow.ops.comm import init_from_env
 
@@ -96,12 +96,9 @@ def run_tp(args: argparse.Namespace) -> int:
     ea = replace(ea, tp=args.tp, device=str(comm.device))
     t0 = time.perf_counter()
     parts = load_parts(ea, comm.device, comm.rank, comm.world_size)
-    model = parts["model"]
-    spec = model.spec
     log.info("rank %d: weights ready in %.1f s", comm.rank, time.perf_counter() - t0)
     if ea.kv_cache_tokens is None:  # one capacity for every mode and rank, so the modes' batches are comparable
-        per_token = kv_bytes_per_token(spec, model.local_kv_heads,
-                                       resolve_kv_dtype(ea.kv_cache_dtype, parts["dtype"], comm.device))
+        per_token = kv_token_bytes(ea, parts, comm.device)
         mine = int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token)
         ea = replace(ea, kv_cache_tokens=min(comm.all_gather_object(mine)))
     if not comm.is_leader:

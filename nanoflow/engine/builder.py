@@ -57,12 +57,21 @@ def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torc
         name = torch.cuda.get_device_name(device)
         raise ConfigError(f"kv_cache_dtype='fp8' needs a GPU of compute capability 8.9 or newer; {name} is "
                           f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use kv_cache_dtype='auto'")
-    return torch.float8_e4m3fn
+    from nanoflow.ops.kv_store import FP8
+
+    return FP8
 
 
 def kv_bytes_per_token(spec: ModelSpec, kv_heads_local: int, kv_dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take in one rank's cache (all layers)."""
     return 2 * spec.num_layers * kv_heads_local * spec.head_dim * torch.finfo(kv_dtype).bits // 8
+
+
+def kv_token_bytes(args: EngineArgs, parts: dict[str, Any], device: torch.device) -> int:
+    """:func:`kv_bytes_per_token` of the model in ``parts`` (from :func:`load_parts`) with ``args``' KV dtype."""
+    model = parts["model"]
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, parts["dtype"], device)
+    return kv_bytes_per_token(model.spec, model.local_kv_heads, kv_dtype)
 
 
 def resolve_source(model: str | None, load_format: str) -> ModelSource:

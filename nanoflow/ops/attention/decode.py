@@ -244,7 +244,7 @@ def decode_attention(
         check_programs(max_programs)
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
             q, k_cache, v_cache, block_tables, seq_lens, out, rows * kv_heads, kv_heads, scale * LOG2E, *strides,
-            BLOCK_N=_default_block_n(q.device, head_dim) if block_n is None else block_n, **meta,
+            BLOCK_N=check_block_n(_default_block_n(q.device, head_dim) if block_n is None else block_n), **meta,
         )
         return out
     num_splits = check_splits(default_num_splits(rows, kv_heads, q.device) if num_splits is None else num_splits)

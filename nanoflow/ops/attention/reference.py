@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from nanoflow.ops.kv_store import FP8
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -51,7 +53,7 @@ def check_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
         raise AttentionInputError(
             f"KV cache dtypes ({k_cache.dtype}, {v_cache.dtype}) must both be q's dtype {q.dtype} or float8_e4m3fn"
         )

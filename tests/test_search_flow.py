@@ -49,6 +49,17 @@ def test_profile_search_and_run(tmp_path):
     s1 = solve_stage1(problem, max_split=2, time_limit_s=10)
     s2 = solve_stage2(problem, s1, time_limit_s=10)
     s2.spec.validate(graph)
+    # Whole forwards of both candidates on the profiled batch (what `nanoflow search` compares to its prediction);
+    # the engine is left as it was.
+    from nanoflow.search.verify import compare, measure_layer_ms
+
+    executor = engine.runner.executor
+    measured = measure_layer_ms(engine, {"sequential": None, "stage2": s2.spec}, decode_rows=8, ctx=40, chunk=32,
+                                reps=1)
+    assert set(measured) == {"sequential", "stage2"} and all(v > 0 for v in measured.values())
+    assert engine.runner.executor is executor and engine.blocks.num_used_blocks == 0
+    report = compare({"sequential": problem.sequential_ms, "stage2": s2.makespan_ms}, measured)
+    assert report["stage2"]["error"] == pytest.approx(s2.makespan_ms / measured["stage2"] - 1)
     baseline = _tokens(engine)
     searched = Engine(EngineArgs(**{**args.__dict__, "pipeline": None}))
     from nanoflow.graphs.executor import Executor
@@ -94,3 +105,28 @@ def test_fp8_kv_specs_are_cached_apart(tmp_path, monkeypatch):
     assert cached_pipeline("llama-3-8b", 2048, 1) is None
     auto.write_text("{}")
     assert cached_pipeline("llama-3-8b", 2048, 1) == auto and cached_pipeline("llama-3-8b", 2048, 1, "fp8") == fp8
+
+
+def test_search_cli_from_a_saved_profile(tmp_path, monkeypatch, capsys):
+    """`nanoflow search --profile FILE` on a CPU: solves, writes a valid spec with the search's figures and a Gantt
+    PNG; without a GPU nothing is measured, so the choice rests on the prediction."""
+    import json
+
+    from nanoflow.cli import main
+    from nanoflow.graphs.pipeline import PipelineSpec
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path / "cache"))
+    path = _tiny(tmp_path / "model")
+    engine = Engine(EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096))
+    profile_ops(engine, [16, 32, 48, 64], decode_rows=8, ctx=40, chunk=32, reps=2, path=tmp_path / "profile.json")
+    out = tmp_path / "searched.json"
+    rc = main(["search", "--model", path, "--profile", str(tmp_path / "profile.json"), "--dense-batch", "64",
+               "--step", "16", "--time-limit", "10", "--max-split", "2", "--output", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    spec = PipelineSpec.load(out)
+    spec.validate(engine.model.graphs[0])
+    assert spec.meta["chosen_by"] == "predicted" and "verify" not in spec.meta["search"]
+    assert summary["chosen"] == spec.meta["chosen"] and out.with_suffix(".png").is_file()
+    predicted = min(summary["stage2_ms"], summary["sequential_ms"])
+    assert predicted == pytest.approx(summary["stage2_ms" if spec.meta["chosen"] == "stage2" else "sequential_ms"])

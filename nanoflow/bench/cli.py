@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             rec["pct_optimal"] = 100.0 * rec["throughput_tok_s"] / optimal
         records.append(rec)
         _print_row(rec)
+        _save(records, args.output)  # after every mode: a run cut short keeps what it measured
     if args.peer == "transformers":
         from nanoflow.bench.peer import run_peer
 
@@ -138,14 +139,19 @@ def run(args: argparse.Namespace) -> int:
             rec["pct_optimal"] = 100.0 * rec["throughput_tok_s"] / optimal
         records.append(rec)
         _print_row(rec)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(records, indent=2, default=str))
+    out = _save(records, args.output)
     from nanoflow.bench.plots import plot_bench
 
     plot_bench(records, timelines, out)
     print(f"wrote {out.with_suffix('.json')}")
     return 0
+
+
+def _save(records: list[dict[str, Any]], output: str) -> Path:
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(records, indent=2, default=str))
+    return out
 
 
 def _print_row(rec: dict[str, Any]) -> None:

@@ -38,6 +38,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="KV-cache element type the GPU profile is made with (decode attention reads it); fp8 "
                         "profiles and specs are cached apart from the others")
     p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="on a GPU, skip measuring the sequential and the searched pipeline's forward on the profiled "
+                        "batch (by default both are measured, the prediction's error is recorded in the spec's meta, "
+                        "and the faster of the two is kept)")
     return p
 
 
@@ -81,7 +85,6 @@ def rp_from_interference(path: str) -> dict[str, list[tuple[float, float]]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoflow.search.plot import plot_gantt
     from nanoflow.search.problem import load_profile, problem_from_graph
     from nanoflow.search.stage1 import solve_stage1
     from nanoflow.search.stage2 import solve_stage2
@@ -89,44 +92,75 @@ def run(args: argparse.Namespace) -> int:
     spec, graph = layer_graph(args.model, args.tp)
     p_in, p_out = workload_lengths(args.workload)
     decode_rows = args.decode_rows or int(args.dense_batch * p_out / (p_in + p_out))
+    ctx = int(p_in + p_out / 2)
     sizes = list(range(args.step, args.dense_batch + 1, args.step))
-    if args.profile:
-        profile = load_profile(args.profile)
-    else:
-        profile = _profile_on_gpu(args, sizes, decode_rows, int(p_in + p_out / 2))
+    profile = load_profile(args.profile) if args.profile else None
+    if profile is not None:
+        decode_rows = profile.get("meta", {}).get("decode_rows", decode_rows)
+        ctx = profile.get("meta", {}).get("ctx", ctx)
+    # The GPU engine profiles the ops (unless a profile was given) and then times the candidate pipelines.
+    engine = _gpu_engine(args, ctx) if profile is None or (args.verify and args.tp == 1) else None
+    try:
         if profile is None:
-            print("no profile: pass --profile FILE (made on a GPU by `nanoflow search` or "
-                  "nanoflow.search.profiler), or run on a CUDA GPU", file=sys.stderr)
-            return 2
-    rp = rp_from_interference(args.rp_table) if args.rp_table else None
-    problem = problem_from_graph(graph, args.dense_batch, profile, rp_table=rp)
-    t0 = time.perf_counter()
-    s1 = solve_stage1(problem, max_split=args.max_split, time_limit_s=args.time_limit * 0.7)
-    s2 = solve_stage2(problem, s1, time_limit_s=max(5.0, args.time_limit - (time.perf_counter() - t0)))
-    wall = time.perf_counter() - t0
-    out = Path(args.output) if args.output else _default_output(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = s2.spec
-    if s2.makespan_ms > problem.sequential_ms:
-        # With interference priced in, overlapping loses: the honest answer is the sequential pipeline.
-        from nanoflow.graphs.pipeline import PipelineSpec
+            if engine is None:
+                print("no profile: pass --profile FILE (made on a GPU by `nanoflow search` or "
+                      "nanoflow.search.profiler), or run on a CUDA GPU", file=sys.stderr)
+                return 2
+            profile = _profile_ops(engine, args, sizes, decode_rows, ctx)
+        rp = rp_from_interference(args.rp_table) if args.rp_table else None
+        problem = problem_from_graph(graph, args.dense_batch, profile, rp_table=rp)
+        t0 = time.perf_counter()
+        s1 = solve_stage1(problem, max_split=args.max_split, time_limit_s=args.time_limit * 0.7)
+        s2 = solve_stage2(problem, s1, time_limit_s=max(5.0, args.time_limit - (time.perf_counter() - t0)))
+        wall = time.perf_counter() - t0
+        verify = None
+        if engine is not None and args.verify and args.tp == 1:
+            from nanoflow.search.verify import compare, measure_layer_ms
 
-        log.info("stage II plan (%.3f ms) is slower than sequential (%.3f ms): keeping the sequential pipeline",
-                 s2.makespan_ms, problem.sequential_ms)
-        result = _timed_sequential(PipelineSpec.sequential(graph, args.dense_batch), problem)
+            measured = measure_layer_ms(engine, {"sequential": None, "stage2": s2.spec}, decode_rows, ctx)
+            verify = compare({"sequential": problem.sequential_ms, "stage2": s2.makespan_ms}, measured)
+    finally:
+        if engine is not None:
+            engine.close()
+    return _write(args, graph, problem, s1, s2, wall, verify)
+
+
+def _write(args: argparse.Namespace, graph: Any, problem: Any, s1: Any, s2: Any, wall: float,
+           verify: dict[str, dict[str, float]] | None) -> int:
+    """Keep the stage II plan or the sequential one, save it with the search's figures, draw its Gantt chart."""
+    from nanoflow.graphs.pipeline import PipelineSpec
+    from nanoflow.search.plot import plot_gantt
+
+    if verify:
+        # Measured on the GPU: keep whichever pipeline ran faster, whatever the prediction said.
+        keep_stage2 = verify["stage2"]["measured_ms"] < verify["sequential"]["measured_ms"]
+        basis = "measured"
+    else:
+        # With interference priced in, overlapping may lose: then the honest answer is the sequential pipeline.
+        keep_stage2 = s2.makespan_ms <= problem.sequential_ms
+        basis = "predicted"
+    result = s2.spec if keep_stage2 else _timed_sequential(PipelineSpec.sequential(graph, args.dense_batch), problem)
+    if not keep_stage2:
+        log.info("stage II plan is slower than sequential (%s): keeping the sequential pipeline", basis)
     result.meta.update(
-        chosen="sequential" if result is not s2.spec else "stage2",
+        chosen="stage2" if keep_stage2 else "sequential", chosen_by=basis,
         search={"stage1_ms": s1.makespan_ms, "stage2_ms": s2.makespan_ms, "sequential_ms": problem.sequential_ms,
                 "wall_s": wall, "status1": s1.status, "status2": s2.status, "workload": args.workload,
-                "model": args.model})
+                "model": args.model, "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
+                **({"verify": verify} if verify else {})})
+    out = Path(args.output) if args.output else _default_output(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     png = out.with_suffix(".png")
-    chosen_ms = s2.makespan_ms if result is s2.spec else problem.sequential_ms
+    chosen_ms = s2.makespan_ms if keep_stage2 else problem.sequential_ms
     plot_gantt(result, None, png, f"{args.model} dense {args.dense_batch}: chosen layer plan {chosen_ms:.2f} ms "
                f"(stage II {s2.makespan_ms:.2f} ms, sequential {problem.sequential_ms:.2f} ms)", graph=graph)
-    print(json.dumps({"spec": str(out), "gantt": str(png), "sequential_ms": problem.sequential_ms,
-                      "stage1_ms": s1.makespan_ms, "stage2_ms": s2.makespan_ms, "search_wall_s": round(wall, 1),
-                      "nano_counts": s1.nano_counts}, indent=2))
+    summary = {"spec": str(out), "gantt": str(png), "sequential_ms": problem.sequential_ms,
+               "stage1_ms": s1.makespan_ms, "stage2_ms": s2.makespan_ms, "search_wall_s": round(wall, 1),
+               "nano_counts": s1.nano_counts, "chosen": result.meta["chosen"], "chosen_by": basis}
+    if verify:
+        summary["verify"] = verify
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -170,21 +204,25 @@ def cached_pipeline(model: str, dense: int, tp: int, kv_cache_dtype: str = "auto
     return found[-1] if found else None
 
 
-def _profile_on_gpu(args: argparse.Namespace, sizes: list[int], decode_rows: int, ctx: int) -> dict | None:
+def _gpu_engine(args: argparse.Namespace, ctx: int) -> Any:
+    """A dummy-weight engine for profiling and timing on the GPU, or None without one."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     from nanoflow.config import EngineArgs
     from nanoflow.engine.engine import Engine
-    from nanoflow.search.profiler import profile_ops, profile_path
 
     kv = 64 * (ctx + 16) + args.dense_batch * 2 + 4096
-    engine = Engine(EngineArgs(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
-                               dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64,
-                               kv_cache_dtype=args.kv_cache_dtype))
+    return Engine(EngineArgs(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
+                             dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64,
+                             kv_cache_dtype=args.kv_cache_dtype))
+
+
+def _profile_ops(engine: Any, args: argparse.Namespace, sizes: list[int], decode_rows: int, ctx: int) -> dict:
+    import torch
+
+    from nanoflow.search.profiler import profile_ops, profile_path
+
     path = profile_path(torch.cuda.get_device_name(), args.model, "bfloat16" + _kv_tag(args.kv_cache_dtype), args.tp)
-    try:
-        return profile_ops(engine, sizes, decode_rows, ctx, path=path)
-    finally:
-        engine.close()
+    return profile_ops(engine, sizes, decode_rows, ctx, path=path)

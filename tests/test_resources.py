@@ -78,3 +78,14 @@ def test_bench_modes_name_their_knob():
     assert mode_args(args, "overlap-searched", "s.json").resource_knob == "none"
     with pytest.raises(ValueError, match="unknown mode"):
         mode_args(args, "overlap-presets", None)
+
+
+def test_bench_decode_options_flag():
+    import argparse
+
+    from nanoflow.bench.cli import decode_options
+
+    assert decode_options("block_n=128, num_warps=8,num_stages=3") == {"block_n": 128, "num_warps": 8, "num_stages": 3}
+    for bad in ("block_n", "block_n=x", "warps=4"):
+        with pytest.raises(argparse.ArgumentTypeError, match="KEY=INT"):
+            decode_options(bad)

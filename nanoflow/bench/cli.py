@@ -48,6 +48,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat"],
                    help="decode-attention kernel: split (one program per row and kv head), row (one per row, all "
                         "kv heads, whole-page tiles, batched 3-D dots) or row_flat (the same with 2-D dots)")
+    p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
+                   help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3 (keys: block_n, "
+                        "num_warps, num_stages; default: the kernel's own choice)")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
@@ -60,6 +63,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree; launch with torchrun --nproc-per-node N (rank 0 writes results)")
     return p
+
+
+def decode_options(text: str) -> dict[str, int]:
+    """``block_n=128,num_warps=8`` -> ``{"block_n": 128, "num_warps": 8}`` (argparse type of --decode-options)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("block_n", "num_warps", "num_stages") or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: write KEY=INT with KEY one of block_n, num_warps, num_stages, e.g. block_n=128")
+        out[key] = int(value)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                    args.kv_cache_dtype)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
+    if getattr(args, "decode_options", None):
+        ea.extra["decode_options"] = args.decode_options
     if args.memory_share is not None:
         ea.extra["memory_share"] = args.memory_share
     t0 = time.perf_counter()

@@ -87,3 +87,14 @@ def test_fp8_halves_the_bytes_per_token_and_bad_settings_are_refused(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(ConfigError, match="compute capability 8.9 or newer; NVIDIA A100-SXM4-80GB is 8.0"):
         resolve_kv_dtype("fp8", torch.bfloat16, torch.device("cuda"))
+
+
+def test_decode_tile_default_follows_the_cache_dtype() -> None:
+    """On a GPU a float8 cache gets 128-token decode tiles (measured fastest on an H200), bf16 keeps 64; the
+    interpreter keeps 16 for both, so the tests' tiny shapes still cross tiles."""
+    from nanoflow.ops.attention.decode import _default_block_n
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _default_block_n(cuda, 128, 1) == 128 and _default_block_n(cuda, 128, 2) == 64
+    assert _default_block_n(cuda, 256, 1) == _default_block_n(cuda, 256, 2) == 32
+    assert _default_block_n(cpu, 128, 1) == _default_block_n(cpu, 128, 2) == 16

@@ -196,10 +196,10 @@ def partition_pairs(tokens: int, hidden: int, inter: int, decode_rows: int, ctx:
 def sustained_clocks(tokens: int, hidden: int, inter: int, decode_rows: int, ctx: int, heads: int, kv_heads: int,
                      head_dim: int, programs: int | None, device: torch.device, seconds: float = 2.0,
                      block_size: int = 16, read: Any = None) -> dict[str, Any]:
-    """GEMM alone, decode attention alone and the pair (decode on a persistent grid of ``programs``), each run back
-    to back for ``seconds`` while :class:`~nanoflow.bench.gpu_monitor.GpuMonitor` samples the SM / memory clocks,
-    power and clock-event reasons: whether the pair's slowdown comes with lower clocks (power-bound) or not (HBM /
-    L2 contention). ``read``: the monitor's reading function (default NVML)."""
+    """GEMM alone, decode attention alone (on the persistent grid of ``programs`` the pair uses, and on the full
+    grid) and the pair, each run back to back for ``seconds`` while :class:`~nanoflow.bench.gpu_monitor.GpuMonitor`
+    samples the SM / memory clocks, power and clock-event reasons: whether the pair's slowdown comes with lower clocks
+    (power-bound) or not (HBM / L2 contention). ``read``: the monitor's reading function (default NVML)."""
     from nanoflow.bench.gpu_monitor import GpuMonitor
     from nanoflow.ops.attention.decode import decode_attention
 
@@ -214,7 +214,9 @@ def sustained_clocks(tokens: int, hidden: int, inter: int, decode_rows: int, ctx
     def dec(p: int | None) -> Any:
         return lambda: decode_attention(q, kc, vc, table, lens, out, head_dim**-0.5, num_splits=1, max_programs=p)
 
-    phases = {"gemm": [(s_lo, gemm)], "decode": [(s_hi, dec(None))], "pair": [(s_hi, dec(programs)), (s_lo, gemm)]}
+    # "decode" runs on the pair's grid, so pair_vs_serial compares the same work; "decode_full" on the full grid.
+    phases = {"gemm": [(s_lo, gemm)], "decode": [(s_hi, dec(programs))], "decode_full": [(s_hi, dec(None))],
+              "pair": [(s_hi, dec(programs)), (s_lo, gemm)]}
     origin = torch.cuda.current_stream(device)
 
     def launch(fns: list[tuple[torch.cuda.Stream, Any]], iters: int) -> float:

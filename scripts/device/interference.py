@@ -45,10 +45,13 @@ def main() -> None:
     ap.add_argument("--row-only", action="store_true",
                     help="partition: sweep only the row/row_flat-variant configs")
     ap.add_argument("--clocks", action="store_true",
-                    help="instead: GEMM, decode and the pair (decode grid = first of --programs) each sustained for "
+                    help="instead: GEMM, decode and the pair (decode grid = --clock-programs) each sustained for "
                          "--seconds while NVML samples SM/memory clocks, power and throttle reasons (needs "
                          "nvidia-ml-py); tells a power-bound pair from HBM/L2 contention")
     ap.add_argument("--seconds", type=float, default=2.0, help="clocks: seconds per phase")
+    ap.add_argument("--clock-programs", type=int, default=132,
+                    help="clocks: decode persistent-grid size alone and in the pair (132: about half an H100/H200 at "
+                         "the engine's 2 programs per SM of a 0.5 share)")
     args = ap.parse_args()
     if args.partition:
         return partition(args)
@@ -82,7 +85,7 @@ def main() -> None:
 def clocks(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
     results = []
-    programs = int(args.programs.split(",")[0])
+    programs = args.clock_programs
     for tokens in [int(t) for t in args.tokens.split(",")]:
         for pair in args.decode.split(","):
             rows, ctx = (int(v) for v in pair.split(":"))
@@ -90,7 +93,7 @@ def clocks(args: argparse.Namespace) -> None:
             results.append(res)
             print(f"GEMM {tokens}x4096x28672 | decode {rows}x{ctx} on {programs} programs: pair x"
                   f"{res['pair_vs_serial']:.2f} vs serial")
-            for phase in ("idle", "gemm", "decode", "pair"):
+            for phase in ("idle", "gemm", "decode", "decode_full", "pair"):
                 r = res[phase]
                 ms = f"{r['ms_per_iter']:.3f} ms/iter" if "ms_per_iter" in r else "-"
                 print(f"  {phase:6s} {ms:>16s}  SM {r['sm_mhz']['median']:.0f} MHz (min {r['sm_mhz']['min']:.0f})  "

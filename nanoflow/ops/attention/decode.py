@@ -17,8 +17,11 @@ The attention kernels (split, persistent, row, row_flat) share one online-softma
 (:func:`decode_strides`); the split and persistent kernels run the same work item (:func:`_attend_group`).
 
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
-95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). The row
-kernels (row, row_flat) are not measured on a GPU yet.
+95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). On an
+H200 (scripts/device/tune_decode_kv.py, 768 x 1,280 and 256 x 4,096 tokens): bf16 split 4.4 TB/s; the row kernels
+far slower at their default grids (row 0.9-1.6 TB/s, row_flat 2.1-2.3 TB/s); a float8 cache reads half the bytes
+but only reaches 2.0 TB/s (2.35 TB/s at block_n 128, now its default), so a float8 decode step takes about as long
+as a bf16 one (0.85 against 0.92 ms): the float8 cache buys capacity, not decode speed, with these kernels.
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their
@@ -46,9 +49,14 @@ from nanoflow.ops.attention.split_kv import (
 from nanoflow.ops.tile_dot import dot_precision
 
 
-def _default_block_n(device: torch.device, head_dim: int) -> int:
+def _default_block_n(device: torch.device, head_dim: int, kv_elem_bytes: int = 2) -> int:
     if device.type != "cuda":
         return 16  # the interpreter: small tiles keep multi-tile paths exercised on tiny test shapes
+    if kv_elem_bytes == 1 and head_dim <= 128:
+        # A float8 tile is widened in registers before its dot, which keeps it out of the pipelined shared-memory
+        # loads; twice the tokens per iteration put more bytes in flight. H200, 768 x 1,280 and 256 x 4,096 tokens:
+        # 0.85 / 0.92 ms against 0.99 / 1.10 ms at 64 (benchmarks/results/2026-12-02-s5-decode-kv-tune-h200.json).
+        return 128
     return 64 if head_dim <= 128 else 32
 
 
@@ -238,17 +246,18 @@ def decode_attention(
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
     kv_heads = k_cache.shape[2]
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
+    default_n = _default_block_n(q.device, head_dim, k_cache.element_size())
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, num_warps=num_warps, num_stages=num_stages)
     if max_programs is not None:
         check_programs(max_programs)
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
             q, k_cache, v_cache, block_tables, seq_lens, out, rows * kv_heads, kv_heads, scale * LOG2E, *strides,
-            BLOCK_N=check_block_n(_default_block_n(q.device, head_dim) if block_n is None else block_n), **meta,
+            BLOCK_N=check_block_n(default_n if block_n is None else block_n), **meta,
         )
         return out
     num_splits = check_splits(default_num_splits(rows, kv_heads, q.device) if num_splits is None else num_splits)
-    block_n = check_block_n(_default_block_n(q.device, head_dim) if block_n is None else block_n)
+    block_n = check_block_n(default_n if block_n is None else block_n)
     direct, po, plse, partial_strides = split_outputs(out, workspace, num_splits)
     _decode_split_kernel[(rows, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, po, plse, scale * LOG2E, *strides, *partial_strides,

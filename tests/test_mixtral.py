@@ -209,3 +209,41 @@ def test_greedy_matches_transformers_with_the_overlap_preset(tiny_mixtral):
               pipeline="mixtral-overlap")
     assert llm.engine.runner.executor.spec.name == "mixtral-overlap"
     assert _generate(llm, prompts) == expected
+
+
+def test_search_plans_the_moe_layer_and_its_plans_keep_the_tokens(tiny_mixtral, tmp_path, monkeypatch, capsys):
+    """`nanoflow search` on a Mixtral: the router and the experts are profiled and planned like any COMPUTE op; the
+    saved spec validates on the MoE layer graph, and both it and the stage II plan generate transformers' tokens."""
+    import json
+
+    from nanoflow import LLM
+    from nanoflow.cli import main
+    from nanoflow.config import EngineArgs
+    from nanoflow.engine.engine import Engine
+    from nanoflow.graphs.pipeline import PipelineSpec
+    from nanoflow.search.problem import problem_from_graph
+    from nanoflow.search.profiler import profile_ops
+    from nanoflow.search.stage1 import solve_stage1
+    from nanoflow.search.stage2 import solve_stage2
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path / "cache"))
+    path, prompts, expected, _ = tiny_mixtral
+    engine = Engine(EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096))
+    graph = engine.model.graphs[0]
+    profile = profile_ops(engine, [16, 32, 48, 64], decode_rows=8, ctx=40, chunk=32, reps=1,
+                          path=tmp_path / "profile.json")
+    assert {"router", "experts"} <= set(profile["ops"]) and set(profile["ops"]) == set(graph.names)
+    out = tmp_path / "searched.json"
+    assert main(["search", "--model", path, "--profile", str(tmp_path / "profile.json"), "--dense-batch", "64",
+                 "--step", "16", "--time-limit", "10", "--max-split", "2", "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["spec"] == str(out)
+    PipelineSpec.load(out).validate(graph)
+    problem = problem_from_graph(graph, 64, profile)
+    s2 = solve_stage2(problem, solve_stage1(problem, max_split=2, time_limit_s=10), time_limit_s=10)
+    s2.spec.validate(graph)
+    stage2 = tmp_path / "stage2.json"
+    s2.spec.save(stage2)
+    for spec_path in (out, stage2):
+        llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096,
+                  pipeline=str(spec_path))
+        assert _generate(llm, prompts) == expected

@@ -100,9 +100,17 @@ class MixtralForCausalLM(DecoderModel):
         return specs
 
     def layer_graph(self, layer: int) -> LayerGraph:
-        s, prefix, tp = self.spec, f"layers.{layer}", self.tp_size > 1
-        return LayerGraph(tuple(
-            attention_ops(self.weights, prefix, self.local_heads, self.local_kv_heads, s.head_dim, s.rms_norm_eps, tp)
-            + [ffn_norm_op(self.weights, prefix, s.rms_norm_eps)]
-            + moe_ops(self.weights, prefix, self.top_k, tp)
-        ))
+        s = self.spec
+        return mixtral_layer_graph(self.weights, layer, self.local_heads, self.local_kv_heads, s.head_dim,
+                                   s.rms_norm_eps, self.top_k, self.tp_size > 1)
+
+
+def mixtral_layer_graph(w: dict[str, torch.Tensor], layer: int, heads: int, kv_heads: int, head_dim: int,
+                        eps: float, top_k: int, tp: bool) -> LayerGraph:
+    """The Mixtral decoder layer: LLaMA attention, then the sparse MoE FFN (router -> experts [+ all-reduce])."""
+    prefix = f"layers.{layer}"
+    return LayerGraph(tuple(
+        attention_ops(w, prefix, heads, kv_heads, head_dim, eps, tp)
+        + [ffn_norm_op(w, prefix, eps)]
+        + moe_ops(w, prefix, top_k, tp)
+    ))

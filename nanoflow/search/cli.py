@@ -53,14 +53,17 @@ class _AnyWeights(dict):
 
 
 def layer_graph(model: str, tp: int) -> Any:
+    """The model's decoder-layer graph (dense LLaMA-family, or Mixtral's attention + router + experts)."""
     from nanoflow.config import ModelSpec
     from nanoflow.models.layers import llama_layer_graph
+    from nanoflow.models.mixtral import mixtral_layer_graph
 
     spec = ModelSpec.load(model)
+    heads, kv_heads = spec.num_heads // tp, max(1, spec.num_kv_heads // tp)
     if spec.is_moe:
-        raise SystemExit("search for MoE models needs their profile; use --profile with the MoE op names")
-    return spec, llama_layer_graph(_AnyWeights(), 0, spec.num_heads // tp, max(1, spec.num_kv_heads // tp),
-                                   spec.head_dim, spec.rms_norm_eps, tp > 1)
+        return spec, mixtral_layer_graph(_AnyWeights(), 0, heads, kv_heads, spec.head_dim, spec.rms_norm_eps,
+                                         spec.num_experts_per_tok, tp > 1)
+    return spec, llama_layer_graph(_AnyWeights(), 0, heads, kv_heads, spec.head_dim, spec.rms_norm_eps, tp > 1)
 
 
 def workload_lengths(workload: str) -> tuple[float, float]:

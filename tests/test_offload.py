@@ -166,13 +166,15 @@ def tiny(tmp_path_factory):
 
 
 def _engine(tiny, cls, kv_tokens=2048, async_scheduling=True, pipeline=None, arena_bytes=64 << 20,
-            kv_cache_dtype="auto", **kw):
+            kv_cache_dtype="auto", staging_slots=None, **kw):
     """``arena_bytes``: the offloading engine's host arena (small: the default maps 1 GiB + the KV cache per engine;
     None: that default)."""
     spec, weights, path = tiny
     parts = {"model": model_class(spec.architecture)(spec, weights), "tokenizer": None, "dtype": torch.float32,
              "source": ModelSource(spec, path, "safetensors", "tiny")}
     extra = {} if arena_bytes is None else {"kv_host_arena_bytes": arena_bytes}
+    if staging_slots is not None:
+        extra["kv_staging_slots"] = staging_slots
     args = EngineArgs(model=path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=kv_tokens,
                       async_scheduling=async_scheduling, cuda_graphs=False, compile=False, pipeline=pipeline,
                       kv_cache_dtype=kv_cache_dtype, extra=extra)
@@ -415,13 +417,14 @@ def _slow_copies(monkeypatch, delay):
     monkeypatch.setattr(host_kv.OffloadWorker, "copy", slow)
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_slow_worker_keeps_saves_byte_exact(tiny, monkeypatch, async_scheduling):
-    """Worker jobs lag the engine by up to two steps (the staging-slot guard holds launches back): tokens, saves and
-    reuse are still those of the gather path, byte for byte."""
+@pytest.mark.parametrize("async_scheduling,slots", [(True, 2), (True, 3), (False, 3), (True, 5)])
+def test_slow_worker_keeps_saves_byte_exact(tiny, monkeypatch, async_scheduling, slots):
+    """Worker jobs lag the engine by up to ``slots - 1`` steps (the staging-slot guard holds launches back): tokens,
+    saves and reuse are still those of the gather path, byte for byte, whatever the number of staging slots."""
     off, want = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling, simultaneous_offload=False)
     _slow_copies(monkeypatch, 0.03)
-    on, got = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling)
+    on, got = _stop_run(tiny, OffloadingEngine, async_scheduling=async_scheduling, staging_slots=slots)
+    assert on.runner.kv_staging.shape[0] == slots
     assert got == want
     assert on.stats_staging_waits > 0  # launches did wait for the worker to consume their slot
     assert on.stats_saved_from_host_copy == 8 and on.stats_reused_tokens == off.stats_reused_tokens > 0
@@ -608,3 +611,18 @@ def test_offloading_engine_keeps_host_kv_in_its_arena(tiny):
     assert outs[None] == outs[0]
 
 
+
+
+def test_staging_slots_are_used_in_turn_and_fewer_than_two_are_refused(tiny):
+    """Steps write staging slots 0, 1, 2, 0, ... (three by default); one slot cannot work (a step's rows are read
+    after the next step is launched) and is refused when the engine is built."""
+    from nanoflow.scheduler.batcher import BatchPlan
+
+    engine = _engine(tiny, OffloadingEngine)
+    runner = engine.runner
+    assert runner.kv_staging.shape[0] == 3
+    plan = BatchPlan(0, [], [], 0, 64, [])
+    assert [runner.prepare(plan).staging_slot for _ in range(5)] == [0, 1, 2, 0, 1]
+    engine.close()
+    with pytest.raises(ValueError, match="staging_slots must be >= 2"):
+        _engine(tiny, OffloadingEngine, staging_slots=1)

@@ -134,7 +134,8 @@ class Engine:
                                                     ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))),
                            kv_offload=self.simultaneous_offload,
                            decode_variant=str(self.args.extra.get("decode_variant", "split")),
-                           decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype)
+                           decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype,
+                           staging_slots=int(self.args.extra.get("kv_staging_slots", 3)))
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

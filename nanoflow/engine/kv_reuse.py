@@ -4,14 +4,15 @@ Data flow:
 
 * simultaneous offload (on by default): every layer's ``kv_offload`` nano-op copies the K/V that ``rope_kv`` just wrote
   for the step's tokens to a pinned host staging buffer, on a copy stream while the FFN computes, inside the CUDA graph
-  (``graphs.runner``; two staging slots for alternate steps). When a step's results are processed, the engine thread
-  only does bookkeeping (:meth:`HostKVCopy.plan <nanoflow.engine.host_kv.HostKVCopy.plan>`: which rows go where,
-  positions advanced at once) and queues one job on the :class:`~nanoflow.engine.host_kv.OffloadWorker` thread, which
-  copies the step's rows from the staging slot into each running request's :class:`~nanoflow.engine.host_kv.HostKVCopy`,
-  a buffer of the engine's :class:`~nanoflow.engine.host_arena.HostArena` (mapped once, pinned on a GPU, recycled: no
-  page faults). Before launching a step that rewrites a slot, the runner waits for the job that reads the slot's
-  previous rows (``ModelRunner.staging_guard`` -> ``_guard_slot``), so the worker has about one step of GPU time per job
-  before it could hold the engine back;
+  (``graphs.runner``; three staging slots used in turn, ``extra["kv_staging_slots"]``). When a step's results are
+  processed, the engine thread only does bookkeeping (:meth:`HostKVCopy.plan <nanoflow.engine.host_kv.HostKVCopy.plan>`:
+  which rows go where, positions advanced at once) and queues one job on the
+  :class:`~nanoflow.engine.host_kv.OffloadWorker` thread, which copies the step's rows from the staging slot into each
+  running request's :class:`~nanoflow.engine.host_kv.HostKVCopy`, a buffer of the engine's
+  :class:`~nanoflow.engine.host_arena.HostArena` (mapped once, pinned on a GPU, recycled: no page faults). Before
+  launching a step that rewrites a slot, the runner waits for the job that reads the slot's previous rows
+  (``ModelRunner.staging_guard`` -> ``_guard_slot``), so the worker has about one step of GPU time per job (with two
+  slots: only the CPU's planning time) before it could hold the engine back;
 * a request that ends naturally (stop / length) saves the KV of its computed tokens (prompt + outputs, all layers) to
   the :class:`~nanoflow.scheduler.offload.HostKVCache`, keyed by those token ids and scoped by its conversation id:
   the entry is a token slice of its host copy's own buffer (no copy, no pinned allocation), stored at once with a
@@ -137,7 +138,8 @@ class OffloadingEngine(Engine):
         weakref.finalize(self, self._worker.close).atexit = False  # an engine dropped unclosed stops its worker
         self._own_arena = host_arena is None
         self.host_arena = host_arena if host_arena is not None else self._default_arena()
-        self._slot_jobs = [0, 0]  # per staging slot: the last worker job reading it
+        slots = 0 if self.runner.kv_staging is None else self.runner.kv_staging.shape[0]
+        self._slot_jobs = [0] * slots  # per staging slot: the last worker job reading it
         if self.runner.kv_staging is not None:
             self.runner.staging_guard = self._guard_slot
         self.stats_reused_tokens = 0  # prefill tokens loaded from the cache instead of computed

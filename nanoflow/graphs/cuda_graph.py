@@ -180,7 +180,7 @@ class CudaGraphRunner:
         Returns the seconds spent. Shapes with more prefill segments are still captured on first use.
         """
         t0 = time.perf_counter()
-        slots = (0, 1) if self.runner.kv_staging is not None else (0,)
+        slots = range(self.runner.kv_staging.shape[0]) if self.runner.kv_staging is not None else (0,)
         for t in self.sizes:
             for seg in segment_buckets:
                 for slot in slots:

@@ -135,6 +135,24 @@ def test_decode_persistent_grid_matches_reference(gqa, head_dim, max_programs):
     assert_rows(out, ref, [i for i, length in enumerate(lengths) if length], torch.float32)
 
 
+@pytest.mark.parametrize("kw", [{"num_splits": 1}, {"num_splits": 3, "block_n": 32}, {"num_splits": 8},
+                                {"max_programs": 2}, {"max_programs": 64, "block_n": 32}])
+@in_process
+def test_decode_prefetch_matches_reference(kw):
+    """The software-pipelined tile loop (prefetch=True: next tile's loads before this tile's compute) on rows of 0-7
+    tiles, splits with fewer tiles than others and persistent grids: the same attention, no write past a row."""
+    gen = seeded("prefetch", sorted(kw.items()))
+    check_decode([37, 0, 1, 16, 100, 65, 112], 2, 4, 64, 16, torch.float32, gen, prefetch=True, **kw)
+
+
+def test_decode_prefetch_is_for_the_split_variant():
+    q = torch.zeros(1, 2, 64)
+    k = v = torch.zeros(2, 16, 2, 64)
+    with pytest.raises(AttentionInputError, match="prefetch applies to the split variant"):
+        decode_attention(q, k, v, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                         torch.zeros(1, 2, 64), 1.0, variant="row", prefetch=True)
+
+
 ROW_CASES = [
     # hkv, gqa, head_dim, block_size, block_n, num_splits, max_programs, dtype
     (4, 1, 64, 16, None, 1, None, torch.float32),  # MHA, one page per tile, direct store
@@ -265,7 +283,9 @@ FP8 = torch.float8_e4m3fn
 
 @pytest.mark.parametrize("variant,kw", [("split", {"num_splits": 1}), ("split", {"num_splits": 3}),
                                         ("split", {"max_programs": 3}), ("row", {"num_splits": 2}),
-                                        ("row_flat", {"max_programs": 2})])
+                                        ("row_flat", {"max_programs": 2}),
+                                        ("split", {"num_splits": 3, "prefetch": True}),
+                                        ("split", {"max_programs": 3, "prefetch": True})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @in_process
 def test_decode_fp8_cache_matches_reference(variant, kw, dtype):

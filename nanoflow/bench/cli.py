@@ -49,8 +49,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="decode-attention kernel: split (one program per row and kv head), row (one per row, all "
                         "kv heads, whole-page tiles, batched 3-D dots) or row_flat (the same with 2-D dots)")
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
-                   help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3 (keys: block_n, "
-                        "num_warps, num_stages; default: the kernel's own choice)")
+                   help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
+                        "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
+                        "one; default: the kernel's own choice)")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
@@ -65,14 +66,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch")
+
+
 def decode_options(text: str) -> dict[str, int]:
     """``block_n=128,num_warps=8`` -> ``{"block_n": 128, "num_warps": 8}`` (argparse type of --decode-options)."""
     out: dict[str, int] = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or key not in ("block_n", "num_warps", "num_stages") or not value.strip().isdigit():
+        if not sep or key not in DECODE_OPTION_KEYS or not value.strip().isdigit():
             raise argparse.ArgumentTypeError(
-                f"{item!r}: write KEY=INT with KEY one of block_n, num_warps, num_stages, e.g. block_n=128")
+                f"{item!r}: write KEY=INT with KEY one of {', '.join(DECODE_OPTION_KEYS)}, e.g. block_n=128")
         out[key] = int(value)
     return out
 

@@ -10,7 +10,8 @@ echo "tune rc $?"
 grep -E "^N=|^\{|bounded|failures" "$OUT/tune.log" | cut -c1-400
 OPTS=$(python3 -c 'import json, sys
 best = json.load(open(sys.argv[1]))["cases"][0]["fp8_best"]
-print(",".join(f"{k}={best[k]}" for k in ("block_n", "num_warps", "num_stages") if k in best))' "$OUT/decode_kv_tune.json" 2>/dev/null)
+print(",".join(f"{k}={int(best[k])}" for k in ("block_n", "num_warps", "num_stages", "prefetch") if k in best))' \
+  "$OUT/decode_kv_tune.json" 2>/dev/null)
 echo "float8 decode options: ${OPTS:-kernel defaults}"
 DO=()
 [ -n "$OPTS" ] && DO=(--decode-options "$OPTS")

@@ -3,8 +3,9 @@
 A float8 cache halves the bytes decode attention reads, so at the same fraction of HBM bandwidth a decode step
 should take half the time. This script measures whether it does (LLaMA-3-8B heads, pages of 16 in shuffled order,
 steady-state shapes of the 1,024/512 workload) and which ``block_n`` / ``num_warps`` / ``num_stages`` make the float8
-path fastest, for the full grid and for bounded persistent grids (the overlap pipelines' grid knob). Each config is
-checked against the float64 reference on the widened float8 pages. Writes ``$OUT/decode_kv_tune.json``.
+path fastest (and whether the software-pipelined tile loop, ``prefetch``, helps), for the full grid and for bounded
+persistent grids (the overlap pipelines' grid knob). Each config is checked against the float64 reference on the
+widened float8 pages. Writes ``$OUT/decode_kv_tune.json``.
 
     python scripts/device/tune_decode_kv.py            # on the GPU machine (about a minute on an H200)
     python scripts/device/tune_decode_kv.py --dry-run  # tiny shapes on the CPU through TRITON_INTERPRET
@@ -40,8 +41,12 @@ DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 HQ, HKV, D, PAGE = (32, 8, 128, 16) if not OPTS.dry_run else (4, 2, 64, 16)
 # (rows, tokens per row): the 1,024/512 steady state (~700-800 decode rows at ~1,280 tokens) and a longer context.
 CASES = [(768, 1280), (256, 4096)] if not OPTS.dry_run else [(3, 40)]
-SWEEP = (list(itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 3))) if not OPTS.dry_run else [(16, 4, 2)])
-BF16_SWEEP = [(64, 4, 2), (128, 4, 2), (64, 8, 2), (128, 8, 3)] if not OPTS.dry_run else [(16, 4, 2)]
+# (block_n, num_warps, num_stages, prefetch): prefetch = the software-pipelined tile loop (decode_attention(prefetch=)).
+SWEEP = ([(*c, False) for c in itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 3))]
+         + [(*c, True) for c in itertools.product((32, 64, 128), (4, 8), (1, 2))]
+         if not OPTS.dry_run else [(16, 4, 2, False), (16, 4, 2, True)])
+BF16_SWEEP = ([(64, 4, 2, False), (128, 4, 2, False), (64, 8, 2, False), (128, 8, 3, False), (64, 4, 2, True),
+               (64, 4, 1, True)] if not OPTS.dry_run else [(16, 4, 2, False)])
 PROGRAMS = (66, 264) if not OPTS.dry_run else (2,)
 
 
@@ -89,7 +94,8 @@ def main() -> int:
             ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, D**-0.5)
             moved = rows * length * 2 * HKV * D * k.element_size()
             configs = [{}]  # the defaults first
-            configs += [{"block_n": b, "num_warps": w, "num_stages": s} for b, w, s in sweep]
+            configs += [{"block_n": b, "num_warps": w, "num_stages": s, **({"prefetch": True} if f else {})}
+                        for b, w, s, f in sweep]
             configs += [{"max_programs": p} for p in PROGRAMS]
             configs += [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:
@@ -99,7 +105,7 @@ def main() -> int:
             case[f"{name}_best"] = min(timed, key=lambda r: r["ms"]) if timed else None
             best = case[f"{name}_best"]
             if best and DEVICE.type == "cuda":  # the best full-grid tiles on the bounded grids too
-                tiles = {key: best[key] for key in ("block_n", "num_warps", "num_stages") if key in best}
+                tiles = {key: best[key] for key in SWEEP_KEYS if key in best}
                 for p in PROGRAMS:
                     case[name].append(measure(report, q, k, v, table, lens, ws, moved,
                                               {**tiles, "max_programs": p}, ref))
@@ -130,7 +136,7 @@ def main() -> int:
     return 1 if bad else 0
 
 
-SWEEP_KEYS = ("block_n", "num_warps", "num_stages")
+SWEEP_KEYS = ("block_n", "num_warps", "num_stages", "prefetch")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,6 +61,23 @@ def _default_block_n(device: torch.device, head_dim: int, kv_elem_bytes: int = 2
 
 
 @triton.jit
+def _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb, stride_kt, stride_vb,
+               stride_vt, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, EVICT: tl.constexpr):
+    """KV tile ``tile`` of a row as stored (``[BLOCK_N, HEAD_DIM]`` K and V in the cache dtype) and which of its tokens
+    are valid; a tile at or past ``tile_hi`` loads nothing (all masked)."""
+    tok = tile * BLOCK_N + offs_n
+    valid = tok < tl.minimum(seq_len, tile_hi * BLOCK_N)  # tiles from tile_hi on: nothing valid
+    # int64: a layer's cache can exceed 2**31 elements.
+    page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+    slot_in_page = tok % PAGE
+    k = tl.load(k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
+                mask=valid[:, None], other=0.0, eviction_policy=EVICT)
+    v = tl.load(v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
+                mask=valid[:, None], other=0.0, eviction_policy=EVICT)
+    return valid, k, v
+
+
+@triton.jit
 def _attend_group(
     q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr,
     row, kvh, split, seq_len, tile_lo, tile_hi,
@@ -74,10 +91,15 @@ def _attend_group(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
     to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
-    stored by :func:`store_result` (as split ``split``)."""
+    stored by :func:`store_result` (as split ``split``).
+
+    PREFETCH: issue the next tile's page, K and V loads before computing on the current tile (a software pipeline
+    in registers). Triton pipelines loads through shared memory only when they feed a dot directly; a float8 tile is
+    widened in registers first, so without this its loads wait for each tile's compute."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -94,21 +116,23 @@ def _attend_group(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for tile in range(tile_lo, tile_hi):
-        tok = tile * BLOCK_N + offs_n
-        valid = tok < seq_len
-        # int64: a layer's cache can exceed 2**31 elements.
-        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        slot_in_page = tok % PAGE
-        k = tl.load(
-            k_head + (page * stride_kb + slot_in_page * stride_kt)[:, None] + offs_d[None, :],
-            mask=valid[:, None], other=0.0, eviction_policy=EVICT,
-        ).to(q.dtype)  # a float8 cache is widened in registers (a no-op otherwise)
-        v = tl.load(
-            v_head + (page * stride_vb + slot_in_page * stride_vt)[:, None] + offs_d[None, :],
-            mask=valid[:, None], other=0.0, eviction_policy=EVICT,
-        ).to(q.dtype)
-        m_i, l_i, acc = attend_tile(q, tl.trans(k), v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
+    if PREFETCH:
+        valid, k, v = _load_tile(bt_row, k_head, v_head, tile_lo, tile_hi, seq_len, offs_n, offs_d, stride_kb,
+                                 stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
+        for tile in range(tile_lo, tile_hi):
+            # The next tile's loads go out first (all masked off past tile_hi), then the current tile's compute.
+            valid_n, k_n, v_n = _load_tile(bt_row, k_head, v_head, tile + 1, tile_hi, seq_len, offs_n, offs_d,
+                                           stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
+            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
+                                        scale_log2, PRECISION)
+            valid, k, v = valid_n, k_n, v_n
+    else:
+        for tile in range(tile_lo, tile_hi):
+            valid, k, v = _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb,
+                                     stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
+            # A float8 cache is widened in registers (a no-op otherwise).
+            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
+                                        scale_log2, PRECISION)
     store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc,
                  stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)
 
@@ -126,6 +150,7 @@ def _decode_split_kernel(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -145,7 +170,7 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH,
     )
 
 
@@ -160,7 +185,7 @@ def _decode_persistent_kernel(
     stride_bt,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -178,7 +203,7 @@ def _decode_persistent_kernel(
                 tl.cdiv(seq_len, BLOCK_N), scale_log2,
                 stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
-                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH,
             )
 
 
@@ -199,6 +224,7 @@ def decode_attention(
     max_programs: int | None = None,
     kv_evict: str = "evict_first",
     variant: str = "split",
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -226,6 +252,9 @@ def decode_attention(
             ``max_programs``, ``num_splits``, ``workspace``, ``block_n``,
             ``num_warps``, ``num_stages`` and ``kv_evict`` mean the same for both (work items are rows, not
             (row, kv head) pairs, for ``"row"``).
+        prefetch: split variant (full or persistent grid): load each next K/V tile before computing on the current
+            one, a software pipeline in registers for tiles Triton cannot pipeline itself (a float8 cache, widened
+            before its dot). Off by default until measured on a GPU (``scripts/device/tune_decode_kv.py`` sweeps it).
     Returns ``out``.
     """
     check_qo(q, out)
@@ -240,6 +269,8 @@ def decode_attention(
     if variant in ("row", "row_flat"):
         from nanoflow.ops.attention.decode_row import decode_row
 
+        if prefetch:
+            raise AttentionInputError("prefetch applies to the split variant only; drop it or use variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat")
     if variant != "split":
@@ -248,7 +279,8 @@ def decode_attention(
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
     default_n = _default_block_n(q.device, head_dim, k_cache.element_size())
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
-                PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, num_warps=num_warps, num_stages=num_stages)
+                PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
+                num_warps=num_warps, num_stages=num_stages)
     if max_programs is not None:
         check_programs(max_programs)
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](

@@ -89,3 +89,12 @@ def test_bench_decode_options_flag():
     for bad in ("block_n", "block_n=x", "warps=4"):
         with pytest.raises(argparse.ArgumentTypeError, match="KEY=INT"):
             decode_options(bad)
+
+
+def test_result_records_take_the_commit_from_the_environment(monkeypatch):
+    from nanoflow.bench import git_commit
+
+    monkeypatch.setenv("NANOFLOW_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("NANOFLOW_COMMIT")
+    assert git_commit()  # the checkout's HEAD here, or "unknown"

@@ -130,3 +130,14 @@ def test_search_cli_from_a_saved_profile(tmp_path, monkeypatch, capsys):
     assert summary["chosen"] == spec.meta["chosen"] and out.with_suffix(".png").is_file()
     predicted = min(summary["stage2_ms"], summary["sequential_ms"])
     assert predicted == pytest.approx(summary["stage2_ms" if spec.meta["chosen"] == "stage2" else "sequential_ms"])
+
+
+def test_search_takes_the_engines_decode_options():
+    """The GPU profile is made with the decode kernel options the engine will run (bench's --decode-options)."""
+    from nanoflow.cli import build_parser
+
+    argv = ["search", "--kv-cache-dtype", "fp8", "--decode-options", "block_n=128,prefetch=1"]
+    args = build_parser().parse_args(argv)
+    assert args.decode_options == {"block_n": 128, "prefetch": 1} and args.kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--decode-options", "tiles=4"])

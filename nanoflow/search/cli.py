@@ -37,12 +37,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="KV-cache element type the GPU profile is made with (decode attention reads it); fp8 "
                         "profiles and specs are cached apart from the others")
+    p.add_argument("--decode-options", type=_decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
+                   help="decode-attention kernel options the GPU profile is made with (as nanoflow bench "
+                        "--decode-options: block_n, num_warps, num_stages, prefetch); use the ones the engine will run")
     p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="on a GPU, skip measuring the sequential and the searched pipeline's forward on the profiled "
                         "batch (by default both are measured, the prediction's error is recorded in the spec's meta, "
                         "and the faster of the two is kept)")
     return p
+
+
+def _decode_options(text: str) -> dict[str, int]:
+    from nanoflow.bench.cli import decode_options
+
+    return decode_options(text)
 
 
 class _AnyWeights(dict):
@@ -217,9 +226,10 @@ def _gpu_engine(args: argparse.Namespace, ctx: int) -> Any:
     from nanoflow.engine.engine import Engine
 
     kv = 64 * (ctx + 16) + args.dense_batch * 2 + 4096
+    extra = {"decode_options": args.decode_options} if getattr(args, "decode_options", None) else {}
     return Engine(EngineArgs(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
                              dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64,
-                             kv_cache_dtype=args.kv_cache_dtype))
+                             kv_cache_dtype=args.kv_cache_dtype, extra=extra))
 
 
 def _profile_ops(engine: Any, args: argparse.Namespace, sizes: list[int], decode_rows: int, ctx: int) -> dict:

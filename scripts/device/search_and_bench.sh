@@ -4,14 +4,17 @@
 # time), then one bench run comparing non-overlap, the hand preset and the searched pipeline. Results under $OUT.
 #   SEARCH_S (MILP seconds, default 90)  STEP (profiled batch step, default 128)  REQS (bench requests, default 512)
 #   MODES (bench modes, default non-overlap,overlap-preset-nogrid + overlap-searched)
+#   KV_DTYPE (auto|fp8, default auto)  DECODE_OPTIONS (e.g. block_n=128,prefetch=1: profile and bench alike)
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=$OUT/cache
+EXTRA=(--kv-cache-dtype "${KV_DTYPE:-auto}")
+[ -n "${DECODE_OPTIONS:-}" ] && EXTRA+=(--decode-options "$DECODE_OPTIONS")
 python3 -m nanoflow.cli search --model llama-3-8b --dense-batch 2048 --workload constant:1024:512 \
   --rp-table benchmarks/results/2026-11-22-interference-h200.json --time-limit "${SEARCH_S:-90}" --step "${STEP:-128}" \
-  --output "$OUT/searched.json" 2>&1 | grep -v Warn | tail -40
+  "${EXTRA[@]}" --output "$OUT/searched.json" 2>&1 | grep -v Warn | tail -40
 cp "$OUT"/cache/profiles/*.json "$OUT/" 2>/dev/null
 MODES=${MODES:-non-overlap,overlap-preset-nogrid}
 [ -f "$OUT/searched.json" ] && MODES=$MODES,overlap-searched
 python3 -m nanoflow.cli bench --model llama-3-8b --num-requests "${REQS:-512}" --kv-fraction 0.85 --modes "$MODES" \
-  --searched-spec "$OUT/searched.json" --output "$OUT/bench6" 2>&1 | grep -E "tok/s|FAILED|Error|wrote" | tail -8
+  "${EXTRA[@]}" --searched-spec "$OUT/searched.json" --output "$OUT/bench6" 2>&1 | grep -E "tok/s|FAILED|Error|wrote" | tail -8
 rm -rf "$OUT/cache"

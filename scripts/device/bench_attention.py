@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 import traceback
@@ -29,15 +28,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-ARGS.add_argument("--tune", nargs="?", const="all", choices=("decode", "prefill", "all"),
-                  help="also sweep tile sizes / num_warps / num_stages of decode, prefill or both")
-ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for attention_bench.json (default $OUT)")
-OPTS = ARGS.parse_args()
-if OPTS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _cli import parse_script_args
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--tune", nargs="?", const="all", choices=("decode", "prefill", "all"),
+                    help="also sweep tile sizes / num_warps / num_stages of decode, prefill or both")
+
+
+OPTS = parse_script_args(__doc__, "attention_bench.json", _args)
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -33,14 +32,14 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-ARGS.add_argument("--no-tune", action="store_true", help="skip the tile sweep")
-ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for moe_bench.json (default $OUT)")
-OPTS = ARGS.parse_args()
-if OPTS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _cli import parse_script_args
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-tune", action="store_true", help="skip the tile sweep")
+
+
+OPTS = parse_script_args(__doc__, "moe_bench.json", _args)
 
 import torch  # noqa: E402
 from _common import DRY_RUN_DEVICE, rel_err, report_header  # noqa: E402

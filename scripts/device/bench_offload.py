@@ -33,32 +33,32 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
 
-ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes and model on the CPU")
-ARGS.add_argument("--model", default="llama-3-8b", help="built-in config name (dummy weights) or an HF folder")
-ARGS.add_argument("--requests", type=int, default=192, help="requests of the 1,024/512 throughput run")
-ARGS.add_argument("--conversations", type=int, default=32, help="conversations of the multi-round run")
-ARGS.add_argument("--rounds", type=int, default=3, help="rounds per conversation of the multi-round run")
-ARGS.add_argument("--arena-gib", type=float, default=64.0,
-                  help="host arena shared by the offloading engines, GiB (pinned on a GPU; 0: fresh pageable buffers)")
-ARGS.add_argument("--deadline-s", type=float, default=390.0,
-                  help="do not start a part or engine run after this many seconds (its entry says skipped)")
-ARGS.add_argument("--pipeline", default="llama-8b-overlap",
-                  help="pipeline preset of the engine runs (none: the sequential baseline)")
-ARGS.add_argument("--parts", default="bandwidth,host_copy_check,multiround,throughput",
-                  help="comma-separated parts to run, in this order (host_copy_check also warms the kernels up)")
-ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for offload_bench.json (default $OUT)")
-OPTS = ARGS.parse_args()
-if OPTS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _cli import parse_script_args
+
+
+def _args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="llama-3-8b", help="built-in config name (dummy weights) or an HF folder")
+    ap.add_argument("--requests", type=int, default=192, help="requests of the 1,024/512 throughput run")
+    ap.add_argument("--conversations", type=int, default=32, help="conversations of the multi-round run")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per conversation of the multi-round run")
+    ap.add_argument("--arena-gib", type=float, default=64.0,
+                    help="host arena shared by the offloading engines, GiB (pinned on a GPU; 0: fresh pageable "
+                         "buffers)")
+    ap.add_argument("--deadline-s", type=float, default=390.0,
+                    help="do not start a part or engine run after this many seconds (its entry says skipped)")
+    ap.add_argument("--pipeline", default="llama-8b-overlap",
+                    help="pipeline preset of the engine runs (none: the sequential baseline)")
+    ap.add_argument("--parts", default="bandwidth,host_copy_check,multiround,throughput",
+                    help="comma-separated parts to run, in this order (host_copy_check also warms the kernels up)")
+
+
+OPTS = parse_script_args(__doc__, "offload_bench.json", _args, dry_run_help="tiny shapes and model on the CPU")
 
 import torch  # noqa: E402
 from _common import report_header  # noqa: E402

@@ -13,22 +13,16 @@ widened float8 pages. Writes ``$OUT/decode_kv_tune.json``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-ARGS = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-ARGS.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-ARGS.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for decode_kv_tune.json (default $OUT)")
-OPTS = ARGS.parse_args()
-if OPTS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _cli import parse_script_args
+
+OPTS = parse_script_args(__doc__, "decode_kv_tune.json")
 
 import torch  # noqa: E402
 from _common import DRY_RUN_DEVICE, rel_err, report_header  # noqa: E402

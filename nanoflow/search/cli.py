@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanoflow.bench.cli import decode_options
+
 log = logging.getLogger("nanoflow")
 
 
@@ -37,7 +39,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="KV-cache element type the GPU profile is made with (decode attention reads it); fp8 "
                         "profiles and specs are cached apart from the others")
-    p.add_argument("--decode-options", type=_decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
+    p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel options the GPU profile is made with (as nanoflow bench "
                         "--decode-options: block_n, num_warps, num_stages, prefetch); use the ones the engine will run")
     p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
@@ -46,12 +48,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "batch (by default both are measured, the prediction's error is recorded in the spec's meta, "
                         "and the faster of the two is kept)")
     return p
-
-
-def _decode_options(text: str) -> dict[str, int]:
-    from nanoflow.bench.cli import decode_options
-
-    return decode_options(text)
 
 
 class _AnyWeights(dict):

@@ -62,7 +62,7 @@ def synthetic_plan(engine: Any, dense: int, decode_rows: int, ctx: int, chunk: i
     return BatchPlan(-1, decode, prefill, dense, dense, []), keep
 
 
-def _graph_time(fn: Any, reps: int, repeat: int = 5, device: torch.device | None = None) -> float:
+def graph_time(fn: Any, reps: int, repeat: int = 5, device: torch.device | None = None) -> float:
     if device is not None and device.type != "cuda":  # CPU: wall clock (tests and dry runs)
         import time
 
@@ -132,7 +132,7 @@ def profile_ops(engine: Any, sizes: list[int], decode_rows: int, ctx: int, chunk
         graph = engine.model.graphs[0]
         todo = [(op, b) for op in graph.ops for b in sizes if str(b) not in result["ops"].get(op.name, {})]
         for op, b in tqdm(todo, desc="profile ops", unit="kernel"):
-            ms = _graph_time(lambda op=op, b=b: op.run(ctx0, 0, b), reps, device=runner.device)
+            ms = graph_time(lambda op=op, b=b: op.run(ctx0, 0, b), reps, device=runner.device)
             result["ops"].setdefault(op.name, {})[str(b)] = ms
             if path is not None and b == sizes[-1]:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def measure_layer_ms(engine: Any, specs: Mapping[str, PipelineSpec | None], deco
     from nanoflow.graphs.executor import Executor
     from nanoflow.graphs.glue import compiled_glue
     from nanoflow.graphs.resources import ResourceConfig
-    from nanoflow.search.profiler import _graph_time, synthetic_plan
+    from nanoflow.search.profiler import graph_time, synthetic_plan
 
     runner = engine.runner
     dense = engine.dense_batch_size
@@ -37,7 +37,7 @@ def measure_layer_ms(engine: Any, specs: Mapping[str, PipelineSpec | None], deco
         for name, spec in specs.items():
             runner.executor = Executor(saved[0].graphs, spec, runner.device, resources=ResourceConfig(knob=knob))
             batch = runner.prepare(plan)
-            ms = _graph_time(lambda batch=batch: runner.run_layers(batch), reps, device=runner.device)
+            ms = graph_time(lambda batch=batch: runner.run_layers(batch), reps, device=runner.device)
             out[name] = ms / len(saved[0].graphs)
     finally:
         runner.executor, runner.graphs, runner.glue = saved

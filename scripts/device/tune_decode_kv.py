@@ -58,7 +58,7 @@ def caches(rows: int, length: int, gen: torch.Generator):
     return k, v, table
 
 
-def measure(report: dict, q, k, v, table, lens, ws, moved: int, cfg: dict, ref) -> dict:
+def measure(q, k, v, table, lens, ws, moved: int, cfg: dict, ref) -> dict:
     rec = dict(cfg)
     try:
         out = torch.empty_like(q)
@@ -93,7 +93,7 @@ def main() -> int:
             configs += [{"max_programs": p} for p in PROGRAMS]
             configs += [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:
-                rec = measure(report, q, k, v, table, lens, ws, moved, cfg, ref)
+                rec = measure(q, k, v, table, lens, ws, moved, cfg, ref)
                 case[name].append(rec)
             timed = [r for r in case[name] if "ms" in r and "max_programs" not in r and "variant" not in r]
             case[f"{name}_best"] = min(timed, key=lambda r: r["ms"]) if timed else None
@@ -101,7 +101,7 @@ def main() -> int:
             if best and DEVICE.type == "cuda":  # the best full-grid tiles on the bounded grids too
                 tiles = {key: best[key] for key in SWEEP_KEYS if key in best}
                 for p in PROGRAMS:
-                    case[name].append(measure(report, q, k, v, table, lens, ws, moved,
+                    case[name].append(measure(q, k, v, table, lens, ws, moved,
                                               {**tiles, "max_programs": p}, ref))
             default = case[name][0]
             print(f"N={rows} len={length} {name}: default {default.get('ms', float('nan')):.3f} ms "

@@ -285,14 +285,37 @@ FP8 = torch.float8_e4m3fn
                                         ("split", {"max_programs": 3}), ("row", {"num_splits": 2}),
                                         ("row_flat", {"max_programs": 2}),
                                         ("split", {"num_splits": 3, "prefetch": True}),
-                                        ("split", {"max_programs": 3, "prefetch": True})])
+                                        ("split", {"max_programs": 3, "prefetch": True}),
+                                        ("split", {"num_splits": 3, "f16_tiles": False}),
+                                        ("row", {"num_splits": 2, "f16_tiles": False})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @in_process
 def test_decode_fp8_cache_matches_reference(variant, kw, dtype):
-    """A float8 e4m3 cache (kv_cache_dtype="fp8"): every decode kernel widens it on load and computes the attention
-    the reference computes on the same float8 values."""
+    """A float8 e4m3 cache (kv_cache_dtype="fp8"): every decode kernel widens it on load (to float16 under a bf16
+    query by default, to the query's dtype with f16_tiles=False) and computes the attention the reference computes
+    on the same float8 values."""
     gen = seeded("fp8", variant, sorted(kw.items()), dtype)
     check_decode([37, 0, 1, 16, 100, 65], 2, 4, 64, 16, dtype, gen, kv_dtype=FP8, variant=variant, **kw)
+
+
+def test_tile_dtype_widens_float8_to_float16_under_16_bit_queries():
+    """Which dtype the attention kernels multiply in: float16 for a float8 cache under a bf16/f16 query (exact for
+    every e4m3 value, one widening instruction per two elements), else the query's dtype; a bad query dtype is named."""
+    import triton.language as tl
+
+    from nanoflow.ops.tile_dot import tile_dtype
+
+    assert tile_dtype(torch.bfloat16, FP8) == tl.float16
+    assert tile_dtype(torch.float16, FP8) == tl.float16
+    assert tile_dtype(torch.bfloat16, FP8, f16_tiles=0) == tl.bfloat16  # --decode-options f16_tiles=0
+    assert tile_dtype(torch.float32, FP8) == tl.float32
+    assert tile_dtype(torch.bfloat16, torch.bfloat16) == tl.bfloat16
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        tile_dtype(torch.float64, FP8)
+    # float16 holds every finite e4m3 value exactly, so the widening loses nothing.
+    every = torch.arange(256, dtype=torch.uint8).view(FP8)
+    finite = every[~torch.isnan(every.float())]
+    assert torch.equal(finite.to(torch.float16).float(), finite.float())
 
 
 @pytest.mark.parametrize("dtype,pack_gqa", [(torch.float32, False), (torch.bfloat16, True)])

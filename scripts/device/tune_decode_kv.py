@@ -3,7 +3,8 @@
 A float8 cache halves the bytes decode attention reads, so at the same fraction of HBM bandwidth a decode step
 should take half the time. This script measures whether it does (LLaMA-3-8B heads, pages of 16 in shuffled order,
 steady-state shapes of the 1,024/512 workload) and which ``block_n`` / ``num_warps`` / ``num_stages`` make the float8
-path fastest (and whether the software-pipelined tile loop, ``prefetch``, helps), for the full grid and for bounded
+path fastest (and whether the software-pipelined tile loop, ``prefetch``, helps, and whether widening float8 tiles to
+float16, ``f16_tiles``, the default, beats widening them to bf16), for the full grid and for bounded
 persistent grids (the overlap pipelines' grid knob). Each config is checked against the float64 reference on the
 widened float8 pages. Writes ``$OUT/decode_kv_tune.json``.
 
@@ -35,12 +36,14 @@ DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 HQ, HKV, D, PAGE = (32, 8, 128, 16) if not OPTS.dry_run else (4, 2, 64, 16)
 # (rows, tokens per row): the 1,024/512 steady state (~700-800 decode rows at ~1,280 tokens) and a longer context.
 CASES = [(768, 1280), (256, 4096)] if not OPTS.dry_run else [(3, 40)]
-# (block_n, num_warps, num_stages, prefetch): prefetch = the software-pipelined tile loop (decode_attention(prefetch=)).
-SWEEP = ([(*c, False) for c in itertools.product((32, 64, 128, 256), (4, 8), (1, 2, 3))]
-         + [(*c, True) for c in itertools.product((32, 64, 128), (4, 8), (1, 2))]
-         if not OPTS.dry_run else [(16, 4, 2, False), (16, 4, 2, True)])
-BF16_SWEEP = ([(64, 4, 2, False), (128, 4, 2, False), (64, 8, 2, False), (128, 8, 3, False), (64, 4, 2, True),
-               (64, 4, 1, True)] if not OPTS.dry_run else [(16, 4, 2, False)])
+# (block_n, num_warps, num_stages, prefetch, f16_tiles): prefetch = the software-pipelined tile loop
+# (decode_attention(prefetch=)); f16_tiles = widen float8 to float16 (True, the default) or to bf16 (False).
+SWEEP = ([(*c, False, True) for c in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
+         + [(*c, True, True) for c in itertools.product((64, 128), (4, 8), (2,))]
+         + [(64, 4, 2, False, False), (128, 4, 2, False, False), (128, 8, 2, False, False)]
+         if not OPTS.dry_run else [(16, 4, 2, False, True), (16, 4, 2, True, True), (16, 4, 2, False, False)])
+BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 8, 2, False, True), (128, 8, 3, False, True),
+               (64, 4, 2, True, True)] if not OPTS.dry_run else [(16, 4, 2, False, True)])
 PROGRAMS = (66, 264) if not OPTS.dry_run else (2,)
 
 
@@ -88,8 +91,9 @@ def main() -> int:
             ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, D**-0.5)
             moved = rows * length * 2 * HKV * D * k.element_size()
             configs = [{}]  # the defaults first
-            configs += [{"block_n": b, "num_warps": w, "num_stages": s, **({"prefetch": True} if f else {})}
-                        for b, w, s, f in sweep]
+            configs += [{"block_n": b, "num_warps": w, "num_stages": s, **({"prefetch": True} if f else {}),
+                         **({} if f16 else {"f16_tiles": False})}
+                        for b, w, s, f, f16 in sweep]
             configs += [{"max_programs": p} for p in PROGRAMS]
             configs += [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:
@@ -107,6 +111,8 @@ def main() -> int:
             print(f"N={rows} len={length} {name}: default {default.get('ms', float('nan')):.3f} ms "
                   f"({default.get('GBps', 0):.0f} GB/s), best {best and best['ms']:.3f} ms "
                   f"({best and best['GBps']:.0f} GB/s) {best and {k_: best.get(k_) for k_ in SWEEP_KEYS}}", flush=True)
+        old_path = [r for r in case["fp8"] if "ms" in r and r.get("f16_tiles") is False]
+        case["fp8_bf16_tiles_best"] = min(old_path, key=lambda r: r["ms"]) if old_path else None
         if case["bf16_best"] and case["fp8_best"]:
             case["fp8_over_bf16_default"] = case["fp8"][0].get("ms", 0) / case["bf16"][0]["ms"]
             case["fp8_best_over_bf16_best"] = case["fp8_best"]["ms"] / case["bf16_best"]["ms"]
@@ -122,6 +128,9 @@ def main() -> int:
     (out / "decode_kv_tune.json").write_text(json.dumps(report, indent=1, default=str))
     for c in report["cases"]:
         print({k_: c.get(k_) for k_ in ("N", "seq_len", "fp8_over_bf16_default", "fp8_best_over_bf16_best")})
+        old = c.get("fp8_bf16_tiles_best")
+        if old:
+            print(f"  fp8 widened to bf16 (the old path), best: {old['ms']:.3f} ms ({old['GBps']:.0f} GB/s)")
         for name in ("bf16", "fp8"):
             grid = [(r.get("max_programs"), r.get("block_n"), round(r["GBps"])) for r in c[name]
                     if "max_programs" in r and "ms" in r]
@@ -130,7 +139,7 @@ def main() -> int:
     return 1 if bad else 0
 
 
-SWEEP_KEYS = ("block_n", "num_warps", "num_stages", "prefetch")
+SWEEP_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,7 +46,7 @@ from nanoflow.ops.attention.split_kv import (
     split_outputs,
     split_tiles,
 )
-from nanoflow.ops.tile_dot import dot_precision
+from nanoflow.ops.tile_dot import dot_precision, tile_dtype
 
 
 def _default_block_n(device: torch.device, head_dim: int, kv_elem_bytes: int = 2) -> int:
@@ -91,12 +91,13 @@ def _attend_group(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr,
 ):
     """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
     to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
     stored by :func:`store_result` (as split ``split``).
 
+    TILE: the dtype q and the K/V tiles are multiplied in (:func:`~nanoflow.ops.tile_dot.tile_dtype`).
     PREFETCH: issue the next tile's page, K and V loads before computing on the current tile (a software pipeline
     in registers). Triton pipelines loads through shared memory only when they feed a dot directly; a float8 tile is
     widened in registers first, so without this its loads wait for each tile's compute."""
@@ -108,7 +109,7 @@ def _attend_group(
     row64 = row.to(tl.int64)
     q = tl.load(
         q_ptr + row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_valid[:, None], other=0.0
-    )
+    ).to(TILE)
     bt_row = bt_ptr + row64 * stride_bt
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
@@ -130,7 +131,7 @@ def _attend_group(
         for tile in range(tile_lo, tile_hi):
             valid, k, v = _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb,
                                      stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
-            # A float8 cache is widened in registers (a no-op otherwise).
+            # A float8 cache is widened in registers to TILE (a no-op otherwise).
             m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
                                         scale_log2, PRECISION)
     store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc,
@@ -150,7 +151,7 @@ def _decode_split_kernel(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -170,7 +171,7 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE,
     )
 
 
@@ -186,6 +187,7 @@ def _decode_persistent_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -203,7 +205,7 @@ def _decode_persistent_kernel(
                 tl.cdiv(seq_len, BLOCK_N), scale_log2,
                 stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
-                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE,
             )
 
 
@@ -225,6 +227,7 @@ def decode_attention(
     kv_evict: str = "evict_first",
     variant: str = "split",
     prefetch: bool = False,
+    f16_tiles: bool | None = None,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -255,6 +258,8 @@ def decode_attention(
         prefetch: split variant (full or persistent grid): load each next K/V tile before computing on the current
             one, a software pipeline in registers for tiles Triton cannot pipeline itself (a float8 cache, widened
             before its dot). Off by default until measured on a GPU (``scripts/device/tune_decode_kv.py`` sweeps it).
+        f16_tiles: a float8 cache under a bf16 query is widened to float16 and q cast to it (``None``, the default,
+            see :func:`~nanoflow.ops.tile_dot.tile_dtype`); ``False`` widens to the query's dtype instead.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -272,7 +277,8 @@ def decode_attention(
         if prefetch:
             raise AttentionInputError("prefetch applies to the split variant only; drop it or use variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
-                          block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat")
+                          block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat",
+                          tile_dtype(q.dtype, k_cache.dtype, f16_tiles))
     if variant != "split":
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
     kv_heads = k_cache.shape[2]
@@ -280,6 +286,7 @@ def decode_attention(
     default_n = _default_block_n(q.device, head_dim, k_cache.element_size())
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
+                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles),
                 num_warps=num_warps, num_stages=num_stages)
     if max_programs is not None:
         check_programs(max_programs)

@@ -89,6 +89,7 @@ def _decode_row_kernel(
     stride_plt, stride_plh,
     KVH: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """Row-wise decode: one work item is (row, split) with ALL kv heads of the row, so a K (or V) tile is
     ``[BLOCK_N, KVH, HEAD_DIM]`` -- whole pages, each one contiguous run of ``PAGE * KVH * HEAD_DIM`` elements.
@@ -112,7 +113,7 @@ def _decode_row_kernel(
         if (seq_len > 0) & (tile_lo < tile_hi):
             row64 = row.to(tl.int64)
             q = tl.load(q_ptr + row64 * stride_qt + heads[:, :, None] * stride_qh + offs_d[None, None, :],
-                        mask=g_valid[:, :, None], other=0.0)  # [KVH, BLOCK_G, D]
+                        mask=g_valid[:, :, None], other=0.0).to(TILE)  # [KVH, BLOCK_G, D]
             bt_row = bt_ptr + row64 * stride_bt
             m_i = tl.full([KVH, BLOCK_G], float("-inf"), tl.float32)
             l_i = tl.zeros([KVH, BLOCK_G], tl.float32)
@@ -147,6 +148,7 @@ def _decode_row_flat_kernel(
     stride_plt, stride_plh,
     KVH: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """``variant="row_flat"``: the row kernel's work items and whole-page tiles, but 2-D dots over flattened heads.
 
@@ -170,7 +172,7 @@ def _decode_row_flat_kernel(
         if (seq_len > 0) & (tile_lo < tile_hi):
             row64 = row.to(tl.int64)
             q = tl.load(q_ptr + row64 * stride_qt + offs_m[:, None] * stride_qh + offs_d[None, :],
-                        mask=m_valid[:, None], other=0.0)
+                        mask=m_valid[:, None], other=0.0).to(TILE)
             bt_row = bt_ptr + row64 * stride_bt
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -198,10 +200,11 @@ def decode_row(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, out: torch.Tensor, scale: float, num_splits: int | None,
     workspace: DecodeWorkspace | None, block_n: int | None, num_warps: int, num_stages: int,
-    max_programs: int | None, kv_evict: str, page: int, group: int, flat: bool,
+    max_programs: int | None, kv_evict: str, page: int, group: int, flat: bool, tile: tl.dtype,
 ) -> torch.Tensor:
     """``decode_attention(variant="row"|"row_flat")``: see :func:`_decode_row_kernel` and
-    :func:`_decode_row_flat_kernel`. Inputs are already checked."""
+    :func:`_decode_row_flat_kernel`; ``tile`` is the TILE constexpr (:func:`~nanoflow.ops.tile_dot.tile_dtype`).
+    Inputs are already checked."""
     rows, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     if kv_heads & (kv_heads - 1):
@@ -229,7 +232,7 @@ def decode_row(
         *decode_strides(q, k_cache, v_cache, block_tables, out), *partial_strides,
         KVH=kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE=page, **tiling,
         BLOCK_N=block_n, DIRECT=direct, PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict,
-        num_warps=num_warps, num_stages=num_stages,
+        TILE=tile, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:  # same split arithmetic (per-row tiles of block_n tokens): the split kernel's reduce applies
         reduce_splits(seq_lens, out, po, plse, partial_strides, num_splits, block_n)

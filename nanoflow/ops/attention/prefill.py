@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
-from nanoflow.ops.tile_dot import dot_precision, tile_dot
+from nanoflow.ops.tile_dot import dot_precision, tile_dot, tile_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -82,6 +82,7 @@ def _prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK_GQA: tl.constexpr, PRECISION: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     # PACK_GQA: a program owns one kv head and BLOCK_M // GROUP tokens x all GROUP query heads (row r is token
     # r // GROUP, head r % GROUP), so each K/V tile feeds GROUP heads. Otherwise it owns one query head, BLOCK_M tokens.
@@ -110,7 +111,7 @@ def _prefill_kernel(
     m_valid = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
     q_ptrs = q_ptr + (rows * stride_qt + head * stride_qh)[:, None] + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0).to(TILE)  # TILE: see tile_dot.tile_dtype
     q_pos = ctx + offs_m
     bt_row = bt_ptr + seg.to(tl.int64) * stride_bt
     k_head = k_ptr + kvh * stride_kh
@@ -219,7 +220,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=q.shape[2], PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, PACK_GQA=pack_gqa,
-        PRECISION=dot_precision(q.dtype, q.device),
+        PRECISION=dot_precision(q.dtype, q.device), TILE=tile_dtype(q.dtype, k_cache.dtype),
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
     )
     return out

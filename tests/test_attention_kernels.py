@@ -145,27 +145,12 @@ def test_decode_prefetch_matches_reference(kw):
     check_decode([37, 0, 1, 16, 100, 65, 112], 2, 4, 64, 16, torch.float32, gen, prefetch=True, **kw)
 
 
-@pytest.mark.parametrize("kw,dtype", [({"num_splits": 1}, torch.float32), ({"num_splits": 3, "block_n": 32},
-                                                                            torch.bfloat16),
-                                      ({"max_programs": 2}, torch.float32), ({"num_splits": 8}, torch.bfloat16)])
-@in_process
-def test_decode_swap_matches_reference(kw, dtype):
-    """The transposed products (swap=True: scores K q^T, output V^T p^T) on rows of 0-7 tiles, split and persistent
-    grids, GQA groups of 1 and 4: the same attention."""
-    gen = seeded("swap", sorted(kw.items()), dtype)
-    check_decode([37, 0, 1, 16, 100, 65, 112], 2, 4, 64, 16, dtype, gen, swap=True, **kw)
-    check_decode([5, 40], 3, 1, 32, 8, dtype, gen, swap=True, **kw)
-
-
-@pytest.mark.parametrize("kw", [{"prefetch": True}, {"swap": True}])
-def test_decode_prefetch_and_swap_are_for_the_split_variant(kw):
+def test_decode_prefetch_is_for_the_split_variant():
     q = torch.zeros(1, 2, 64)
     k = v = torch.zeros(2, 16, 2, 64)
-    args = (q, k, v, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), torch.zeros(1, 2, 64), 1.0)
-    with pytest.raises(AttentionInputError, match="prefetch and swap apply to the split variant"):
-        decode_attention(*args, variant="row", **kw)
-    with pytest.raises(AttentionInputError, match="pick one"):
-        decode_attention(*args, prefetch=True, swap=True)
+    with pytest.raises(AttentionInputError, match="prefetch applies to the split variant"):
+        decode_attention(q, k, v, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                         torch.zeros(1, 2, 64), 1.0, variant="row", prefetch=True)
 
 
 ROW_CASES = [
@@ -302,8 +287,6 @@ FP8 = torch.float8_e4m3fn
                                         ("split", {"num_splits": 3, "prefetch": True}),
                                         ("split", {"max_programs": 3, "prefetch": True}),
                                         ("split", {"num_splits": 3, "f16_tiles": False}),
-                                        ("split", {"num_splits": 3, "swap": True}),
-                                        ("split", {"max_programs": 3, "swap": True}),
                                         ("row", {"num_splits": 2, "f16_tiles": False})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @in_process

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoflow.ops.attention.online_softmax import LOG2E, attend_tile, attend_tile_t, dot_rows, store_result
+from nanoflow.ops.attention.online_softmax import LOG2E, attend_tile, dot_rows, store_result
 from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
 from nanoflow.ops.attention.split_kv import (
     DecodeWorkspace,
@@ -91,13 +91,12 @@ def _attend_group(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, SWAP: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr,
 ):
     """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
     to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
     stored by :func:`store_result` (as split ``split``).
 
-    SWAP: compute the transposed products (:func:`~nanoflow.ops.attention.online_softmax.attend_tile_t`).
     TILE: the dtype q and the K/V tiles are multiplied in (:func:`~nanoflow.ops.tile_dot.tile_dtype`).
     PREFETCH: issue the next tile's page, K and V loads before computing on the current tile (a software pipeline
     in registers). Triton pipelines loads through shared memory only when they feed a dot directly; a float8 tile is
@@ -118,17 +117,7 @@ def _attend_group(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    if SWAP:
-        # The transposed products (attend_tile_t): K/V tiles are the MMAs' left operands, the query the right one.
-        qt = tl.trans(q)
-        acc_t = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
-        for tile in range(tile_lo, tile_hi):
-            valid, k, v = _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb,
-                                     stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
-            m_i, l_i, acc_t = attend_tile_t(qt, k.to(TILE), tl.trans(v.to(TILE)), valid[:, None], m_i, l_i, acc_t,
-                                            scale_log2, PRECISION)
-        acc = tl.trans(acc_t)
-    elif PREFETCH:
+    if PREFETCH:
         valid, k, v = _load_tile(bt_row, k_head, v_head, tile_lo, tile_hi, seq_len, offs_n, offs_d, stride_kb,
                                  stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
         for tile in range(tile_lo, tile_hi):
@@ -162,7 +151,7 @@ def _decode_split_kernel(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, SWAP: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -182,7 +171,7 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE, SWAP,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE,
     )
 
 
@@ -198,7 +187,7 @@ def _decode_persistent_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
-    TILE: tl.constexpr, SWAP: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -216,7 +205,7 @@ def _decode_persistent_kernel(
                 tl.cdiv(seq_len, BLOCK_N), scale_log2,
                 stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
-                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE, SWAP,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE,
             )
 
 
@@ -239,7 +228,6 @@ def decode_attention(
     variant: str = "split",
     prefetch: bool = False,
     f16_tiles: bool | None = None,
-    swap: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -272,8 +260,6 @@ def decode_attention(
             before its dot). Off by default until measured on a GPU (``scripts/device/tune_decode_kv.py`` sweeps it).
         f16_tiles: a float8 cache under a bf16 query is widened to float16 and q cast to it (``None``, the default,
             see :func:`~nanoflow.ops.tile_dot.tile_dtype`); ``False`` widens to the query's dtype instead.
-        swap: split variant: K/V tiles as the left operands of transposed products (scores ``K q^T``, output
-            ``V^T p^T``), so a widened float8 tile feeds the MMA from registers. Off by default until measured.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -288,22 +274,19 @@ def decode_attention(
     if variant in ("row", "row_flat"):
         from nanoflow.ops.attention.decode_row import decode_row
 
-        if prefetch or swap:
-            raise AttentionInputError("prefetch and swap apply to the split variant only; drop them or use "
-                                      "variant='split'")
+        if prefetch:
+            raise AttentionInputError("prefetch applies to the split variant only; drop it or use variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat",
                           tile_dtype(q.dtype, k_cache.dtype, f16_tiles))
     if variant != "split":
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
-    if swap and prefetch:
-        raise AttentionInputError("swap and prefetch are two tile loops; pick one")
     kv_heads = k_cache.shape[2]
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
     default_n = _default_block_n(q.device, head_dim, k_cache.element_size())
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
-                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), SWAP=bool(swap),
+                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles),
                 num_warps=num_warps, num_stages=num_stages)
     if max_programs is not None:
         check_programs(max_programs)

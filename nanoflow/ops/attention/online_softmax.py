@@ -34,23 +34,6 @@ def attend_tile(q, kt, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constex
 
 
 @triton.jit
-def attend_tile_t(qt, k, vt, keep, m_i, l_i, acc_t, scale_log2, PRECISION: tl.constexpr):
-    """:func:`attend_tile` with every product transposed: ``qt [D, M]``, ``k [N, D]``, ``vt [D, N]``, ``keep``
-    broadcast to ``[N, M]``, ``acc_t [D, M]``. Scores are ``k @ qt`` and the output ``vt @ p^T``, so the K/V tiles
-    are the *left* operands: a tensor-core MMA takes its left operand from registers, so a tile widened in registers
-    (a float8 cache) feeds it without a round trip through shared memory, and the tile's rows (block_n >= 64) fill
-    the MMA's M instead of the padded query group."""
-    st = tile_dot(k, qt, PRECISION) * scale_log2  # [N, M]
-    st = tl.where(keep, st, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(st, 0))
-    alpha = tl.exp2(m_i - m_new)
-    pt = tl.exp2(st - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(pt, 0)
-    acc_t = acc_t * alpha[None, :] + tile_dot(vt, pt.to(vt.dtype), PRECISION)
-    return m_new, l_i, acc_t
-
-
-@triton.jit
 def store_result(
     out_ptr, po_ptr, plse_ptr, row64, split, heads, mask, m_i, l_i, acc,
     stride_ot, stride_oh,

@@ -8,10 +8,11 @@ export NANOFLOW_CACHE=/tmp/nfc
 mkdir -p "$OUT/b"
 timeout "${TUNE_S:-150}" python3 scripts/device/tune_decode_kv.py --out "$OUT" > "$OUT/tune.log" 2>&1
 echo "tune rc $?"
-grep -E "^N=|^\{|bounded|failures" "$OUT/tune.log" | cut -c1-400
+grep -E "^N=|^\{|bounded|widened|failures" "$OUT/tune.log" | cut -c1-400
 OPTS=$(python3 -c 'import json, sys
 best = json.load(open(sys.argv[1]))["cases"][0]["fp8_best"]
-print(",".join(f"{k}={int(best[k])}" for k in ("block_n", "num_warps", "num_stages", "prefetch") if k in best))' \
+print(",".join(f"{k}={int(best[k])}" for k in ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
+               if best.get(k) is not None))' \
   "$OUT/decode_kv_tune.json" 2>/dev/null)
 echo "float8 decode options: ${OPTS:-kernel defaults}"
 DO=()

@@ -148,7 +148,7 @@ def test_decode_prefetch_matches_reference(kw):
 def test_decode_prefetch_is_for_the_split_variant():
     q = torch.zeros(1, 2, 64)
     k = v = torch.zeros(2, 16, 2, 64)
-    with pytest.raises(AttentionInputError, match="prefetch and qk_fp8 apply to the split variant"):
+    with pytest.raises(AttentionInputError, match="prefetch applies to the split variant"):
         decode_attention(q, k, v, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
                          torch.zeros(1, 2, 64), 1.0, variant="row", prefetch=True)
 
@@ -296,37 +296,6 @@ def test_decode_fp8_cache_matches_reference(variant, kw, dtype):
     on the same float8 values."""
     gen = seeded("fp8", variant, sorted(kw.items()), dtype)
     check_decode([37, 0, 1, 16, 100, 65], 2, 4, 64, 16, dtype, gen, kv_dtype=FP8, variant=variant, **kw)
-
-
-@pytest.mark.parametrize("kw", [{"num_splits": 1}, {"num_splits": 3}, {"max_programs": 3},
-                                {"num_splits": 2, "prefetch": True}])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@in_process
-def test_decode_qk_fp8_matches_reference_on_the_quantised_query(kw, dtype):
-    """qk_fp8 (scores as float8 dots): equal to the reference run on the query quantised the same way (per head,
-    scale max|q| / 448, round to e4m3), and within a few percent of the attention on the unquantised query."""
-    gen = seeded("qk8", sorted(kw.items()), dtype)
-    lengths, hkv, gqa, dim = [37, 0, 1, 16, 100, 65], 2, 4, 64
-    k, v, table = paged_kv(lengths, 16, hkv, dim, dtype, gen, FP8)
-    q = torch.randn(len(lengths), hkv * gqa, dim, generator=gen).to(dtype) * 3
-    lens = torch.tensor(lengths, dtype=torch.int32)
-    out = torch.full(q.shape, float("nan"), dtype=dtype)
-    decode_attention(q, k, v, table, lens, out, dim**-0.5, qk_fp8=True, **kw)
-    q_scale = q.float().abs().amax(-1, keepdim=True) / 448
-    q8 = (q.float() / q_scale).to(FP8).float() * q_scale
-    live = [i for i, n in enumerate(lengths) if n]
-    assert_rows(out, decode_attention_ref(q8, k, v, table, lens, dim**-0.5), live, dtype)
-    exact = decode_attention_ref(q.float(), k, v, table, lens, dim**-0.5)
-    err = (out[live].double() - exact[live]).norm() / exact[live].norm()
-    assert err < 0.05, f"qk_fp8 drifted {err:.3f} from the unquantised attention"
-
-
-def test_decode_qk_fp8_needs_a_float8_cache_and_16_bit_query():
-    q = torch.zeros(1, 2, 64)
-    k = v = torch.zeros(2, 16, 2, 64)
-    args = (k, v, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), torch.zeros(1, 2, 64), 1.0)
-    with pytest.raises(AttentionInputError, match="qk_fp8 needs a float8 KV cache"):
-        decode_attention(q, *args, qk_fp8=True)
 
 
 def test_tile_dtype_widens_float8_to_float16_under_16_bit_queries():

@@ -51,8 +51,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
-                        "one, f16_tiles=0 = widen a float8 cache to bf16 instead of float16, qk_fp8=1 = scores as "
-                        "float8 dots on a per-head quantised query; default: the kernel's own choice)")
+                        "one, f16_tiles=0 = widen a float8 cache to bf16 instead of float16; default: the kernel's "
+                        "own choice)")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
@@ -67,7 +67,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "qk_fp8")
+DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
 
 
 def decode_options(text: str) -> dict[str, int]:

@@ -41,8 +41,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "profiles and specs are cached apart from the others")
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel options the GPU profile is made with (as nanoflow bench "
-                        "--decode-options: block_n, num_warps, num_stages, prefetch, f16_tiles, qk_fp8); use the "
-                        "ones the engine will run")
+                        "--decode-options: block_n, num_warps, num_stages, prefetch, f16_tiles); use the ones the "
+                        "engine will run")
     p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="on a GPU, skip measuring the sequential and the searched pipeline's forward on the profiled "

@@ -11,7 +11,7 @@ echo "tune rc $?"
 grep -E "^N=|^\{|bounded|widened|failures" "$OUT/tune.log" | cut -c1-400
 OPTS=$(python3 -c 'import json, sys
 best = json.load(open(sys.argv[1]))["cases"][0]["fp8_best"]
-print(",".join(f"{k}={int(best[k])}" for k in ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "qk_fp8")
+print(",".join(f"{k}={int(best[k])}" for k in ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
                if best.get(k) is not None))' \
   "$OUT/decode_kv_tune.json" 2>/dev/null)
 echo "float8 decode options: ${OPTS:-kernel defaults}"

@@ -4,8 +4,7 @@ A float8 cache halves the bytes decode attention reads, so at the same fraction 
 should take half the time. This script measures whether it does (LLaMA-3-8B heads, pages of 16 in shuffled order,
 steady-state shapes of the 1,024/512 workload) and which ``block_n`` / ``num_warps`` / ``num_stages`` make the float8
 path fastest (and whether the software-pipelined tile loop, ``prefetch``, helps, and whether widening float8 tiles to
-float16, ``f16_tiles``, the default, beats widening them to bf16, and whether float8 score dots on a quantised
-query, ``qk_fp8``, let the K tile feed the dot as loaded), for the full grid and for bounded
+float16, ``f16_tiles``, the default, beats widening them to bf16), for the full grid and for bounded
 persistent grids (the overlap pipelines' grid knob). Each config is checked against the float64 reference on the
 widened float8 pages. Writes ``$OUT/decode_kv_tune.json``.
 
@@ -37,21 +36,14 @@ DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 HQ, HKV, D, PAGE = (32, 8, 128, 16) if not OPTS.dry_run else (4, 2, 64, 16)
 # (rows, tokens per row): the 1,024/512 steady state (~700-800 decode rows at ~1,280 tokens) and a longer context.
 CASES = [(768, 1280), (256, 4096)] if not OPTS.dry_run else [(3, 40)]
-# Full-grid configs as decode_attention keywords: prefetch = the software-pipelined tile loop; f16_tiles=False =
-# widen float8 to bf16 (the default widens to float16); qk_fp8 = scores as float8 dots on a per-head quantised query.
-def _cfgs(*rows: tuple, **extra) -> list[dict]:
-    return [{"block_n": b, "num_warps": w, "num_stages": s, **extra} for b, w, s in rows]
-
-
-SWEEP = (_cfgs((128, 4, 2), (128, 4, 3), (256, 4, 1), (64, 4, 3), (32, 4, 3), (32, 2, 3), (64, 2, 3), (128, 2, 3),
-               (64, 2, 4), (128, 4, 4))
-         + _cfgs((128, 4, 2), f16_tiles=False) + _cfgs((64, 4, 2), prefetch=True)
-         + _cfgs(*itertools.product((64, 128, 256), (4, 8), (2, 3)), qk_fp8=True)
-         + _cfgs((32, 2, 3), (64, 2, 3), qk_fp8=True)
-         if not OPTS.dry_run else _cfgs((16, 4, 2)) + _cfgs((16, 4, 2), prefetch=True)
-         + _cfgs((16, 4, 2), f16_tiles=False) + _cfgs((16, 4, 2), qk_fp8=True))
-BF16_SWEEP = (_cfgs((64, 4, 2), (128, 4, 2), (64, 4, 3), (64, 2, 3), (32, 2, 3))
-              if not OPTS.dry_run else _cfgs((16, 4, 2)))
+# (block_n, num_warps, num_stages, prefetch, f16_tiles): prefetch = the software-pipelined tile loop
+# (decode_attention(prefetch=)); f16_tiles = widen float8 to float16 (True, the default) or to bf16 (False).
+SWEEP = ([(*c, False, True) for c in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
+         + [(*c, True, True) for c in itertools.product((64, 128), (4, 8), (2,))]
+         + [(64, 4, 2, False, False), (128, 4, 2, False, False), (128, 8, 2, False, False)]
+         if not OPTS.dry_run else [(16, 4, 2, False, True), (16, 4, 2, True, True), (16, 4, 2, False, False)])
+BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 8, 2, False, True), (128, 8, 3, False, True),
+               (64, 4, 2, True, True)] if not OPTS.dry_run else [(16, 4, 2, False, True)])
 PROGRAMS = (66, 264) if not OPTS.dry_run else (2,)
 
 
@@ -99,7 +91,9 @@ def main() -> int:
             ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, D**-0.5)
             moved = rows * length * 2 * HKV * D * k.element_size()
             configs = [{}]  # the defaults first
-            configs += sweep
+            configs += [{"block_n": b, "num_warps": w, "num_stages": s, **({"prefetch": True} if f else {}),
+                         **({} if f16 else {"f16_tiles": False})}
+                        for b, w, s, f, f16 in sweep]
             configs += [{"max_programs": p} for p in PROGRAMS]
             configs += [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:
@@ -145,7 +139,7 @@ def main() -> int:
     return 1 if bad else 0
 
 
-SWEEP_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "qk_fp8")
+SWEEP_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -93,7 +93,7 @@ class TritonAttention:
                  decode_options: dict[str, Any] | None = None):
         if decode_variant not in DECODE_VARIANTS:
             raise ValueError(f"decode_variant must be one of {DECODE_VARIANTS}, got {decode_variant!r}")
-        allowed = {"block_n", "num_warps", "num_stages", "kv_evict", "prefetch", "f16_tiles", "qk_fp8"}
+        allowed = {"block_n", "num_warps", "num_stages", "kv_evict", "prefetch", "f16_tiles"}
         unknown = set(decode_options or {}) - allowed
         if unknown:
             raise ValueError(f"decode_options may set {sorted(allowed)}, got {sorted(unknown)}")

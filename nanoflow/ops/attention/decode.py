@@ -79,7 +79,7 @@ def _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, s
 
 @triton.jit
 def _attend_group(
-    q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, qs_ptr, num_heads,
+    q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr,
     row, kvh, split, seq_len, tile_lo, tile_hi,
     scale_log2,
     stride_qt, stride_qh,
@@ -91,14 +91,12 @@ def _attend_group(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, QK8: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr,
 ):
     """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
     to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
     stored by :func:`store_result` (as split ``split``).
 
-    QK8 (float8 cache only): q is float8, quantised per head, ``qs_ptr`` its float32 scales ``[rows, num_heads]``;
-    the scores are float8 dots; P @ V stays in TILE.
     TILE: the dtype q and the K/V tiles are multiplied in (:func:`~nanoflow.ops.tile_dot.tile_dtype`).
     PREFETCH: issue the next tile's page, K and V loads before computing on the current tile (a software pipeline
     in registers). Triton pipelines loads through shared memory only when they feed a dot directly; a float8 tile is
@@ -111,15 +109,7 @@ def _attend_group(
     row64 = row.to(tl.int64)
     q = tl.load(
         q_ptr + row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_valid[:, None], other=0.0
-    )
-    if QK8:
-        # q arrives quantised to the cache's float8 (per head, see decode_attention), so the scores are float8 dots
-        # whose K operand is the loaded tile itself; each head's scale comes back on its scores.
-        q_scale = tl.load(qs_ptr + row64 * num_heads + heads, mask=g_valid, other=1.0)
-        score_scale = scale_log2 * q_scale[:, None]
-    else:
-        q = q.to(TILE)
-        score_scale = scale_log2
+    ).to(TILE)
     bt_row = bt_ptr + row64 * stride_bt
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
@@ -134,23 +124,23 @@ def _attend_group(
             # The next tile's loads go out first (all masked off past tile_hi), then the current tile's compute.
             valid_n, k_n, v_n = _load_tile(bt_row, k_head, v_head, tile + 1, tile_hi, seq_len, offs_n, offs_d,
                                            stride_kb, stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
-            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(TILE), valid[None, :], m_i, l_i, acc,
-                                        score_scale, PRECISION)
+            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
+                                        scale_log2, PRECISION)
             valid, k, v = valid_n, k_n, v_n
     else:
         for tile in range(tile_lo, tile_hi):
             valid, k, v = _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb,
                                      stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
-            # A float8 cache is widened in registers to TILE (a no-op otherwise); under QK8 K stays float8 (q's dtype).
-            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(TILE), valid[None, :], m_i, l_i, acc,
-                                        score_scale, PRECISION)
+            # A float8 cache is widened in registers to TILE (a no-op otherwise).
+            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
+                                        scale_log2, PRECISION)
     store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc,
                  stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, qs_ptr, num_heads,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -161,7 +151,7 @@ def _decode_split_kernel(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, QK8: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -178,17 +168,16 @@ def _decode_split_kernel(
 
     # Every tile of a split holds >= 1 valid token.
     _attend_group(
-        q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, qs_ptr, num_heads, row, kvh, split, seq_len, tile_lo,
-        tile_hi, scale_log2,
+        q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE, QK8,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE,
     )
 
 
 @triton.jit
 def _decode_persistent_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, qs_ptr, num_heads,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr,
     num_items, num_kv_heads,
     scale_log2,
     stride_qt, stride_qh,
@@ -198,7 +187,7 @@ def _decode_persistent_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
-    TILE: tl.constexpr, QK8: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -212,11 +201,11 @@ def _decode_persistent_kernel(
         if seq_len > 0:
             # All of the row's tiles as one split, stored straight to out (DIRECT: no partial pointers or strides).
             _attend_group(
-                q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, out_ptr, out_ptr, qs_ptr, num_heads, row, kvh, 0, seq_len, 0,
+                q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, out_ptr, out_ptr, row, kvh, 0, seq_len, 0,
                 tl.cdiv(seq_len, BLOCK_N), scale_log2,
                 stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
-                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE, QK8,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE,
             )
 
 
@@ -239,7 +228,6 @@ def decode_attention(
     variant: str = "split",
     prefetch: bool = False,
     f16_tiles: bool | None = None,
-    qk_fp8: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -272,9 +260,6 @@ def decode_attention(
             before its dot). Off by default until measured on a GPU (``scripts/device/tune_decode_kv.py`` sweeps it).
         f16_tiles: a float8 cache under a bf16 query is widened to float16 and q cast to it (``None``, the default,
             see :func:`~nanoflow.ops.tile_dot.tile_dtype`); ``False`` widens to the query's dtype instead.
-        qk_fp8: split variant, float8 cache: compute the scores as float8 x float8 dots, the query quantised per head
-            to e4m3 (scale ``max |q| / 448``), so the K tile feeds the dot as loaded (lossy: e4m3 keeps 3 mantissa
-            bits of q). Off by default until measured.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -289,39 +274,24 @@ def decode_attention(
     if variant in ("row", "row_flat"):
         from nanoflow.ops.attention.decode_row import decode_row
 
-        if prefetch or qk_fp8:
-            raise AttentionInputError("prefetch and qk_fp8 apply to the split variant only; drop them or use "
-                                      "variant='split'")
+        if prefetch:
+            raise AttentionInputError("prefetch applies to the split variant only; drop it or use variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
                           block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat",
                           tile_dtype(q.dtype, k_cache.dtype, f16_tiles))
     if variant != "split":
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
-    precision = dot_precision(q.dtype, q.device)
-    tile = tile_dtype(q.dtype, k_cache.dtype, f16_tiles)
-    if qk_fp8:
-        if k_cache.element_size() != 1 or q.dtype == torch.float32:
-            raise AttentionInputError(f"qk_fp8 needs a float8 KV cache and a 16-bit query, got a {k_cache.dtype} "
-                                      f"cache and a {q.dtype} query; drop qk_fp8")
-        precision = "upcast" if q.device.type != "cuda" else precision
-        # Per (row, head): scale max|q| / 448 (e4m3's largest value), so each head's largest element maps to 448.
-        q_scale = q.float().abs().amax(-1) / torch.finfo(k_cache.dtype).max
-        q_scale = torch.where(q_scale > 0, q_scale, torch.ones_like(q_scale)).contiguous()
-        q = (q.float() / q_scale[..., None]).to(k_cache.dtype)
-    else:
-        q_scale = q  # unread
     kv_heads = k_cache.shape[2]
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
     default_n = _default_block_n(q.device, head_dim, k_cache.element_size())
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
-                PRECISION=precision, EVICT=kv_evict, PREFETCH=bool(prefetch),
-                TILE=tile, QK8=bool(qk_fp8),
+                PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
+                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles),
                 num_warps=num_warps, num_stages=num_stages)
     if max_programs is not None:
         check_programs(max_programs)
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, q_scale, num_heads, rows * kv_heads, kv_heads,
-            scale * LOG2E, *strides,
+            q, k_cache, v_cache, block_tables, seq_lens, out, rows * kv_heads, kv_heads, scale * LOG2E, *strides,
             BLOCK_N=check_block_n(default_n if block_n is None else block_n), **meta,
         )
         return out
@@ -329,8 +299,7 @@ def decode_attention(
     block_n = check_block_n(default_n if block_n is None else block_n)
     direct, po, plse, partial_strides = split_outputs(out, workspace, num_splits)
     _decode_split_kernel[(rows, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse, q_scale, num_heads, scale * LOG2E, *strides,
-        *partial_strides,
+        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse, scale * LOG2E, *strides, *partial_strides,
         BLOCK_N=block_n, DIRECT=direct, **meta,
     )
     if not direct:

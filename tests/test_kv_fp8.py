@@ -89,12 +89,14 @@ def test_fp8_halves_the_bytes_per_token_and_bad_settings_are_refused(monkeypatch
         resolve_kv_dtype("fp8", torch.bfloat16, torch.device("cuda"))
 
 
-def test_decode_tile_default_follows_the_cache_dtype() -> None:
-    """On a GPU a float8 cache gets 128-token decode tiles (measured fastest on an H200), bf16 keeps 64; the
-    interpreter keeps 16 for both, so the tests' tiny shapes still cross tiles."""
-    from nanoflow.ops.attention.decode import _default_block_n
+def test_decode_tile_default_follows_the_cache_dtype_and_grid() -> None:
+    """On a GPU a float8 cache gets 2-warp, 64-token, 3-stage decode tiles on the full grid and 4-warp 128-token ones
+    on a bounded grid (each measured fastest on an H200), bf16 keeps 64 tokens and 4 warps; the interpreter keeps 16
+    tokens for both, so the tests' tiny shapes still cross tiles."""
+    from nanoflow.ops.attention.decode import _default_tiles
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _default_block_n(cuda, 128, 1) == 128 and _default_block_n(cuda, 128, 2) == 64
-    assert _default_block_n(cuda, 256, 1) == _default_block_n(cuda, 256, 2) == 32
-    assert _default_block_n(cpu, 128, 1) == _default_block_n(cpu, 128, 2) == 16
+    assert _default_tiles(cuda, 128, 1) == (64, 2, 3) and _default_tiles(cuda, 128, 2) == (64, 4, 2)
+    assert _default_tiles(cuda, 128, 1, bounded=True) == (128, 4, 2)
+    assert _default_tiles(cuda, 256, 1)[0] == _default_tiles(cuda, 256, 2)[0] == 32
+    assert _default_tiles(cpu, 128, 1)[0] == _default_tiles(cpu, 128, 2)[0] == 16

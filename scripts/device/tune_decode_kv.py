@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -36,14 +37,24 @@ DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 HQ, HKV, D, PAGE = (32, 8, 128, 16) if not OPTS.dry_run else (4, 2, 64, 16)
 # (rows, tokens per row): the 1,024/512 steady state (~700-800 decode rows at ~1,280 tokens) and a longer context.
 CASES = [(768, 1280), (256, 4096)] if not OPTS.dry_run else [(3, 40)]
+if os.environ.get("TUNE_QUICK") == "1" and not OPTS.dry_run:
+    CASES = CASES[:1]
 # (block_n, num_warps, num_stages, prefetch, f16_tiles): prefetch = the software-pipelined tile loop
 # (decode_attention(prefetch=)); f16_tiles = widen float8 to float16 (True, the default) or to bf16 (False).
-SWEEP = ([(*c, False, True) for c in itertools.product((64, 128, 256), (4, 8), (1, 2, 3))]
-         + [(*c, True, True) for c in itertools.product((64, 128), (4, 8), (2,))]
-         + [(64, 4, 2, False, False), (128, 4, 2, False, False), (128, 8, 2, False, False)]
-         if not OPTS.dry_run else [(16, 4, 2, False, True), (16, 4, 2, True, True), (16, 4, 2, False, False)])
-BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 8, 2, False, True), (128, 8, 3, False, True),
-               (64, 4, 2, True, True)] if not OPTS.dry_run else [(16, 4, 2, False, True)])
+# TUNE_QUICK=1: only the few-warp tiles (the float8 winners) and the old 4-warp default.
+QUICK = os.environ.get("TUNE_QUICK") == "1"
+if OPTS.dry_run:
+    SWEEP = [(16, 4, 2, False, True), (16, 4, 2, True, True), (16, 4, 2, False, False), (16, 1, 3, False, True)]
+elif QUICK:
+    SWEEP = [(b, w, s, False, True) for b, w, s in itertools.product((32, 64, 128), (1, 2), (3, 4))] + [
+        (128, 4, 2, False, True)]
+else:
+    SWEEP = ([(*c, False, True) for c in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (1, 2, 3))]
+             + [(*c, True, True) for c in itertools.product((64, 128), (4, 8), (2,))]
+             + [(64, 2, 3, False, False), (128, 4, 2, False, False)])
+BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 2, 3, False, True), (32, 2, 3, False, True),
+               (64, 8, 2, False, True), (64, 4, 2, True, True)]
+              if not OPTS.dry_run and not QUICK else [(16, 4, 2, False, True)])
 PROGRAMS = (66, 264) if not OPTS.dry_run else (2,)
 
 
@@ -95,7 +106,7 @@ def main() -> int:
                          **({} if f16 else {"f16_tiles": False})}
                         for b, w, s, f, f16 in sweep]
             configs += [{"max_programs": p} for p in PROGRAMS]
-            configs += [{"variant": "row"}, {"variant": "row_flat"}]
+            configs += [] if QUICK else [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:
                 rec = measure(q, k, v, table, lens, ws, moved, cfg, ref)
                 case[name].append(rec)

@@ -49,15 +49,19 @@ from nanoflow.ops.attention.split_kv import (
 from nanoflow.ops.tile_dot import dot_precision, tile_dtype
 
 
-def _default_block_n(device: torch.device, head_dim: int, kv_elem_bytes: int = 2) -> int:
+def _default_tiles(device: torch.device, head_dim: int, kv_elem_bytes: int = 2,
+                   bounded: bool = False) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` of the split kernel when the caller gives none."""
     if device.type != "cuda":
-        return 16  # the interpreter: small tiles keep multi-tile paths exercised on tiny test shapes
+        return 16, 4, 2  # the interpreter: small tiles keep multi-tile paths exercised on tiny test shapes
     if kv_elem_bytes == 1 and head_dim <= 128:
         # A float8 tile is widened in registers before its dot, which keeps it out of the pipelined shared-memory
-        # loads; twice the tokens per iteration put more bytes in flight. H200, 768 x 1,280 and 256 x 4,096 tokens:
-        # 0.85 / 0.92 ms against 0.99 / 1.10 ms at 64 (benchmarks/results/2026-12-02-s5-decode-kv-tune-h200.json).
-        return 128
-    return 64 if head_dim <= 128 else 32
+        # loads; what helps is more programs per SM. H200, 768 x 1,280 and 256 x 4,096 tokens, full grid: 2 warps,
+        # 64 tokens, 3 stages 0.62 / 0.68 ms (3.3 / 3.2 TB/s) against 0.79-0.87 ms for every 4-warp tile; on a
+        # bounded grid (fewer programs than SMs can hold) 4 warps and 128 tokens stay faster (2.5 against 2.0 TB/s at
+        # 264 programs). benchmarks/results/2026-12-02-s6-decode-kv-tune-warps-h200.json
+        return (128, 4, 2) if bounded else (64, 2, 3)
+    return (64 if head_dim <= 128 else 32), 4, 2
 
 
 @triton.jit
@@ -221,8 +225,8 @@ def decode_attention(
     workspace: DecodeWorkspace | None = None,
     *,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     max_programs: int | None = None,
     kv_evict: str = "evict_first",
     variant: str = "split",
@@ -242,7 +246,8 @@ def decode_attention(
             :func:`default_num_splits`.
         workspace: preallocated scratch (:func:`decode_workspace`); required for CUDA-graph capture when
             ``num_splits > 1``, otherwise allocated per call.
-        block_n: KV tokens per loop iteration (power of two >= 16); ``None`` picks a per-device default.
+        block_n, num_warps, num_stages: the kernel's tile (KV tokens per loop iteration, a power of two >= 16),
+            warps and pipeline stages; ``None`` picks a default per device, cache dtype and grid.
         max_programs: run a persistent grid of this many programs (one split each) instead of one program per
             (row, kv head, split): the grid-size resource knob that leaves SMs free for an overlapped GEMM.
         kv_evict: L2 eviction hint of the K/V loads. ``"evict_first"`` (default) marks the streamed KV as the first
@@ -277,13 +282,16 @@ def decode_attention(
         if prefetch:
             raise AttentionInputError("prefetch applies to the split variant only; drop it or use variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
-                          block_n, num_warps, num_stages, max_programs, kv_evict, page, group, variant == "row_flat",
+                          block_n, num_warps or 4, num_stages or 2, max_programs, kv_evict, page, group,
+                          variant == "row_flat",
                           tile_dtype(q.dtype, k_cache.dtype, f16_tiles))
     if variant != "split":
         raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
     kv_heads = k_cache.shape[2]
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
-    default_n = _default_block_n(q.device, head_dim, k_cache.element_size())
+    default_n, default_warps, default_stages = _default_tiles(q.device, head_dim, k_cache.element_size(),
+                                                              bounded=max_programs is not None)
+    num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
                 TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles),

@@ -19,9 +19,11 @@ The attention kernels (split, persistent, row, row_flat) share one online-softma
 Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 256-1024 rows of 1024-4096 tokens):
 95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). On an
 H200 (scripts/device/tune_decode_kv.py, 768 x 1,280 and 256 x 4,096 tokens): bf16 split 4.4 TB/s; the row kernels
-far slower at their default grids (row 0.9-1.6 TB/s, row_flat 2.1-2.3 TB/s); a float8 cache reads half the bytes
-but only reaches 2.0 TB/s (2.35 TB/s at block_n 128, now its default), so a float8 decode step takes about as long
-as a bf16 one (0.85 against 0.92 ms): the float8 cache buys capacity, not decode speed, with these kernels.
+far slower at their default grids (row 0.9-1.6 TB/s, row_flat 2.1-2.3 TB/s). A float8 cache reads half the bytes;
+its tiles are widened to float16 in registers before their dots, which Triton does not stream through shared memory,
+so what keeps bytes in flight is more, smaller programs: 2 warps, 64-token tiles, 3 stages reach 3.3 TB/s (0.61 ms
+for 768 x 1,280 tokens, against 0.92 ms bf16); 4-warp tiles 2.0-2.5 TB/s (session-6 tune files). Measured slower and
+not kept: the transposed products (K/V as the MMAs' left operands), float8 score dots on a quantised query, 1 warp.
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their

@@ -134,10 +134,13 @@ class ModelSpec:
         inactive = (self.num_experts - self.num_experts_per_tok) * 3 * h * i
         return self.num_params - self.num_layers * inactive
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes per token across all layers at 2 bytes an element (bf16/fp16)."""
-        return 2 * self.num_layers * self.kv_size * 2
+    def kv_bytes_per_token(self, kv_heads: int | None = None, elem_bytes: float = 2) -> float:
+        """Bytes one token's keys and values take over all layers: ``2 * layers * kv_heads * head_dim * elem_bytes``.
+
+        ``kv_heads``: the heads one cache holds (default all of the model's; one rank's share under tensor
+        parallelism); ``elem_bytes``: bytes an element (2 for bf16/fp16, 1 for float8)."""
+        heads = self.num_kv_heads if kv_heads is None else kv_heads
+        return 2 * self.num_layers * heads * self.head_dim * elem_bytes
 
     # ---- parsing -------------------------------------------------------------------------------------------
     @classmethod

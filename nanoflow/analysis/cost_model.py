@@ -242,8 +242,9 @@ def _stored_kv_heads(model: ModelSpec, n_gpu: int) -> int:
 
 
 def kv_bytes_per_token(model: ModelSpec, n_gpu: int = 1, dtype_bytes: float = 2) -> float:
-    """Aggregate KV-cache bytes one token occupies over all layers and GPUs: ``2 * L * kv_heads' * head_dim * S``."""
-    return 2 * model.num_layers * _stored_kv_heads(model, n_gpu) * model.head_dim * dtype_bytes
+    """Aggregate KV-cache bytes one token occupies over all layers and GPUs (kv heads replicated where a GPU needs
+    one and there are fewer heads than GPUs)."""
+    return model.kv_bytes_per_token(_stored_kv_heads(model, n_gpu), dtype_bytes)
 
 
 def memory_plan(

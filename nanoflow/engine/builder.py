@@ -64,7 +64,7 @@ def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torc
 
 def kv_bytes_per_token(spec: ModelSpec, kv_heads_local: int, kv_dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take in one rank's cache (all layers)."""
-    return 2 * spec.num_layers * kv_heads_local * spec.head_dim * torch.finfo(kv_dtype).bits // 8
+    return int(spec.kv_bytes_per_token(kv_heads_local, torch.finfo(kv_dtype).bits // 8))
 
 
 def kv_token_bytes(args: EngineArgs, parts: dict[str, Any], device: torch.device) -> int:

@@ -2,7 +2,7 @@
 
 The formula, all per GPU-instance of the model (pass the memory and weights of the whole tensor-parallel group):
 
-    kv_bytes/token  = model_spec.kv_bytes_per_token * dtype_bytes / 2        (the spec assumes 2-byte elements)
+    kv_bytes/token  = model_spec.kv_bytes_per_token(elem_bytes=dtype_bytes)
     kv_tokens       = floor((gpu_mem * (1 - activation_reserve) - weight_bytes) / kv_bytes/token), whole blocks
     R (decode reqs) = floor(kv_tokens / (p + d / 2))       a request holds p + d/2 tokens on average in steady state
     prefill/iter    = R * p / d                            R/d requests finish per iteration; each is replaced by p
@@ -46,7 +46,7 @@ def dense_batch_from_memory(
         raise ValueError(f"activation_reserve must be a fraction in [0, 1), got {activation_reserve!r}")
     if dtype_bytes < 1 or block_size < 1:
         raise ValueError(f"dtype_bytes and block_size must be >= 1, got {dtype_bytes} and {block_size}")
-    kv_per_token = model_spec.kv_bytes_per_token * dtype_bytes / 2
+    kv_per_token = model_spec.kv_bytes_per_token(elem_bytes=dtype_bytes)
     free = gpu_mem_bytes * (1.0 - activation_reserve) - weight_bytes
     kv_tokens = int(free // kv_per_token) // block_size * block_size if free > 0 else 0
     per_request = avg_prompt + avg_decode / 2

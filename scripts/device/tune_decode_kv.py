@@ -55,7 +55,9 @@ else:
 BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 2, 3, False, True), (32, 2, 3, False, True),
                (64, 8, 2, False, True), (64, 4, 2, True, True)]
               if not OPTS.dry_run and not QUICK else [(16, 4, 2, False, True)])
-PROGRAMS = (66, 264) if not OPTS.dry_run else (2,)
+# Bounded (persistent) grids: the overlap pipelines' decode knob; 528 and 1,056 give 2-warp tiles as many warps as
+# 4-warp tiles get at 264 and 528.
+PROGRAMS = (66, 264, 528, 1056) if not OPTS.dry_run else (2,)
 
 
 def bench_ms(fn) -> float:

@@ -14,6 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+# Integer-valued options of the decode-attention kernel that EngineArgs.extra["decode_options"] and the command
+# lines' --decode-options may set (nanoflow.ops.attention.decode.decode_attention's keywords of the same names).
+DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 DTYPES = ("float32", "bfloat16", "float16")
 # KV-cache element types: "auto" = the model's dtype; "fp8" = float8 e4m3 with unit scale (values clamped to +-448),

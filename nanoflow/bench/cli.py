@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nanoflow.config import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+from nanoflow.config import DECODE_OPTION_KEYS, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
 
 log = logging.getLogger("nanoflow")
 
@@ -65,9 +65,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree; launch with torchrun --nproc-per-node N (rank 0 writes results)")
     return p
-
-
-DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
 
 
 def decode_options(text: str) -> dict[str, int]:

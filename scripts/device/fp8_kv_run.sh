@@ -10,9 +10,9 @@ timeout "${TUNE_S:-150}" python3 scripts/device/tune_decode_kv.py --out "$OUT" >
 echo "tune rc $?"
 grep -E "^N=|^\{|bounded|widened|failures" "$OUT/tune.log" | cut -c1-400
 OPTS=$(python3 -c 'import json, sys
+from nanoflow.config import DECODE_OPTION_KEYS
 best = json.load(open(sys.argv[1]))["cases"][0]["fp8_best"]
-print(",".join(f"{k}={int(best[k])}" for k in ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
-               if best.get(k) is not None))' \
+print(",".join(f"{k}={int(best[k])}" for k in DECODE_OPTION_KEYS if best.get(k) is not None))' \
   "$OUT/decode_kv_tune.json" 2>/dev/null)
 echo "float8 decode options: ${OPTS:-kernel defaults}"
 DO=()

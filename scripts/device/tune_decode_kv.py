@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from _common import DRY_RUN_DEVICE, rel_err, report_header  # noqa: E402
 from _common import bench_ms as _bench_ms  # noqa: E402
 
+from nanoflow.config import DECODE_OPTION_KEYS  # noqa: E402
 from nanoflow.ops.attention import decode_attention, decode_attention_ref, decode_workspace  # noqa: E402
 from nanoflow.ops.kv_store import FP8  # noqa: E402
 
@@ -152,7 +153,7 @@ def main() -> int:
     return 1 if bad else 0
 
 
-SWEEP_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles")
+SWEEP_KEYS = DECODE_OPTION_KEYS
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nanoflow.config import DECODE_OPTION_KEYS
+
 
 class TorchAttention:
     """Reference-speed attention for CPUs: batched decode over padded gathered pages, per-segment prefill."""
@@ -93,7 +95,7 @@ class TritonAttention:
                  decode_options: dict[str, Any] | None = None):
         if decode_variant not in DECODE_VARIANTS:
             raise ValueError(f"decode_variant must be one of {DECODE_VARIANTS}, got {decode_variant!r}")
-        allowed = {"block_n", "num_warps", "num_stages", "kv_evict", "prefetch", "f16_tiles"}
+        allowed = {*DECODE_OPTION_KEYS, "kv_evict"}
         unknown = set(decode_options or {}) - allowed
         if unknown:
             raise ValueError(f"decode_options may set {sorted(allowed)}, got {sorted(unknown)}")

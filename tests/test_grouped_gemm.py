@@ -59,8 +59,11 @@ COUNTS = {
 @in_process
 @pytest.mark.parametrize("name", sorted(COUNTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_grouped_gemm_matches_float64(name: str, dtype: torch.dtype):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_grouped_gemm_matches_float64(name: str, dtype: torch.dtype, tma: bool):
+    """Both load paths: pointer loads, and TMA descriptors (whose tiles read across expert and tensor ends)."""
     counts = COUNTS[name]
+    config = gg.GemmConfig(16, 16, 16, tma=tma)
     gen = seeded(name, dtype)
     e, n, k = len(counts), 40, 56  # N and K are not multiples of the 16-wide interpreter tiles
     routed = sum(counts)
@@ -71,14 +74,15 @@ def test_grouped_gemm_matches_float64(name: str, dtype: torch.dtype):
     scale = torch.rand(m, generator=gen) + 0.5
     for row_scale in (None, scale):
         out = torch.full((m, n), float("nan"), dtype=dtype)
-        gg.grouped_gemm(x, offsets_of(counts), w, out=out, row_scale=row_scale)
+        gg.grouped_gemm(x, offsets_of(counts), w, out=out, row_scale=row_scale, config=config)
         ref = reference(x, counts, w, row_scale)
         assert rel_err(out[:routed], ref) < TOL[dtype], (name, dtype, row_scale is not None)
         assert out[routed:].isnan().all()
 
 
 @in_process
-@pytest.mark.parametrize("config", [gg.GemmConfig(16, 32, 32), gg.GemmConfig(32, 16, 16)])
+@pytest.mark.parametrize("config", [gg.GemmConfig(16, 32, 32), gg.GemmConfig(32, 16, 16),
+                                    gg.GemmConfig(16, 32, 16, tma=True)])
 def test_strided_rows_and_other_tiles(config: gg.GemmConfig):
     """Row strides larger than K (a column slice of a wider buffer) and other tile shapes give the same result."""
     counts = [9, 0, 30, 2]
@@ -144,6 +148,13 @@ def test_wrapper_rejects_bad_inputs():
         gg.grouped_gemm(torch.randn(16, 8).t(), off, torch.randn(2, 12, 16))
     with pytest.raises(gg.GroupedGemmError, match="row_scale"):
         gg.grouped_gemm(x, off, w, row_scale=torch.ones(8, dtype=torch.float64))
+    tma = gg.GemmConfig(16, 16, 16, tma=True)
+    with pytest.raises(gg.GroupedGemmError, match="multiples of 16 bytes"):
+        gg.grouped_gemm(torch.randn(8, 19)[:, :16], off, w, config=tma)
+    with pytest.raises(gg.GroupedGemmError, match="no gap"):
+        gg.grouped_gemm(x, off, torch.randn(2, 16, 16)[:, :12], config=tma)
+    with pytest.raises(gg.GroupedGemmError, match="16-byte boundary"):
+        gg.grouped_gemm(torch.randn(8 * 16 + 1)[1:].view(8, 16), off, w, config=tma)
 
 
 def test_tile_bound_covers_every_split():

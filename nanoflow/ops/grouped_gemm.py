@@ -40,6 +40,7 @@ class GemmConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool | None = None  # load tiles through TMA tensor descriptors; None: on sm_90+ when the strides allow
 
 
 def default_config(m: int, n: int, k: int, num_experts: int, device: torch.device) -> GemmConfig:
@@ -64,18 +65,11 @@ def max_m_tiles(m: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-    x_ptr, w_ptr, y_ptr, offsets_ptr, scale_ptr,
-    N, K,
-    stride_xm, stride_xk,
-    stride_we, stride_wn, stride_wk,
-    stride_ym, stride_yn,
-    NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    # Find the expert whose m-blocks cover `tile`: blocks are numbered expert by expert, cdiv(count, BLOCK_M) each.
+def _tile_expert(offsets_ptr, tile, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(expert, row_start, row_end)`` of m-block ``tile``; expert -1 past the last block.
+
+    Blocks are numbered expert by expert, ``cdiv(count, BLOCK_M)`` each.
+    """
     expert = -1
     row_start = 0
     row_end = 0
@@ -89,6 +83,22 @@ def _grouped_gemm_kernel(
         row_start = tl.where(mine, lo + (tile - first_block) * BLOCK_M, row_start)
         row_end = tl.where(mine, hi, row_end)
         first_block += blocks
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr, w_ptr, y_ptr, offsets_ptr, scale_ptr,
+    N, K,
+    stride_xm, stride_xk,
+    stride_we, stride_wn, stride_wk,
+    stride_ym, stride_yn,
+    NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = _tile_expert(offsets_ptr, tile, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
 
@@ -115,6 +125,40 @@ def _grouped_gemm_kernel(
         acc = acc * tl.load(scale_ptr + offs_m, mask=m_valid, other=0.0)[:, None]
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _grouped_gemm_tma_kernel(
+    x_desc, w_desc, y_ptr, offsets_ptr, scale_ptr,
+    N, K,
+    stride_ym, stride_yn,
+    NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The same tiles as ``_grouped_gemm_kernel``, loaded by TMA (Hopper's bulk tensor copies) instead of pointers.
+
+    ``x_desc`` views X as ``[M, K]``, ``w_desc`` the expert stack as ``[E * N, K]``. A block may read rows past its
+    expert (the next expert's rows of X, or of W when ``N % BLOCK_N``); those rows only feed outputs that the masked
+    store drops. Reads past the tensor's end come back as zeros, so no load needs a mask.
+    """
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert, row_start, row_end = _tile_expert(offsets_ptr, tile, NUM_EXPERTS, BLOCK_M)
+    if expert < 0:
+        return
+    w_row = expert * N + pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([row_start, k0])
+        b = w_desc.load([w_row, k0])
+        acc += tile_dot(a, b.T, PRECISION)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid = offs_m < row_end
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_m, mask=m_valid, other=0.0)[:, None]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & (offs_n < N)[None, :])
 
 
 def _check(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
@@ -170,15 +214,55 @@ def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: t
         return out
     cfg = config or default_config(m, n, k, e, x.device)
     grid = (max_m_tiles(m, e, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    common = dict(NUM_EXPERTS=e, HAS_SCALE=row_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype, x.device), num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if _use_tma(x, w, cfg):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [cfg.block_n, cfg.block_k])
+        _grouped_gemm_tma_kernel[grid](
+            x_desc, w_desc, out, offsets, row_scale if row_scale is not None else x,
+            n, k, out.stride(0), out.stride(1), **common,
+        )
+        return out
     _grouped_gemm_kernel[grid](
         x, w, out, offsets, row_scale if row_scale is not None else x,
         n, k,
         x.stride(0), x.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         out.stride(0), out.stride(1),
-        NUM_EXPERTS=e, HAS_SCALE=row_scale is not None, EVEN_K=k % cfg.block_k == 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PRECISION=dot_precision(x.dtype, x.device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_K=k % cfg.block_k == 0, **common,
     )
     return out
+
+
+def tma_blocker(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig) -> str | None:
+    """Why TMA descriptors cannot describe ``x [M, K]`` and ``w [E, N, K]`` with ``cfg``'s tiles; None when they can.
+
+    A descriptor needs a 16-byte aligned base, 16-byte multiples for every stride but the last, and a tile row of at
+    least 16 bytes; ``w`` must also be one ``[E * N, K]`` matrix (``stride(0) == N * stride(1)``).
+    """
+    size = x.element_size()
+    if x.data_ptr() % 16 or w.data_ptr() % 16:
+        return "x or w does not start on a 16-byte boundary"
+    if (x.stride(0) * size) % 16 or (w.stride(1) * size) % 16:
+        return f"row strides of {x.stride(0)} (x) and {w.stride(1)} (w) elements must be multiples of 16 bytes"
+    if w.stride(0) != w.shape[1] * w.stride(1):
+        return "w's experts must follow one another with no gap (stride(0) == N * stride(1))"
+    if cfg.block_k * size < 16:
+        return f"block_k={cfg.block_k} gives tile rows under 16 bytes"
+    return None
+
+
+def _use_tma(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig) -> bool:
+    """Explicit ``cfg.tma=True`` must be possible (else an error says why); ``None`` means on sm_90+ if possible."""
+    if cfg.tma is False:
+        return False
+    blocker = tma_blocker(x, w, cfg)
+    if cfg.tma:
+        if blocker:
+            raise GroupedGemmError(f"tma=True but {blocker}; pass tma=None (or False) to use pointer loads")
+        return True
+    return blocker is None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9

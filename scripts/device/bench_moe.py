@@ -61,14 +61,16 @@ class Shapes:
     check_tokens: int
 
 
-GPU = Shapes(4096, 14336, 8, 2, (1024, 2048, 4096), (1024, 4096), (
-    GemmConfig(64, 128, 64, 4, 4), GemmConfig(128, 128, 64, 4, 4), GemmConfig(128, 128, 64, 8, 3),
-    GemmConfig(128, 256, 64, 8, 3), GemmConfig(128, 128, 128, 8, 3), GemmConfig(64, 256, 64, 8, 4)), 256)
-TINY = Shapes(32, 48, 4, 2, (24, 40), (40,), (GemmConfig(16, 32, 16),), 12)
+_TILES = ((64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+          (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
+          (256, 128, 64, 8, 3))
+GPU = Shapes(4096, 14336, 8, 2, (1024, 2048, 4096), (2048, 4096),
+             tuple(GemmConfig(*t, tma=tma) for tma in (True, False) for t in _TILES), 256)
+TINY = Shapes(32, 48, 4, 2, (24, 40), (40,), (GemmConfig(16, 32, 16), GemmConfig(16, 32, 16, tma=True)), 12)
 SHAPES = TINY if OPTS.dry_run else GPU
 DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 DTYPE = torch.bfloat16
-TUNE_BUDGET_S = 40.0  # the sweep starts no new config after this long (keeps the whole run under two minutes)
+TUNE_BUDGET_S = 90.0  # the sweep starts no new config after this long (keeps the whole run under three minutes)
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -109,6 +111,9 @@ def bench_gemms(report: dict, weights: dict[str, torch.Tensor], gen: torch.Gener
                     w_bytes = w.numel() * w.element_size()
                     ms = bench_ms(partial(grouped_gemm, x, order.offsets, w, out))
                     rec.update(ms=ms, TFLOPs=flop / ms / 1e9, weight_GBps=w_bytes / ms / 1e6)
+                    pointers = default_config(rows, w.shape[1], w.shape[2], SHAPES.experts, DEVICE)._replace(tma=False)
+                    pms = bench_ms(partial(grouped_gemm, x, order.offsets, w, out, config=pointers))
+                    rec.update(pointer_ms=pms, pointer_TFLOPs=flop / pms / 1e9)
                     ref = torch.empty_like(out, dtype=torch.float32)
                     loop_mm(x.float(), bounds, w.float(), ref)
                     rec["rel_err"] = rel_err(out, ref)
@@ -133,6 +138,19 @@ def bench_gemms(report: dict, weights: dict[str, torch.Tensor], gen: torch.Gener
                     report["failures"].append({"gemm": (gemm, rows, skew), "trace": traceback.format_exc()[-2000:]})
 
 
+def sort_token_major(experts: torch.Tensor, num_experts: int) -> moe.ExpertOrder:
+    """Session 6's ``sort_by_expert``: the one-hot as ``[pairs, E]``, scanned along its outer (strided) dim."""
+    flat = experts.reshape(-1).long()
+    ids = torch.arange(num_experts, device=flat.device)
+    hit = (flat[:, None] == ids[None, :]).to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(hit.sum(dim=0, dtype=torch.int64), dim=0, out=offsets[1:])
+    rank = torch.cumsum(hit, dim=0).gather(1, flat[:, None]).squeeze(1) - 1
+    position = offsets[flat] + rank
+    order = torch.empty_like(position).scatter_(0, position, torch.arange(flat.numel(), device=flat.device))
+    return moe.ExpertOrder(order, offsets.to(torch.int32), position)
+
+
 def bench_block(report: dict, weights: dict[str, torch.Tensor], gen: torch.Generator) -> None:
     """The whole experts op (what the ``experts`` nano-op runs) per token count, random routing."""
     w13, w2 = weights["gate_up"], weights["down"]
@@ -150,6 +168,10 @@ def bench_block(report: dict, weights: dict[str, torch.Tensor], gen: torch.Gener
             ms = bench_ms(partial(moe.experts_forward, x, wts, experts, w13, w2, out, scratch))
             flop = 2.0 * rows * 3 * h * inter
             rec.update(ms=ms, TFLOPs=flop / ms / 1e9)
+            rec["sort_ms"] = bench_ms(partial(moe.sort_by_expert, experts, SHAPES.experts))
+            rec["sort_token_major_ms"] = bench_ms(partial(sort_token_major, experts, SHAPES.experts))
+            got, want = moe.sort_by_expert(experts, SHAPES.experts), sort_token_major(experts, SHAPES.experts)
+            rec["sort_layouts_agree"] = all(torch.equal(a, b) for a, b in zip(got, want))
         except Exception as exc:
             rec["error"] = repr(exc)[:500]
             report["failures"].append({"block": tokens, "trace": traceback.format_exc()[-2000:]})
@@ -248,7 +270,8 @@ def print_table(report: dict) -> None:
     for c in report["checks"]:
         print(f"check {c['what']}: " + (f"rel_err {c['rel_err']:.2e} " if "rel_err" in c else c.get("error", ""))
               + ("ok" if c["ok"] else "FAILED"))
-    print("gemm     rows  routing  rows/expert   triton TF/s  (W GB/s)  dense TF/s  loop TF/s  torch_grouped  rel_err")
+    print("gemm     rows  routing  rows/expert   triton TF/s  (W GB/s)  pointers  dense TF/s  loop TF/s  torch_grouped"
+          "  rel_err")
     for r in report["gemm"]:
         spread = f"{r['min_rows_per_expert']:5d}-{r['max_rows_per_expert']:<5d}"
         head = f"{r['gemm']:8s} {r['rows']:5d}  {r['routing']:7s} {spread}"
@@ -256,19 +279,22 @@ def print_table(report: dict) -> None:
             print(f"{head}  {r.get('error')}")
             continue
         tg = f"{r['torch_grouped_TFLOPs']:13.0f}" if "torch_grouped_TFLOPs" in r else "            -"
-        print(f"{head}  {r['TFLOPs']:11.0f}  {r['weight_GBps']:8.0f}  {r['dense_TFLOPs']:10.0f}  "
+        print(f"{head}  {r['TFLOPs']:11.0f}  {r['weight_GBps']:8.0f}  {r['pointer_TFLOPs']:8.0f}  "
+              f"{r['dense_TFLOPs']:10.0f}  "
               f"{r['loop_TFLOPs']:9.0f}  {tg}  {r['rel_err']:.1e}")
-    print("experts op  tokens   ms      TF/s")
+    print("experts op  tokens   ms      TF/s   sort ms (token-major ms, agree)")
     for r in report["block"]:
-        print(f"            {r['tokens']:6d} " + (f"{r['ms']:7.3f}  {r['TFLOPs']:6.0f}" if "ms" in r else r["error"]))
+        print(f"            {r['tokens']:6d} " + (
+            f"{r['ms']:7.3f}  {r['TFLOPs']:6.0f}   {r['sort_ms']:.3f} ({r['sort_token_major_ms']:.3f}, "
+            f"{r['sort_layouts_agree']})" if "sort_ms" in r else r.get("error", "")))
     for gemm in ("gate_up", "down"):
         for rows in SHAPES.tune_rows:
             best = sorted((t for t in report["tune"] if t["gemm"] == gemm and t["rows"] == rows and "ms" in t),
                           key=lambda t: t["ms"])[:3]
             if best:
                 print(f"tune {gemm} rows={rows} best:", [
-                    (t["block_m"], t["block_n"], t["block_k"], t["num_warps"], t["num_stages"], round(t["TFLOPs"]))
-                    for t in best])
+                    (t["block_m"], t["block_n"], t["block_k"], t["num_warps"], t["num_stages"],
+                     "tma" if t["tma"] else "ptr", round(t["TFLOPs"])) for t in best])
     print(f"failures: {len(report['failures'])}")
 
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On one H200: the MoE kernels (bench_moe.py: grouped GEMM with TMA and pointer loads, the expert sort, a tile sweep),
+# then mixtral-8x7b end to end with a float8 KV cache. Env: MOE_REQS (default 512; 0 skips the end-to-end run),
+# MOE_MODES (default non-overlap,overlap-preset), MOE_TUNE=0 skips the tile sweep. Results under $OUT.
+source scripts/device/setup.sh
+export NANOFLOW_CACHE=/tmp/nfc
+TUNE=()
+[ "${MOE_TUNE:-1}" = 0 ] && TUNE=(--no-tune)
+timeout "${MOE_BENCH_S:-240}" python3 scripts/device/bench_moe.py "${TUNE[@]}" --out "$OUT" > "$OUT/moe_bench.log" 2>&1
+echo "bench_moe rc $?"
+sed -n '/^NVIDIA/,$p' "$OUT/moe_bench.log" | cut -c1-300
+[ "${MOE_REQS:-512}" = 0 ] && exit 0
+timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
+  --num-requests "${MOE_REQS:-512}" --kv-fraction 0.8 --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
+  --overlap-preset mixtral-overlap --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
+echo "mixtral rc $?"
+grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300
+python3 - "$OUT/mixtral.json" <<'PY' 2>/dev/null
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    p = r.get("profile") or {}
+    print(r.get("mode"), "per-class ms:", {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()},
+          "tokens:", p.get("decode_tokens"), p.get("prefill_tokens"), "kv_cache_tokens:", r.get("kv_cache_tokens"))
+PY

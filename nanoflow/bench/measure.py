@@ -135,6 +135,9 @@ KERNEL_CLASSES = (
 )
 
 
+TOP_KERNELS = 25  # kernel names kept, by total time, in a profile record
+
+
 def classify_kernel(name: str) -> tuple[str, str]:
     low = name.lower()
     for cls, kind, frags in KERNEL_CLASSES:
@@ -183,10 +186,17 @@ def profile_replay(engine: Any, plan: Any, replays: int = 3) -> dict[str, Any]:
     kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
     per_class: dict[str, float] = {}
     per_kind: dict[str, float] = {}
+    per_name: dict[str, list] = {}  # kernel name -> [class, ms per replay, launches per replay]
     for k in kernels:
         cls, kind = classify_kernel(k["name"])
         per_class[cls] = per_class.get(cls, 0.0) + k["dur"] / 1e3 / replays
         per_kind[kind] = per_kind.get(kind, 0.0) + k["dur"] / 1e3 / replays
+        entry = per_name.setdefault(k["name"][:120], [cls, 0.0, 0.0])
+        entry[1] += k["dur"] / 1e3 / replays
+        entry[2] += 1 / replays
+    # The kernels that cost most, by name: what "other" and "glue" are made of, for the next optimisation.
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:TOP_KERNELS]
+    top_kernels = [{"name": name, "class": c, "ms": round(ms, 4), "launches": round(n)} for name, (c, ms, n) in top]
     one: list[tuple[str, str, str, float, float]] = []
     if kernels:
         kernels.sort(key=lambda e: e["ts"])
@@ -198,4 +208,4 @@ def profile_replay(engine: Any, plan: Any, replays: int = 3) -> dict[str, Any]:
     span = max((e for *_, e in one), default=0.0)
     return {"decode_tokens": plan.num_decode_tokens, "prefill_tokens": plan.num_prefill_tokens,
             "per_class_ms": per_class, "per_kind_ms": per_kind, "kernel_span_ms": span,
-            "forward_wall_ms": wall_ms, "kernels": one}
+            "forward_wall_ms": wall_ms, "top_kernels": top_kernels, "kernels": one}

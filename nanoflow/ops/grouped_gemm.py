@@ -52,11 +52,13 @@ def default_config(m: int, n: int, k: int, num_experts: int, device: torch.devic
         return GemmConfig(32, 128, 64, num_warps=4, num_stages=4)
     if rows_per_expert <= 96:
         return GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
-    # Tile sweep on an H200 (benchmarks/results/2026-11-22-moe-grouped-gemm-h200.json, Mixtral shapes, 4,096 routed
-    # rows): 3 stages beat 4 (down 465 vs 419 TFLOP/s) and a 256-wide N tile helps the wide gate/up GEMM (514 vs 406).
+    # Tile sweep on an H200, pointer and TMA loads, Mixtral shapes at 2,048 and 4,096 routed rows
+    # (benchmarks/results/2026-12-02-s7-moe-grouped-gemm-h200.json): the wide gate/up GEMM is fastest with pointer
+    # loads and 128x256 tiles, 4 stages (503 / 487 TFLOP/s; the best TMA tiles 462 / 490); the down GEMM (K=14336)
+    # with TMA loads and 128x128 tiles, 4 warps (464 / 501; the best pointer tiles 400 / 480).
     if n >= 16384:
-        return GemmConfig(128, 256, 64, num_warps=8, num_stages=3)
-    return GemmConfig(128, 128, 64, num_warps=8, num_stages=3)
+        return GemmConfig(128, 256, 64, num_warps=8, num_stages=4, tma=False)
+    return GemmConfig(128, 128, 64, num_warps=4, num_stages=4)
 
 
 def max_m_tiles(m: int, num_experts: int, block_m: int) -> int:

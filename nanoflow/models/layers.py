@@ -37,9 +37,9 @@ import torch
 
 from nanoflow.graphs.nanoop import LayerGraph, Op, ResourceKind
 from nanoflow.models.base import StepContext
-from nanoflow.ops.activation import silu_and_mul
+from nanoflow.ops.activation import silu_and_mul_into
 from nanoflow.ops.kv_store import store_kv
-from nanoflow.ops.norm import add_rms_norm
+from nanoflow.ops.norm import add_rms_norm_into
 from nanoflow.ops.rotary import apply_rotary
 
 C, M, N, OT, CP = ResourceKind.COMPUTE, ResourceKind.MEMORY, ResourceKind.NETWORK, ResourceKind.OTHER, ResourceKind.COPY
@@ -68,6 +68,14 @@ def rope_qkv(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int
     return q.reshape(t, q_size), k, v
 
 
+def rope_qkv_into(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                  q_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_qkv` with the rotated q written into ``q_out [T, H*D]``; returns ``(k, v)``."""
+    q, k, v = rope_qkv(qkv, cos_sin, heads, kv_heads, head_dim)
+    q_out.copy_(q)
+    return k, v
+
+
 def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads: int, head_dim: int,
                   eps: float, tp: bool) -> list[Op]:
     """attn_norm .. o_proj (+ all-reduce): the attention half of a LLaMA-style layer."""
@@ -76,18 +84,17 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
 
     def attn_norm(ctx: StepContext, lo: int, hi: int) -> None:
         b = ctx.bufs
-        x, res = _glue(ctx, "add_rms_norm", add_rms_norm)(b["hidden"][lo:hi], b["residual"][lo:hi], norm_w, eps)
-        b["x_attn"][lo:hi].copy_(x)
-        b["residual"][lo:hi].copy_(res)
+        _glue(ctx, "add_rms_norm_into", add_rms_norm_into)(b["hidden"][lo:hi], b["residual"][lo:hi], norm_w, eps,
+                                                          b["x_attn"][lo:hi])
 
     def qkv(ctx: StepContext, lo: int, hi: int) -> None:
         linear_into(ctx.bufs["x_attn"][lo:hi], qkv_w, qkv_b, ctx.bufs["qkv"][lo:hi])
 
     def rope_kv(ctx: StepContext, lo: int, hi: int) -> None:
         cos_sin = ctx.cos_sin[ctx.batch.positions[lo:hi]]
-        q, k, v = _glue(ctx, "rope_qkv", rope_qkv)(ctx.bufs["qkv"][lo:hi], cos_sin, heads, kv_heads, head_dim)
+        k, v = _glue(ctx, "rope_qkv_into", rope_qkv_into)(ctx.bufs["qkv"][lo:hi], cos_sin, heads, kv_heads, head_dim,
+                                                          ctx.bufs["q"][lo:hi])
         store_kv(k, v, ctx.k_cache, ctx.v_cache, ctx.batch.slot_mapping[lo:hi])
-        ctx.bufs["q"][lo:hi].copy_(q)
 
     def decode_attn(ctx: StepContext, lo: int, hi: int) -> None:
         meta = ctx.batch.attn_meta(lo, hi).decode
@@ -130,9 +137,8 @@ def ffn_norm_op(w: dict[str, torch.Tensor], prefix: str, eps: float) -> Op:
 
     def ffn_norm(ctx: StepContext, lo: int, hi: int) -> None:
         b = ctx.bufs
-        x, res = _glue(ctx, "add_rms_norm", add_rms_norm)(b["attn_out"][lo:hi], b["residual"][lo:hi], norm_w, eps)
-        b["x_ffn"][lo:hi].copy_(x)
-        b["residual"][lo:hi].copy_(res)
+        _glue(ctx, "add_rms_norm_into", add_rms_norm_into)(b["attn_out"][lo:hi], b["residual"][lo:hi], norm_w,
+                                                          eps, b["x_ffn"][lo:hi])
 
     return Op("ffn_norm", OT, ("attn_out", "residual"), ("x_ffn", "residual"), ffn_norm)
 
@@ -145,7 +151,7 @@ def mlp_ops(w: dict[str, torch.Tensor], prefix: str, tp: bool) -> list[Op]:
         linear_into(ctx.bufs["x_ffn"][lo:hi], gu_w, None, ctx.bufs["gate_up"][lo:hi])
 
     def act(ctx: StepContext, lo: int, hi: int) -> None:
-        ctx.bufs["act"][lo:hi].copy_(_glue(ctx, "silu_and_mul", silu_and_mul)(ctx.bufs["gate_up"][lo:hi]))
+        _glue(ctx, "silu_and_mul_into", silu_and_mul_into)(ctx.bufs["gate_up"][lo:hi], ctx.bufs["act"][lo:hi])
 
     def down(ctx: StepContext, lo: int, hi: int) -> None:
         linear_into(ctx.bufs["act"][lo:hi], down_w, None, ctx.bufs["hidden"][lo:hi])

@@ -10,3 +10,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate_up = [gate | up]`` along the last dimension."""
     half = gate_up.shape[-1] // 2
     return F.silu(gate_up[..., :half]) * gate_up[..., half:]
+
+
+def silu_and_mul_into(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`silu_and_mul` written into ``out`` (compiled, by the fused kernel itself: no extra copy)."""
+    out.copy_(silu_and_mul(gate_up))

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from nanoflow.ops.activation import silu_and_mul
+from nanoflow.ops.activation import silu_and_mul_into
 
 
 class MoEInputError(ValueError):
@@ -133,7 +133,7 @@ def check_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, out: torch.Tensor, scratch: MoEScratch,
-                    act_fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul) -> torch.Tensor:
+                    act_into: Callable[[torch.Tensor, torch.Tensor], None] = silu_and_mul_into) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for the ``n`` rows of ``x``.
 
     ``x``, ``out``: ``[n, hidden]``; ``weights``/``experts``: ``[n, k]`` from :func:`route`. Every intermediate
@@ -153,7 +153,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     sort = sort_by_expert(experts, num_experts)
     torch.index_select(x, 0, sort.order // k, out=scratch.sorted_x)
     grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
-    scratch.act.copy_(act_fn(scratch.gate_up))
+    act_into(scratch.gate_up, scratch.act)
     row_scale = weights.reshape(-1).float().index_select(0, sort.order)
     grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
     unsorted = scratch.sorted_x  # dead since the first GEMM: hold the expert rows back in (token, choice) order

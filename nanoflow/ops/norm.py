@@ -18,3 +18,15 @@ def add_rms_norm(
     """Return ``(rms_norm(residual + hidden), residual + hidden)``; the sum is the new residual stream."""
     new_residual = residual + hidden
     return rms_norm(new_residual, weight, eps), new_residual
+
+
+def add_rms_norm_into(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      out: torch.Tensor) -> None:
+    """:func:`add_rms_norm` written in place: ``out`` gets the normalised sum, ``residual`` the sum.
+
+    Compiled (``graphs.glue``), the stores land in the callers' buffers from the fused kernel itself, where copying a
+    returned tensor would add a device-to-device copy per output.
+    """
+    x, new_residual = add_rms_norm(hidden, residual, weight, eps)
+    out.copy_(x)
+    residual.copy_(new_residual)

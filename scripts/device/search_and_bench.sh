@@ -5,6 +5,7 @@
 #   SEARCH_S (MILP seconds, default 90)  STEP (profiled batch step, default 128)  REQS (bench requests, default 512)
 #   MODES (bench modes, default non-overlap,overlap-preset-nogrid + overlap-searched)
 #   KV_DTYPE (auto|fp8, default auto)  DECODE_OPTIONS (e.g. block_n=128,prefetch=1: profile and bench alike)
+#   PROFILE=1 (CUPTI profile of one step per mode: per-class and top kernels)  BENCH_S (bench time limit, default 480)
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=$OUT/cache
 EXTRA=(--kv-cache-dtype "${KV_DTYPE:-auto}")
@@ -15,6 +16,19 @@ python3 -m nanoflow.cli search --model llama-3-8b --dense-batch 2048 --workload 
 cp "$OUT"/cache/profiles/*.json "$OUT/" 2>/dev/null
 MODES=${MODES:-non-overlap,overlap-preset-nogrid}
 [ -f "$OUT/searched.json" ] && MODES=$MODES,overlap-searched
-python3 -m nanoflow.cli bench --model llama-3-8b --num-requests "${REQS:-512}" --kv-fraction 0.85 --modes "$MODES" \
-  "${EXTRA[@]}" --searched-spec "$OUT/searched.json" --output "$OUT/bench6" 2>&1 | grep -E "tok/s|FAILED|Error|wrote" | tail -8
+PROF=()
+[ "${PROFILE:-0}" = 1 ] && PROF=(--profile)
+timeout "${BENCH_S:-480}" python3 -m nanoflow.cli bench --model llama-3-8b --num-requests "${REQS:-512}" --kv-fraction 0.85 \
+  --modes "$MODES" "${EXTRA[@]}" "${PROF[@]}" --searched-spec "$OUT/searched.json" --output "$OUT/bench6" 2>&1 \
+  | grep -E "tok/s|FAILED|Error|wrote|torch.compile of" | tail -12
 rm -rf "$OUT/cache"
+# With PROFILE=1: the costliest kernels of each mode's profiled step, by name.
+python3 - "$OUT/bench6.json" <<'PY' 2>/dev/null
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    p = r.get("profile") or {}
+    print(r.get("mode"), {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()},
+          "decode/prefill tokens", p.get("decode_tokens"), p.get("prefill_tokens"), "wall", p.get("forward_wall_ms"))
+    for k in p.get("top_kernels", [])[:12]:
+        print(f"  {k['class']:12s} {k['ms']:8.3f} ms {k['launches']:5d}x {k['name'][:90]}")
+PY

@@ -1,0 +1,44 @@
+"""The compiled glue ops write the same values into the callers' buffers as the eager ops (on this CPU, through
+inductor's C++ backend; an in-place form it fails to compile falls back to the out-of-place one plus copies)."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoflow.graphs.glue import compiled_glue
+from nanoflow.models.layers import rope_qkv
+from nanoflow.ops.activation import silu_and_mul
+from nanoflow.ops.norm import add_rms_norm
+from nanoflow.ops.rotary import cos_sin_cache
+
+
+def test_compiled_glue_writes_into_row_slices_like_eager():
+    gen = torch.Generator().manual_seed(0)
+    glue = compiled_glue()
+    t, hidden, inter, heads, kv_heads, head_dim = 12, 64, 96, 4, 2, 16
+    lo, hi = 4, 10  # a nano-batch's rows of the engine's buffers: rows outside must stay untouched
+
+    h, r, w = (torch.randn(t, hidden, generator=gen), torch.randn(t, hidden, generator=gen),
+               torch.randn(hidden, generator=gen))
+    x_ref, res_ref = add_rms_norm(h[lo:hi], r[lo:hi].clone(), w, 1e-5)
+    out, r_before = torch.zeros(t, hidden), r.clone()
+    glue["add_rms_norm_into"](h[lo:hi], r[lo:hi], w, 1e-5, out[lo:hi])
+    torch.testing.assert_close(out[lo:hi], x_ref)
+    torch.testing.assert_close(r[lo:hi], res_ref)
+    assert not out[:lo].any() and not out[hi:].any()
+    assert torch.equal(r[:lo], r_before[:lo]) and torch.equal(r[hi:], r_before[hi:])
+
+    gate_up, act = torch.randn(t, 2 * inter, generator=gen), torch.zeros(t, inter)
+    glue["silu_and_mul_into"](gate_up[lo:hi], act[lo:hi])
+    torch.testing.assert_close(act[lo:hi], silu_and_mul(gate_up[lo:hi]))
+    assert not act[:lo].any() and not act[hi:].any()
+
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    cos_sin = cos_sin_cache(head_dim, 64, 10000.0, None, "cpu")[torch.arange(lo, hi)]
+    q_out = torch.zeros(t, heads * head_dim)
+    k, v = glue["rope_qkv_into"](qkv[lo:hi], cos_sin, heads, kv_heads, head_dim, q_out[lo:hi])
+    q_ref, k_ref, v_ref = rope_qkv(qkv[lo:hi], cos_sin, heads, kv_heads, head_dim)
+    torch.testing.assert_close(q_out[lo:hi], q_ref)
+    torch.testing.assert_close(k, k_ref)
+    torch.testing.assert_close(v, v_ref)
+    assert not q_out[:lo].any() and not q_out[hi:].any()

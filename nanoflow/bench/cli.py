@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.bench.plots import plot_bench
 
     plot_bench(records, timelines, out)
+    from nanoflow.bench.iterations import plot_iterations
+
+    plot_iterations(records, out.with_name(out.name + "-iterations.png"))
     print(f"wrote {out.with_suffix('.json')}")
     return 0
 
@@ -181,5 +184,9 @@ def _print_row(rec: dict[str, Any]) -> None:
     if "cpu_schedule_ms_per_iter" in rec:
         extra = (f" iter {rec['iteration_ms']:.1f} ms, sched {rec['cpu_schedule_ms_per_iter']:.2f} ms, "
                  f"launch {rec['cpu_launch_ms_per_iter']:.2f} ms")
+    it = rec.get("iterations_timed")
+    if it:
+        extra += (f"; GPU busy {it['gpu_busy_s']:.1f} s, idle {it['gpu_idle_s']:.1f} s, full steps "
+                  f"{it['full_steps']}/{it['steps']} at {it.get('full_step_ms_median', 0):.1f} ms")
     print(f"{rec['mode']:>22}: {rec['throughput_tok_s']:10.0f} tok/s  {rec['pct_optimal']:5.1f}% of optimal"
           f" ({rec['optimal_tok_s']:.0f}){extra}", flush=True)

@@ -57,6 +57,7 @@ def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int]
 
 def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]],
                 warmup_reqs: list[tuple[list[int], int]], profile: bool, t_build: float) -> dict[str, Any]:
+    from nanoflow.bench.iterations import IterationTimer
     from nanoflow.bench.measure import profile_replay
     from nanoflow.scheduler.request import SamplingParams
 
@@ -75,11 +76,13 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
     outs = [engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
             for ids, out in reqs]
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    engine.run_until_done()
-    wall = time.perf_counter() - t0
+    with IterationTimer(engine.runner) as timer:
+        t0 = time.perf_counter()
+        engine.run_until_done()
+        wall = time.perf_counter() - t0
     engine.plan_hook = None
     rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
+    rec["iterations_timed"] = timer.summary(engine.dense_batch_size)
     if profile and plans:
         try:
             prof = profile_replay(engine, plans[len(plans) // 2])

@@ -1,0 +1,44 @@
+"""The per-iteration summary of a timed run, on hand-made step lists whose figures are worked out here."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoflow.bench.iterations import plot_iterations, summarize
+
+
+def test_summary_of_a_ramp_steady_and_tail_run():
+    dense = 8
+    # 2 ramp steps (prefill only, full), 4 steady full steps (slower: decode), 2 partial tail steps after idle gaps.
+    tokens = [8, 8, 8, 8, 8, 8, 3, 1]
+    decode = [0, 0, 3, 3, 4, 4, 3, 1]
+    step_ms = [10.0, 10.0, 20.0, 20.0, 22.0, 24.0, 6.0, 4.0]
+    gap_ms = [0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 2.0, 3.0]
+    s = summarize(tokens, decode, step_ms, gap_ms, dense)
+    assert s["steps"] == 8
+    assert s["gpu_busy_s"] == pytest.approx(116.0 / 1e3)
+    assert s["gpu_idle_s"] == pytest.approx(5.5 / 1e3)
+    assert s["full_steps"] == 6 and s["tokens_in_full_steps"] == 48 and s["tokens_in_partial_steps"] == 4
+    assert s["partial_steps_s"] == pytest.approx((6.0 + 2.0 + 4.0 + 3.0) / 1e3)
+    assert s["full_step_ms_median"] == pytest.approx(20.0)  # median of 10, 10, 20, 20, 22, 24
+    assert s["full_step_tok_s"] == pytest.approx(8 / 20.0 * 1e3)
+    assert s["full_step_ms_first_quarter"] == pytest.approx(10.0)  # quarter = 1 step
+    assert s["full_step_ms_last_quarter"] == pytest.approx(24.0)
+    assert s["full_step_decode_tokens_median"] == 3
+    assert s["trace"]["step_ms"] == step_ms and s["trace"]["tokens"] == tokens
+
+
+def test_no_full_step_and_mismatched_lists():
+    s = summarize([3, 2], [3, 2], [1.0, 1.0], [0.0, 0.0], dense_batch=8)
+    assert s["full_steps"] == 0 and "full_step_ms_median" not in s
+    with pytest.raises(ValueError, match="differ in length"):
+        summarize([1, 2], [1], [1.0, 1.0], [0.0, 0.0], dense_batch=8)
+
+
+def test_plot_writes_a_png(tmp_path):
+    it = summarize([8, 8, 3], [2, 3, 3], [10.0, 12.0, 5.0], [0.0, 0.1, 1.0], dense_batch=8)
+    records = [{"mode": "non-overlap", "throughput_tok_s": 1234.0, "wall_s": 0.03, "iterations_timed": it},
+               {"mode": "failed", "error": "x"}]
+    path = tmp_path / "run-iterations.png"
+    plot_iterations(records, path)
+    assert path.stat().st_size > 1000

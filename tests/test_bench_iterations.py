@@ -42,3 +42,50 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "run-iterations.png"
     plot_iterations(records, path)
     assert path.stat().st_size > 1000
+
+
+class _FakeEvent:
+    """Stands in for ``torch.cuda.Event``: ``record()`` reads a clock the test advances."""
+
+    clock = [0.0]
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = None
+
+    def record(self) -> None:
+        self.t = _FakeEvent.clock[0]
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return end.t - self.t
+
+
+def test_timer_wraps_execute_and_measures_steps_and_gaps(monkeypatch):
+    import types
+
+    import torch
+
+    from nanoflow.bench.iterations import IterationTimer
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    _FakeEvent.clock[0] = 0.0
+    durations = iter([5.0, 7.0, 2.0])
+
+    class Runner:
+        def execute(self, plan, sampling):
+            _FakeEvent.clock[0] += next(durations)  # the step's GPU time
+            return plan.num_tokens
+
+    runner = Runner()
+    original = runner.execute
+    plans = [types.SimpleNamespace(num_tokens=n, num_decode_tokens=d) for n, d in ((8, 2), (8, 3), (4, 4))]
+    with IterationTimer(runner) as timer:
+        assert runner.execute(plans[0], None) == 8
+        assert runner.execute(plans[1], None) == 8
+        _FakeEvent.clock[0] += 1.5  # the GPU waits 1.5 ms for the CPU before the last step
+        runner.execute(plans[2], None)
+    assert runner.execute == original and "execute" not in vars(runner)  # unwrapped again
+    s = timer.summary(dense_batch=8)
+    assert s["trace"]["step_ms"] == [5.0, 7.0, 2.0]
+    assert s["trace"]["gap_ms"] == [0.0, 0.0, 1.5]
+    assert s["full_steps"] == 2 and s["full_step_ms_median"] == pytest.approx(6.0)

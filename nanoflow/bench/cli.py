@@ -164,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
     plot_bench(records, timelines, out)
     from nanoflow.bench.iterations import plot_iterations
 
-    plot_iterations(records, out.with_name(out.name + "-iterations.png"))
+    try:
+        plot_iterations(records, out.with_name(out.name + "-iterations.png"))
+    except Exception:  # a picture must not fail a run whose records are saved
+        log.exception("the per-step chart failed")
     print(f"wrote {out.with_suffix('.json')}")
     return 0
 

@@ -30,6 +30,7 @@ class IterationTimer:
         self._torch = torch
         self._runner = runner
         self._execute = runner.execute
+        self._own_attr = "execute" in vars(runner)  # set on the instance before us (else it is the class's method)
         self._steps: list[tuple[int, int, Any, Any]] = []
 
     def __enter__(self) -> IterationTimer:
@@ -37,7 +38,10 @@ class IterationTimer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._runner.execute = self._execute
+        if self._own_attr:
+            self._runner.execute = self._execute
+        else:
+            del self._runner.execute
 
     def _timed(self, plan: Any, sampling: Any) -> Any:
         start = self._torch.cuda.Event(enable_timing=True)

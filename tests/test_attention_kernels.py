@@ -148,9 +148,36 @@ def test_decode_prefetch_matches_reference(kw):
 def test_decode_prefetch_is_for_the_split_variant():
     q = torch.zeros(1, 2, 64)
     k = v = torch.zeros(2, 16, 2, 64)
-    with pytest.raises(AttentionInputError, match="prefetch applies to the split variant"):
+    with pytest.raises(AttentionInputError, match="apply to the split variant"):
         decode_attention(q, k, v, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
                          torch.zeros(1, 2, 64), 1.0, variant="row", prefetch=True)
+
+
+@pytest.mark.parametrize("kw", [{"num_splits": 1}, {"num_splits": 3}, {"max_programs": 3}, {"block_n": 16}])
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                            (torch.bfloat16, "fp8"), (torch.float32, "fp8")])
+@in_process
+def test_decode_tma_matches_reference(kw, dtype, kv_dtype):
+    """tma=True: pages copied through tensor descriptors, one page per tile. Slots past a row's end hold NaN (bf16 and
+    float8 NaN codes alike), so V must be zeroed there, not just the scores masked."""
+    gen = seeded("tma", sorted(kw.items()), dtype, kv_dtype)
+    check_decode([37, 0, 1, 16, 100, 65], 2, 4, 64, 16, dtype, gen, kv_dtype=FP8 if kv_dtype else None, tma=True,
+                 **kw)
+
+
+def test_decode_tma_rejects_what_it_cannot_do():
+    q, out = torch.zeros(1, 4, 64), torch.zeros(1, 4, 64)
+    k = v = torch.zeros(3, 16, 2, 64)
+    table, lens = torch.ones(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(AttentionInputError, match="block_n must be the page size 16"):
+        decode_attention(q, k, v, table, lens, out, 1.0, tma=True, block_n=32)
+    with pytest.raises(AttentionInputError, match="pick one"):
+        decode_attention(q, k, v, table, lens, out, 1.0, tma=True, prefetch=True)
+    with pytest.raises(AttentionInputError, match="apply to the split variant"):
+        decode_attention(q, k, v, table, lens, out, 1.0, tma=True, variant="row")
+    wide = torch.zeros(3, 16, 2, 80)[..., :64]
+    with pytest.raises(AttentionInputError, match="contiguous pages"):
+        decode_attention(q, wide, wide, table, lens, out, 1.0, tma=True)
 
 
 ROW_CASES = [
@@ -194,21 +221,23 @@ def test_decode_row_variant_rejects_bad_inputs():
         decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, max_programs=0, variant="row")
 
 
-@pytest.mark.parametrize("variant,max_programs", [("row", None), ("row", 2), ("row_flat", 2), ("split", None)])
+@pytest.mark.parametrize("variant,max_programs,options", [
+    ("row", None, {"block_n": 32}), ("row", 2, {"block_n": 32}), ("row_flat", 2, {"block_n": 32}),
+    ("split", None, {"block_n": 32}), ("split", None, {"tma": 1}), ("split", 2, {"tma": 1})])
 @in_process
-def test_decode_backend_variant(variant, max_programs):
+def test_decode_backend_variant(variant, max_programs, options):
     """TritonAttention(decode_variant=...) runs the chosen kernel with the metadata's max_programs and its options."""
     from types import SimpleNamespace
 
     from nanoflow.ops.attention.backends import TritonAttention
 
-    gen = seeded("backend", variant, max_programs)
+    gen = seeded("backend", variant, max_programs, sorted(options.items()))
     lengths = [20, 0, 45]
     k, v, table = paged_kv(lengths, 16, 2, 64, torch.float32, gen)
     q = torch.randn(3, 8, 64, generator=gen)
     out = torch.full_like(q, float("nan"))
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    backend = TritonAttention(0.125, 16, decode_variant=variant, decode_options={"block_n": 32, "kv_evict": ""})
+    backend = TritonAttention(0.125, 16, decode_variant=variant, decode_options={**options, "kv_evict": ""})
     meta = SimpleNamespace(block_tables=table, seq_lens=seq_lens, num_splits=None, workspace=None,
                            max_programs=max_programs)
     backend.decode(q, k, v, meta, out)

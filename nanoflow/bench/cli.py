@@ -51,8 +51,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
-                        "one, f16_tiles=0 = widen a float8 cache to bf16 instead of float16; default: the kernel's "
+                        "one, f16_tiles=0 = widen a float8 cache to bf16 instead of float16, tma=1 = copy each "
+                        "K/V page by TMA, one page per tile (pair it with --block-size); default: the kernel's "
                         "own choice)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV-cache page (a power of two); with --decode-options tma=1 also the decode tile")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
                    args.kv_cache_dtype)
+    ea = replace(ea, block_size=args.block_size)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
     if getattr(args, "decode_options", None):

@@ -10,6 +10,10 @@ widened float8 pages. Writes ``$OUT/decode_kv_tune.json``.
 
     python scripts/device/tune_decode_kv.py            # on the GPU machine (about a minute on an H200)
     python scripts/device/tune_decode_kv.py --dry-run  # tiny shapes on the CPU through TRITON_INTERPRET
+
+Environment: ``TUNE_QUICK=1`` (one case, the few-warp tiles); ``TUNE_PAGE`` (tokens per page, default 16);
+``TUNE_TMA=1`` (pages copied by TMA, ``decode_attention(tma=True)``, one page per tile: warps x stages, beside two
+pointer-loaded reference tiles and the defaults; pair it with ``TUNE_PAGE=64`` for 64-token tiles).
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from nanoflow.ops.attention import decode_attention, decode_attention_ref, decod
 from nanoflow.ops.kv_store import FP8  # noqa: E402
 
 DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
-HQ, HKV, D, PAGE = (32, 8, 128, 16) if not OPTS.dry_run else (4, 2, 64, 16)
+HQ, HKV, D = (32, 8, 128) if not OPTS.dry_run else (4, 2, 64)
+PAGE = int(os.environ.get("TUNE_PAGE", "16")) if not OPTS.dry_run else 16
+TMA = os.environ.get("TUNE_TMA") == "1"
 # (rows, tokens per row): the 1,024/512 steady state (~700-800 decode rows at ~1,280 tokens) and a longer context.
 CASES = [(768, 1280), (256, 4096)] if not OPTS.dry_run else [(3, 40)]
 if os.environ.get("TUNE_QUICK") == "1" and not OPTS.dry_run:
@@ -59,6 +65,14 @@ BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 2, 3, Fal
 # Bounded (persistent) grids: the overlap pipelines' decode knob; 528 and 1,056 give 2-warp tiles as many warps as
 # 4-warp tiles get at 264 and 528.
 PROGRAMS = (66, 264, 528, 1056) if not OPTS.dry_run else (2,)
+# (num_warps, num_stages) of the TMA path (TUNE_TMA=1), whose tile is one page.
+TMA_SWEEP = []
+if TMA:
+    TMA_SWEEP = [(w, s) for w in (1, 2, 4, 8) for s in (2, 3, 4, 6)] if not OPTS.dry_run else [(4, 2), (2, 3)]
+    if not OPTS.dry_run:
+        SWEEP = [(64, 2, 3, False, True), (128, 4, 2, False, True)]
+        BF16_SWEEP = [(64, 4, 2, False, True)]
+        PROGRAMS = (264, 1056)
 
 
 def bench_ms(fn) -> float:
@@ -92,7 +106,8 @@ def measure(q, k, v, table, lens, ws, moved: int, cfg: dict, ref) -> dict:
 def main() -> int:
     started = time.time()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    report: dict = {**report_header(None if DEVICE.type == "cuda" else DRY_RUN_DEVICE), "cases": []}
+    report: dict = {**report_header(None if DEVICE.type == "cuda" else DRY_RUN_DEVICE), "page": PAGE, "tma": TMA,
+                    "cases": []}
     for rows, length in CASES:
         k16, v16, table = caches(rows, length, gen)
         k8, v8 = k16.to(FP8), v16.to(FP8)
@@ -108,8 +123,9 @@ def main() -> int:
             configs += [{"block_n": b, "num_warps": w, "num_stages": s, **({"prefetch": True} if f else {}),
                          **({} if f16 else {"f16_tiles": False})}
                         for b, w, s, f, f16 in sweep]
+            configs += [{"tma": True, "num_warps": w, "num_stages": s} for w, s in TMA_SWEEP]
             configs += [{"max_programs": p} for p in PROGRAMS]
-            configs += [] if QUICK else [{"variant": "row"}, {"variant": "row_flat"}]
+            configs += [] if QUICK or TMA else [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:
                 rec = measure(q, k, v, table, lens, ws, moved, cfg, ref)
                 case[name].append(rec)

@@ -97,7 +97,7 @@ def _attend_group(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr, TMA: tl.constexpr,
 ):
     """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
     to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
@@ -106,7 +106,10 @@ def _attend_group(
     TILE: the dtype q and the K/V tiles are multiplied in (:func:`~nanoflow.ops.tile_dot.tile_dtype`).
     PREFETCH: issue the next tile's page, K and V loads before computing on the current tile (a software pipeline
     in registers). Triton pipelines loads through shared memory only when they feed a dot directly; a float8 tile is
-    widened in registers first, so without this its loads wait for each tile's compute."""
+    widened in registers first, so without this its loads wait for each tile's compute.
+    TMA: ``k_ptr``/``v_ptr`` are tensor descriptors of the layer's pages as ``[pages * PAGE, kv_heads * HEAD_DIM]``
+    and a tile is one page (BLOCK_N == PAGE), copied by TMA into shared memory whatever its dtype; a float8 tile is
+    widened from there. V rows past the sequence are zeroed (stale bytes could be NaN codes)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -117,13 +120,22 @@ def _attend_group(
         q_ptr + row64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_valid[:, None], other=0.0
     ).to(TILE)
     bt_row = bt_ptr + row64 * stride_bt
-    k_head = k_ptr + kvh * stride_kh
-    v_head = v_ptr + kvh * stride_vh
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    if PREFETCH:
+    if TMA:
+        col = kvh * HEAD_DIM
+        for tile in range(tile_lo, tile_hi):
+            valid = tile * BLOCK_N + offs_n < seq_len
+            page = tl.load(bt_row + tile)
+            k = k_ptr.load([page * PAGE, col])
+            v = tl.where(valid[:, None], v_ptr.load([page * PAGE, col]).to(q.dtype), 0.0).to(q.dtype)
+            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v, valid[None, :], m_i, l_i, acc, scale_log2,
+                                        PRECISION)
+    elif PREFETCH:
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
         valid, k, v = _load_tile(bt_row, k_head, v_head, tile_lo, tile_hi, seq_len, offs_n, offs_d, stride_kb,
                                  stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
         for tile in range(tile_lo, tile_hi):
@@ -134,6 +146,8 @@ def _attend_group(
                                         scale_log2, PRECISION)
             valid, k, v = valid_n, k_n, v_n
     else:
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
         for tile in range(tile_lo, tile_hi):
             valid, k, v = _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb,
                                      stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
@@ -157,7 +171,7 @@ def _decode_split_kernel(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr, TMA: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -177,7 +191,7 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE, TMA,
     )
 
 
@@ -193,7 +207,7 @@ def _decode_persistent_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
-    TILE: tl.constexpr,
+    TILE: tl.constexpr, TMA: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -211,7 +225,7 @@ def _decode_persistent_kernel(
                 tl.cdiv(seq_len, BLOCK_N), scale_log2,
                 stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
-                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE, TMA,
             )
 
 
@@ -234,6 +248,7 @@ def decode_attention(
     variant: str = "split",
     prefetch: bool = False,
     f16_tiles: bool | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -268,6 +283,11 @@ def decode_attention(
             0.61 ms for the default tiles; register pressure); ``scripts/device/tune_decode_kv.py`` sweeps it.
         f16_tiles: a float8 cache under a bf16 query is widened to float16 and q cast to it (``None``, the default,
             see :func:`~nanoflow.ops.tile_dot.tile_dtype`); ``False`` widens to the query's dtype instead.
+        tma: split variant: copy each K/V page into shared memory by TMA (Hopper's bulk tensor copies, through
+            tensor descriptors) instead of pointer loads; one page per tile, so ``block_n`` must be the page size
+            (``None`` takes it). For a float8 cache, whose pointer-loaded tiles Triton cannot pipeline (they are
+            widened before their dots), TMA copies are asynchronous whatever the dtype. Needs contiguous
+            ``[num_blocks, block_size, kv_heads, head_dim]`` pages. Not measured on a GPU yet; off by default.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -282,8 +302,9 @@ def decode_attention(
     if variant in ("row", "row_flat"):
         from nanoflow.ops.attention.decode_row import decode_row
 
-        if prefetch:
-            raise AttentionInputError("prefetch applies to the split variant only; drop it or use variant='split'")
+        if prefetch or tma:
+            raise AttentionInputError("prefetch and tma apply to the split variant only; drop them or use "
+                                      "variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
                           block_n, num_warps or 4, num_stages or 2, max_programs, kv_evict, page, group,
                           variant == "row_flat",
@@ -297,12 +318,21 @@ def decode_attention(
     num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
-                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles),
+                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), TMA=bool(tma),
                 num_warps=num_warps, num_stages=num_stages)
+    k_arg, v_arg = k_cache, v_cache
+    if tma:
+        if prefetch:
+            raise AttentionInputError("tma and prefetch are two ways to stream tiles; pick one")
+        if block_n is not None and block_n != page:
+            raise AttentionInputError(f"tma loads one page per tile: block_n must be the page size {page} (or None), "
+                                      f"got {block_n}")
+        block_n = default_n = page
+        k_arg, v_arg = _page_descriptor(k_cache, "k_cache"), _page_descriptor(v_cache, "v_cache")
     if max_programs is not None:
         check_programs(max_programs)
         _decode_persistent_kernel[(min(max_programs, rows * kv_heads),)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, rows * kv_heads, kv_heads, scale * LOG2E, *strides,
+            q, k_arg, v_arg, block_tables, seq_lens, out, rows * kv_heads, kv_heads, scale * LOG2E, *strides,
             BLOCK_N=check_block_n(default_n if block_n is None else block_n), **meta,
         )
         return out
@@ -310,12 +340,27 @@ def decode_attention(
     block_n = check_block_n(default_n if block_n is None else block_n)
     direct, po, plse, partial_strides = split_outputs(out, workspace, num_splits)
     _decode_split_kernel[(rows, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, po, plse, scale * LOG2E, *strides, *partial_strides,
+        q, k_arg, v_arg, block_tables, seq_lens, out, po, plse, scale * LOG2E, *strides, *partial_strides,
         BLOCK_N=block_n, DIRECT=direct, **meta,
     )
     if not direct:
         reduce_splits(seq_lens, out, po, plse, partial_strides, num_splits, block_n)
     return out
+
+
+def _page_descriptor(cache: torch.Tensor, name: str) -> object:
+    """A TMA descriptor of one layer's pages ``[num_blocks, block_size, kv_heads, head_dim]`` viewed as the matrix
+    ``[num_blocks * block_size, kv_heads * head_dim]``, whose ``[block_size, head_dim]`` boxes are one head's page."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    blocks, page, kv_heads, head_dim = cache.shape
+    width = kv_heads * head_dim
+    if cache.stride() != (page * width, width, head_dim, 1):
+        raise AttentionInputError(f"tma needs contiguous pages; {name} has strides {cache.stride()}")
+    if cache.data_ptr() % 16 or (width * cache.element_size()) % 16 or head_dim * cache.element_size() < 16:
+        raise AttentionInputError(f"tma needs a 16-byte aligned {name} whose rows and head_dim span multiples of "
+                                  f"16 bytes; got head_dim {head_dim}, {kv_heads} kv heads of {cache.dtype}")
+    return TensorDescriptor(cache, [blocks * page, width], [width, 1], [page, head_dim])
 
 
 def decode_strides(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -42,3 +42,20 @@ def test_compiled_glue_writes_into_row_slices_like_eager():
     torch.testing.assert_close(k, k_ref)
     torch.testing.assert_close(v, v_ref)
     assert not q_out[:lo].any() and not q_out[hi:].any()
+
+
+def test_compiled_moe_combine_gathers_and_sums_like_eager():
+    from nanoflow.ops.moe import combine_into
+
+    gen = torch.Generator().manual_seed(1)
+    n, k, hidden = 7, 2, 32
+    expert_out = torch.randn(n * k, hidden, generator=gen).to(torch.bfloat16)
+    position = torch.randperm(n * k, generator=gen)
+    want = torch.zeros(n + 2, hidden, dtype=torch.bfloat16)
+    got = torch.zeros(n + 2, hidden, dtype=torch.bfloat16)
+    combine_into(expert_out, position, want[1:n + 1])
+    compiled_glue()["moe_combine_into"](expert_out, position, got[1:n + 1])
+    torch.testing.assert_close(got, want)
+    ref = expert_out.float()[position].view(n, k, hidden).sum(1).to(torch.bfloat16)
+    torch.testing.assert_close(want[1:n + 1], ref)
+    assert not want[0].any() and not want[n + 1].any()

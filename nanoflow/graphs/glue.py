@@ -1,4 +1,4 @@
-"""torch.compile'd versions of the small element-wise ops (norm + residual, SiLU*mul, RoPE + KV store).
+"""torch.compile'd versions of the small element-wise ops (norm + residual, SiLU*mul, RoPE, the MoE combine).
 
 Each writes its results into the caller's buffers (the ``*_into`` functions), so the fused kernel stores them
 itself: returning tensors and copying them into the buffers cost six device-to-device copies per layer
@@ -19,6 +19,7 @@ import torch
 
 from nanoflow.models.layers import rope_qkv, rope_qkv_into
 from nanoflow.ops.activation import silu_and_mul, silu_and_mul_into
+from nanoflow.ops.moe import combine_into
 from nanoflow.ops.norm import add_rms_norm, add_rms_norm_into
 
 log = logging.getLogger("nanoflow")
@@ -51,6 +52,7 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
         "add_rms_norm_into": _or_fallback(torch.compile(add_rms_norm_into, **opts), norm_copy, "add_rms_norm_into"),
         "silu_and_mul_into": _or_fallback(torch.compile(silu_and_mul_into, **opts), act_copy, "silu_and_mul_into"),
         "rope_qkv_into": _or_fallback(torch.compile(rope_qkv_into, **opts), rope_copy, "rope_qkv_into"),
+        "moe_combine_into": _or_fallback(torch.compile(combine_into, **opts), combine_into, "moe_combine_into"),
     }
 
 

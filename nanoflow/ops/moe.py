@@ -9,7 +9,8 @@ The routed computation of ``n`` tokens, each sent to ``k`` experts, as the ``exp
    never reads a device value on the host and can be captured in a CUDA graph.
 3. gather the tokens into that order, grouped GEMM with each expert's ``w13`` (gate and up), SiLU * up, grouped GEMM
    with ``w2`` scaling each row by its routing weight in fp32 (:func:`grouped_mm`: the Triton kernel on a GPU, a
-   loop over experts elsewhere), then each token's k rows are summed back in token order (gather + sum, no atomics).
+   loop over experts elsewhere), then each token's k rows are summed back in token order (:func:`combine_into`:
+   gather + sum, no atomics).
 
 Under tensor parallelism each rank holds a slice of every expert's intermediate dim; routing is replicated and the
 per-rank sums are partial, completed by the layer's ``ffn_all_reduce``.
@@ -108,7 +109,7 @@ def grouped_mm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: tor
 class MoEScratch(NamedTuple):
     """Preallocated views for one call over ``n`` tokens with ``k`` choices each (rows = ``n * k``).
 
-    ``sorted_x [n*k, hidden]`` (reused for the unsorted expert outputs once the first GEMM has read it),
+    ``sorted_x [n*k, hidden]``,
     ``gate_up [n*k, 2*inter]``, ``act [n*k, inter]``, ``expert_out [n*k, hidden]``; all in the model dtype.
     """
 
@@ -131,13 +132,22 @@ def check_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple
     return w13.shape[0], inter
 
 
+def combine_into(expert_out: torch.Tensor, position: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[t] = sum_j expert_out[position[t * k + j]]`` (summed in fp32): each token's ``k`` expert rows, already
+    scaled by their routing weights, gathered back from expert order. Compiled (``graphs.glue``), the gather, the sum
+    and the cast are one kernel writing ``out``."""
+    out.copy_(expert_out[position].view(out.shape[0], -1, expert_out.shape[1]).sum(dim=1, dtype=torch.float32))
+
+
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, out: torch.Tensor, scratch: MoEScratch,
-                    act_into: Callable[[torch.Tensor, torch.Tensor], None] = silu_and_mul_into) -> torch.Tensor:
+                    act_into: Callable[[torch.Tensor, torch.Tensor], None] = silu_and_mul_into,
+                    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] = combine_into) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for the ``n`` rows of ``x``.
 
     ``x``, ``out``: ``[n, hidden]``; ``weights``/``experts``: ``[n, k]`` from :func:`route`. Every intermediate
     goes to ``scratch`` (its views need exactly ``n * k`` rows); ``out`` is written, not accumulated into.
+    ``act_into`` and ``combine`` default to the eager ops; the engine passes their compiled forms.
     """
     num_experts, _ = check_experts(x, w13, w2)
     n, k = experts.shape
@@ -156,9 +166,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     act_into(scratch.gate_up, scratch.act)
     row_scale = weights.reshape(-1).float().index_select(0, sort.order)
     grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
-    unsorted = scratch.sorted_x  # dead since the first GEMM: hold the expert rows back in (token, choice) order
-    torch.index_select(scratch.expert_out, 0, sort.position, out=unsorted)
-    out.copy_(unsorted.view(n, k, -1).sum(dim=1, dtype=torch.float32))
+    combine(scratch.expert_out, sort.position, out)
     return out
 
 

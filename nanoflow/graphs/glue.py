@@ -30,7 +30,8 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
     (``dynamic=True``: the profiler, which times each op at many sizes and must not compile each of them).
 
     Should inductor fail to compile an in-place form (its C++ backend does on ``add_rms_norm_into``, torch 2.13),
-    that op falls back to the compiled out-of-place form plus copies, with a warning, instead of failing the engine.
+    that op falls back to the compiled out-of-place form plus copies (the MoE combine: to the eager op), with a
+    warning, instead of failing the engine.
     """
     opts = {"dynamic": dynamic, "fullgraph": False}
     norm, act, rope = (torch.compile(f, **opts) for f in (add_rms_norm, silu_and_mul, rope_qkv))
@@ -52,11 +53,13 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
         "add_rms_norm_into": _or_fallback(torch.compile(add_rms_norm_into, **opts), norm_copy, "add_rms_norm_into"),
         "silu_and_mul_into": _or_fallback(torch.compile(silu_and_mul_into, **opts), act_copy, "silu_and_mul_into"),
         "rope_qkv_into": _or_fallback(torch.compile(rope_qkv_into, **opts), rope_copy, "rope_qkv_into"),
-        "moe_combine_into": _or_fallback(torch.compile(combine_into, **opts), combine_into, "moe_combine_into"),
+        "moe_combine_into": _or_fallback(torch.compile(combine_into, **opts), combine_into, "moe_combine_into",
+                                         "the eager op"),
     }
 
 
-def _or_fallback(first: Callable[..., Any], fallback: Callable[..., Any], name: str) -> Callable[..., Any]:
+def _or_fallback(first: Callable[..., Any], fallback: Callable[..., Any], name: str,
+                 fallback_is: str = "the compiled out-of-place form plus copies") -> Callable[..., Any]:
     """``first``, switching to ``fallback`` for good when compiling ``first`` fails (before it ran anything)."""
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._inductor.exc import InductorError
@@ -69,8 +72,8 @@ def _or_fallback(first: Callable[..., Any], fallback: Callable[..., Any], name: 
         except (InductorError, BackendCompilerFailed) as exc:
             if current[0] is fallback:
                 raise
-            log.warning("torch.compile of %s failed (%s); using the out-of-place form plus copies",
-                        name, str(exc).splitlines()[0][:200])
+            log.warning("torch.compile of %s failed (%s); using %s", name, str(exc).splitlines()[0][:200],
+                        fallback_is)
             current[0] = fallback
             return fallback(*args)
 

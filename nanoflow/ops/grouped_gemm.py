@@ -10,6 +10,11 @@ the E expert counts (E scalar loads) to find which expert's m-block ``t`` is; pr
 experts with no rows, cost nothing but that walk. Axis 0 varies fastest, so the programs resident together share
 an n-block and each expert's weight tile is read from HBM once per wave.
 
+Loads: pointer loads with row masks, or (``GemmConfig.tma``; by default on sm_90+ for the GEMMs whose H200 sweep
+favoured it) TMA tensor descriptors, with no masks: a tile may read rows of the next expert, which only feed outputs
+the masked store drops, and reads past a tensor's end return zeros. Both paths share the expert lookup
+(:func:`_tile_expert`) and the masked, optionally row-scaled store.
+
 CUDA-graph invariants: the grid depends only on ``M``, ``N``, ``E`` and the block sizes, never on ``offsets`` (the
 wrapper reads no device value). Rows at or past ``offsets[E]`` are never written, so ``M`` may be a static maximum.
 Accumulation is fp32; fp32 inputs use exact (IEEE) products, 16-bit inputs tensor cores.

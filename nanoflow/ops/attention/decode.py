@@ -10,6 +10,8 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
 * Row kernels (``variant="row"`` / ``"row_flat"``, :mod:`nanoflow.ops.attention.decode_row`): a program owns a
   whole row (all kv heads), so each K/V tile is whole contiguous pages.
 * Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (every variant).
+* ``tma=True`` (split and persistent grids): K/V pages are copied by TMA through tensor descriptors, one page per
+  tile, instead of pointer loads (for float8 tiles, which Triton cannot pipeline from pointer loads).
 
 The attention kernels (split, persistent, row, row_flat) share one online-softmax step and one result store
 (:mod:`nanoflow.ops.attention.online_softmax`), the split-KV workspace and reduce

@@ -82,7 +82,8 @@ def test_grouped_gemm_matches_float64(name: str, dtype: torch.dtype, tma: bool):
 
 @in_process
 @pytest.mark.parametrize("config", [gg.GemmConfig(16, 32, 32), gg.GemmConfig(32, 16, 16),
-                                    gg.GemmConfig(16, 32, 16, tma=True)])
+                                    gg.GemmConfig(16, 32, 16, tma=True),
+                                    gg.GemmConfig(16, 32, 16, tma=True, warp_specialize=True)])
 def test_strided_rows_and_other_tiles(config: gg.GemmConfig):
     """Row strides larger than K (a column slice of a wider buffer) and other tile shapes give the same result."""
     counts = [9, 0, 30, 2]
@@ -153,6 +154,8 @@ def test_wrapper_rejects_bad_inputs():
         gg.grouped_gemm(torch.randn(8, 19)[:, :16], off, w, config=tma)
     with pytest.raises(gg.GroupedGemmError, match="no gap"):
         gg.grouped_gemm(x, off, torch.randn(2, 16, 16)[:, :12], config=tma)
+    with pytest.raises(gg.GroupedGemmError, match="warp_specialize needs"):
+        gg.grouped_gemm(x, off, w, config=gg.GemmConfig(16, 16, 16, tma=False, warp_specialize=True))
     with pytest.raises(gg.GroupedGemmError, match="16-byte boundary"):
         gg.grouped_gemm(torch.randn(8 * 16 + 1)[1:].view(8, 16), off, w, config=tma)
 

@@ -46,6 +46,9 @@ class GemmConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     tma: bool | None = None  # load tiles through TMA tensor descriptors; None: on sm_90+ when the strides allow
+    # TMA path only: Triton's automatic warp specialization of the K loop (producer warps issue the TMA copies,
+    # consumer warp groups the MMAs); needs num_warps >= 4. Not yet timed on a GPU.
+    warp_specialize: bool = False
 
 
 def default_config(m: int, n: int, k: int, num_experts: int, device: torch.device) -> GemmConfig:
@@ -141,6 +144,7 @@ def _grouped_gemm_tma_kernel(
     stride_ym, stride_yn,
     NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """The same tiles as ``_grouped_gemm_kernel``, loaded by TMA (Hopper's bulk tensor copies) instead of pointers.
 
@@ -155,7 +159,7 @@ def _grouped_gemm_tma_kernel(
         return
     w_row = expert * N + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         a = x_desc.load([row_start, k0])
         b = w_desc.load([w_row, k0])
         acc += tile_dot(a, b.T, PRECISION)
@@ -231,7 +235,7 @@ def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: t
         w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [cfg.block_n, cfg.block_k])
         _grouped_gemm_tma_kernel[grid](
             x_desc, w_desc, out, offsets, row_scale if row_scale is not None else x,
-            n, k, out.stride(0), out.stride(1), **common,
+            n, k, out.stride(0), out.stride(1), WARP_SPECIALIZE=cfg.warp_specialize, **common,
         )
         return out
     _grouped_gemm_kernel[grid](
@@ -265,6 +269,9 @@ def tma_blocker(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig) -> str | None
 
 def _use_tma(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig) -> bool:
     """Explicit ``cfg.tma=True`` must be possible (else an error says why); ``None`` means on sm_90+ if possible."""
+    if cfg.warp_specialize and (cfg.tma is False or cfg.num_warps < 4):
+        raise GroupedGemmError(f"warp_specialize needs the TMA path and num_warps >= 4; got tma={cfg.tma}, "
+                               f"num_warps={cfg.num_warps}")
     if cfg.tma is False:
         return False
     blocker = tma_blocker(x, w, cfg)

@@ -443,3 +443,51 @@ def test_schedule_and_update_are_fast_with_1000_running() -> None:
         prev = (plan, {q.request_id: 11 for q in plan.seqs if q.sample})
     assert len(plan.decode) == 1000 and s.num_running == 1000
     assert sorted(times)[30] < 0.05  # median; ~3 ms on a laptop core, generous for slow CI machines
+
+
+# ---- the admission's peak prediction ----------------------------------------------------------------------------
+
+
+def _simulated_peak(held: list[int], remaining: list[int], bs: int) -> tuple[int, int]:
+    """(tokens, blocks) at the fullest future iteration, stepping time one iteration at a time."""
+    best_tokens = best_blocks = 0
+    for t in range(max(remaining, default=0)):
+        alive = [h + t for h, r in zip(held, remaining) if r > t]
+        best_tokens = max(best_tokens, sum(alive))
+        best_blocks = max(best_blocks, sum(-(-x // bs) for x in alive))
+    return best_tokens, best_blocks
+
+
+def test_peak_blocks_by_hand() -> None:
+    from nanoflow.scheduler.batcher import peak_blocks
+
+    # A holds 6 and ends after 1 more iteration, B holds 2 and ends after 5: A and B together peak at t=0 (8 tokens),
+    # B alone at t=4 (6 tokens). The sum of their final lengths (7 + 7 = 14) never happens.
+    assert peak_blocks([6, 2], [1, 5], 1) == 8
+    assert peak_blocks([], [], 16) == 0
+    assert peak_blocks([10], [3], 4) == 3  # 12 tokens at t=2 -> 3 blocks
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 30)), max_size=12), st.integers(1, 8))
+@settings(max_examples=200, deadline=None)
+def test_peak_blocks_against_a_step_by_step_simulation(reqs: list[tuple[int, int]], bs: int) -> None:
+    from nanoflow.scheduler.batcher import peak_blocks
+
+    held, remaining = [h for h, _ in reqs], [r for _, r in reqs]
+    tokens, blocks = _simulated_peak(held, remaining, bs)
+    got = peak_blocks(held, remaining, bs)
+    assert got == tokens if bs == 1 else blocks <= got <= -(-tokens // bs) + len(reqs)
+
+
+def test_staggered_requests_fit_where_their_final_lengths_do_not() -> None:
+    # 20 usable one-token blocks. A (4-token prompt, 8 outputs) has decoded 6 when B (4 + 8) arrives: by final
+    # lengths 12 + 12 = 24 > 20, but A ends 2 iterations from now, so together they never hold more than
+    # (10 + 1) + (4 + 1) = 16: B is admitted (the old sum-of-final-lengths rule made it wait).
+    s = _sched(num_blocks=21, bs=1, dense=64, prior=8.0)
+    _add(s, "A", 4, max_tokens=8, ignore_eos=True)
+    s.update(s.schedule(), {"A": 50})
+    for i in range(5):
+        s.update(s.schedule(), {"A": 51 + i})
+    _add(s, "B", 4, max_tokens=8, ignore_eos=True)
+    plan = s.schedule()
+    assert _ids(plan.decode) == [("A", 9, 1)] and _ids(plan.prefill) == [("B", 0, 4)]

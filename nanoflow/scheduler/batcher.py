@@ -8,9 +8,12 @@ Order of filling one plan:
 
 1. every running request whose prefill is done decodes one token (oldest admission first);
 2. running requests still in prefill get chunks at token granularity (Sarathi-Serve), oldest first;
-3. waiting requests are admitted FCFS while the *predicted peak* KV of running + candidate fits in the cache: a
+3. waiting requests are admitted FCFS while the *predicted peak* KV of running + candidate fits in the cache. As
+   the paper puts it, the scheduler estimates each request's completion time from the average decode length: a
    request's predicted length is ``prompt + max(generated, min(max_tokens, average decode length of finished
-   requests))`` (``decode_len_prior`` until one finishes).
+   requests))`` (``decode_len_prior`` until one finishes), it grows by one token per iteration until then and frees
+   its blocks at the end; the peak is the most the requests hold at once over that future (:func:`peak_blocks`),
+   not the sum of their final lengths, which requests at different stages never reach together.
 
 If a decode cannot get a KV block, the newest running request not yet in this plan is preempted (its blocks freed;
 later recomputed from ``all_token_ids``; it goes to the front of the waiting queue). Nothing overtakes the head of
@@ -24,9 +27,12 @@ The engine calls ``update(plan_i)`` exactly once per plan, in plan order.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
+
+import numpy as np
 
 from nanoflow.scheduler.kv_cache import BlockManager
 from nanoflow.scheduler.request import Request, RequestStatus
@@ -78,6 +84,25 @@ class BatchPlan:
     @property
     def num_prefill_tokens(self) -> int:
         return self.num_tokens - len(self.decode)
+
+
+def peak_blocks(held: list[int], remaining: list[int], block_size: int) -> int:
+    """The most KV blocks a set of requests holds at once if request ``i`` holds ``held[i]`` tokens now, grows by one
+    token per iteration and frees its blocks after ``remaining[i] >= 1`` more iterations.
+
+    Between two completions the total only grows, so the peak is reached just before one: at ``t = remaining[j] - 1``
+    the requests alive are those with ``remaining > t``, holding ``sum(held) + alive * t`` tokens. A request's
+    blocks are at most ``(tokens + block_size - 1) // block_size``, which bounds the sum. O(n log n).
+    """
+    if not held:
+        return 0
+    r = np.asarray(remaining, dtype=np.int64)
+    order = np.argsort(r, kind="stable")
+    h = np.asarray(held, dtype=np.int64)[order]
+    r = r[order]
+    alive = np.arange(len(h), 0, -1, dtype=np.int64)
+    tokens = np.cumsum(h[::-1])[::-1] + alive * (r - 1)
+    return int(((tokens + alive * (block_size - 1)) // block_size).max())
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -333,18 +358,23 @@ class Scheduler:
         req._last_iter = it
         return ScheduledSeq(req.request_id, start, n, req.token_slice(start, end), sample, req.block_ids, req)
 
-    def _predicted_blocks(self, req: Request, avg: float) -> int:
-        sp = req.sampling_params
+    def _horizon(self, req: Request, avg: float) -> tuple[int, int]:
+        """``(tokens held once its prefill is done, iterations until it is predicted to finish)`` of ``req``: it
+        ends at ``prompt + max(generated, min(max_tokens, avg))`` tokens (capped by the length limit)."""
         generated = len(req.output_token_ids) + req.num_pending
-        expect = min(float(sp.max_tokens), avg)
-        total = len(req.prompt_token_ids) + max(expect, generated)
-        total = min(total, self._len_limit)
-        return -int(-total // self.block_manager.block_size)
+        held = len(req.prompt_token_ids) + generated
+        total = min(len(req.prompt_token_ids) + max(min(float(req.sampling_params.max_tokens), avg), generated),
+                    self._len_limit)
+        return held, max(1, math.ceil(total - held))
 
     def _admit(self, budget: int, prefill: list[ScheduledSeq], it: int) -> int:
         bm = self.block_manager
         avg = self.avg_decode_len
-        predicted = sum(self._predicted_blocks(r, avg) for r in self._running.values())
+        held, remaining = [], []
+        for r in self._running.values():
+            h, left = self._horizon(r, avg)
+            held.append(h)
+            remaining.append(left)
         capacity = bm.num_usable_blocks
         waiting = self._waiting
         running = self._running
@@ -355,9 +385,9 @@ class Scheduler:
                 continue
             if req.num_pending:
                 break  # preempted with tokens in flight: recompute needs them; FCFS, so nobody overtakes it
-            need = self._predicted_blocks(req, avg)
+            h, left = self._horizon(req, avg)
             # An empty engine admits the head regardless, so a long request cannot starve.
-            if running and predicted + need > capacity:
+            if running and peak_blocks([*held, h], [*remaining, left], bm.block_size) > capacity:
                 break
             req._prefill_len = len(req.prompt_token_ids) + len(req.output_token_ids)
             reused, hit = self._prefix_hit(req, req._prefill_len - 1)
@@ -371,7 +401,8 @@ class Scheduler:
             self._num_waiting -= 1
             req.status = _RUNNING
             running[req.request_id] = req
-            predicted += need
+            held.append(h)
+            remaining.append(left)
             prefill.append(self._prefill_seq(req, n, it))
             budget -= n
         return budget

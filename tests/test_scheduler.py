@@ -491,3 +491,22 @@ def test_staggered_requests_fit_where_their_final_lengths_do_not() -> None:
     _add(s, "B", 4, max_tokens=8, ignore_eos=True)
     plan = s.schedule()
     assert _ids(plan.decode) == [("A", 9, 1)] and _ids(plan.prefill) == [("B", 0, 4)]
+
+
+def test_admission_simulation_script(tmp_path) -> None:
+    """scripts/sim_admission.py on a tiny KV-bound case: both rules schedule every request's tokens."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sim_admission.py"
+    spec = importlib.util.spec_from_file_location("sim_admission", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    out = tmp_path / "sim.json"
+    assert sim.main(["--kv-tokens", "3000", "--requests", "40", "--prompt", "64", "--output", "32",
+                     "--dense-batch", "256", "--warmup-requests", "0", "--decode-len-prior", "32",
+                     "--output-file", str(out)]) == 0
+    by_rule = {r["rule"]: r for r in json.loads(out.read_text())["records"]}
+    for r in by_rule.values():  # a prompt and 31 decode inputs per request (the first output comes from the prefill)
+        assert round(r["mean_tokens_per_iteration"] * r["iterations"]) >= 40 * (64 + 31)

@@ -68,7 +68,7 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
     engine.run_until_done()
     warm_s = time.perf_counter() - warm_t0
-    for k in ("stats_iterations", "stats_tokens"):
+    for k in ("stats_iterations", "stats_tokens", "stats_preemptions"):
         setattr(engine, k, 0)
     engine.stats_sched_s = engine.stats_launch_s = engine.stats_wall_s = 0.0
     plans: list[Any] = []
@@ -110,7 +110,7 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
         "iteration_ms": wall / it * 1e3, "cpu_schedule_ms_per_iter": engine.stats_sched_s / it * 1e3,
         "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s, "engine_build_s": build_s,
         "errors": sum(o.finish_reason == "error" for o in outs), "dense_batch": engine.dense_batch_size,
-        "kv_cache_tokens": engine.kv_tokens,
+        "kv_cache_tokens": engine.kv_tokens, "preemptions": getattr(engine, "stats_preemptions", 0),
         "incomplete": sum(o.finish_reason != "length" or len(o.token_ids) != n for o, (_, n) in zip(outs, reqs)),
     }
     graphs = engine.runner.graphs

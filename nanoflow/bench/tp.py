@@ -54,7 +54,7 @@ def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list
             engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         engine.run_until_done()
         warm_s = time.perf_counter() - warm_t0
-        engine.stats_iterations = engine.stats_tokens = 0
+        engine.stats_iterations = engine.stats_tokens = engine.stats_preemptions = 0
         engine.stats_sched_s = engine.stats_launch_s = engine.stats_wall_s = 0.0
         outs = [engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
                 for ids, n in reqs]

@@ -80,6 +80,7 @@ class Engine:
         self._counter = 0
         self.stats_iterations = 0
         self.stats_tokens = 0
+        self.stats_preemptions = 0  # requests preempted (their KV freed, to be recomputed)
         self.stats_sched_s = 0.0
         self.stats_launch_s = 0.0  # CPU time to build the ForwardBatch and launch (graph replay or eager kernels)
         self.stats_wall_s = 0.0
@@ -198,6 +199,8 @@ class Engine:
             if req.request_id in self._tracked:
                 self._emit_finished(self._tracked[req.request_id])
         plan = self.scheduler.schedule()
+        if plan is not None:
+            self.stats_preemptions += len(plan.preempted)
         launched = None
         if plan is not None and plan.num_tokens > 0:
             sampling = self._sampling_tensors(plan)

@@ -1,0 +1,96 @@
+"""Simulate the scheduler alone (no model, no GPU) on a constant-length workload and report how full its dense
+batches are under the admission rule of the paper (peak over time, ``peak_blocks``) and under the older rule (the
+sum of every running request's final length). Throughput on a GPU follows how many tokens each iteration carries
+when the KV cache, not the dense batch, limits the running requests (Mixtral-8x7B on one H200).
+
+    python scripts/sim_admission.py                                  # Mixtral-8x7B on one H200, float8 KV
+    python scripts/sim_admission.py --kv-tokens 1730180 --requests 1536   # LLaMA-3-8B, float8 KV
+
+Writes a JSON record (``--output``) with both rules' iterations, mean tokens per iteration, preemptions and the
+share of iterations whose batch was full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+from tqdm import tqdm
+
+from nanoflow.scheduler import BlockManager, Request, SamplingParams, Scheduler, batcher
+
+
+def sum_of_final_lengths(held: list[int], remaining: list[int], block_size: int) -> int:
+    """The older admission rule: every request's blocks at its predicted end, all at once."""
+    return sum(-(-(h + r) // block_size) for h, r in zip(held, remaining))
+
+
+def simulate(args: argparse.Namespace, rule: str) -> dict:
+    bm = BlockManager(args.kv_tokens // args.block_size + 1, args.block_size)
+    sched = Scheduler(bm, args.dense_batch, max_num_seqs=args.max_num_seqs, max_model_len=args.prompt + args.output + 1,
+                      decode_len_prior=args.decode_len_prior)
+    # What `nanoflow bench` does first: a few short requests on the same engine (they set the average decode length
+    # the admission starts from).
+    for i in range(args.warmup_requests):
+        sched.add_request(Request(f"w{i}", [5] * args.prompt, SamplingParams(max_tokens=args.warmup_output,
+                                                                             ignore_eos=True), 0.0))
+    while sched.has_work():
+        plan = sched.schedule()
+        sched.update(plan, {s.request_id: 7 for s in plan.seqs if s.sample})
+    for i in range(args.requests):
+        sched.add_request(Request(f"r{i}", [5] * args.prompt, SamplingParams(max_tokens=args.output,
+                                                                             ignore_eos=True), 0.0))
+    tokens, full, preempted = [], 0, 0
+    patch = mock.patch.object(batcher, "peak_blocks", sum_of_final_lengths) if rule == "sum" else mock.patch.object(
+        batcher, "peak_blocks", batcher.peak_blocks)
+    t0 = time.perf_counter()
+    with patch, tqdm(total=args.requests, desc=f"{rule} rule", unit="req", leave=False) as bar:
+        while sched.has_work():
+            plan = sched.schedule()
+            if plan is None:
+                break
+            tokens.append(plan.num_tokens)
+            full += plan.num_tokens == args.dense_batch
+            preempted += len(plan.preempted)
+            done = sched.update(plan, {s.request_id: 7 for s in plan.seqs if s.sample})
+            bar.update(len(done))
+    return {"rule": rule, "iterations": len(tokens), "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
+            "full_iterations": full, "preemptions": preempted, "cpu_s": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--kv-tokens", type=int, default=684251,
+                    help="KV-cache capacity in tokens (default: Mixtral-8x7B, float8 KV, one H200, as measured)")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    ap.add_argument("--dense-batch", type=int, default=2048, help="tokens per iteration")
+    ap.add_argument("--max-num-seqs", type=int, default=4096, help="most running requests")
+    ap.add_argument("--requests", type=int, default=512, help="requests in the run")
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens per request")
+    ap.add_argument("--output", type=int, default=512, help="generated tokens per request")
+    ap.add_argument("--decode-len-prior", type=float, default=256.0,
+                    help="predicted decode length before any request finished (the engine's default)")
+    ap.add_argument("--warmup-requests", type=int, default=6,
+                    help="short requests run first, as nanoflow bench's warm-up does (dense batch / prompt + 4)")
+    ap.add_argument("--warmup-output", type=int, default=16, help="generated tokens per warm-up request")
+    ap.add_argument("--output-file", default="", help="write the JSON record here (default: print only)")
+    args = ap.parse_args(argv)
+    records = [simulate(args, rule) for rule in ("sum", "peak")]
+    report = {"command": "python scripts/sim_admission.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "workload": f"constant:{args.prompt}:{args.output}", "requests": args.requests,
+              "kv_tokens": args.kv_tokens, "dense_batch": args.dense_batch, "records": records}
+    for r in records:
+        print(f"{r['rule']:>4} rule: {r['iterations']} iterations, {r['mean_tokens_per_iteration']:.0f} tokens per "
+              f"iteration, {r['full_iterations']} full, {r['preemptions']} preemptions")
+    if args.output_file:
+        Path(args.output_file).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,7 +153,8 @@ def test_decode_prefetch_is_for_the_split_variant():
                          torch.zeros(1, 2, 64), 1.0, variant="row", prefetch=True)
 
 
-@pytest.mark.parametrize("kw", [{"num_splits": 1}, {"num_splits": 3}, {"max_programs": 3}, {"block_n": 16}])
+@pytest.mark.parametrize("kw", [{"num_splits": 1}, {"num_splits": 3}, {"max_programs": 3}, {"block_n": 16},
+                                {"num_splits": 3, "tma": 2}, {"max_programs": 3, "tma": 2, "num_warps": 4}])
 @pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                                             (torch.bfloat16, "fp8"), (torch.float32, "fp8")])
 @in_process
@@ -161,8 +162,8 @@ def test_decode_tma_matches_reference(kw, dtype, kv_dtype):
     """tma=True: pages copied through tensor descriptors, one page per tile. Slots past a row's end hold NaN (bf16 and
     float8 NaN codes alike), so V must be zeroed there, not just the scores masked."""
     gen = seeded("tma", sorted(kw.items()), dtype, kv_dtype)
-    check_decode([37, 0, 1, 16, 100, 65], 2, 4, 64, 16, dtype, gen, kv_dtype=FP8 if kv_dtype else None, tma=True,
-                 **kw)
+    check_decode([37, 0, 1, 16, 100, 65], 2, 4, 64, 16, dtype, gen, kv_dtype=FP8 if kv_dtype else None,
+                 **{"tma": 1, **kw})
 
 
 def test_decode_tma_rejects_what_it_cannot_do():
@@ -171,6 +172,8 @@ def test_decode_tma_rejects_what_it_cannot_do():
     table, lens = torch.ones(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     with pytest.raises(AttentionInputError, match="block_n must be the page size 16"):
         decode_attention(q, k, v, table, lens, out, 1.0, tma=True, block_n=32)
+    with pytest.raises(AttentionInputError, match="needs num_warps"):
+        decode_attention(q, k, v, table, lens, out, 1.0, tma=2, num_warps=2)
     with pytest.raises(AttentionInputError, match="pick one"):
         decode_attention(q, k, v, table, lens, out, 1.0, tma=True, prefetch=True)
     with pytest.raises(AttentionInputError, match="apply to the split variant"):

@@ -19,7 +19,7 @@ OPTS=$(python3 -c 'import json, sys
 case = json.load(open(sys.argv[1]))["cases"][0]
 tma = [r for r in case["fp8"] if r.get("tma") and "ms" in r and "max_programs" not in r]
 best = min(tma, key=lambda r: r["ms"])
-print("tma=1,num_warps=%d,num_stages=%d" % (best["num_warps"], best["num_stages"]))' "$OUT/tune64/decode_kv_tune.json" 2>/dev/null)
+print("tma=%d,num_warps=%d,num_stages=%d" % (best["tma"], best["num_warps"], best["num_stages"]))' "$OUT/tune64/decode_kv_tune.json" 2>/dev/null)
 echo "TMA decode options: ${OPTS:-none (sweep failed)}"
 [ -z "$OPTS" ] && exit 1
 timeout "${BENCH_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 --num-requests "${REQS:-1536}" \

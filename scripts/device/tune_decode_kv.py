@@ -65,10 +65,12 @@ BF16_SWEEP = ([(64, 4, 2, False, True), (128, 4, 2, False, True), (64, 2, 3, Fal
 # Bounded (persistent) grids: the overlap pipelines' decode knob; 528 and 1,056 give 2-warp tiles as many warps as
 # 4-warp tiles get at 264 and 528.
 PROGRAMS = (66, 264, 528, 1056) if not OPTS.dry_run else (2,)
-# (num_warps, num_stages) of the TMA path (TUNE_TMA=1), whose tile is one page.
+# (num_warps, num_stages, tma) of the TMA path (TUNE_TMA=1), whose tile is one page; tma=2 is warp-specialised.
 TMA_SWEEP = []
 if TMA:
-    TMA_SWEEP = [(w, s) for w in (1, 2, 4, 8) for s in (2, 3, 4, 6)] if not OPTS.dry_run else [(4, 2), (2, 3)]
+    TMA_SWEEP = ([(w, s, 1) for w in (1, 2, 4, 8) for s in (2, 3, 4, 6)]
+                 + [(w, s, 2) for w in (4, 8) for s in (2, 3, 4)]) if not OPTS.dry_run else [(4, 2, 1), (2, 3, 1),
+                                                                                              (4, 2, 2)]
     if not OPTS.dry_run:
         SWEEP = [(64, 2, 3, False, True), (128, 4, 2, False, True)]
         BF16_SWEEP = [(64, 4, 2, False, True)]
@@ -123,7 +125,7 @@ def main() -> int:
             configs += [{"block_n": b, "num_warps": w, "num_stages": s, **({"prefetch": True} if f else {}),
                          **({} if f16 else {"f16_tiles": False})}
                         for b, w, s, f, f16 in sweep]
-            configs += [{"tma": True, "num_warps": w, "num_stages": s} for w, s in TMA_SWEEP]
+            configs += [{"tma": t, "num_warps": w, "num_stages": s} for w, s, t in TMA_SWEEP]
             configs += [{"max_programs": p} for p in PROGRAMS]
             configs += [] if QUICK or TMA else [{"variant": "row"}, {"variant": "row_flat"}]
             for cfg in configs:

@@ -109,9 +109,10 @@ def _attend_group(
     PREFETCH: issue the next tile's page, K and V loads before computing on the current tile (a software pipeline
     in registers). Triton pipelines loads through shared memory only when they feed a dot directly; a float8 tile is
     widened in registers first, so without this its loads wait for each tile's compute.
-    TMA: ``k_ptr``/``v_ptr`` are tensor descriptors of the layer's pages as ``[pages * PAGE, kv_heads * HEAD_DIM]``
-    and a tile is one page (BLOCK_N == PAGE), copied by TMA into shared memory whatever its dtype; a float8 tile is
-    widened from there. V rows past the sequence are zeroed (stale bytes could be NaN codes)."""
+    TMA (0 off, 1 on, 2 on and warp-specialised): ``k_ptr``/``v_ptr`` are tensor descriptors of the layer's pages
+    as ``[pages * PAGE, kv_heads * HEAD_DIM]`` and a tile is one page (BLOCK_N == PAGE), copied by TMA into shared
+    memory whatever its dtype; a float8 tile is widened from there. V rows past the sequence are zeroed (stale bytes
+    could be NaN codes)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -128,7 +129,8 @@ def _attend_group(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     if TMA:
         col = kvh * HEAD_DIM
-        for tile in range(tile_lo, tile_hi):
+        # TMA == 2: Triton's automatic warp specialization (producer warps issue the copies, the rest compute).
+        for tile in tl.range(tile_lo, tile_hi, warp_specialize=TMA == 2):
             valid = tile * BLOCK_N + offs_n < seq_len
             page = tl.load(bt_row + tile)
             k = k_ptr.load([page * PAGE, col])
@@ -250,7 +252,7 @@ def decode_attention(
     variant: str = "split",
     prefetch: bool = False,
     f16_tiles: bool | None = None,
-    tma: bool = False,
+    tma: int = 0,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -289,7 +291,9 @@ def decode_attention(
             tensor descriptors) instead of pointer loads; one page per tile, so ``block_n`` must be the page size
             (``None`` takes it). For a float8 cache, whose pointer-loaded tiles Triton cannot pipeline (they are
             widened before their dots), TMA copies are asynchronous whatever the dtype. Needs contiguous
-            ``[num_blocks, block_size, kv_heads, head_dim]`` pages. Not measured on a GPU yet; off by default.
+            ``[num_blocks, block_size, kv_heads, head_dim]`` pages. ``tma=2`` also lets Triton warp-specialise the
+            tile loop (producer warps issue the copies; needs ``num_warps >= 4``). Not measured on a GPU yet; off by
+            default.
     Returns ``out``.
     """
     check_qo(q, out)
@@ -320,12 +324,15 @@ def decode_attention(
     num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
-                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), TMA=bool(tma),
+                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), TMA=int(tma),
                 num_warps=num_warps, num_stages=num_stages)
     k_arg, v_arg = k_cache, v_cache
     if tma:
         if prefetch:
             raise AttentionInputError("tma and prefetch are two ways to stream tiles; pick one")
+        if int(tma) not in (1, 2) or (int(tma) == 2 and num_warps < 4):
+            raise AttentionInputError(f"tma must be 1 (TMA copies) or 2 (also warp-specialised, needs num_warps "
+                                      f">= 4); got tma={tma}, num_warps={num_warps}")
         if block_n is not None and block_n != page:
             raise AttentionInputError(f"tma loads one page per tile: block_n must be the page size {page} (or None), "
                                       f"got {block_n}")

@@ -52,8 +52,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
                         "one, f16_tiles=0 = widen a float8 cache to bf16 instead of float16, tma=1 = copy each "
-                        "K/V page by TMA, one page per tile (pair it with --block-size); default: the kernel's "
-                        "own choice)")
+                        "K/V page by TMA, one page per tile (pair it with --block-size), tma=2 = the same, "
+                        "warp-specialised; default: the kernel's own choice)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV-cache page (a power of two); with --decode-options tma=1 also the decode tile")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -45,8 +46,7 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
         sched.add_request(Request(f"r{i}", [5] * args.prompt, SamplingParams(max_tokens=args.output,
                                                                              ignore_eos=True), 0.0))
     tokens, full, preempted = [], 0, 0
-    patch = mock.patch.object(batcher, "peak_blocks", sum_of_final_lengths) if rule == "sum" else mock.patch.object(
-        batcher, "peak_blocks", batcher.peak_blocks)
+    patch = mock.patch.object(batcher, "peak_blocks", sum_of_final_lengths) if rule == "sum" else nullcontext()
     t0 = time.perf_counter()
     with patch, tqdm(total=args.requests, desc=f"{rule} rule", unit="req", leave=False) as bar:
         while sched.has_work():

@@ -110,7 +110,7 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
         "iteration_ms": wall / it * 1e3, "cpu_schedule_ms_per_iter": engine.stats_sched_s / it * 1e3,
         "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s, "engine_build_s": build_s,
         "errors": sum(o.finish_reason == "error" for o in outs), "dense_batch": engine.dense_batch_size,
-        "kv_cache_tokens": engine.kv_tokens, "preemptions": getattr(engine, "stats_preemptions", 0),
+        "kv_cache_tokens": engine.kv_tokens, "preemptions": engine.stats_preemptions,
         "incomplete": sum(o.finish_reason != "length" or len(o.token_ids) != n for o, (_, n) in zip(outs, reqs)),
     }
     graphs = engine.runner.graphs

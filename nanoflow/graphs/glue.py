@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,28 +35,13 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
     warning, instead of failing the engine.
     """
     opts = {"dynamic": dynamic, "fullgraph": False}
-    norm, act, rope = (torch.compile(f, **opts) for f in (add_rms_norm, silu_and_mul, rope_qkv))
-
-    def norm_copy(hidden: Any, residual: Any, weight: Any, eps: float, out: Any) -> None:
-        x, new_residual = norm(hidden, residual, weight, eps)
-        out.copy_(x)
-        residual.copy_(new_residual)
-
-    def act_copy(gate_up: Any, out: Any) -> None:
-        out.copy_(act(gate_up))
-
-    def rope_copy(qkv: Any, cos_sin: Any, heads: int, kv_heads: int, head_dim: int, q_out: Any) -> Any:
-        q, k, v = rope(qkv, cos_sin, heads, kv_heads, head_dim)
-        q_out.copy_(q)
-        return k, v
-
-    return {
-        "add_rms_norm_into": _or_fallback(torch.compile(add_rms_norm_into, **opts), norm_copy, "add_rms_norm_into"),
-        "silu_and_mul_into": _or_fallback(torch.compile(silu_and_mul_into, **opts), act_copy, "silu_and_mul_into"),
-        "rope_qkv_into": _or_fallback(torch.compile(rope_qkv_into, **opts), rope_copy, "rope_qkv_into"),
-        "moe_combine_into": _or_fallback(torch.compile(combine_into, **opts), combine_into, "moe_combine_into",
-                                         "the eager op"),
-    }
+    glue = {"moe_combine_into": _or_fallback(torch.compile(combine_into, **opts), combine_into, "moe_combine_into",
+                                             "the eager op")}
+    for into, op in ((add_rms_norm_into, add_rms_norm), (silu_and_mul_into, silu_and_mul), (rope_qkv_into, rope_qkv)):
+        # Fallback: the same *_into function run eagerly around the compiled out-of-place op (its copies separate).
+        fallback = partial(into, op=torch.compile(op, **opts))
+        glue[into.__name__] = _or_fallback(torch.compile(into, **opts), fallback, into.__name__)
+    return glue
 
 
 def _or_fallback(first: Callable[..., Any], fallback: Callable[..., Any], name: str,

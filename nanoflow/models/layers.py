@@ -69,9 +69,9 @@ def rope_qkv(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int
 
 
 def rope_qkv_into(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                  q_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rope_qkv` with the rotated q written into ``q_out [T, H*D]``; returns ``(k, v)``."""
-    q, k, v = rope_qkv(qkv, cos_sin, heads, kv_heads, head_dim)
+                  q_out: torch.Tensor, op: Callable = rope_qkv) -> tuple[torch.Tensor, torch.Tensor]:
+    """``op`` (:func:`rope_qkv`) with the rotated q written into ``q_out [T, H*D]``; returns ``(k, v)``."""
+    q, k, v = op(qkv, cos_sin, heads, kv_heads, head_dim)
     q_out.copy_(q)
     return k, v
 

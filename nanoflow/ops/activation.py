@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_up[..., :half]) * gate_up[..., half:]
 
 
-def silu_and_mul_into(gate_up: torch.Tensor, out: torch.Tensor) -> None:
-    """:func:`silu_and_mul` written into ``out`` (compiled, by the fused kernel itself: no extra copy)."""
-    out.copy_(silu_and_mul(gate_up))
+def silu_and_mul_into(gate_up: torch.Tensor, out: torch.Tensor, op: Callable = silu_and_mul) -> None:
+    """``op`` (:func:`silu_and_mul`) written into ``out`` (compiled, by the fused kernel itself: no extra copy)."""
+    out.copy_(op(gate_up))

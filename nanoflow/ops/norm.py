@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -21,12 +23,12 @@ def add_rms_norm(
 
 
 def add_rms_norm_into(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      out: torch.Tensor) -> None:
-    """:func:`add_rms_norm` written in place: ``out`` gets the normalised sum, ``residual`` the sum.
+                      out: torch.Tensor, op: Callable = add_rms_norm) -> None:
+    """``op`` (:func:`add_rms_norm`) written in place: ``out`` gets the normalised sum, ``residual`` the sum.
 
     Compiled (``graphs.glue``), the stores land in the callers' buffers from the fused kernel itself, where copying a
     returned tensor would add a device-to-device copy per output.
     """
-    x, new_residual = add_rms_norm(hidden, residual, weight, eps)
+    x, new_residual = op(hidden, residual, weight, eps)
     out.copy_(x)
     residual.copy_(new_residual)

@@ -32,9 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
-
 from nanoflow.scheduler.kv_cache import BlockManager
+from nanoflow.scheduler.memory import peak_blocks
 from nanoflow.scheduler.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
@@ -84,25 +83,6 @@ class BatchPlan:
     @property
     def num_prefill_tokens(self) -> int:
         return self.num_tokens - len(self.decode)
-
-
-def peak_blocks(held: list[int], remaining: list[int], block_size: int) -> int:
-    """The most KV blocks a set of requests holds at once if request ``i`` holds ``held[i]`` tokens now, grows by one
-    token per iteration and frees its blocks after ``remaining[i] >= 1`` more iterations.
-
-    Between two completions the total only grows, so the peak is reached just before one: at ``t = remaining[j] - 1``
-    the requests alive are those with ``remaining > t``, holding ``sum(held) + alive * t`` tokens. A request's
-    blocks are at most ``(tokens + block_size - 1) // block_size``, which bounds the sum. O(n log n).
-    """
-    if not held:
-        return 0
-    r = np.asarray(remaining, dtype=np.int64)
-    order = np.argsort(r, kind="stable")
-    h = np.asarray(held, dtype=np.int64)[order]
-    r = r[order]
-    alive = np.arange(len(h), 0, -1, dtype=np.int64)
-    tokens = np.cumsum(h[::-1])[::-1] + alive * (r - 1)
-    return int(((tokens + alive * (block_size - 1)) // block_size).max())
 
 
 def _positive_int(name: str, value: object) -> int:

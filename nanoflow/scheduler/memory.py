@@ -10,11 +10,16 @@ The formula, all per GPU-instance of the model (pass the memory and weights of t
     dense           = R + R * p / d = R * (p + d) / d, rounded down to a multiple of 128, clamped to [256, 8192]
 
 After clamping, ``max_decode_requests`` is the decode share of the dense batch, ``dense * d / (p + d)``, capped by R.
+
+:func:`peak_blocks` is the scheduler's admission prediction: the most KV blocks the running requests hold at once
+as they grow and finish.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import numpy as np
 
 from nanoflow.config import ModelSpec
 
@@ -63,3 +68,22 @@ def dense_batch_from_memory(
     dense = max(DENSE_MIN, min(DENSE_MAX, dense))
     decode_share = int(dense * avg_decode / (avg_prompt + avg_decode))
     return DenseBatchPlan(max(1, min(decode_requests, decode_share)), dense, kv_tokens)
+
+
+def peak_blocks(held: list[int], remaining: list[int], block_size: int) -> int:
+    """The most KV blocks a set of requests holds at once if request ``i`` holds ``held[i]`` tokens now, grows by one
+    token per iteration and frees its blocks after ``remaining[i] >= 1`` more iterations.
+
+    Between two completions the total only grows, so the peak is reached just before one: at ``t = remaining[j] - 1``
+    the requests alive are those with ``remaining > t``, holding ``sum(held) + alive * t`` tokens. A request's
+    blocks are at most ``(tokens + block_size - 1) // block_size``, which bounds the sum. O(n log n).
+    """
+    if not held:
+        return 0
+    r = np.asarray(remaining, dtype=np.int64)
+    order = np.argsort(r, kind="stable")
+    h = np.asarray(held, dtype=np.int64)[order]
+    r = r[order]
+    alive = np.arange(len(h), 0, -1, dtype=np.int64)
+    tokens = np.cumsum(h[::-1])[::-1] + alive * (r - 1)
+    return int(((tokens + alive * (block_size - 1)) // block_size).max())

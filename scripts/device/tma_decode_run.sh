@@ -2,7 +2,8 @@
 # On one H200: float8 decode attention with TMA page copies. First the kernel alone (tune_decode_kv.py with
 # TUNE_TMA=1, TUNE_QUICK=1: pages of 16 and of 64 tokens), then llama-3-8b end to end with a float8 cache, the
 # default pointer-loaded tiles (pages of 16) against TMA tiles of one 64-token page with the tune's best warps and
-# stages. Env: REQS (default 1536), SKIP_E2E=1 stops after the kernel sweep. Results under $OUT.
+# stages. Env: REQS (default 1536), E2E (the end-to-end runs, default "pointer16 tma64"), SKIP_E2E=1 stops
+# after the kernel sweep. Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
 for page in 16 64; do
@@ -22,10 +23,12 @@ best = min(tma, key=lambda r: r["ms"])
 print("tma=%d,num_warps=%d,num_stages=%d" % (best["tma"], best["num_warps"], best["num_stages"]))' "$OUT/tune64/decode_kv_tune.json" 2>/dev/null)
 echo "TMA decode options: ${OPTS:-none (sweep failed)}"
 [ -z "$OPTS" ] && exit 1
-timeout "${BENCH_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 --num-requests "${REQS:-1536}" \
-  --kv-fraction 0.85 --modes non-overlap --profile --output "$OUT/pointer16" > "$OUT/pointer16.log" 2>&1
-echo "pointer tiles rc $?"; grep -E "tok/s|FAILED" "$OUT/pointer16.log" | cut -c1-300
-timeout "${BENCH_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 --num-requests "${REQS:-1536}" \
-  --kv-fraction 0.85 --modes non-overlap --profile --block-size 64 --decode-options "$OPTS" --output "$OUT/tma64" \
-  > "$OUT/tma64.log" 2>&1
-echo "tma tiles rc $?"; grep -E "tok/s|FAILED" "$OUT/tma64.log" | cut -c1-300
+# E2E: which end-to-end runs, in order (default "pointer16 tma64"): the pointer-loaded default against TMA tiles.
+for run in ${E2E:-pointer16 tma64}; do
+  extra=()
+  [ "$run" = tma64 ] && extra=(--block-size 64 --decode-options "$OPTS")
+  timeout "${BENCH_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 \
+    --num-requests "${REQS:-1536}" --kv-fraction 0.85 --modes non-overlap --profile "${extra[@]}" --output "$OUT/$run" \
+    > "$OUT/$run.log" 2>&1
+  echo "$run rc $?"; grep -E "tok/s|FAILED|Error" "$OUT/$run.log" | cut -c1-300
+done

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # On one H200: the MoE kernels (bench_moe.py: grouped GEMM with TMA and pointer loads, the expert sort, a tile sweep),
 # then mixtral-8x7b end to end with a float8 KV cache. Env: MOE_REQS (default 512; 0 skips the end-to-end run),
-# MOE_MODES (default non-overlap,overlap-preset), MOE_TUNE=0 skips the tile sweep. Results under $OUT.
+# MOE_MODES (default non-overlap,overlap-preset), MOE_TUNE=0 skips the tile sweep, MOE_BENCH=0 skips bench_moe.py,
+# MOE_KV_FRACTION (default 0.8: of the memory free after the weights). Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
 TUNE=()
 [ "${MOE_TUNE:-1}" = 0 ] && TUNE=(--no-tune)
-timeout "${MOE_BENCH_S:-240}" python3 scripts/device/bench_moe.py "${TUNE[@]}" --out "$OUT" > "$OUT/moe_bench.log" 2>&1
-echo "bench_moe rc $?"
-sed -n '/^NVIDIA/,$p' "$OUT/moe_bench.log" | cut -c1-300
+if [ "${MOE_BENCH:-1}" != 0 ]; then
+  timeout "${MOE_BENCH_S:-240}" python3 scripts/device/bench_moe.py "${TUNE[@]}" --out "$OUT" > "$OUT/moe_bench.log" 2>&1
+  echo "bench_moe rc $?"
+  sed -n '/^NVIDIA/,$p' "$OUT/moe_bench.log" | cut -c1-300
+fi
 [ "${MOE_REQS:-512}" = 0 ] && exit 0
 timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
-  --num-requests "${MOE_REQS:-512}" --kv-fraction 0.8 --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
+  --num-requests "${MOE_REQS:-512}" --kv-fraction "${MOE_KV_FRACTION:-0.8}" --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
   --overlap-preset mixtral-overlap --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
 echo "mixtral rc $?"
 grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300

@@ -45,7 +45,7 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
     for i in range(args.requests):
         sched.add_request(Request(f"r{i}", [5] * args.prompt, SamplingParams(max_tokens=args.output,
                                                                              ignore_eos=True), 0.0))
-    tokens, full, preempted = [], 0, 0
+    tokens, decodes, full, preempted = [], [], 0, 0
     patch = mock.patch.object(batcher, "peak_blocks", sum_of_final_lengths) if rule == "sum" else nullcontext()
     t0 = time.perf_counter()
     with patch, tqdm(total=args.requests, desc=f"{rule} rule", unit="req", leave=False) as bar:
@@ -54,12 +54,20 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
             if plan is None:
                 break
             tokens.append(plan.num_tokens)
+            decodes.append(plan.num_decode_tokens)
             full += plan.num_tokens == args.dense_batch
             preempted += len(plan.preempted)
             done = sched.update(plan, {s.request_id: 7 for s in plan.seqs if s.sample})
             bar.update(len(done))
-    return {"rule": rule, "iterations": len(tokens), "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
-            "full_iterations": full, "preemptions": preempted, "cpu_s": time.perf_counter() - t0}
+    rec = {"rule": rule, "iterations": len(tokens), "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
+           "full_iterations": full, "preemptions": preempted, "cpu_s": time.perf_counter() - t0}
+    if args.step_model:
+        # Predicted GPU time from a per-step model fitted to a measured run: a + b * prefill + c * decode tokens.
+        a, b, c = args.step_model
+        ms = sum(a + b * (t - d) + c * d for t, d in zip(tokens, decodes))
+        rec["predicted_s"] = ms / 1e3
+        rec["predicted_tok_s"] = args.requests * (args.prompt + args.output) / (ms / 1e3)
+    return rec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-requests", type=int, default=6,
                     help="short requests run first, as nanoflow bench's warm-up does (dense batch / prompt + 4)")
     ap.add_argument("--warmup-output", type=int, default=16, help="generated tokens per warm-up request")
+    ap.add_argument("--step-model", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
+                    help="predict GPU time with a step model fitted to a measured run's per-step trace: "
+                         "A + B * prefill tokens + C * decode tokens (ms)")
+    ap.add_argument("--rules", default="sum,peak",
+                    help="comma-separated: sum (every request's final length at once), peak (the peak over time, "
+                         "the engine's rule)")
     ap.add_argument("--output-file", default="", help="write the JSON record here (default: print only)")
     args = ap.parse_args(argv)
-    records = [simulate(args, rule) for rule in ("sum", "peak")]
+    records = [simulate(args, rule) for rule in args.rules.split(",")]
     report = {"command": "python scripts/sim_admission.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "workload": f"constant:{args.prompt}:{args.output}", "requests": args.requests,
               "kv_tokens": args.kv_tokens, "dense_batch": args.dense_batch, "records": records}
     for r in records:
-        print(f"{r['rule']:>4} rule: {r['iterations']} iterations, {r['mean_tokens_per_iteration']:.0f} tokens per "
-              f"iteration, {r['full_iterations']} full, {r['preemptions']} preemptions")
+        pred = f", predicted {r['predicted_s']:.1f} s = {r['predicted_tok_s']:,.0f} tok/s" if "predicted_s" in r else ""
+        print(f"{r['rule']:>5} rule: {r['iterations']} iterations, {r['mean_tokens_per_iteration']:.0f} tokens per "
+              f"iteration, {r['full_iterations']} full, {r['preemptions']} preemptions{pred}")
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(report, indent=1))
     return 0

@@ -52,11 +52,24 @@ def test_async_equals_sync_and_tight_kv_equals_lone_runs(tiny_path):
         lone.append(solo.generate([p], params, use_tqdm=False)[0].token_ids)
     sync = _llm(tiny_path, async_scheduling=False).generate(prompts, params, use_tqdm=False)
     asyn = _llm(tiny_path, async_scheduling=True).generate(prompts, params, use_tqdm=False)
-    # 16-token dense batches and room for ~3 requests: chunked prefill, preemption and recompute.
+    # 16-token dense batches and room for ~3 requests: chunked prefill, requests admitted as others finish.
     tight = _llm(tiny_path, dense_batch_size=16, kv_cache_tokens=240).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in sync] == lone
     assert [o.token_ids for o in asyn] == lone
     assert [o.token_ids for o in tight] == lone
+
+
+def test_engine_freezes_its_long_lived_objects_out_of_the_gc(tiny_path):
+    import gc
+
+    gc.unfreeze()
+    llm = _llm(tiny_path)
+    built = gc.get_freeze_count()
+    assert built > 1000  # modules, weights, compiled glue: no full GC pass walks them during serving
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    first = llm.generate(_prompts(2), params, use_tqdm=False)
+    assert llm.engine.freeze_gc() >= built  # again after the first steps (what they compiled or captured)
+    assert [o.token_ids for o in llm.generate(_prompts(2), params, use_tqdm=False)] == [o.token_ids for o in first]
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_path):

@@ -247,7 +247,10 @@ def test_preemption_swaps_instead_of_recomputing(tiny, async_scheduling, kv_dtyp
     def run(cls, **kw):
         engine = _engine(tiny, cls, kv_tokens=160, async_scheduling=async_scheduling, kv_cache_dtype=kv_dtype, **kw)
         outs = [engine.add_request(p, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)) for p in short]
-        outs += [engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)) for p in long]
+        # An unreachable stop id leaves their length unknown to the scheduler: it admits them on the average decode
+        # length (1 token, from the short requests), and they outgrow the cache.
+        outs += [engine.add_request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                      stop_token_ids=[10**9])) for p in long]
         engine.run_until_done()
         return engine, [o.token_ids for o in outs]
 

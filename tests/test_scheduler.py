@@ -217,7 +217,9 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
        async_mode=st.booleans(), mml_extra=st.sampled_from([0, 5, 1000]))
 def test_ample_cache_fills_budget_exactly_and_matches_reference(specs, dense, bs, async_mode, mml_extra) -> None:
     max_model_len = max(len(s.prompt) for s in specs) + mml_extra
-    num_blocks = 1 + sum(blocks_for_tokens(len(s.prompt) + s.max_tokens, bs) for s in specs)
+    # One block per request beyond its final length: the admission's peak is a bound that rounds each request's
+    # last block up (peak_blocks), and requests of known length are predicted at exactly max_tokens.
+    num_blocks = 1 + sum(blocks_for_tokens(len(s.prompt) + s.max_tokens, bs) + 1 for s in specs)
     run = drive(specs, num_blocks, bs, dense, 100, max_model_len, async_mode, expect_full=True)
     check_against_reference(specs, run, max_model_len)
     assert run.preemptions == 0
@@ -296,8 +298,10 @@ def test_empty_engine_admits_a_request_predicted_too_large() -> None:
 
 def test_preemption_takes_newest_and_recomputes_prompt_plus_outputs() -> None:
     s = _sched(num_blocks=7, bs=2, dense=16, prior=1.0, max_num_seqs=2)  # 6 blocks = 12 slots
-    a = _add(s, "A", 4, max_tokens=6, ignore_eos=True)
-    b = _add(s, "B", 4, max_tokens=6, ignore_eos=True)
+    # A stop token (never sampled here) makes their lengths unknown, so both are admitted on the 1-token prior and
+    # outgrow the cache.
+    a = _add(s, "A", 4, max_tokens=6, ignore_eos=True, stop_token_ids=[99])
+    b = _add(s, "B", 4, max_tokens=6, ignore_eos=True, stop_token_ids=[99])
     _add(s, "C", 2, max_tokens=1)  # waits (max_num_seqs); a preempted B must go ahead of it
     plans, tok = [], 20
     while s.has_work():
@@ -430,7 +434,7 @@ def test_dense_batch_from_memory_hand_solved() -> None:
 
 
 def test_schedule_and_update_are_fast_with_1000_running() -> None:
-    s = _sched(num_blocks=1 + 1000 * 8, bs=16, dense=2048, max_num_seqs=1024, max_model_len=4096)
+    s = _sched(num_blocks=1 + 1000 * 17, bs=16, dense=2048, max_num_seqs=1024, max_model_len=4096)
     for i in range(1000):
         _add(s, f"r{i}", 64, max_tokens=200, ignore_eos=True)
     prev, times = None, []
@@ -491,6 +495,24 @@ def test_staggered_requests_fit_where_their_final_lengths_do_not() -> None:
     _add(s, "B", 4, max_tokens=8, ignore_eos=True)
     plan = s.schedule()
     assert _ids(plan.decode) == [("A", 9, 1)] and _ids(plan.prefill) == [("B", 0, 4)]
+
+
+def test_known_length_requests_are_predicted_at_max_tokens() -> None:
+    # 10 usable blocks of 4 tokens, an average decode length of 8 (the prior). A request that may stop early is
+    # predicted at 8 + min(100, 8) = 16 tokens (4 blocks), so two fit. With ignore_eos and no stop tokens or strings
+    # nothing ends it before max_tokens: 8 + 24 = 32 tokens (8 blocks), and the second must wait.
+    s = _sched(num_blocks=11, bs=4, dense=64, prior=8.0)
+    for rid in "AB":
+        _add(s, rid, 8, max_tokens=100)
+    assert _ids(s.schedule().prefill) == [("A", 0, 8), ("B", 0, 8)]
+    s = _sched(num_blocks=11, bs=4, dense=64, prior=8.0)
+    for rid in "AB":
+        _add(s, rid, 8, max_tokens=24, ignore_eos=True)
+    assert _ids(s.schedule().prefill) == [("A", 0, 8)]
+    s = _sched(num_blocks=11, bs=4, dense=64, prior=8.0)  # a stop token can end it early: the average again
+    for rid in "AB":
+        _add(s, rid, 8, max_tokens=24, ignore_eos=True, stop_token_ids=[3])
+    assert _ids(s.schedule().prefill) == [("A", 0, 8), ("B", 0, 8)]
 
 
 def test_admission_simulation_script(tmp_path) -> None:

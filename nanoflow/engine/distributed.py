@@ -231,7 +231,9 @@ class DistributedEngine(Engine):
         if graphs is None:
             return 0.0
         self.comm.broadcast_object(Message("capture", tuple(segment_buckets)))
-        return graphs.capture_all(segment_buckets)
+        seconds = graphs.capture_all(segment_buckets)
+        self.freeze_gc()
+        return seconds
 
     def close(self) -> None:
         """Release this engine's device memory on every rank; the followers then wait for the next build."""
@@ -295,6 +297,7 @@ def follow(comm: Communicator, parts: dict[str, Any], exit_after: int | None = N
         elif msg.kind == "capture":
             if engine.runner.graphs is not None:
                 engine.runner.graphs.capture_all(msg.payload)
+                engine.freeze_gc()
         elif msg.kind == "close":
             engine.close()
             engine = None

@@ -13,7 +13,8 @@ Order of filling one plan:
    request's predicted length is ``prompt + max(generated, min(max_tokens, average decode length of finished
    requests))`` (``decode_len_prior`` until one finishes), it grows by one token per iteration until then and frees
    its blocks at the end; the peak is the most the requests hold at once over that future (:func:`peak_blocks`),
-   not the sum of their final lengths, which requests at different stages never reach together.
+   not the sum of their final lengths, which requests at different stages never reach together. A request whose
+   length is known (``ignore_eos`` with no stop tokens or strings) is predicted at exactly ``max_tokens``.
 
 If a decode cannot get a KV block, the newest running request not yet in this plan is preempted (its blocks freed;
 later recomputed from ``all_token_ids``; it goes to the front of the waiting queue). Nothing overtakes the head of
@@ -340,12 +341,21 @@ class Scheduler:
 
     def _horizon(self, req: Request, avg: float) -> tuple[int, int]:
         """``(tokens held once its prefill is done, iterations until it is predicted to finish)`` of ``req``: it
-        ends at ``prompt + max(generated, min(max_tokens, avg))`` tokens (capped by the length limit)."""
+        ends at ``prompt + max(generated, predicted decode)`` tokens (:meth:`_predicted_decode`; capped by the length
+        limit)."""
         generated = len(req.output_token_ids) + req.num_pending
         held = len(req.prompt_token_ids) + generated
-        total = min(len(req.prompt_token_ids) + max(min(float(req.sampling_params.max_tokens), avg), generated),
-                    self._len_limit)
+        total = min(len(req.prompt_token_ids) + max(self._predicted_decode(req, avg), generated), self._len_limit)
         return held, max(1, math.ceil(total - held))
+
+    @staticmethod
+    def _predicted_decode(req: Request, avg: float) -> float:
+        """Tokens ``req`` is predicted to generate: ``max_tokens`` when nothing can end it earlier (``ignore_eos``
+        and no stop tokens or strings), else ``min(max_tokens, avg)``."""
+        sp = req.sampling_params
+        if sp.ignore_eos and not sp.stop and not sp.stop_token_ids:
+            return float(sp.max_tokens)
+        return min(float(sp.max_tokens), avg)
 
     def _admit(self, budget: int, prefill: list[ScheduledSeq], it: int) -> int:
         bm = self.block_manager

@@ -106,6 +106,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     if graphs is not None:  # capture every token bucket before accepting traffic (first requests stay fast)
         print(f"capturing CUDA graphs for {len(graphs.sizes)} batch sizes ...", file=sys.stderr, flush=True)
         print(f"captured in {graphs.capture_all():.1f} s", file=sys.stderr, flush=True)
+    engine.engine.freeze_gc()
     return engine
 
 

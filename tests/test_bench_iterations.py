@@ -89,3 +89,15 @@ def test_timer_wraps_execute_and_measures_steps_and_gaps(monkeypatch):
     assert s["trace"]["step_ms"] == [5.0, 7.0, 2.0]
     assert s["trace"]["gap_ms"] == [0.0, 0.0, 1.5]
     assert s["full_steps"] == 2 and s["full_step_ms_median"] == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 33, 1000, 1065])
+def test_plan_sample_stays_bounded_and_finds_the_middle(n):
+    from nanoflow.bench.throughput import PlanSample
+
+    sample = PlanSample(cap=32)
+    for i in range(n):
+        sample.add(i)
+    assert len(sample.kept) <= 32
+    assert sample.kept == list(range(0, n, sample.stride))  # evenly spaced from the first plan
+    assert abs(sample.middle() - n // 2) <= sample.stride

@@ -386,6 +386,54 @@ def check_prefill(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype, 
     assert_rows(out, ref_masked, owned, dtype)
 
 
+@pytest.mark.parametrize("dtype,kv_dtype,pack_gqa,block_m,block_n", [
+    (torch.float32, None, False, 16, 16),
+    (torch.bfloat16, FP8, False, 32, 16),  # the engine's case: a float8 cache, the chunk's own K/V in bf16
+    (torch.bfloat16, FP8, True, 32, 16),
+    (torch.float16, None, False, 16, 32),  # a context tile straddling ctx (16 <= ctx % 32)
+])
+@in_process
+def test_prefill_new_kv_from_rows_matches_reference(dtype, kv_dtype, pack_gqa, block_m, block_n):
+    """``k_new``/``v_new``: the new tokens' K/V come from contiguous rows (views of a fused QKV buffer, as the engine
+    passes them), only the context from the pages. The pages' slots of the new tokens hold different values, so the
+    reference (the float64 oracle on pages whose new slots are overwritten with the rows) tells the two apart."""
+    gen = seeded("new-kv", dtype, kv_dtype, pack_gqa, block_m, block_n)
+    hkv, gqa, d, bs = 2, 4, 64, 16
+    hq = hkv * gqa
+    segs = [(21, 0), (0, 9), (1, 30), (13, 19), (37, 5), (40, 33)]  # (q_len, ctx_len)
+    k, v, table = paged_kv([ql + ctx for ql, ctx in segs], bs, hkv, d, dtype, gen, kv_dtype)
+    starts, row = [], 1
+    for ql, _ in segs:
+        starts.append(row)
+        row += ql + 1
+    total = row + 1
+    qkv = torch.randn(total, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    q = qkv[:, : hq * d].view(total, hq, d)
+    k_new = qkv[:, hq * d:(hq + hkv) * d].view(total, hkv, d)
+    v_new = qkv[:, (hq + hkv) * d:].view(total, hkv, d)
+    k_ref, v_ref = k.to(dtype).clone(), v.to(dtype).clone()
+    for s, (ql, ctx) in enumerate(segs):
+        for i in range(ql):
+            pos = ctx + i
+            page, slot = int(table[s, pos // bs]), pos % bs
+            k_ref[page, slot], v_ref[page, slot] = k_new[starts[s] + i], v_new[starts[s] + i]
+    out = torch.full((total, hq, d), float("nan"), dtype=dtype)
+    q_start, q_len, ctx_len = (torch.tensor(x, dtype=torch.int32)
+                               for x in (starts, [ql for ql, _ in segs], [c for _, c in segs]))
+    prefill_attention(q, k, v, out, q_start, q_len, ctx_len, table, d**-0.5, max_q_len=40, block_m=block_m,
+                      block_n=block_n, pack_gqa=pack_gqa, k_new=k_new, v_new=v_new)
+    ref = prefill_attention_ref(q, k_ref, v_ref, q_start, q_len, ctx_len, table, d**-0.5)
+    owned = [st + i for st, (ql, _) in zip(starts, segs, strict=True) for i in range(ql)]
+    ref_masked = torch.full_like(ref, float("nan"))
+    ref_masked[owned] = ref[owned]
+    assert_rows(out, ref_masked, owned, dtype)
+    # Without k_new/v_new the kernel reads the pages' own (different) values for the new tokens.
+    plain = torch.full_like(out, float("nan"))
+    prefill_attention(q, k, v, plain, q_start, q_len, ctx_len, table, d**-0.5, max_q_len=40, block_m=block_m,
+                      block_n=block_n, pack_gqa=pack_gqa)
+    assert not torch.allclose(plain[owned].float(), out[owned].float(), atol=1e-2)
+
+
 @in_process
 def test_prefill_row_sliced_views_and_empty_grid():
     """q/out as row slices of bigger buffers (q_start indexes the slice); max_q_len == 0 launches nothing."""
@@ -417,6 +465,11 @@ def test_prefill_rejects_bad_inputs():
         prefill_attention(q, k, k, torch.empty_like(q), idx, idx, idx, table, 1.0, -1)
     with pytest.raises(AttentionInputError, match="out must have"):
         prefill_attention(q, k, k, torch.empty(3, 4, 64), idx, idx, idx, table, 1.0, 4)
+    with pytest.raises(AttentionInputError, match="both k_new and v_new"):
+        prefill_attention(q, k, k, torch.empty_like(q), idx, idx, idx, table, 1.0, 4, k_new=torch.randn(4, 2, 64))
+    with pytest.raises(AttentionInputError, match=r"k_new must be \[tokens, kv_heads, head_dim\] = \[4, 2, 64\]"):
+        prefill_attention(q, k, k, torch.empty_like(q), idx, idx, idx, table, 1.0, 4, k_new=torch.randn(4, 4, 64),
+                          v_new=torch.randn(4, 2, 64))
 
 
 # ---- the oracle itself ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from nanoflow.graphs.glue import compiled_glue
 from nanoflow.models.layers import rope_qkv
 from nanoflow.ops.activation import silu_and_mul
+from nanoflow.ops.kv_store import FP8, round_like_cache
 from nanoflow.ops.norm import add_rms_norm
 from nanoflow.ops.rotary import cos_sin_cache
 
@@ -33,15 +34,25 @@ def test_compiled_glue_writes_into_row_slices_like_eager():
     torch.testing.assert_close(act[lo:hi], silu_and_mul(gate_up[lo:hi]))
     assert not act[:lo].any() and not act[hi:].any()
 
-    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=gen)
     cos_sin = cos_sin_cache(head_dim, 64, 10000.0, None, "cpu")[torch.arange(lo, hi)]
-    q_out = torch.zeros(t, heads * head_dim)
-    k, v = glue["rope_qkv_into"](qkv[lo:hi], cos_sin, heads, kv_heads, head_dim, q_out[lo:hi])
-    q_ref, k_ref, v_ref = rope_qkv(qkv[lo:hi], cos_sin, heads, kv_heads, head_dim)
-    torch.testing.assert_close(q_out[lo:hi], q_ref)
-    torch.testing.assert_close(k, k_ref)
-    torch.testing.assert_close(v, v_ref)
-    assert not q_out[:lo].any() and not q_out[hi:].any()
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    for kv_dtype in (None, FP8):
+        qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=gen) * 300  # some beyond float8's 448
+        before = qkv.clone()
+        q_out = torch.zeros(t, heads * head_dim)
+        k, v = glue["rope_qkv_into"](qkv[lo:hi], cos_sin, heads, kv_heads, head_dim, q_out[lo:hi], kv_dtype)
+        q_ref, k_ref, v_ref = rope_qkv(before[lo:hi], cos_sin, heads, kv_heads, head_dim)
+        if kv_dtype == FP8:  # k and v as the float8 cache will hold them
+            k_ref, v_ref = round_like_cache(k_ref), round_like_cache(v_ref)
+        torch.testing.assert_close(q_out[lo:hi], q_ref)
+        torch.testing.assert_close(k, k_ref)
+        torch.testing.assert_close(v, v_ref)
+        # k and v are views of qkv's own columns (prefill attention reads the chunk's keys there); q's are untouched
+        assert k.data_ptr() == qkv[lo:hi, q_size:].data_ptr()
+        assert v.data_ptr() == qkv[lo:hi, q_size + kv_size:].data_ptr()
+        assert torch.equal(qkv[lo:hi, :q_size], before[lo:hi, :q_size])
+        assert torch.equal(qkv[:lo], before[:lo]) and torch.equal(qkv[hi:], before[hi:])
+        assert not q_out[:lo].any() and not q_out[hi:].any()
 
 
 def test_compiled_moe_combine_gathers_and_sums_like_eager():

@@ -25,7 +25,8 @@ class AttentionBackend(Protocol):
                out: torch.Tensor) -> None: ...
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
-                out: torch.Tensor) -> None: ...
+                out: torch.Tensor, k_new: torch.Tensor | None = None,
+                v_new: torch.Tensor | None = None) -> None: ...
 
 
 class BatchView(Protocol):

@@ -2,15 +2,15 @@
 
 Op names, resource kinds and buffers (the pipeline spec and the auto-search refer to these names):
 
-==============  ========  ===========================  ======================
+==============  ========  ===========================  =====================================
 op              kind      reads                        writes
-==============  ========  ===========================  ======================
+==============  ========  ===========================  =====================================
 attn_norm       OTHER     hidden, residual             x_attn, residual
 qkv             COMPUTE   x_attn                       qkv
-rope_kv         OTHER     qkv                          q, kv_cache
+rope_kv         OTHER     qkv                          q, kv_cache, qkv (k rotated in place)
 kv_offload      COPY      kv_cache (own rows)          kv_staging (KV offload only)
 decode_attn     MEMORY    q, kv_cache (cross-token)    attn
-prefill_attn    COMPUTE   q, kv_cache (cross-token)    attn
+prefill_attn    COMPUTE   q, qkv, kv_cache (cross-tok) attn
 o_proj          COMPUTE   attn                         attn_out
 attn_all_reduce NETWORK   attn_out                     attn_out   (TP only)
 ffn_norm        OTHER     attn_out, residual           x_ffn, residual
@@ -18,7 +18,7 @@ gate_up         COMPUTE   x_ffn                        gate_up
 act             OTHER     gate_up                      act
 down            COMPUTE   act                          hidden
 ffn_all_reduce  NETWORK   hidden                       hidden     (TP only)
-==============  ========  ===========================  ======================
+==============  ========  ===========================  =====================================
 
 Every op reads and writes only rows ``[lo, hi)`` (attention reads the KV of earlier tokens through the cache), so
 the executor may split any op into nano-operations over token ranges.
@@ -38,7 +38,7 @@ import torch
 from nanoflow.graphs.nanoop import LayerGraph, Op, ResourceKind
 from nanoflow.models.base import StepContext
 from nanoflow.ops.activation import silu_and_mul_into
-from nanoflow.ops.kv_store import store_kv
+from nanoflow.ops.kv_store import FP8, round_like_cache, store_kv
 from nanoflow.ops.norm import add_rms_norm_into
 from nanoflow.ops.rotary import apply_rotary
 
@@ -69,11 +69,22 @@ def rope_qkv(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int
 
 
 def rope_qkv_into(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                  q_out: torch.Tensor, op: Callable = rope_qkv) -> tuple[torch.Tensor, torch.Tensor]:
-    """``op`` (:func:`rope_qkv`) with the rotated q written into ``q_out [T, H*D]``; returns ``(k, v)``."""
+                  q_out: torch.Tensor, kv_dtype: torch.dtype | None = None,
+                  op: Callable = rope_qkv) -> tuple[torch.Tensor, torch.Tensor]:
+    """``op`` (:func:`rope_qkv`) with the rotated q written into ``q_out [T, H*D]`` and the rotated k back into
+    ``qkv``'s k columns, where prefill attention reads the chunk's own keys; returns ``(k, v)`` as views of ``qkv``
+    ``[T, KV, D]``. With a float8 cache (``kv_dtype``) k and v are rounded there as the cache will hold them, so
+    the chunk attends the same values it would read back from the cache (every float8 e4m3 value is exact in bf16)."""
     q, k, v = op(qkv, cos_sin, heads, kv_heads, head_dim)
     q_out.copy_(q)
-    return k, v
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    k_cols, v_cols = qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:q_size + 2 * kv_size]
+    if kv_dtype == FP8:
+        k_cols.copy_(round_like_cache(k).reshape(k_cols.shape))
+        v_cols.copy_(round_like_cache(v.reshape(v_cols.shape)))
+    else:
+        k_cols.copy_(k.reshape(k_cols.shape))
+    return k_cols.view(k.shape), v_cols.view(v.shape)
 
 
 def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads: int, head_dim: int,
@@ -93,7 +104,7 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
     def rope_kv(ctx: StepContext, lo: int, hi: int) -> None:
         cos_sin = ctx.cos_sin[ctx.batch.positions[lo:hi]]
         k, v = _glue(ctx, "rope_qkv_into", rope_qkv_into)(ctx.bufs["qkv"][lo:hi], cos_sin, heads, kv_heads, head_dim,
-                                                          ctx.bufs["q"][lo:hi])
+                                                          ctx.bufs["q"][lo:hi], ctx.k_cache.dtype)
         store_kv(k, v, ctx.k_cache, ctx.v_cache, ctx.batch.slot_mapping[lo:hi])
 
     def decode_attn(ctx: StepContext, lo: int, hi: int) -> None:
@@ -111,7 +122,12 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
             return
         q = ctx.bufs["q"][lo:hi].view(hi - lo, heads, head_dim)
         out = ctx.bufs["attn"][lo:hi].view(hi - lo, heads, head_dim)
-        ctx.attention.prefill(q, ctx.k_cache, ctx.v_cache, meta, out)
+        # The chunk's own K (rotated by rope_kv) and V, read from the QKV rows; only the context from the pages.
+        qkv_rows = ctx.bufs["qkv"][lo:hi]
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        k_new = qkv_rows[:, q_size:q_size + kv_size].view(hi - lo, kv_heads, head_dim)
+        v_new = qkv_rows[:, q_size + kv_size:q_size + 2 * kv_size].view(hi - lo, kv_heads, head_dim)
+        ctx.attention.prefill(q, ctx.k_cache, ctx.v_cache, meta, out, k_new=k_new, v_new=v_new)
 
     def o_proj(ctx: StepContext, lo: int, hi: int) -> None:
         linear_into(ctx.bufs["attn"][lo:hi], o_w, None, ctx.bufs["attn_out"][lo:hi])
@@ -122,9 +138,9 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
     ops = [
         Op("attn_norm", OT, ("hidden", "residual"), ("x_attn", "residual"), attn_norm),
         Op("qkv", C, ("x_attn",), ("qkv",), qkv),
-        Op("rope_kv", OT, ("qkv",), ("q", "kv_cache"), rope_kv),
+        Op("rope_kv", OT, ("qkv",), ("q", "kv_cache", "qkv"), rope_kv),
         Op("decode_attn", M, ("q", "kv_cache"), ("attn",), decode_attn, cross_token_reads=("kv_cache",)),
-        Op("prefill_attn", C, ("q", "kv_cache"), ("attn",), prefill_attn, cross_token_reads=("kv_cache",)),
+        Op("prefill_attn", C, ("q", "kv_cache", "qkv"), ("attn",), prefill_attn, cross_token_reads=("kv_cache",)),
         Op("o_proj", C, ("attn",), ("attn_out",), o_proj),
     ]
     if tp:

@@ -8,6 +8,11 @@ FP8 = torch.float8_e4m3fn  # the float8 KV-cache element type (EngineArgs.kv_cac
 FP8_MAX = torch.finfo(FP8).max
 
 
+def round_like_cache(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to float8 e4m3 the way :func:`store_kv` stores it (clamped, unit scale), in ``x``'s dtype."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8).to(x.dtype)
+
+
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

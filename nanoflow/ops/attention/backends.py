@@ -56,18 +56,24 @@ class TorchAttention:
         out.copy_(res.view(n, heads, dim))
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        """``k_new``/``v_new`` ``[T, KV, D]`` (both or neither): the new tokens' K/V rows, used for them instead of
+        the pages (as the Triton kernel does; see ``prefill_attention``)."""
         kv_heads, dim = k_cache.shape[-2], k_cache.shape[-1]
         heads = q.shape[1]
         kf, vf = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
         for q_start, q_len, ctx_len, blocks in meta.host:
             total = ctx_len + q_len
-            pos = torch.arange(total)
+            pos = torch.arange(ctx_len if k_new is not None else total)
             slots = torch.tensor(blocks, dtype=torch.int64)[pos // self.block_size] * self.block_size \
                 + pos % self.block_size
             slots = slots.to(q.device)
-            k = kf[slots].to(q.dtype).transpose(0, 1)  # [kvh, L, d]
-            v = vf[slots].to(q.dtype).transpose(0, 1)
+            k = kf[slots].to(q.dtype)  # [L, kvh, d]; float8 widened
+            v = vf[slots].to(q.dtype)
+            if k_new is not None:
+                k = torch.cat([k, k_new[q_start:q_start + q_len]])
+                v = torch.cat([v, v_new[q_start:q_start + q_len]])
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kvh, L, d]
             qs = q[q_start:q_start + q_len].transpose(0, 1)  # [h, q, d]
             allowed = torch.arange(total, device=q.device)[None, :] <= (
                 ctx_len + torch.arange(q_len, device=q.device)[:, None])
@@ -114,11 +120,11 @@ class TritonAttention:
                          max_programs=meta.max_programs, variant=self.decode_variant, **self.decode_options)
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
         from nanoflow.ops.attention.prefill import prefill_attention
 
         prefill_attention(q, k_cache, v_cache, out, meta.q_start, meta.q_len, meta.ctx_len, meta.block_tables,
-                          self.scale, meta.max_q_len)
+                          self.scale, meta.max_q_len, k_new=k_new, v_new=v_new)
 
 
 def make_backend(name: str, scale: float, block_size: int, decode_variant: str = "split",

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoflow.ops.attention.online_softmax import attend_tile
 from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
 from nanoflow.ops.tile_dot import dot_precision, tile_dot, tile_dtype
 
@@ -72,17 +73,42 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_new_tile(
+    q, acc, m_i, l_i, kn_head, vn_head, q_start, start, new_end, offs_m, scale_log2, stride_knt, stride_vnt,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One online-softmax step over new tokens ``[start, start + BLOCK_N)`` of the segment (offsets from its first new
+    token), read from the contiguous ``k_new``/``v_new`` rows; MASKED applies bounds and causality."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    j = start + tl.arange(0, BLOCK_N)
+    rows = (q_start + j).to(tl.int64)
+    if MASKED:
+        valid = j < new_end
+        k = tl.load(kn_head + (rows * stride_knt)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(vn_head + (rows * stride_vnt)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        keep = (j[None, :] <= offs_m[:, None]) & valid[None, :]
+    else:
+        k = tl.load(kn_head + (rows * stride_knt)[:, None] + offs_d[None, :])
+        v = tl.load(vn_head + (rows * stride_vnt)[:, None] + offs_d[None, :])
+        keep = j[None, :] >= 0
+    m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), keep, m_i, l_i, acc, scale_log2,
+                                PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, qstart_ptr, qlen_ptr, ctx_ptr, bt_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, qstart_ptr, qlen_ptr, ctx_ptr, bt_ptr, kn_ptr, vn_ptr,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     stride_bt,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK_GQA: tl.constexpr, PRECISION: tl.constexpr,
-    TILE: tl.constexpr,
+    TILE: tl.constexpr, NEW_KV: tl.constexpr,
 ):
     # PACK_GQA: a program owns one kv head and BLOCK_M // GROUP tokens x all GROUP query heads (row r is token
     # r // GROUP, head r % GROUP), so each K/V tile feeds GROUP heads. Otherwise it owns one query head, BLOCK_M tokens.
@@ -111,7 +137,8 @@ def _prefill_kernel(
     m_valid = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
     q_ptrs = q_ptr + (rows * stride_qt + head * stride_qh)[:, None] + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0).to(TILE)  # TILE: see tile_dot.tile_dtype
+    q_in = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+    q = q_in.to(TILE)  # TILE: see tile_dot.tile_dtype
     q_pos = ctx + offs_m
     bt_row = bt_ptr + seg.to(tl.int64) * stride_bt
     k_head = k_ptr + kvh * stride_kh
@@ -123,18 +150,47 @@ def _prefill_kernel(
     # Keys below ctx + m_lo are visible to every query of the block (all positions >= ctx + m_lo): whole tiles
     # there need no mask. The rest, up to the block's last valid position, is masked; its first tile starts at or
     # below every row's own position, so each row has a visible key before any fully masked tile can occur.
-    full_end = ((ctx + m_lo) // BLOCK_N) * BLOCK_N
-    kv_end = ctx + tl.minimum(q_len, m_lo + tokens)
-    for start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
-            stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, False, PRECISION,
-        )
-    for start in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
-            stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION,
-        )
+    if NEW_KV:
+        # The context (keys below ctx, all visible) from the pages, then the segment's own tokens from k_new/v_new
+        # in the query's dtype: causal self-attention over the chunk, unmasked below the block's first query.
+        ctx_full = (ctx // BLOCK_N) * BLOCK_N
+        for start in range(0, ctx_full, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_head, v_head, bt_row, start, ctx, q_pos, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, False, PRECISION,
+            )
+        for start in range(ctx_full, ctx, BLOCK_N):  # at most one tile, part context, masked to it
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_head, v_head, bt_row, start, ctx, q_pos, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION,
+            )
+        kn_head = kn_ptr + kvh * stride_knh
+        vn_head = vn_ptr + kvh * stride_vnh
+        new_full = (m_lo // BLOCK_N) * BLOCK_N
+        new_end = tl.minimum(q_len, m_lo + tokens)
+        for start in range(0, new_full, BLOCK_N):
+            acc, m_i, l_i = _attend_new_tile(
+                q_in, acc, m_i, l_i, kn_head, vn_head, q_start, start, new_end, offs_m, scale_log2,
+                stride_knt, stride_vnt, HEAD_DIM, BLOCK_N, False, PRECISION,
+            )
+        for start in range(new_full, new_end, BLOCK_N):
+            acc, m_i, l_i = _attend_new_tile(
+                q_in, acc, m_i, l_i, kn_head, vn_head, q_start, start, new_end, offs_m, scale_log2,
+                stride_knt, stride_vnt, HEAD_DIM, BLOCK_N, True, PRECISION,
+            )
+    else:
+        full_end = ((ctx + m_lo) // BLOCK_N) * BLOCK_N
+        kv_end = ctx + tl.minimum(q_len, m_lo + tokens)
+        for start in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, False, PRECISION,
+            )
+        for start in range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_head, v_head, bt_row, start, kv_end, q_pos, scale_log2,
+                stride_kb, stride_kt, stride_vb, stride_vt, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION,
+            )
     acc = acc / l_i[:, None]
     tl.store(
         out_ptr + (rows * stride_ot + head * stride_oh)[:, None] + offs_d[None, :],
@@ -172,6 +228,8 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     pack_gqa: bool | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal extend attention of S segments over their paged KV (context + the new tokens); returns ``out``.
 
@@ -185,6 +243,11 @@ def prefill_attention(
         block_m, block_n, num_warps, num_stages: tile overrides (tuning and tests); ``None`` = per-device default.
         pack_gqa: one program serves all query heads of a kv head (rows = tokens x heads), so each K/V tile is
             loaded once per group; needs a power-of-two group <= block_m. ``None`` = default.
+        k_new, v_new: ``[T, num_kv_heads, head_dim]`` in the query's dtype, row ``q_start[s] + i`` the K (rotated)
+            and V of segment ``s``'s new token ``i`` (both or neither): the new tokens attend each other through
+            these instead of through the pages, and only the context comes from the cache. Under a float8 cache the
+            chunk's own keys then keep 16-bit precision, and its tiles skip the widening that keeps float8 loads out
+            of Triton's pipelined shared-memory path (the engine passes the rows of its fused QKV buffer).
     """
     check_qo(q, out)
     page, group = check_kv_cache(q, k_cache, v_cache)
@@ -196,6 +259,7 @@ def prefill_attention(
     check_index("block_tables", block_tables, segments, q.device, ndim=2)
     if max_q_len < 0:
         raise AttentionInputError(f"max_q_len must be >= 0, got {max_q_len}")
+    new_kv = _check_new_kv(q, k_cache, k_new, v_new)
     if segments == 0 or max_q_len == 0:
         return out
     d_m, d_n, d_warps, d_stages = _default_blocks(q.device, max_q_len)
@@ -211,16 +275,35 @@ def prefill_attention(
         )
     tokens_per_block = block_m // group if pack_gqa else block_m
     grid = (k_cache.shape[2] if pack_gqa else q.shape[1], triton.cdiv(max_q_len, tokens_per_block), segments)
+    kn, vn = (k_new, v_new) if new_kv else (q, q)  # unused pointers when NEW_KV is off
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, q_start, q_len, ctx_len, block_tables,
+        q, k_cache, v_cache, out, q_start, q_len, ctx_len, block_tables, kn, vn,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         GROUP=group, HEAD_DIM=q.shape[2], PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, PACK_GQA=pack_gqa,
-        PRECISION=dot_precision(q.dtype, q.device), TILE=tile_dtype(q.dtype, k_cache.dtype),
+        PRECISION=dot_precision(q.dtype, q.device), TILE=tile_dtype(q.dtype, k_cache.dtype), NEW_KV=new_kv,
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
     )
     return out
+
+
+def _check_new_kv(q: torch.Tensor, k_cache: torch.Tensor, k_new: torch.Tensor | None,
+                  v_new: torch.Tensor | None) -> bool:
+    """Whether the new tokens' K/V come from ``k_new``/``v_new`` (checked against ``q`` and the cache)."""
+    if k_new is None and v_new is None:
+        return False
+    if k_new is None or v_new is None:
+        raise AttentionInputError("pass both k_new and v_new, or neither")
+    want = (q.shape[0], k_cache.shape[2], q.shape[2])
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if tuple(t.shape) != want or t.dtype != q.dtype or t.device != q.device or t.stride(-1) != 1:
+            raise AttentionInputError(
+                f"{name} must be [tokens, kv_heads, head_dim] = {list(want)} in the query's dtype {q.dtype} on "
+                f"{q.device} with unit stride along head_dim; got {list(t.shape)} {t.dtype} on {t.device}, "
+                f"strides {t.stride()}")
+    return True

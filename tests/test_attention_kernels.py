@@ -356,19 +356,25 @@ def test_prefill_fp8_cache_matches_reference(dtype, pack_gqa):
     check_prefill(4, 64, 16, 16, 32, pack_gqa, dtype, seeded("fp8-prefill", dtype, pack_gqa), kv_dtype=FP8)
 
 
+def packed_segments(segs: list[tuple[int, int]], hq: int, hkv: int, d: int, dtype: torch.dtype,
+                    gen: torch.Generator) -> tuple[list[int], torch.Tensor]:
+    """``(first row of each segment, qkv [rows, (hq + 2 hkv) * d])``: the segments' new tokens packed with a gap row
+    between them (gaps belong to no segment, so their output rows must stay NaN)."""
+    starts, row = [], 1
+    for ql, _ in segs:
+        starts.append(row)
+        row += ql + 1
+    return starts, torch.randn(row + 1, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+
+
 def check_prefill(gqa, head_dim, block_size, block_m, block_n, pack_gqa, dtype, gen, kv_dtype=None):
     hkv = 2
     hq = hkv * gqa
     # (q_len, ctx_len): fresh prompt, skipped, one-token extend, context crossing pages, multi-block chunk.
     segs = [(21, 0), (0, 9), (1, 30), (13, 19), (37, 5)]
     k, v, table = paged_kv([ql + ctx for ql, ctx in segs], block_size, hkv, head_dim, dtype, gen, kv_dtype)
-    # Segments are packed with a gap row between them; gaps belong to no segment and must stay NaN.
-    starts, row = [], 1
-    for ql, _ in segs:
-        starts.append(row)
-        row += ql + 1
-    total = row + 1
-    qkv = torch.randn(total, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
+    starts, qkv = packed_segments(segs, hq, hkv, head_dim, dtype, gen)
+    total = qkv.shape[0]
     q = qkv[:, : hq * head_dim].view(total, hq, head_dim)
     out = torch.full((total, hq, head_dim), float("nan"), dtype=dtype)
     q_start = torch.tensor(starts, dtype=torch.int32)
@@ -402,12 +408,8 @@ def test_prefill_new_kv_from_rows_matches_reference(dtype, kv_dtype, pack_gqa, b
     hq = hkv * gqa
     segs = [(21, 0), (0, 9), (1, 30), (13, 19), (37, 5), (40, 33)]  # (q_len, ctx_len)
     k, v, table = paged_kv([ql + ctx for ql, ctx in segs], bs, hkv, d, dtype, gen, kv_dtype)
-    starts, row = [], 1
-    for ql, _ in segs:
-        starts.append(row)
-        row += ql + 1
-    total = row + 1
-    qkv = torch.randn(total, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    starts, qkv = packed_segments(segs, hq, hkv, d, dtype, gen)
+    total = qkv.shape[0]
     q = qkv[:, : hq * d].view(total, hq, d)
     k_new = qkv[:, hq * d:(hq + hkv) * d].view(total, hkv, d)
     v_new = qkv[:, (hq + hkv) * d:].view(total, hkv, d)

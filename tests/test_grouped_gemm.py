@@ -83,7 +83,10 @@ def test_grouped_gemm_matches_float64(name: str, dtype: torch.dtype, tma: bool):
 @in_process
 @pytest.mark.parametrize("config", [gg.GemmConfig(16, 32, 32), gg.GemmConfig(32, 16, 16),
                                     gg.GemmConfig(16, 32, 16, tma=True),
-                                    gg.GemmConfig(16, 32, 16, tma=True, warp_specialize=True)])
+                                    gg.GemmConfig(16, 32, 16, tma=True, warp_specialize=True),
+                                    # grouped tile order; 6 m-blocks bound in groups of 4 (the last group partial)
+                                    gg.GemmConfig(16, 16, 16, group_m=4), gg.GemmConfig(16, 16, 16, group_m=1),
+                                    gg.GemmConfig(16, 16, 16, tma=True, group_m=4)])
 def test_strided_rows_and_other_tiles(config: gg.GemmConfig):
     """Row strides larger than K (a column slice of a wider buffer) and other tile shapes give the same result."""
     counts = [9, 0, 30, 2]
@@ -158,6 +161,8 @@ def test_wrapper_rejects_bad_inputs():
         gg.grouped_gemm(x, off, w, config=gg.GemmConfig(16, 16, 16, tma=False, warp_specialize=True))
     with pytest.raises(gg.GroupedGemmError, match="16-byte boundary"):
         gg.grouped_gemm(torch.randn(8 * 16 + 1)[1:].view(8, 16), off, w, config=tma)
+    with pytest.raises(gg.GroupedGemmError, match="group_m must be >= 0"):
+        gg.grouped_gemm(x, off, w, config=gg.GemmConfig(16, 16, 16, group_m=-1))
 
 
 def test_tile_bound_covers_every_split():

@@ -50,6 +50,12 @@ class GemmConfig(NamedTuple):
     # consumer warp groups the MMAs); needs num_warps >= 4. On an H200 it ties the best plain tiles (475 vs 470 and
     # 530 vs 532 TFLOP/s at 2,048 / 4,096 rows; benchmarks/results/2026-12-02-s8-moe-grouped-gemm-ws-h200.json).
     warp_specialize: bool = False
+    # Tile order (L2 reuse). 0: a 2-D grid, m-blocks fastest, so a wave of programs spans every m-block of a few
+    # n-blocks (each weight tile is read once while its expert's m-blocks run together, but X is re-read for every
+    # few n-blocks: for the down GEMM, X is [rows, 14336], more than L2 holds). G > 0: a 1-D grid in groups of G
+    # m-blocks, m fastest inside a group, then n, so a wave covers G m-blocks x many n-blocks and reuses both
+    # operands (Triton's matmul tutorial's GROUP_SIZE_M). Not yet timed on a GPU; bench_moe.py sweeps it.
+    group_m: int = 0
 
 
 def default_config(m: int, n: int, k: int, num_experts: int, device: torch.device) -> GemmConfig:
@@ -98,17 +104,31 @@ def _tile_expert(offsets_ptr, tile, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.const
 
 
 @triton.jit
+def _tile_ids(NUM_M, NUM_N, GROUP_M: tl.constexpr):
+    """``(m-block, n-block)`` of this program: the 2-D grid's ids, or with GROUP_M the grouped order over a 1-D grid
+    of ``NUM_M * NUM_N`` programs (``NUM_M``: the static bound on m-blocks)."""
+    if GROUP_M == 0:
+        return tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    per_group = GROUP_M * NUM_N
+    first_m = (pid // per_group) * GROUP_M
+    size = tl.minimum(NUM_M - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, y_ptr, offsets_ptr, scale_ptr,
     N, K,
     stride_xm, stride_xk,
     stride_we, stride_wn, stride_wk,
     stride_ym, stride_yn,
+    NUM_M, NUM_N,
     NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    tile, pid_n = _tile_ids(NUM_M, NUM_N, GROUP_M)
     expert, row_start, row_end = _tile_expert(offsets_ptr, tile, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -143,9 +163,10 @@ def _grouped_gemm_tma_kernel(
     x_desc, w_desc, y_ptr, offsets_ptr, scale_ptr,
     N, K,
     stride_ym, stride_yn,
+    NUM_M, NUM_N,
     NUM_EXPERTS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """The same tiles as ``_grouped_gemm_kernel``, loaded by TMA (Hopper's bulk tensor copies) instead of pointers.
 
@@ -153,8 +174,7 @@ def _grouped_gemm_tma_kernel(
     expert (the next expert's rows of X, or of W when ``N % BLOCK_N``); those rows only feed outputs that the masked
     store drops. Reads past the tensor's end come back as zeros, so no load needs a mask.
     """
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    tile, pid_n = _tile_ids(NUM_M, NUM_N, GROUP_M)
     expert, row_start, row_end = _tile_expert(offsets_ptr, tile, NUM_EXPERTS, BLOCK_M)
     if expert < 0:
         return
@@ -225,10 +245,13 @@ def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: t
     if m == 0 or n == 0 or e == 0:
         return out
     cfg = config or default_config(m, n, k, e, x.device)
-    grid = (max_m_tiles(m, e, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    if cfg.group_m < 0:
+        raise GroupedGemmError(f"group_m must be >= 0 (0: the 2-D grid), got {cfg.group_m}")
+    num_m, num_n = max_m_tiles(m, e, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    grid = (num_m * num_n,) if cfg.group_m else (num_m, num_n)
     common = dict(NUM_EXPERTS=e, HAS_SCALE=row_scale is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype, x.device), num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype, x.device), GROUP_M=cfg.group_m,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if _use_tma(x, w, cfg):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -236,7 +259,7 @@ def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: t
         w_desc = TensorDescriptor(w, [e * n, k], [w.stride(1), 1], [cfg.block_n, cfg.block_k])
         _grouped_gemm_tma_kernel[grid](
             x_desc, w_desc, out, offsets, row_scale if row_scale is not None else x,
-            n, k, out.stride(0), out.stride(1), WARP_SPECIALIZE=cfg.warp_specialize, **common,
+            n, k, out.stride(0), out.stride(1), num_m, num_n, WARP_SPECIALIZE=cfg.warp_specialize, **common,
         )
         return out
     _grouped_gemm_kernel[grid](
@@ -245,6 +268,7 @@ def grouped_gemm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: t
         x.stride(0), x.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         out.stride(0), out.stride(1),
+        num_m, num_n,
         EVEN_K=k % cfg.block_k == 0, **common,
     )
     return out

@@ -64,13 +64,17 @@ class Shapes:
 _TILES = ((64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
           (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
           (256, 128, 64, 8, 3))
-# Warp-specialised TMA tiles (Triton's automatic warp specialization of the K loop), the best TMA shapes of session 7.
-_WS_TILES = ((128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4))
+# The grouped tile order (GemmConfig.group_m) on the best tiles of sessions 7-8 (gate/up: pointer 128x256 and TMA
+# 128x128; down: TMA 128x128 and 64x256). Warp specialisation was swept in session 8 and tied the best tiles
+# (s8-moe-grouped-gemm-ws-h200.json), so it is no longer swept.
+_GROUPED = (((128, 256, 64, 8, 4), False), ((128, 128, 64, 8, 3), True), ((128, 128, 64, 4, 4), True),
+            ((64, 256, 64, 4, 4), True))
 GPU = Shapes(4096, 14336, 8, 2, (1024, 2048, 4096), (2048, 4096),
              tuple(GemmConfig(*t, tma=tma) for tma in (True, False) for t in _TILES)
-             + tuple(GemmConfig(*t, tma=True, warp_specialize=True) for t in _WS_TILES), 256)
+             + tuple(GemmConfig(*t, tma=tma, group_m=g) for t, tma in _GROUPED for g in (4, 8, 16)), 256)
 TINY = Shapes(32, 48, 4, 2, (24, 40), (40,), (GemmConfig(16, 32, 16), GemmConfig(16, 32, 16, tma=True),
-                                              GemmConfig(16, 32, 16, tma=True, warp_specialize=True)), 12)
+                                              GemmConfig(16, 32, 16, tma=True, warp_specialize=True),
+                                              GemmConfig(16, 32, 16, group_m=2)), 12)
 SHAPES = TINY if OPTS.dry_run else GPU
 DEVICE = torch.device("cpu" if OPTS.dry_run else "cuda")
 DTYPE = torch.bfloat16
@@ -298,7 +302,8 @@ def print_table(report: dict) -> None:
             if best:
                 print(f"tune {gemm} rows={rows} best:", [
                     (t["block_m"], t["block_n"], t["block_k"], t["num_warps"], t["num_stages"],
-                     ("tma+ws" if t.get("warp_specialize") else "tma") if t["tma"] else "ptr", round(t["TFLOPs"]))
+                     ("tma+ws" if t.get("warp_specialize") else "tma") if t["tma"] else "ptr",
+                     f"g{t.get('group_m', 0)}", round(t["TFLOPs"]))
                     for t in best])
     print(f"failures: {len(report['failures'])}")
 

@@ -58,10 +58,12 @@ def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int]
 class PlanSample:
     """A bounded, evenly spaced sample of a run's full plans, for profiling the one in the middle.
 
-    Keeping every plan is not an option: a 2,048-token plan references ~1,500 objects the cyclic GC tracks, and a
-    1,536-request run has ~1,000 full plans, so Python's full collections grew to 0.1-0.25 s GPU stalls late in the
-    run. It keeps the plans whose index is a multiple of ``stride`` and doubles the stride (dropping every other
-    kept plan) whenever more than ``cap`` are kept, so ``middle()`` is within one stride of the run's middle plan.
+    Keeping every plan is not an option: a 2,048-token plan with ~700 decode rows holds ~1,050 objects the cyclic GC
+    tracks (measured with the scheduler alone), and a 1,536-request LLaMA-3-8B run has ~1,000 full plans, so the
+    GC's full collections walk a million more objects as the run goes on: the idle gaps of 0.05-0.25 s that grew
+    late in the H200 runs (s8-bench-fp8kv-gcfreeze-h200-llama3-8b-iterations.png). It keeps the plans whose index
+    is a multiple of ``stride`` and doubles the stride (dropping every other kept plan) whenever more than ``cap``
+    are kept, so ``middle()`` is within one stride of the run's middle plan.
     """
 
     def __init__(self, cap: int = 32) -> None:

@@ -40,7 +40,6 @@ class _Tracked:
     emitted_tokens: int = 0
 
 
-
 def freeze_gc() -> int:
     """Collect garbage once, then move every object the cyclic GC tracks into its permanent generation
     (:func:`gc.freeze`) and return how many there are.
@@ -54,6 +53,7 @@ def freeze_gc() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
 
 class Engine:
     """Owns one model replica's scheduler and runner; not thread-safe (``AsyncEngine`` wraps it in a thread)."""

@@ -48,7 +48,7 @@ def freeze_gc() -> int:
     SmolLM2 on the CPU after one request, 722k, which a full collection walks in 366 ms. Python runs one every so
     often as objects accumulate, and on an H200 the per-step timer of ``nanoflow bench`` showed 0.4-0.5 s stalls at
     a few iterations of every run (3% of a LLaMA-3-8B run). Frozen objects are never walked again; what requests
-    allocate later is collected as usual.
+    allocate later is collected as usual. :meth:`Engine.close` unfreezes them (frozen cycles are never freed).
     """
     gc.collect()
     gc.freeze()
@@ -356,6 +356,10 @@ class Engine:
         runner.glue = {}
         self._tracked.clear()
         self._inflight = None
+        # Frozen objects are never collected: hand them back to the GC so that cycles through this engine's parts
+        # can go (the next engine freezes what is alive then).
+        gc.unfreeze()
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()

@@ -80,3 +80,18 @@ def random_specs(draw):
 @given(spec=random_specs())
 def test_random_specs_match_baseline(tiny, baseline, spec):
     assert _generate(tiny, spec) == baseline
+
+
+def test_token_buckets_fine_then_coarse():
+    from nanoflow.graphs.cuda_graph import token_buckets
+
+    assert token_buckets(2048) == [2048, 1792, 1536, 1280, 1024, 896, 768, 640, 512, 384, 256, 128]
+    assert token_buckets(256) == [256, 128]
+    assert token_buckets(300) == [300, 256, 128]  # the dense size itself is always a bucket
+    assert token_buckets(100) == [100]
+    sizes = token_buckets(4096)
+    assert sizes[0] == 4096 and sizes[-1] == 128 and sizes == sorted(set(sizes), reverse=True)
+    # padding never exceeds one step: 128 rows up to 1,024 tokens, 256 above
+    for n in range(1, 4097):
+        padded = min(s for s in sizes if s >= n)
+        assert padded - n < (128 if n <= 1024 else 256)

@@ -35,12 +35,22 @@ class BatchShape:
     staging_slot: int = 0
 
 
-def token_buckets(dense: int, smallest: int = 128) -> list[int]:
-    """Dense size, then halvings down to ``smallest``: a short tail batch pads to the next bucket."""
-    sizes = [dense]
-    while sizes[-1] // 2 >= smallest and sizes[-1] % 2 == 0:
-        sizes.append(sizes[-1] // 2)
-    return sizes
+def token_buckets(dense: int, fine: int = 128, coarse: int = 256, fine_up_to: int = 1024) -> list[int]:
+    """The token counts graphs are captured for, largest first: ``dense``, multiples of ``coarse`` below it down to
+    ``fine_up_to``, then multiples of ``fine``. A batch of ``n`` tokens runs the smallest one ``>= n``, padded.
+
+    Halvings (2,048, 1,024, 512, 256, 128) padded a decode-only batch of 513-560 rows to 1,024: 41.6 ms a step against
+    28.7 ms for 480-512 rows (LLaMA-3-8B, H200, s8-bench-fp8kv-gcfreeze-h200-llama3-8b.json). A step model with the
+    padded size as a term fits those runs' traces (rms 1.8 ms LLaMA-3-8B, 2.1 ms Mixtral-8x7B) and predicts these
+    12 buckets save 1.4% of the LLaMA run's GPU time and 3.6% of Mixtral's (drain and decode-only steps), for 2.4x
+    the capture time of the 5 halvings.
+    """
+    sizes = {dense}
+    s = fine
+    while s < dense:
+        sizes.add(s)
+        s += fine if s < fine_up_to else coarse
+    return sorted(sizes, reverse=True)
 
 
 @dataclass

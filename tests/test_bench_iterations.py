@@ -101,3 +101,34 @@ def test_plan_sample_stays_bounded_and_finds_the_middle(n):
     assert len(sample.kept) <= 32
     assert sample.kept == list(range(0, n, sample.stride))  # evenly spaced from the first plan
     assert abs(sample.middle() - n // 2) <= sample.stride
+
+
+def test_step_model_script_recovers_a_known_model(tmp_path):
+    """scripts/step_model.py on a synthetic trace made from a known step model with a padded-size term."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "step_model.py"
+    spec = importlib.util.spec_from_file_location("step_model", path)
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 2049, 400)
+    decode = np.minimum(tokens, rng.integers(0, 700, 400))
+    pad = sm.padded(tokens, sm.halvings(2048))
+    step_ms = 4.0 + 0.02 * pad + 0.003 * (tokens - decode) + 0.03 * decode
+    rec = {"model": "m", "mode": "non-overlap", "dense_batch": 2048,
+           "iterations_timed": {"gpu_busy_s": float(step_ms.sum() / 1e3),
+                                "trace": {"tokens": tokens.tolist(), "decode_tokens": decode.tolist(),
+                                          "step_ms": step_ms.tolist()}}}
+    (tmp_path / "r.json").write_text(json.dumps([rec]))
+    assert sm.main([str(tmp_path / "r.json"), "--output", str(tmp_path / "fit.json")]) == 0
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert abs(fit["fit"]["b_padded"] - 0.02) < 1e-6 and fit["fit"]["rms_ms"] < 1e-6
+    pred = fit["predicted_gpu_s"]
+    assert abs(pred["halvings (as run)"]["seconds"] - step_ms.sum() / 1e3) < 1e-6
+    seconds = [pred[k]["seconds"] for k in ("every 64", "the engine's (token_buckets)", "halvings (as run)")]
+    assert seconds == sorted(seconds) and seconds[0] < seconds[2]

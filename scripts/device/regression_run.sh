@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On one H200, in one call (~8 minutes): what changed since the last measured run, end to end.
+# On one H200, in one call (~9 minutes; run it with the device tool's full 600 s limit): what changed since the last measured run, end to end.
 #   1. check_vs_hf.py: llama-3-8b-shaped dummy weights against transformers (correctness of the engine's forward);
 #   2. bench_moe.py: the grouped GEMM and its tile sweep (BENCH_MOE=0 skips it);
 #   3. llama-3-8b, float8 KV, REQS requests (default 1,536), non-overlap with a per-kernel profile;
@@ -18,7 +18,7 @@ timeout "${LLAMA_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-
   > "$OUT/llama.log" 2>&1
 echo "llama rc $?"; grep -E "tok/s|FAILED|Error" "$OUT/llama.log" | cut -c1-300
 if [ "${MIXTRAL_REQS:-1536}" != 0 ]; then
-  timeout "${MIXTRAL_S:-270}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
+  timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
     --num-requests "${MIXTRAL_REQS:-1536}" --kv-fraction 0.88 --modes non-overlap --profile \
     --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
   echo "mixtral rc $?"; grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300

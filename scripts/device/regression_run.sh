@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On one H200, in one call (~9 minutes; run it with the device tool's full 600 s limit): what changed since the last measured run, end to end.
+# On one H200, in one call (~9 minutes; run it with the device tool's full 600 s limit): what changed since the last
+# measured run, end to end.
 #   1. check_vs_hf.py: llama-3-8b-shaped dummy weights against transformers (correctness of the engine's forward);
 #   2. bench_moe.py: the grouped GEMM and its tile sweep (BENCH_MOE=0 skips it);
 #   3. llama-3-8b, float8 KV, REQS requests (default 1,536), non-overlap with a per-kernel profile;

@@ -12,9 +12,10 @@ Order of filling one plan:
    the paper puts it, the scheduler estimates each request's completion time from the average decode length: a
    request's predicted length is ``prompt + max(generated, min(max_tokens, average decode length of finished
    requests))`` (``decode_len_prior`` until one finishes), it grows by one token per iteration until then and frees
-   its blocks at the end; the peak is the most the requests hold at once over that future (:func:`peak_blocks`),
-   not the sum of their final lengths, which requests at different stages never reach together. A request whose
-   length is known (``ignore_eos`` with no stop tokens or strings) is predicted at exactly ``max_tokens``.
+   its blocks at the end (:func:`~nanoflow.scheduler.memory.horizon`); the peak is the most the requests hold at
+   once over that future (:func:`peak_blocks`), not the sum of their final lengths, which requests at different
+   stages never reach together. A request whose length is known (``ignore_eos`` with no stop tokens or strings) is
+   predicted at exactly ``max_tokens``.
 
 If a decode cannot get a KV block, the newest running request not yet in this plan is preempted (its blocks freed;
 later recomputed from ``all_token_ids``; it goes to the front of the waiting queue). Nothing overtakes the head of
@@ -28,13 +29,12 @@ The engine calls ``update(plan_i)`` exactly once per plan, in plan order.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from nanoflow.scheduler.kv_cache import BlockManager
-from nanoflow.scheduler.memory import peak_blocks
+from nanoflow.scheduler.memory import horizon, peak_blocks
 from nanoflow.scheduler.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
@@ -339,30 +339,12 @@ class Scheduler:
         req._last_iter = it
         return ScheduledSeq(req.request_id, start, n, req.token_slice(start, end), sample, req.block_ids, req)
 
-    def _horizon(self, req: Request, avg: float) -> tuple[int, int]:
-        """``(tokens held once its prefill is done, iterations until it is predicted to finish)`` of ``req``: it
-        ends at ``prompt + max(generated, predicted decode)`` tokens (:meth:`_predicted_decode`; capped by the length
-        limit)."""
-        generated = len(req.output_token_ids) + req.num_pending
-        held = len(req.prompt_token_ids) + generated
-        total = min(len(req.prompt_token_ids) + max(self._predicted_decode(req, avg), generated), self._len_limit)
-        return held, max(1, math.ceil(total - held))
-
-    @staticmethod
-    def _predicted_decode(req: Request, avg: float) -> float:
-        """Tokens ``req`` is predicted to generate: ``max_tokens`` when nothing can end it earlier (``ignore_eos``
-        and no stop tokens or strings), else ``min(max_tokens, avg)``."""
-        sp = req.sampling_params
-        if sp.ignore_eos and not sp.stop and not sp.stop_token_ids:
-            return float(sp.max_tokens)
-        return min(float(sp.max_tokens), avg)
-
     def _admit(self, budget: int, prefill: list[ScheduledSeq], it: int) -> int:
         bm = self.block_manager
         avg = self.avg_decode_len
         held, remaining = [], []
         for r in self._running.values():
-            h, left = self._horizon(r, avg)
+            h, left = horizon(r, avg, self._len_limit)
             held.append(h)
             remaining.append(left)
         capacity = bm.num_usable_blocks
@@ -375,7 +357,7 @@ class Scheduler:
                 continue
             if req.num_pending:
                 break  # preempted with tokens in flight: recompute needs them; FCFS, so nobody overtakes it
-            h, left = self._horizon(req, avg)
+            h, left = horizon(req, avg, self._len_limit)
             # An empty engine admits the head regardless, so a long request cannot starve.
             if running and peak_blocks([*held, h], [*remaining, left], bm.block_size) > capacity:
                 break

@@ -11,17 +11,21 @@ The formula, all per GPU-instance of the model (pass the memory and weights of t
 
 After clamping, ``max_decode_requests`` is the decode share of the dense batch, ``dense * d / (p + d)``, capped by R.
 
-:func:`peak_blocks` is the scheduler's admission prediction: the most KV blocks the running requests hold at once
-as they grow and finish.
+:func:`horizon` and :func:`peak_blocks` are the scheduler's admission prediction: where each request's KV is headed,
+and the most KV blocks the running requests hold at once as they grow and finish.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from nanoflow.config import ModelSpec
+
+if TYPE_CHECKING:
+    from nanoflow.scheduler.request import Request
 
 DENSE_MULTIPLE = 128  # GEMM-tile friendly; also the profiling grid of auto-search
 DENSE_MIN = 256
@@ -68,6 +72,24 @@ def dense_batch_from_memory(
     dense = max(DENSE_MIN, min(DENSE_MAX, dense))
     decode_share = int(dense * avg_decode / (avg_prompt + avg_decode))
     return DenseBatchPlan(max(1, min(decode_requests, decode_share)), dense, kv_tokens)
+
+
+def predicted_decode(req: Request, avg: float) -> float:
+    """Tokens ``req`` is predicted to generate: ``max_tokens`` when nothing can end it earlier (``ignore_eos`` and no
+    stop tokens or strings), else ``min(max_tokens, avg)`` (``avg``: the mean decode length of finished requests)."""
+    sp = req.sampling_params
+    if sp.ignore_eos and not sp.stop and not sp.stop_token_ids:
+        return float(sp.max_tokens)
+    return min(float(sp.max_tokens), avg)
+
+
+def horizon(req: Request, avg: float, len_limit: int) -> tuple[int, int]:
+    """``(tokens held once its prefill is done, iterations until it is predicted to finish)`` of ``req``: it ends at
+    ``prompt + max(generated, predicted_decode)`` tokens, capped by ``len_limit``."""
+    generated = len(req.output_token_ids) + req.num_pending
+    held = len(req.prompt_token_ids) + generated
+    total = min(len(req.prompt_token_ids) + max(predicted_decode(req, avg), generated), len_limit)
+    return held, max(1, math.ceil(total - held))
 
 
 def peak_blocks(held: list[int], remaining: list[int], block_size: int) -> int:

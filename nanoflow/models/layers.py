@@ -68,6 +68,14 @@ def rope_qkv(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int
     return q.reshape(t, q_size), k, v
 
 
+def kv_columns(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k and v columns of a fused ``qkv [T, (H + 2 KV) * D]`` buffer as views ``[T, KV, D]``."""
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    t = qkv.shape[0]
+    return (qkv[:, q_size:q_size + kv_size].view(t, kv_heads, head_dim),
+            qkv[:, q_size + kv_size:q_size + 2 * kv_size].view(t, kv_heads, head_dim))
+
+
 def rope_qkv_into(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                   q_out: torch.Tensor, kv_dtype: torch.dtype | None = None,
                   op: Callable = rope_qkv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +85,13 @@ def rope_qkv_into(qkv: torch.Tensor, cos_sin: torch.Tensor, heads: int, kv_heads
     the chunk attends the same values it would read back from the cache (every float8 e4m3 value is exact in bf16)."""
     q, k, v = op(qkv, cos_sin, heads, kv_heads, head_dim)
     q_out.copy_(q)
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    k_cols, v_cols = qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:q_size + 2 * kv_size]
+    k_cols, v_cols = kv_columns(qkv, heads, kv_heads, head_dim)
     if kv_dtype == FP8:
-        k_cols.copy_(round_like_cache(k).reshape(k_cols.shape))
-        v_cols.copy_(round_like_cache(v.reshape(v_cols.shape)))
+        k_cols.copy_(round_like_cache(k))
+        v_cols.copy_(round_like_cache(v))
     else:
-        k_cols.copy_(k.reshape(k_cols.shape))
-    return k_cols.view(k.shape), v_cols.view(v.shape)
+        k_cols.copy_(k)
+    return k_cols, v_cols
 
 
 def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads: int, head_dim: int,
@@ -123,10 +130,7 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
         q = ctx.bufs["q"][lo:hi].view(hi - lo, heads, head_dim)
         out = ctx.bufs["attn"][lo:hi].view(hi - lo, heads, head_dim)
         # The chunk's own K (rotated by rope_kv) and V, read from the QKV rows; only the context from the pages.
-        qkv_rows = ctx.bufs["qkv"][lo:hi]
-        q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        k_new = qkv_rows[:, q_size:q_size + kv_size].view(hi - lo, kv_heads, head_dim)
-        v_new = qkv_rows[:, q_size + kv_size:q_size + 2 * kv_size].view(hi - lo, kv_heads, head_dim)
+        k_new, v_new = kv_columns(ctx.bufs["qkv"][lo:hi], heads, kv_heads, head_dim)
         ctx.attention.prefill(q, ctx.k_cache, ctx.v_cache, meta, out, k_new=k_new, v_new=v_new)
 
     def o_proj(ctx: StepContext, lo: int, hi: int) -> None:

@@ -54,7 +54,8 @@ class GemmConfig(NamedTuple):
     # n-blocks (each weight tile is read once while its expert's m-blocks run together, but X is re-read for every
     # few n-blocks: for the down GEMM, X is [rows, 14336], more than L2 holds). G > 0: a 1-D grid in groups of G
     # m-blocks, m fastest inside a group, then n, so a wave covers G m-blocks x many n-blocks and reuses both
-    # operands (Triton's matmul tutorial's GROUP_SIZE_M). Not yet timed on a GPU; bench_moe.py sweeps it.
+    # operands (Triton's matmul tutorial's GROUP_SIZE_M). On an H100 it lifts the default tiles 3-6%
+    # (benchmarks/results/2026-12-06-s9-moe-grouped-gemm-h100.json), so :func:`default_config` sets it.
     group_m: int = 0
 
 
@@ -70,10 +71,12 @@ def default_config(m: int, n: int, k: int, num_experts: int, device: torch.devic
     # Tile sweep on an H200, pointer and TMA loads, Mixtral shapes at 2,048 and 4,096 routed rows
     # (benchmarks/results/2026-12-02-s7-moe-grouped-gemm-h200.json): the wide gate/up GEMM is fastest with pointer
     # loads and 128x256 tiles, 4 stages (503 / 487 TFLOP/s; the best TMA tiles 462 / 490); the down GEMM (K=14336)
-    # with TMA loads and 128x128 tiles, 4 warps (464 / 501; the best pointer tiles 400 / 480).
+    # with TMA loads and 128x128 tiles, 4 warps (464 / 501; the best pointer tiles 400 / 480). The grouped tile order
+    # on an H100 (s9-moe-grouped-gemm-h100.json, 2,048 / 4,096 rows): gate/up 461 / 494 -> 484 / 516 TFLOP/s with
+    # groups of 8 m-blocks, down 406 / 464 -> 419 / 493 with groups of 16.
     if n >= 16384:
-        return GemmConfig(128, 256, 64, num_warps=8, num_stages=4, tma=False)
-    return GemmConfig(128, 128, 64, num_warps=4, num_stages=4)
+        return GemmConfig(128, 256, 64, num_warps=8, num_stages=4, tma=False, group_m=8)
+    return GemmConfig(128, 128, 64, num_warps=4, num_stages=4, group_m=16)
 
 
 def max_m_tiles(m: int, num_experts: int, block_m: int) -> int:

@@ -59,13 +59,14 @@ CONFIGS: list[tuple[str, str, int, dict]] = [("fp8-default", "fp8", PAGE, {}), (
 if not DRY:
     CONFIGS += [(f"fp8-ptr-{b}x{w}w{s}s", "fp8", PAGE, {"block_n": b, "num_warps": w, "num_stages": s})
                 for b, w, s in ((64, 4, 3), (128, 4, 2), (32, 2, 4), (64, 1, 3), (128, 8, 3))]
-    CONFIGS += [(f"fp8-tma-p{OPTS.tma_page}-{w}w{s}s", "fp8", OPTS.tma_page, {"tma": 1, "num_warps": w, "num_stages": s})
+    TP = OPTS.tma_page
+    CONFIGS += [(f"fp8-tma-p{TP}-{w}w{s}s", "fp8", TP, {"tma": 1, "num_warps": w, "num_stages": s})
                 for w in (1, 2, 4) for s in (3, 4, 6, 8)]
     CONFIGS += [(f"fp8-tma-p16-{w}w{s}s", "fp8", 16, {"tma": 1, "num_warps": w, "num_stages": s})
                 for w in (1, 2) for s in (4, 8)]
     CONFIGS += [(f"bf16-ptr-{b}x{w}w{s}s", "bf16", PAGE, {"block_n": b, "num_warps": w, "num_stages": s})
                 for b, w, s in ((64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 4))]
-    CONFIGS += [(f"bf16-tma-p{OPTS.tma_page}-{w}w{s}s", "bf16", OPTS.tma_page, {"tma": 1, "num_warps": w, "num_stages": s})
+    CONFIGS += [(f"bf16-tma-p{TP}-{w}w{s}s", "bf16", TP, {"tma": 1, "num_warps": w, "num_stages": s})
                 for w in (2, 4) for s in (3, 4)]
 
 

@@ -27,6 +27,10 @@ its tiles are widened to float16 in registers before their dots, which Triton do
 so what keeps bytes in flight is more, smaller programs: 2 warps, 64-token tiles, 3 stages reach 3.3 TB/s (0.61 ms
 for 768 x 1,280 tokens, against 0.92 ms bf16); 4-warp tiles 2.0-2.5 TB/s (session-6 tune files). Measured slower and
 not kept: the transposed products (K/V as the MMAs' left operands), float8 score dots on a quantised query, 1 warp.
+Inside a green context of n SMs (scripts/device/green_decode.py, H100) every config's bandwidth is proportional to n
+(float8 default 0.90 TB/s on 32 SMs, 2.79 on 132), TMA tiles included: the kernel is bound by its per-element work on
+each SM (~27 G elements/s/SM for float8 and bf16 alike), not by HBM, which is why an SM share cannot overlap it with a
+GEMM profitably (benchmarks/results/2026-12-06-s9-green-decode-h100.json).
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their

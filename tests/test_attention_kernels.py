@@ -208,6 +208,41 @@ def test_decode_row_variant_matches_reference(hkv, gqa, head_dim, block_size, bl
                  max_programs=max_programs, kv_evict="", variant=variant)
 
 
+PACKED_CASES = [
+    # hkv, gqa, head_dim, block_size, head_group, block_n, num_splits, dtype
+    (8, 4, 64, 16, None, None, 1, torch.float32),  # LLaMA-3-8B's grouping: 4 kv heads of 4 query heads per program
+    (8, 4, 64, 16, 2, 32, 3, torch.bfloat16),  # 8 real rows padded to 16, tiles of two pages, split-KV + reduce
+    (2, 8, 128, 16, 1, 16, None, torch.float16),  # one kv head per program (the split kernel's packing)
+    (4, 1, 64, 8, 4, 16, 2, torch.float32),  # MHA: 4 heads in 4 rows, pages of 8
+]
+
+
+@pytest.mark.parametrize("hkv,gqa,head_dim,block_size,head_group,block_n,num_splits,dtype", PACKED_CASES)
+@in_process
+def test_decode_packed_variant_matches_reference(hkv, gqa, head_dim, block_size, head_group, block_n, num_splits,
+                                                 dtype):
+    """variant="packed": several kv heads per program, their query heads as the rows of block-diagonal dots."""
+    gen = seeded("packed", hkv, gqa, head_dim, block_size, head_group, block_n, num_splits, dtype)
+    check_decode([37, 0, 1, block_size, 100, 65, 0, 33], hkv, gqa, head_dim, block_size, dtype, gen,
+                 num_splits=num_splits, block_n=block_n, head_group=head_group, kv_evict="", variant="packed")
+
+
+def test_decode_packed_variant_rejects_bad_inputs():
+    q = torch.randn(2, 8, 64)
+    k = torch.randn(3, 16, 4, 64)
+    lens = torch.ones(2, dtype=torch.int32)
+    table = torch.ones(2, 1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    with pytest.raises(AttentionInputError, match="head_group must be a power of two dividing"):
+        decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", head_group=3)
+    with pytest.raises(AttentionInputError, match="head_group must be a power of two dividing"):
+        decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", head_group=8)
+    with pytest.raises(AttentionInputError, match="head_group applies to variant='packed'"):
+        decode_attention(q, k, k, table, lens, out, 1.0, head_group=2)
+    with pytest.raises(AttentionInputError, match="split variant only"):
+        decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", max_programs=4)
+
+
 def test_decode_row_variant_rejects_bad_inputs():
     q = torch.randn(2, 6, 64)
     k = torch.randn(3, 16, 3, 64)
@@ -226,7 +261,8 @@ def test_decode_row_variant_rejects_bad_inputs():
 
 @pytest.mark.parametrize("variant,max_programs,options", [
     ("row", None, {"block_n": 32}), ("row", 2, {"block_n": 32}), ("row_flat", 2, {"block_n": 32}),
-    ("split", None, {"block_n": 32}), ("split", None, {"tma": 1}), ("split", 2, {"tma": 1})])
+    ("split", None, {"block_n": 32}), ("split", None, {"tma": 1}), ("split", 2, {"tma": 1}),
+    ("packed", None, {"head_group": 2})])
 @in_process
 def test_decode_backend_variant(variant, max_programs, options):
     """TritonAttention(decode_variant=...) runs the chosen kernel with the metadata's max_programs and its options."""
@@ -316,6 +352,7 @@ FP8 = torch.float8_e4m3fn
 @pytest.mark.parametrize("variant,kw", [("split", {"num_splits": 1}), ("split", {"num_splits": 3}),
                                         ("split", {"max_programs": 3}), ("row", {"num_splits": 2}),
                                         ("row_flat", {"max_programs": 2}),
+                                        ("packed", {"num_splits": 2}),
                                         ("split", {"num_splits": 3, "prefetch": True}),
                                         ("split", {"max_programs": 3, "prefetch": True}),
                                         ("split", {"num_splits": 3, "f16_tiles": False}),

@@ -45,15 +45,18 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
-    p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat"],
+    p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat", "packed"],
                    help="decode-attention kernel: split (one program per row and kv head), row (one per row, all "
-                        "kv heads, whole-page tiles, batched 3-D dots) or row_flat (the same with 2-D dots)")
+                        "kv heads, whole-page tiles, batched 3-D dots), row_flat (the same with 2-D dots) or packed "
+                        "(one per row and group of kv heads, their query heads as the rows of block-diagonal dots; "
+                        "--decode-options head_group=N sets the group)")
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
                         "one, f16_tiles=0 = widen a float8 cache to bf16 instead of float16, tma=1 = copy each "
                         "K/V page by TMA, one page per tile (pair it with --block-size), tma=2 = the same, "
-                        "warp-specialised; default: the kernel's own choice)")
+                        "warp-specialised, head_group = kv heads per program of the packed variant; default: the "
+                        "kernel's own choice)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV-cache page (a power of two); with --decode-options tma=1 also the decode tile")
     p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")

@@ -148,8 +148,17 @@ class CudaGraphRunner:
 
         spec = self.runner.spec
         model = self.runner.model
-        # The row decode kernel has one program per row (all kv heads), the split kernel one per (row, kv head).
-        per_row = 1 if getattr(self.runner.attention, "decode_variant", "split") == "row" else model.local_kv_heads
+        # The row decode kernel has one program per row (all kv heads), the packed one per (row, group of kv heads),
+        # the split kernel one per (row, kv head).
+        variant = getattr(self.runner.attention, "decode_variant", "split")
+        per_row = model.local_kv_heads
+        if variant in ("row", "row_flat"):
+            per_row = 1
+        elif variant == "packed":
+            from nanoflow.ops.attention.decode_packed import default_head_group
+
+            options = getattr(self.runner.attention, "decode_options", {})
+            per_row //= options.get("head_group") or default_head_group(per_row, model.local_heads // per_row)
         splits = self.runner.attention.num_splits or default_num_splits(rows, per_row, self.device)
         return splits, decode_workspace(rows, model.local_heads, spec.head_dim, splits, self.device)
 

@@ -11,9 +11,11 @@ bf16 cache (LLaMA-3-8B heads, shuffled pages, every row the same length):
    context of the other SMs. ``P_decode`` is decode's full-GPU time over its time in the pair (the GEMM repeated to
    cover it), ``P_gemm`` the same for the GEMM; a sum above 1 is what an overlapped pipeline can gain.
 
-Float8 configs include pages copied by TMA (``tma=1``; one page per tile, so the cache is built with pages of
-``--tma-page`` tokens): TMA copies land in shared memory asynchronously, where pointer-loaded float8 tiles are
-widened in registers and keep few bytes in flight per SM.
+Both caches also run the packed variant (``variant="packed"``: ``head_group`` kv heads per program, their query
+heads as the rows of block-diagonal dots, so no dot row or softmax row is padding). Float8 configs include pages
+copied by TMA (``tma=1``; one page per tile, so the cache is built with pages of ``--tma-page`` tokens): TMA copies
+land in shared memory asynchronously, where pointer-loaded float8 tiles are widened in registers and keep few bytes
+in flight per SM.
 
     python scripts/device/green_decode.py            # on the GPU machine (about three minutes)
     python scripts/device/green_decode.py --dry-run  # tiny shapes on the CPU, no green contexts
@@ -56,6 +58,13 @@ PAGE = 16
 
 # (name, cache dtype, page, decode_attention keywords)
 CONFIGS: list[tuple[str, str, int, dict]] = [("fp8-default", "fp8", PAGE, {}), ("bf16-default", "bf16", PAGE, {})]
+# The packed variant (decode_packed.py): head_group kv heads per program, their query heads as the dots' rows.
+PACKED = ([(4, b, w, s) for b, w, s in ((16, 2, 2), (16, 4, 2), (32, 2, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2),
+                                         (32, 8, 2), (64, 8, 2))] + [(2, 32, 4, 2), (2, 64, 4, 2)]) if not DRY else [
+    (2, 16, 4, 2)]
+CONFIGS += [(f"{dt}-packed-h{h}-{b}x{w}w{s}s", dt, PAGE, {"variant": "packed", "head_group": h, "block_n": b,
+                                                         "num_warps": w, "num_stages": s})
+            for dt in ("fp8", "bf16") for h, b, w, s in PACKED if dt == "fp8" or (h == 4 and b <= 32)]
 if not DRY:
     CONFIGS += [(f"fp8-ptr-{b}x{w}w{s}s", "fp8", PAGE, {"block_n": b, "num_warps": w, "num_stages": s})
                 for b, w, s in ((64, 4, 3), (128, 4, 2), (32, 2, 4), (64, 1, 3), (128, 8, 3))]

@@ -258,6 +258,7 @@ def decode_attention(
     prefetch: bool = False,
     f16_tiles: bool | None = None,
     tma: int = 0,
+    head_group: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -302,6 +303,9 @@ def decode_attention(
             tiles, and end to end (LLaMA-3-8B, pages of 64) 26,827 against 27,177 tok/s; with Triton 3.6
             ``tma=2`` fails to compile at 4 warps and runs as fast as ``tma=1`` at 8
             (benchmarks/results/2026-12-02-s8-decode-kv-tune-tma-page*-h200.json).
+        head_group: ``variant="packed"`` (:mod:`nanoflow.ops.attention.decode_packed`): kv heads per program, their
+            query heads packed into the dots' rows through a block-diagonal q (a power of two dividing
+            ``num_kv_heads``; ``None``: enough for 16 rows).
     Returns ``out``.
     """
     check_qo(q, out)
@@ -323,10 +327,21 @@ def decode_attention(
                           block_n, num_warps or 4, num_stages or 2, max_programs, kv_evict, page, group,
                           variant == "row_flat",
                           tile_dtype(q.dtype, k_cache.dtype, f16_tiles))
-    if variant != "split":
-        raise AttentionInputError(f"variant must be 'split', 'row' or 'row_flat', got {variant!r}")
+    if variant not in ("split", "packed"):
+        raise AttentionInputError(f"variant must be 'split', 'row', 'row_flat' or 'packed', got {variant!r}")
+    if head_group is not None and variant != "packed":
+        raise AttentionInputError("head_group applies to variant='packed' only; drop it or use that variant")
     kv_heads = k_cache.shape[2]
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
+    if variant == "packed":
+        from nanoflow.ops.attention.decode_packed import decode_packed
+
+        if prefetch or tma or max_programs is not None:
+            raise AttentionInputError("prefetch, tma and max_programs apply to the split variant only; drop them or "
+                                      "use variant='split'")
+        return decode_packed(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace, block_n,
+                             num_warps or 4, num_stages or 2, kv_evict, page, group, head_group,
+                             tile_dtype(q.dtype, k_cache.dtype, f16_tiles), strides)
     default_n, default_warps, default_stages = _default_tiles(q.device, head_dim, k_cache.element_size(),
                                                               bounded=max_programs is not None)
     num_warps, num_stages = num_warps or default_warps, num_stages or default_stages

@@ -18,6 +18,13 @@ softmax, its cross-warp reductions and the page lookups are shared by ``head_gro
 
 Grid ``(N, num_kv_heads // head_group, num_splits)``; splits, the workspace and the reduce kernel are the split
 kernel's, as are its CUDA-graph invariants.
+
+Measured on an H100 (640 rows x 1,280 tokens, LLaMA-3-8B heads; benchmarks/results/2026-12-06-s9-green-decode-packed-
+h100.json): slower, not faster. Float8: best 0.74 ms (4 kv heads, 32-token tiles, 4 warps, 3 stages) against 0.63 ms
+for the split kernel, and 0.61 against 0.90 TB/s on 32 SMs; bf16: 1.12 ms, a tie on the whole GPU, 1.49 against 1.66
+TB/s on 32 SMs. So the padded softmax rows are not what bounds the split kernel's per-SM rate; the wider tiles and the
+``[rows, head_group * head_dim]`` accumulator cost more than they save. Kept as a measured option (``--decode-variant
+packed``), not the default.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ not kept: the transposed products (K/V as the MMAs' left operands), float8 score
 Inside a green context of n SMs (scripts/device/green_decode.py, H100) every config's bandwidth is proportional to n
 (float8 default 0.90 TB/s on 32 SMs, 2.79 on 132), TMA tiles included: the kernel is bound by its per-element work on
 each SM (~27 G elements/s/SM for float8 and bf16 alike), not by HBM, which is why an SM share cannot overlap it with a
-GEMM profitably (benchmarks/results/2026-12-06-s9-green-decode-h100.json).
+GEMM profitably (benchmarks/results/2026-12-06-s9-green-decode-h100.json). Nsight Compute (s9-ncu-decode-h100.json):
+the float8 kernel issues 0.16 warp instructions per K/V element at IPC 2.35 (occupancy 19%, 168 registers), so it is
+instruction-bound on a share of the SMs; bf16 issues 0.13 and waits on memory at 25% occupancy.
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their

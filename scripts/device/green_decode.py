@@ -38,6 +38,8 @@ def _args(ap) -> None:
     ap.add_argument("--sms", default="16,32,48,64", help="green-context SM counts for decode (comma list)")
     ap.add_argument("--gemm-tokens", type=int, default=1024, help="rows of the paired gate/up GEMM")
     ap.add_argument("--tma-page", type=int, default=64, help="tokens per page of the caches the TMA configs read")
+    ap.add_argument("--only", default="", help="run only the configs whose name contains one of these (comma list; "
+                                               "the two defaults always run)")
 
 
 OPTS = parse_script_args(__doc__, "green_decode.json", _args)
@@ -66,6 +68,11 @@ CONFIGS += [(f"{dt}-packed-h{h}-{b}x{w}w{s}s", dt, PAGE, {"variant": "packed", "
                                                          "num_warps": w, "num_stages": s})
             for dt in ("fp8", "bf16") for h, b, w, s in PACKED if dt == "fp8" or (h == 4 and b <= 32)]
 if not DRY:
+    CONFIGS += [(f"fp8-ptr-64x{w}w3s-r{r}", "fp8", PAGE, {"block_n": 64, "num_warps": w, "num_stages": 3,
+                                                         "maxnreg": r})
+                for w, r in ((2, 128), (2, 96), (4, 128), (4, 96))]
+    CONFIGS += [(f"bf16-ptr-64x4w2s-r{r}", "bf16", PAGE, {"block_n": 64, "num_warps": 4, "num_stages": 2,
+                                                         "maxnreg": r}) for r in (96, 64)]
     CONFIGS += [(f"fp8-ptr-{b}x{w}w{s}s", "fp8", PAGE, {"block_n": b, "num_warps": w, "num_stages": s})
                 for b, w, s in ((64, 4, 3), (128, 4, 2), (32, 2, 4), (64, 1, 3), (128, 8, 3))]
     TP = OPTS.tma_page
@@ -111,7 +118,9 @@ def main() -> int:
     streams = {n: ctx.Stream() for n, ctx in contexts.items()}
     refs = {}
     rows = []
-    for name, dt, page, kw in CONFIGS:
+    only = [o for o in OPTS.only.split(",") if o]
+    configs = [c for c in CONFIGS if not only or c[0].endswith("default") or any(o in c[0] for o in only)]
+    for name, dt, page, kw in configs:
         k, v = caches[page][dt]
         table = caches[page]["table"]
         moved = ROWS * LENGTH * 2 * HKV * D * k.element_size()

@@ -261,6 +261,7 @@ def decode_attention(
     f16_tiles: bool | None = None,
     tma: int = 0,
     head_group: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -308,6 +309,8 @@ def decode_attention(
         head_group: ``variant="packed"`` (:mod:`nanoflow.ops.attention.decode_packed`): kv heads per program, their
             query heads packed into the dots' rows through a block-diagonal q (a power of two dividing
             ``num_kv_heads``; ``None``: enough for 16 rows).
+        maxnreg: split variant on a GPU: cap the registers per thread (PTX ``.maxnreg``), trading spills for more
+            resident warps; ``None`` lets the compiler choose (ignored off CUDA).
     Returns ``out``.
     """
     check_qo(q, out)
@@ -322,8 +325,8 @@ def decode_attention(
     if variant in ("row", "row_flat"):
         from nanoflow.ops.attention.decode_row import decode_row
 
-        if prefetch or tma:
-            raise AttentionInputError("prefetch and tma apply to the split variant only; drop them or use "
+        if prefetch or tma or maxnreg is not None:
+            raise AttentionInputError("prefetch, tma and maxnreg apply to the split variant only; drop them or use "
                                       "variant='split'")
         return decode_row(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
                           block_n, num_warps or 4, num_stages or 2, max_programs, kv_evict, page, group,
@@ -338,9 +341,9 @@ def decode_attention(
     if variant == "packed":
         from nanoflow.ops.attention.decode_packed import decode_packed
 
-        if prefetch or tma or max_programs is not None:
-            raise AttentionInputError("prefetch, tma and max_programs apply to the split variant only; drop them or "
-                                      "use variant='split'")
+        if prefetch or tma or max_programs is not None or maxnreg is not None:
+            raise AttentionInputError("prefetch, tma, max_programs and maxnreg apply to the split variant only; drop "
+                                      "them or use variant='split'")
         return decode_packed(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace, block_n,
                              num_warps or 4, num_stages or 2, kv_evict, page, group, head_group,
                              tile_dtype(q.dtype, k_cache.dtype, f16_tiles), strides)
@@ -351,6 +354,11 @@ def decode_attention(
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
                 TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), TMA=int(tma),
                 num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        if variant != "split" or maxnreg < 24:
+            raise AttentionInputError(f"maxnreg applies to the split variant and must be >= 24, got {maxnreg}")
+        if q.device.type == "cuda":
+            meta["maxnreg"] = int(maxnreg)
     k_arg, v_arg = k_cache, v_cache
     if tma:
         if prefetch:

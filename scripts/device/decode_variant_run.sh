@@ -8,7 +8,7 @@
 # Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
-(cd scripts/device && timeout "${GREEN_S:-150}" python3 green_decode.py --only "${ONLY:-}" > "$OUT/green.log" 2>&1)
+(cd scripts/device && timeout "${GREEN_S:-150}" python3 green_decode.py --only="${ONLY:-}" > "$OUT/green.log" 2>&1)
 echo "green_decode rc $?"; grep -E "default|${CANDIDATE:-packed}|^pair" "$OUT/green.log" | cut -c1-160
 read -r GO VARIANT OPTS < <(python3 - "$OUT/green_decode.json" "${CANDIDATE:-packed}" <<'PY'
 import json, sys

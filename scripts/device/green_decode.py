@@ -68,10 +68,10 @@ CONFIGS += [(f"{dt}-packed-h{h}-{b}x{w}w{s}s", dt, PAGE, {"variant": "packed", "
                                                          "num_warps": w, "num_stages": s})
             for dt in ("fp8", "bf16") for h, b, w, s in PACKED if dt == "fp8" or (h == 4 and b <= 32)]
 if not DRY:
-    CONFIGS += [(f"fp8-ptr-64x{w}w3s-r{r}", "fp8", PAGE, {"block_n": 64, "num_warps": w, "num_stages": 3,
+    CONFIGS += [(f"fp8-ptr-64x{w}w3s-maxreg{r}", "fp8", PAGE, {"block_n": 64, "num_warps": w, "num_stages": 3,
                                                          "maxnreg": r})
                 for w, r in ((2, 128), (2, 96), (4, 128), (4, 96))]
-    CONFIGS += [(f"bf16-ptr-64x4w2s-r{r}", "bf16", PAGE, {"block_n": 64, "num_warps": 4, "num_stages": 2,
+    CONFIGS += [(f"bf16-ptr-64x4w2s-maxreg{r}", "bf16", PAGE, {"block_n": 64, "num_warps": 4, "num_stages": 2,
                                                          "maxnreg": r}) for r in (96, 64)]
     CONFIGS += [(f"fp8-ptr-{b}x{w}w{s}s", "fp8", PAGE, {"block_n": b, "num_warps": w, "num_stages": s})
                 for b, w, s in ((64, 4, 3), (128, 4, 2), (32, 2, 4), (64, 1, 3), (128, 8, 3))]

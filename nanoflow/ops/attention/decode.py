@@ -310,7 +310,9 @@ def decode_attention(
             query heads packed into the dots' rows through a block-diagonal q (a power of two dividing
             ``num_kv_heads``; ``None``: enough for 16 rows).
         maxnreg: split variant on a GPU: cap the registers per thread (PTX ``.maxnreg``), trading spills for more
-            resident warps; ``None`` lets the compiler choose (ignored off CUDA).
+            resident warps; ``None`` lets the compiler choose (ignored off CUDA). Measured slower on an H100 (float8
+            default tiles 0.60 ms; capped at 128: 0.67 ms, at 96: 1.34 ms; bf16 at 96: 1.18 against 1.09 ms;
+            benchmarks/results/2026-12-06-s9-green-decode-maxnreg-h100.json), so off by default.
     Returns ``out``.
     """
     check_qo(q, out)

@@ -68,6 +68,13 @@ CONFIGS += [(f"{dt}-packed-h{h}-{b}x{w}w{s}s", dt, PAGE, {"variant": "packed", "
                                                          "num_warps": w, "num_stages": s})
             for dt in ("fp8", "bf16") for h, b, w, s in PACKED if dt == "fp8" or (h == 4 and b <= 32)]
 if not DRY:
+    # Deep pipelines: with >= 5 stages Triton 3.6 keeps the next tile's K/V copies in flight during this tile's compute
+    # (its loop waits with num=3); at 2-4 stages it waits for every copy (num=0) before computing, so a CTA never
+    # overlaps its own loads with its compute (compiled TTGIR, scripts/device/green_decode.py docstring).
+    CONFIGS += [(f"{dt}-deep-{b}x{w}w{s}s", dt, PAGE, {"block_n": b, "num_warps": w, "num_stages": s})
+                for dt, b, w, s in (("fp8", 64, 2, 5), ("fp8", 64, 2, 6), ("fp8", 32, 2, 5), ("fp8", 32, 2, 6),
+                                    ("fp8", 64, 4, 5), ("fp8", 32, 4, 5), ("fp8", 128, 4, 5), ("fp8", 16, 2, 6),
+                                    ("bf16", 64, 4, 5), ("bf16", 32, 4, 5), ("bf16", 32, 4, 6), ("bf16", 64, 2, 5))]
     CONFIGS += [(f"fp8-ptr-64x{w}w3s-maxreg{r}", "fp8", PAGE, {"block_n": 64, "num_warps": w, "num_stages": 3,
                                                          "maxnreg": r})
                 for w, r in ((2, 128), (2, 96), (4, 128), (4, 96))]

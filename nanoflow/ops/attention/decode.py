@@ -23,9 +23,11 @@ Measured (split kernel, LLaMA-3-8B heads, bf16, pages of 16 in shuffled order, 2
 95-102% of the device-to-device copy bandwidth on an H100 and an H200 (scripts/device/bench_attention.py). On an
 H200 (scripts/device/tune_decode_kv.py, 768 x 1,280 and 256 x 4,096 tokens): bf16 split 4.4 TB/s; the row kernels
 far slower at their default grids (row 0.9-1.6 TB/s, row_flat 2.1-2.3 TB/s). A float8 cache reads half the bytes;
-its tiles are widened to float16 in registers before their dots, which Triton does not stream through shared memory,
-so what keeps bytes in flight is more, smaller programs: 2 warps, 64-token tiles, 3 stages reach 3.3 TB/s (0.61 ms
-for 768 x 1,280 tokens, against 0.92 ms bf16); 4-warp tiles 2.0-2.5 TB/s (session-6 tune files). Measured slower and
+its tiles are widened to float16 in registers before their dots; Triton 3.6 still copies them asynchronously into
+shared memory, but at 2-4 stages its loop waits for every copy before computing (from 5 stages on it overlaps them,
+measured no faster: s9-green-decode-deep-h100.json), so what keeps bytes in flight is more, smaller programs: 2
+warps, 64-token tiles, 3 stages reach 3.3 TB/s (0.61 ms for 768 x 1,280 tokens, against 0.92 ms bf16); 4-warp tiles
+2.0-2.5 TB/s (session-6 tune files). Measured slower and
 not kept: the transposed products (K/V as the MMAs' left operands), float8 score dots on a quantised query, 1 warp.
 Inside a green context of n SMs (scripts/device/green_decode.py, H100) every config's bandwidth is proportional to n
 (float8 default 0.90 TB/s on 32 SMs, 2.79 on 132), TMA tiles included: the kernel is bound by its per-element work on

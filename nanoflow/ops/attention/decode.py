@@ -11,8 +11,7 @@ read once and does ~2 FLOPs per head of its group, so the design goal is streami
   whole row (all kv heads), so each K/V tile is whole contiguous pages.
 * Reduce kernel, grid ``(N, num_heads)``: combines a row's splits with log-sum-exp weights (every variant).
 * ``tma=True`` (split and persistent grids): K/V pages are copied by TMA through tensor descriptors, one page per
-  tile, instead of pointer loads (for float8 tiles, which Triton cannot pipeline from pointer loads); measured slower
-  than the pointer tiles on an H200, so off by default.
+  tile, instead of pointer loads; measured slower than the pointer tiles on an H200, so off by default.
 
 The attention kernels (split, persistent, row, row_flat) share one online-softmax step and one result store
 (:mod:`nanoflow.ops.attention.online_softmax`), the split-KV workspace and reduce
@@ -293,15 +292,15 @@ def decode_attention(
             ``num_warps``, ``num_stages`` and ``kv_evict`` mean the same for both (work items are rows, not
             (row, kv head) pairs, for ``"row"``).
         prefetch: split variant (full or persistent grid): load each next K/V tile before computing on the current
-            one, a software pipeline in registers for tiles Triton cannot pipeline itself (a float8 cache, widened
-            before its dot). Off by default: on an H200 it is slower (float8, 768 x 1,280 tokens: 1.2-2.7 ms against
-            0.61 ms for the default tiles; register pressure); ``scripts/device/tune_decode_kv.py`` sweeps it.
+            one, a software pipeline in registers (written when float8 tiles, widened before their dot, were thought
+            not to be pipelined by Triton; they are, see above). Off by default: on an H200 it is slower (float8,
+            768 x 1,280 tokens: 1.2-2.7 ms against 0.61 ms for the default tiles; register pressure);
+            ``scripts/device/tune_decode_kv.py`` sweeps it.
         f16_tiles: a float8 cache under a bf16 query is widened to float16 and q cast to it (``None``, the default,
             see :func:`~nanoflow.ops.tile_dot.tile_dtype`); ``False`` widens to the query's dtype instead.
         tma: split variant: copy each K/V page into shared memory by TMA (Hopper's bulk tensor copies, through
             tensor descriptors) instead of pointer loads; one page per tile, so ``block_n`` must be the page size
-            (``None`` takes it). For a float8 cache, whose pointer-loaded tiles Triton cannot pipeline (they are
-            widened before their dots), TMA copies are asynchronous whatever the dtype. Needs contiguous
+            (``None`` takes it). Needs contiguous
             ``[num_blocks, block_size, kv_heads, head_dim]`` pages. ``tma=2`` also lets Triton warp-specialise the
             tile loop (producer warps issue the copies; needs ``num_warps >= 4``). Off by default: on an H200
             (768 x 1,280 tokens, float8) the best TMA tile reached 3.16 TB/s against 3.33 for the default pointer

@@ -16,8 +16,7 @@ from typing import Any
 
 # Integer-valued options of the decode-attention kernel that EngineArgs.extra["decode_options"] and the command
 # lines' --decode-options may set (nanoflow.ops.attention.decode.decode_attention's keywords of the same names).
-DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "tma", "head_group", "maxnreg",
-                      "kpack")
+DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "tma", "head_group", "maxnreg")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 DTYPES = ("float32", "bfloat16", "float16")

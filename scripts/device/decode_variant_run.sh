@@ -20,7 +20,7 @@ best = min(cands, key=lambda c: c["full"]["ms"]) if cands else None
 if best is None or best["full"]["ms"] > 0.97 * base["full"]["ms"]:
     print("0 - -")
 else:
-    keys = ("head_group", "block_n", "num_warps", "num_stages", "maxnreg", "kpack")
+    keys = ("head_group", "block_n", "num_warps", "num_stages", "maxnreg")
     print("1", best.get("variant", "split"), ",".join(f"{k}={best[k]}" for k in keys if k in best))
 PY
 )

@@ -75,12 +75,6 @@ if not DRY:
                 for dt, b, w, s in (("fp8", 64, 2, 5), ("fp8", 64, 2, 6), ("fp8", 32, 2, 5), ("fp8", 32, 2, 6),
                                     ("fp8", 64, 4, 5), ("fp8", 32, 4, 5), ("fp8", 128, 4, 5), ("fp8", 16, 2, 6),
                                     ("bf16", 64, 4, 5), ("bf16", 32, 4, 5), ("bf16", 32, 4, 6), ("bf16", 64, 2, 5))]
-    # Float8 V (and K) loaded as packed words and widened in the loaded layout by inline PTX (kpack): at 2-4 stages
-    # Triton otherwise transposes the float8 V tile into its MMA operand byte by byte (one LDS.U8 per element).
-    CONFIGS += [(f"fp8-kpack{p}-{b}x{w}w{s}s", "fp8", PAGE, {"block_n": b, "num_warps": w, "num_stages": s,
-                                                          "kpack": p})
-                for p, b, w, s in ((1, 64, 2, 3), (2, 64, 2, 3), (3, 64, 2, 3), (3, 32, 2, 3), (3, 64, 4, 3),
-                                   (3, 128, 4, 3), (3, 64, 2, 4), (3, 32, 2, 4), (3, 64, 1, 3), (3, 128, 8, 3))]
     CONFIGS += [(f"fp8-ptr-64x{w}w3s-maxreg{r}", "fp8", PAGE, {"block_n": 64, "num_warps": w, "num_stages": 3,
                                                          "maxnreg": r})
                 for w, r in ((2, 128), (2, 96), (4, 128), (4, 96))]

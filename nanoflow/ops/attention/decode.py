@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoflow.ops.attention.online_softmax import LOG2E, attend_tile, attend_tile_kleft, dot_rows, store_result
+from nanoflow.ops.attention.online_softmax import LOG2E, attend_tile, dot_rows, store_result
 from nanoflow.ops.attention.reference import AttentionInputError, check_index, check_kv_cache, check_qo
 from nanoflow.ops.attention.split_kv import (
     DecodeWorkspace,
@@ -74,40 +74,6 @@ def _default_tiles(device: torch.device, head_dim: int, kv_elem_bytes: int = 2,
         # 264 programs). benchmarks/results/2026-12-02-s6-decode-kv-tune-warps-h200.json
         return (128, 4, 2) if bounded else (64, 2, 3)
     return (64 if head_dim <= 128 else 32), 4, 2
-
-
-@triton.jit
-def _widen_fp8_words(w, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``[BLOCK_N, HEAD_DIM // 4]`` int32 words, each four float8 e4m3 values (byte j of word i is element 4i + j), to
-    the ``[BLOCK_N, HEAD_DIM]`` float16 tile: two ``cvt.rn.f16x2.e4m3x2`` per word, in the loaded layout."""
-    o0, o1, o2, o3 = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b16 lo, hi;
-        .reg .b32 r0, r1;
-        mov.b32 {lo, hi}, $4;
-        cvt.rn.f16x2.e4m3x2 r0, lo;
-        cvt.rn.f16x2.e4m3x2 r1, hi;
-        mov.b32 {$0, $1}, r0;
-        mov.b32 {$2, $3}, r1;
-        }""",
-        constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-        is_pure=True, pack=1)
-    # [..., a, b] = o_{2a + b}, so the flattened last dims give byte 2a + b of each word.
-    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [BLOCK_N, HEAD_DIM])
-
-
-@triton.jit
-def _widen_fp8_pairs(w, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``[BLOCK_N, HEAD_DIM // 2]`` int16 words of two float8 e4m3 values to the ``[BLOCK_N, HEAD_DIM]`` float16
-    tile (one ``cvt.rn.f16x2.e4m3x2`` per word)."""
-    o0, o1 = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 r0;
-        cvt.rn.f16x2.e4m3x2 r0, $2;
-        mov.b32 {$0, $1}, r0;
-        }""",
-        constraints="=h,=h,h", args=[w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    return tl.reshape(tl.join(o0, o1), [BLOCK_N, HEAD_DIM])
 
 
 @triton.jit
@@ -141,7 +107,7 @@ def _attend_group(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, TMA: tl.constexpr, KLEFT: tl.constexpr, KPACK: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr, TMA: tl.constexpr,
 ):
     """The split and persistent kernels' work item: the GQA group of query heads of kv head ``kvh`` in ``row`` (padded
     to BLOCK_G rows) over the row's KV tiles ``[tile_lo, tile_hi)``, each holding >= 1 valid token; the result is
@@ -194,41 +160,12 @@ def _attend_group(
     else:
         k_head = k_ptr + kvh * stride_kh
         v_head = v_ptr + kvh * stride_vh
-        qt = tl.trans(q)
         for tile in range(tile_lo, tile_hi):
             valid, k, v = _load_tile(bt_row, k_head, v_head, tile, tile_hi, seq_len, offs_n, offs_d, stride_kb,
                                      stride_kt, stride_vb, stride_vt, PAGE, BLOCK_N, EVICT)
             # A float8 cache is widened in registers to TILE (a no-op otherwise).
-            if KPACK:
-                # K as int32 words of four float8 values, widened in the loaded layout (see _widen_fp8_words).
-                tok = tile * BLOCK_N + offs_n
-                page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-                offs_w = tl.arange(0, HEAD_DIM // 4)
-                if KPACK == 3:
-                    offs_h = tl.arange(0, HEAD_DIM // 2)
-                    v_pairs = tl.load(v_head.to(tl.pointer_type(tl.int16), bitcast=True)
-                                      + ((page * stride_vb + (tok % PAGE) * stride_vt) // 2)[:, None]
-                                      + offs_h[None, :], mask=valid[:, None], other=0, eviction_policy=EVICT)
-                    vf = _widen_fp8_pairs(v_pairs, BLOCK_N, HEAD_DIM)
-                else:
-                    v_words = tl.load(v_head.to(tl.pointer_type(tl.int32), bitcast=True)
-                                      + ((page * stride_vb + (tok % PAGE) * stride_vt) // 4)[:, None]
-                                      + offs_w[None, :], mask=valid[:, None], other=0, eviction_policy=EVICT)
-                    vf = _widen_fp8_words(v_words, BLOCK_N, HEAD_DIM)
-                if KPACK == 2:
-                    k_words = tl.load(k_head.to(tl.pointer_type(tl.int32), bitcast=True)
-                                      + ((page * stride_kb + (tok % PAGE) * stride_kt) // 4)[:, None]
-                                      + offs_w[None, :], mask=valid[:, None], other=0, eviction_policy=EVICT)
-                    kf = _widen_fp8_words(k_words, BLOCK_N, HEAD_DIM)
-                else:
-                    kf = k.to(q.dtype)
-                m_i, l_i, acc = attend_tile(q, tl.trans(kf), vf, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
-            elif KLEFT:
-                m_i, l_i, acc = attend_tile_kleft(qt, k.to(q.dtype), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
-                                                  scale_log2, PRECISION)
-            else:
-                m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i,
-                                            acc, scale_log2, PRECISION)
+            m_i, l_i, acc = attend_tile(q, tl.trans(k.to(q.dtype)), v.to(q.dtype), valid[None, :], m_i, l_i, acc,
+                                        scale_log2, PRECISION)
     store_result(out_ptr, po_ptr, plse_ptr, row64, split, heads, g_valid, m_i, l_i, acc,
                  stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh, HEAD_DIM, DIRECT)
 
@@ -246,7 +183,7 @@ def _decode_split_kernel(
     stride_plt, stride_plh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr,
-    PREFETCH: tl.constexpr, TILE: tl.constexpr, TMA: tl.constexpr, KLEFT: tl.constexpr, KPACK: tl.constexpr,
+    PREFETCH: tl.constexpr, TILE: tl.constexpr, TMA: tl.constexpr,
 ):
     row = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -266,7 +203,7 @@ def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
         stride_ot, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
-        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE, TMA, KLEFT, KPACK,
+        GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, DIRECT, PRECISION, EVICT, PREFETCH, TILE, TMA,
     )
 
 
@@ -282,7 +219,7 @@ def _decode_persistent_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
-    TILE: tl.constexpr, TMA: tl.constexpr, KLEFT: tl.constexpr, KPACK: tl.constexpr,
+    TILE: tl.constexpr, TMA: tl.constexpr,
 ):
     """One (row, kv head) work item after another with a fixed number of programs (the grid-size knob).
 
@@ -300,7 +237,7 @@ def _decode_persistent_kernel(
                 tl.cdiv(seq_len, BLOCK_N), scale_log2,
                 stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,
                 stride_ot, stride_oh, 0, 0, 0, 0, 0,
-                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE, TMA, KLEFT, KPACK,
+                GROUP, BLOCK_G, HEAD_DIM, PAGE, BLOCK_N, True, PRECISION, EVICT, PREFETCH, TILE, TMA,
             )
 
 
@@ -326,8 +263,6 @@ def decode_attention(
     tma: int = 0,
     head_group: int | None = None,
     maxnreg: int | None = None,
-    kleft: bool = False,
-    kpack: bool = False,
 ) -> torch.Tensor:
     """Paged decode attention: ``out[n] = softmax(scale * q[n] K_n^T) V_n`` over row ``n``'s ``seq_lens[n]`` tokens.
 
@@ -420,15 +355,8 @@ def decode_attention(
     num_warps, num_stages = num_warps or default_warps, num_stages or default_stages
     meta = dict(GROUP=group, BLOCK_G=dot_rows(group), HEAD_DIM=head_dim, PAGE=page,
                 PRECISION=dot_precision(q.dtype, q.device), EVICT=kv_evict, PREFETCH=bool(prefetch),
-                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), TMA=int(tma), KLEFT=bool(kleft), KPACK=int(kpack),
+                TILE=tile_dtype(q.dtype, k_cache.dtype, f16_tiles), TMA=int(tma),
                 num_warps=num_warps, num_stages=num_stages)
-    if kpack:
-        if int(kpack) not in (1, 2, 3) or k_cache.element_size() != 1 or prefetch or tma or head_dim % 4 \
-                or any(st % 4 for st in (*k_cache.stride()[:3], *v_cache.stride()[:3])):
-            raise AttentionInputError(f"kpack (1: V, 2: K and V as int32 words, 3: V as int16 pairs) needs a float8 "
-                                      f"cache with strides and head_dim divisible by 4 and no prefetch/tma; got "
-                                      f"kpack={kpack}, {k_cache.dtype}, head_dim {head_dim}")
-        meta["KPACK"] = int(kpack) if q.device.type == "cuda" else 0  # inline PTX: GPU only
     if maxnreg is not None:
         if variant != "split" or maxnreg < 24:
             raise AttentionInputError(f"maxnreg applies to the split variant and must be >= 24, got {maxnreg}")

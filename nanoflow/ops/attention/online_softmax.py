@@ -23,21 +23,7 @@ def attend_tile(q, kt, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constex
     ``[..., M, N]``) says which scores count. Returns the new ``(m_i, l_i, acc)``: ``[..., M]``, ``[..., M]``,
     ``[..., M, D]``. Every row must keep >= 1 score of the tile, so the new maximum is finite and exp2 never sees
     (-inf) - (-inf)."""
-    return softmax_step(tile_dot(q, kt, PRECISION), v, keep, m_i, l_i, acc, scale_log2, PRECISION)
-
-
-@triton.jit
-def attend_tile_kleft(qt, k, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
-    """:func:`attend_tile` with the scores computed as ``(K @ q^T)^T``: ``qt [D, M]`` (q transposed once per work
-    item), ``k [N, D]`` as stored. K is then the MMA's left operand in its stored orientation, which Triton reads
-    from shared memory in vectors; as the right operand (``q @ K^T``) a float8 tile is transposed byte by byte."""
-    return softmax_step(tl.trans(tile_dot(k, qt, PRECISION)), v, keep, m_i, l_i, acc, scale_log2, PRECISION)
-
-
-@triton.jit
-def softmax_step(s, v, keep, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
-    """The online-softmax update of :func:`attend_tile` from a tile's raw scores ``s [..., M, N]``."""
-    s = s * scale_log2
+    s = tile_dot(q, kt, PRECISION) * scale_log2
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, -1))
     alpha = tl.exp2(m_i - m_new)

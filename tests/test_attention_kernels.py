@@ -536,3 +536,22 @@ def test_references_agree_with_sdpa():
     torch.testing.assert_close(got, sdpa.transpose(0, 1))
     dec = decode_attention_ref(q[-1:], k, v, table, i32([length], dtype=torch.int32), 0.3)
     torch.testing.assert_close(dec, sdpa.transpose(0, 1)[-1:])
+
+
+@pytest.mark.parametrize("variant,options,splits", [("split", {}, 1), ("row", {}, 8), ("row_flat", {}, 8),
+                                                    ("packed", {"head_group": 2}, 2), ("packed", {}, 4)])
+def test_graph_workspace_splits_follow_the_decode_variant(variant, options, splits):
+    """The CUDA-graph runner sizes the split-KV workspace from the variant's programs per row (8 kv heads of 4 query
+    heads: split 8, row kernels 1, packed 8 / head_group; the default head_group 4 packs 16 rows), so a one-row
+    batch gets ceil(2 * 4 CPU "SMs" / programs) splits."""
+    from types import SimpleNamespace
+
+    from nanoflow.graphs.cuda_graph import CudaGraphRunner
+    from nanoflow.ops.attention.backends import TritonAttention
+
+    fake = SimpleNamespace(device=torch.device("cpu"), runner=SimpleNamespace(
+        spec=SimpleNamespace(head_dim=64), model=SimpleNamespace(local_kv_heads=8, local_heads=32),
+        attention=TritonAttention(0.125, 16, decode_variant=variant, decode_options=options)))
+    got, ws = CudaGraphRunner._decode_workspace(fake, 1)
+    assert got == splits
+    assert ws.partial_out.shape == (1, 32, splits, 64)

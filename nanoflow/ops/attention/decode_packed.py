@@ -24,7 +24,7 @@ h100.json): slower, not faster. Float8: best 0.74 ms (4 kv heads, 32-token tiles
 for the split kernel, and 0.61 against 0.90 TB/s on 32 SMs; bf16: 1.12 ms, a tie on the whole GPU, 1.49 against 1.66
 TB/s on 32 SMs. So the padded softmax rows are not what bounds the split kernel's per-SM rate; the wider tiles and the
 ``[rows, head_group * head_dim]`` accumulator cost more than they save. Kept as a measured option (``--decode-variant
-packed``), not the default.
+packed``; it runs in the engine under CUDA graphs: s9-bench-packed-decode-h100-llama3-8b.json), not the default.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from unittest import mock
 
 from tqdm import tqdm
 
+from nanoflow.graphs.cuda_graph import halving_buckets, token_buckets
 from nanoflow.scheduler import BlockManager, Request, SamplingParams, Scheduler, batcher
 
 
@@ -61,10 +62,20 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
             bar.update(len(done))
     rec = {"rule": rule, "iterations": len(tokens), "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
            "full_iterations": full, "preemptions": preempted, "cpu_s": time.perf_counter() - t0}
-    if args.step_model:
-        # Predicted GPU time from a per-step model fitted to a measured run: a + b * prefill + c * decode tokens.
+    ms = None
+    if args.step_fit:
+        # scripts/step_model.py's fit: a + b * padded + c * prefill + d * decode tokens, padded = the CUDA-graph
+        # bucket the step runs (the engine's token_buckets, or the halvings older runs used).
+        fit = json.loads(Path(args.step_fit).read_text())["fit"]
+        buckets = halving_buckets if args.buckets == "halvings" else token_buckets
+        sizes = sorted(buckets(args.dense_batch))
+        ms = sum(fit["a"] + fit["b_padded"] * next((s for s in sizes if s >= t), t) + fit["c_prefill"] * (t - d)
+                 + fit["d_decode"] * d for t, d in zip(tokens, decodes))
+    elif args.step_model:
+        # A simpler per-step model: a + b * prefill + c * decode tokens.
         a, b, c = args.step_model
         ms = sum(a + b * (t - d) + c * d for t, d in zip(tokens, decodes))
+    if ms is not None:
         rec["predicted_s"] = ms / 1e3
         rec["predicted_tok_s"] = args.requests * (args.prompt + args.output) / (ms / 1e3)
     return rec
@@ -89,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-model", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
                     help="predict GPU time with a step model fitted to a measured run's per-step trace: "
                          "A + B * prefill tokens + C * decode tokens (ms)")
+    ap.add_argument("--step-fit", default="",
+                    help="predict GPU time with the fit scripts/step_model.py --output wrote (its 'fit': a + b * "
+                         "padded + c * prefill + d * decode ms, padded = the step's CUDA-graph bucket); overrides "
+                         "--step-model")
+    ap.add_argument("--buckets", default="engine", choices=["engine", "halvings"],
+                    help="the CUDA-graph sizes a step is padded to under --step-fit: the engine's token_buckets, or "
+                         "the halvings of the dense size that runs before session 9 used")
     ap.add_argument("--rules", default="sum,peak",
                     help="comma-separated: sum (every request's final length at once), peak (the peak over time, "
                          "the engine's rule)")

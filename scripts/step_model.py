@@ -5,8 +5,9 @@ graph token buckets would cost, on the CPU from a GPU run's JSON.
 
 The model: ``step ms = a + b * padded tokens + c * prefill tokens + d * decode tokens`` (least squares over the
 run's steps; steps over ``--max-ms`` are left out as stalls), where ``padded tokens`` is the bucket the step ran
-(``--buckets``, default the halvings of the dense size the run used). Prints and writes (``--output``) the fit and,
-for each candidate bucket set, the GPU time it predicts for the same steps.
+(the engine's ``token_buckets`` when the record captured that many graphs, else the halvings of the dense size
+that runs before session 9 used). Prints and writes (``--output``) the fit and, for each candidate bucket set, the
+GPU time it predicts for the same steps; ``scripts/sim_admission.py --step-fit`` reads that file.
 """
 
 from __future__ import annotations
@@ -18,14 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoflow.graphs.cuda_graph import token_buckets
-
-
-def halvings(dense: int, smallest: int = 128) -> list[int]:
-    sizes = [dense]
-    while sizes[-1] // 2 >= smallest and sizes[-1] % 2 == 0:
-        sizes.append(sizes[-1] // 2)
-    return sizes
+from nanoflow.graphs.cuda_graph import halving_buckets, token_buckets
 
 
 def padded(tokens: np.ndarray, sizes: list[int]) -> np.ndarray:
@@ -48,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     trace = rec["iterations_timed"]["trace"]
     tok, dec, ms = (np.asarray(trace[k], dtype=float) for k in ("tokens", "decode_tokens", "step_ms"))
     dense = int(rec.get("dense_batch") or tok.max())
-    ran = halvings(dense)
+    # The sizes the run captured: the engine's token_buckets since session 9, the halvings before.
+    engine = token_buckets(dense)
+    ran = engine if rec.get("graphs_captured") == len(engine) else halving_buckets(dense)
     ok = ms < args.max_ms
 
     def design(sizes: list[int]) -> np.ndarray:
@@ -60,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     rms_plain = float(np.sqrt(np.mean((design(ran)[ok][:, [0, 2, 3]] @ plain - ms[ok]) ** 2)))
     base = float((design(ran) @ coef).sum() / 1e3)
     candidates = {
-        "halvings (as run)": ran,
-        "halvings and midpoints": sorted({*ran, *(s * 3 // 4 for s in ran if s * 3 // 4 >= 128)}, reverse=True),
+        "as run": ran,
+        "halvings": halving_buckets(dense),
+        "halvings and midpoints": sorted({*halving_buckets(dense), *(s * 3 // 4 for s in halving_buckets(dense)
+                                          if s * 3 // 4 >= 128)}, reverse=True),
         "the engine's (token_buckets)": token_buckets(dense),
         "every 128": list(range(128, dense + 1, 128)),
         "every 64": list(range(64, dense + 1, 64)),

@@ -532,3 +532,15 @@ def test_admission_simulation_script(tmp_path) -> None:
     by_rule = {r["rule"]: r for r in json.loads(out.read_text())["records"]}
     for r in by_rule.values():  # a prompt and 31 decode inputs per request (the first output comes from the prefill)
         assert round(r["mean_tokens_per_iteration"] * r["iterations"]) >= 40 * (64 + 31)
+    # --step-fit (scripts/step_model.py's fit): a constant step costs its constant; a padded-size term costs at least
+    # the tokens each step carries (steps run padded to a CUDA-graph bucket >= their size).
+    base = ["--kv-tokens", "3000", "--requests", "40", "--prompt", "64", "--output", "32", "--dense-batch", "256",
+            "--warmup-requests", "0", "--decode-len-prior", "32", "--rules", "peak", "--output-file", str(out)]
+    for fit, check in (({"a": 2.0, "b_padded": 0.0, "c_prefill": 0.0, "d_decode": 0.0},
+                        lambda r: abs(r["predicted_s"] - r["iterations"] * 2e-3) < 1e-9),
+                       ({"a": 0.0, "b_padded": 1.0, "c_prefill": 0.0, "d_decode": 0.0},
+                        lambda r: r["predicted_s"] * 1e3 >= r["mean_tokens_per_iteration"] * r["iterations"] - 1e-6)):
+        (tmp_path / "fit.json").write_text(json.dumps({"fit": fit}))
+        for buckets in ("engine", "halvings"):
+            assert sim.main([*base, "--step-fit", str(tmp_path / "fit.json"), "--buckets", buckets]) == 0
+            assert check(json.loads(out.read_text())["records"][0])

@@ -53,6 +53,16 @@ def token_buckets(dense: int, fine: int = 128, coarse: int = 256, fine_up_to: in
     return sorted(sizes, reverse=True)
 
 
+def halving_buckets(dense: int, smallest: int = 128) -> list[int]:
+    """The token counts graphs were captured for before :func:`token_buckets` (runs up to session 8): ``dense`` halved
+    down to ``smallest``, largest first. Kept to model those runs' traces (``scripts/step_model.py``,
+    ``scripts/sim_admission.py``)."""
+    sizes = [dense]
+    while sizes[-1] // 2 >= smallest and sizes[-1] % 2 == 0:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
 @dataclass
 class _Captured:
     shape: BatchShape

@@ -243,9 +243,12 @@ def test_decode_packed_variant_rejects_bad_inputs():
         decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", max_programs=4)
     with pytest.raises(AttentionInputError, match="maxnreg"):
         decode_attention(q, k, k, table, lens, out, 1.0, maxnreg=8)
-    # Off CUDA the register cap is accepted and ignored: the interpreter gives the reference result.
-    gen = seeded("maxnreg")
-    check_decode([37, 0, 20], 2, 4, 64, 16, torch.float32, gen, maxnreg=128)
+
+
+@in_process
+def test_decode_maxnreg_is_ignored_off_cuda():
+    """Off CUDA the register cap is accepted and ignored: the interpreter gives the reference result."""
+    check_decode([37, 0, 20], 2, 4, 64, 16, torch.float32, seeded("maxnreg"), maxnreg=128)
 
 
 def test_decode_row_variant_rejects_bad_inputs():

@@ -56,7 +56,7 @@ from nanoflow.ops.attention.split_kv import (
     default_num_splits,
     reduce_splits,
     split_outputs,
-    split_tiles,
+    split_range,
 )
 from nanoflow.ops.tile_dot import dot_precision, tile_dtype
 
@@ -188,17 +188,10 @@ def _decode_split_kernel(
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
-    seq_len = tl.load(lens_ptr + row)
-    if seq_len <= 0:
+    seq_len, tile_lo, tile_hi = split_range(lens_ptr, row, split, tl.num_programs(2), BLOCK_N)
+    if tile_lo >= tile_hi:
         return
-    num_tiles, tiles_per_split = split_tiles(seq_len, num_splits, BLOCK_N)
-    tile_lo = split * tiles_per_split
-    if tile_lo >= num_tiles:
-        return
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
-    # Every tile of a split holds >= 1 valid token.
     _attend_group(
         q_ptr, k_ptr, v_ptr, bt_ptr, out_ptr, po_ptr, plse_ptr, row, kvh, split, seq_len, tile_lo, tile_hi, scale_log2,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt,

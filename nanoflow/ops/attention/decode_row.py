@@ -36,7 +36,7 @@ from nanoflow.ops.attention.split_kv import (
     default_num_splits,
     reduce_splits,
     split_outputs,
-    split_tiles,
+    split_range,
 )
 from nanoflow.ops.tile_dot import dot_precision
 
@@ -48,10 +48,7 @@ def _item_tiles(lens_ptr, item, num_splits, BLOCK_N: tl.constexpr):
     is too short to reach this split)."""
     row = item // num_splits
     split = item % num_splits
-    seq_len = tl.load(lens_ptr + row)
-    num_tiles, tiles_per_split = split_tiles(seq_len, num_splits, BLOCK_N)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    seq_len, tile_lo, tile_hi = split_range(lens_ptr, row, split, num_splits, BLOCK_N)
     return row, split, seq_len, tile_lo, tile_hi
 
 

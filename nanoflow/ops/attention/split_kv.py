@@ -130,6 +130,17 @@ def split_tiles(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def split_range(lens_ptr, row, split, num_splits, BLOCK_N: tl.constexpr):
+    """``(seq_len, tile_lo, tile_hi)`` of split ``split`` of ``row``: the KV tiles ``[tile_lo, tile_hi)`` it owns,
+    each holding >= 1 valid token; empty (``tile_lo >= tile_hi``) when the row is empty (``seq_len <= 0``) or too
+    short to reach this split. Every decode kernel's work item starts here."""
+    seq_len = tl.load(lens_ptr + row)
+    num_tiles, tiles_per_split = split_tiles(tl.maximum(seq_len, 0), num_splits, BLOCK_N)
+    tile_lo = split * tiles_per_split
+    return seq_len, tile_lo, tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     lens_ptr, out_ptr, po_ptr, plse_ptr,
     num_splits,

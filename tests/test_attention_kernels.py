@@ -239,6 +239,8 @@ def test_decode_packed_variant_rejects_bad_inputs():
         decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", head_group=8)
     with pytest.raises(AttentionInputError, match="head_group applies to variant='packed'"):
         decode_attention(q, k, k, table, lens, out, 1.0, head_group=2)
+    with pytest.raises(AttentionInputError, match="head_group applies to variant='packed'"):
+        decode_attention(q, k, k, table, lens, out, 1.0, head_group=2, variant="row")
     with pytest.raises(AttentionInputError, match="split variant only"):
         decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", max_programs=4)
     with pytest.raises(AttentionInputError, match="maxnreg"):

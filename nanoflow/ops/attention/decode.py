@@ -32,8 +32,10 @@ Inside a green context of n SMs (scripts/device/green_decode.py, H100) every con
 (float8 default 0.90 TB/s on 32 SMs, 2.79 on 132), TMA tiles included: the kernel is bound by its per-element work on
 each SM (~27 G elements/s/SM for float8 and bf16 alike), not by HBM, which is why an SM share cannot overlap it with a
 GEMM profitably (benchmarks/results/2026-12-06-s9-green-decode-h100.json). Nsight Compute (s9-ncu-decode-h100.json):
-the float8 kernel issues 0.16 warp instructions per K/V element at IPC 2.35 (occupancy 19%, 168 registers), so it is
-instruction-bound on a share of the SMs; bf16 issues 0.13 and waits on memory at 25% occupancy.
+the float8 kernel issues 0.16 warp instructions per K/V element at IPC 2.35 (occupancy 19%, 168 registers); bf16
+issues 0.13 and waits on memory at 25% occupancy. Cutting the float8 loop's instructions by a quarter (V loaded as
+packed words, s9-green-decode-kpack-h100.json) cost registers and ran slower: instructions and occupancy together set
+the per-SM rate.
 
 CUDA-graph invariants: the grid depends only on ``N``, the head counts, ``num_splits`` and ``max_programs``; the
 wrapper never reads a device tensor. Rows with ``seq_lens[n] == 0`` exit (or are skipped) before any store, so their
@@ -318,6 +320,8 @@ def decode_attention(
         return out
     if kv_evict not in ("", "evict_first", "evict_last"):
         raise AttentionInputError(f"kv_evict must be '', 'evict_first' or 'evict_last', got {kv_evict!r}")
+    if head_group is not None and variant != "packed":
+        raise AttentionInputError("head_group applies to variant='packed' only; drop it or use that variant")
     if variant in ("row", "row_flat"):
         from nanoflow.ops.attention.decode_row import decode_row
 
@@ -330,8 +334,6 @@ def decode_attention(
                           tile_dtype(q.dtype, k_cache.dtype, f16_tiles))
     if variant not in ("split", "packed"):
         raise AttentionInputError(f"variant must be 'split', 'row', 'row_flat' or 'packed', got {variant!r}")
-    if head_group is not None and variant != "packed":
-        raise AttentionInputError("head_group applies to variant='packed' only; drop it or use that variant")
     kv_heads = k_cache.shape[2]
     strides = decode_strides(q, k_cache, v_cache, block_tables, out)
     if variant == "packed":

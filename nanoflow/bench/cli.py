@@ -45,11 +45,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
-    p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat", "packed"],
+    p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat", "packed", "cuda"],
                    help="decode-attention kernel: split (one program per row and kv head), row (one per row, all "
-                        "kv heads, whole-page tiles, batched 3-D dots), row_flat (the same with 2-D dots) or packed "
+                        "kv heads, whole-page tiles, batched 3-D dots), row_flat (the same with 2-D dots), packed "
                         "(one per row and group of kv heads, their query heads as the rows of block-diagonal dots; "
-                        "--decode-options head_group=N sets the group)")
+                        "--decode-options head_group=N sets the group) or cuda (the hand-written CUDA kernel for a "
+                        "float8 cache, --kv-cache-dtype fp8; built with nvcc on first use)")
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "

@@ -1,0 +1,141 @@
+"""The hand-written CUDA decode kernel (``variant="cuda"``): its input checks everywhere, its results on a GPU.
+
+The GPU cases run where CUDA is present (the lent machine: ``python -m pytest tests/test_decode_cuda.py``); they
+scatter each row over shuffled pages, poison what the kernel must not read (page 0, the tail of each last page) or
+write (rows of length 0) with NaN, and compare with the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from nanoflow.ops.attention import decode_cuda as dc
+from nanoflow.ops.attention.decode import decode_attention
+from nanoflow.ops.attention.reference import AttentionInputError, decode_attention_ref
+from nanoflow.ops.attention.split_kv import decode_workspace
+from nanoflow.ops.kv_store import FP8
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernel is CUDA C++)")
+
+
+def _case(lengths, group, kv_heads, page, seed, device="cuda", q_slice=False):
+    gen = torch.Generator().manual_seed(seed)
+    d = 128
+    pages = [math.ceil(n / page) for n in lengths]
+    blocks = 1 + sum(pages) + 2
+    k = torch.randn(blocks, page, kv_heads, d, generator=gen)
+    v = torch.randn(blocks, page, kv_heads, d, generator=gen)
+    perm = (torch.randperm(blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(lengths), max(pages) + 1, dtype=torch.int32)
+    for row, (n, count) in enumerate(zip(lengths, pages, strict=True)):
+        ids = [perm.pop() for _ in range(count)]
+        table[row, :count] = torch.tensor(ids, dtype=torch.int32)
+        if count and n % page:  # never read: the kernel must not let these reach the output
+            k[ids[-1], n % page:] = float("nan")
+            v[ids[-1], n % page:] = float("nan")
+    k[0] = v[0] = float("nan")
+    heads = group * kv_heads
+    if q_slice:  # q and out as column slices of wider buffers (a fused QKV row, say)
+        q = torch.randn(len(lengths), heads + 2 * kv_heads, d, generator=gen)[:, :heads]
+        out = torch.full((len(lengths), heads + 3, d), float("nan"))[:, 1:heads + 1]
+    else:
+        q = torch.randn(len(lengths), heads, d, generator=gen)
+        out = torch.full((len(lengths), heads, d), float("nan"))
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    to = dict(device=device)
+    return (q.to(torch.bfloat16).to(**to), k.to(FP8).to(**to), v.to(FP8).to(**to), table.to(**to), lens.to(**to),
+            out.to(torch.bfloat16).to(**to))
+
+
+CASES = [
+    # lengths, group, kv_heads, page, num_splits, max_programs, q_slice
+    ([0, 1, 15, 16, 17, 100, 513, 1030], 4, 8, 16, 1, None, False),
+    ([3000, 1, 47, 600], 4, 2, 16, 1, None, True),  # > 32 pages: the page ids are reloaded mid-row
+    ([3000, 33, 700, 0, 64], 8, 2, 32, 3, None, False),
+    ([5, 250, 1000], 1, 4, 64, 1, 5, True),  # a bounded grid: warps loop over the items
+    ([129, 2048, 16, 31], 3, 4, 16, 2, 7, False),
+    ([1, 2, 3], 6, 1, 16, 16, None, False),  # more splits than tiles
+]
+
+
+@gpu
+@pytest.mark.parametrize("lengths,group,kv_heads,page,num_splits,max_programs,q_slice", CASES)
+def test_cuda_decode_matches_reference(lengths, group, kv_heads, page, num_splits, max_programs, q_slice):
+    q, k, v, table, lens, out = _case(lengths, group, kv_heads, page, zlib.crc32(repr(lengths).encode()),
+                                      q_slice=q_slice)
+    ws = decode_workspace(len(lengths), q.shape[1], 128, num_splits, q.device) if num_splits > 1 else None
+    decode_attention(q, k, v, table, lens, out, 128**-0.5, num_splits=num_splits, workspace=ws,
+                     max_programs=max_programs, variant="cuda")
+    ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, 128**-0.5)
+    owned = lens.cpu() > 0
+    got = out.double().cpu()
+    assert not got[owned].isnan().any(), "an owned row was not (fully) written"
+    torch.testing.assert_close(got[owned], ref.cpu()[owned], atol=2e-2, rtol=2e-2)
+    assert got[~owned].isnan().all(), "a row of length 0 was written"
+
+
+@gpu
+def test_cuda_decode_is_captured_by_cuda_graphs():
+    q, k, v, table, lens, out = _case([40, 700, 1], 4, 2, 16, 7)
+    ws = decode_workspace(3, q.shape[1], 128, 2, q.device)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        decode_attention(q, k, v, table, lens, out, 0.1, num_splits=2, workspace=ws, variant="cuda")  # builds
+        with torch.cuda.graph(graph, stream=stream):
+            decode_attention(q, k, v, table, lens, out, 0.1, num_splits=2, workspace=ws, variant="cuda")
+    q.copy_(torch.randn_like(q))
+    lens.copy_(torch.tensor([700, 3, 41], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, 0.1)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_cuda_decode_rejects_what_it_cannot_run():
+    q, k, v, table, lens, out = _case([20, 5], 4, 2, 16, 1, device="cpu")
+    with pytest.raises(AttentionInputError, match="CUDA devices only"):
+        decode_attention(q, k, v, table, lens, out, 0.1, variant="cuda")
+    with pytest.raises(AttentionInputError, match="fixed tile"):
+        decode_attention(q, k, v, table, lens, out, 0.1, variant="cuda", block_n=32)
+    # The scope checks, on CPU tensors dressed as what each check reads.
+    check = dc.check_cuda_inputs
+    with pytest.raises(AttentionInputError, match="float8"):
+        check(_on_cuda(q), k.to(torch.bfloat16), v, out, 16, 4)
+    with pytest.raises(AttentionInputError, match="multiple of 16"):
+        check(_on_cuda(q), k, v, out, 8, 4)
+    with pytest.raises(AttentionInputError, match="at most 8"):
+        check(_on_cuda(q), k, v, out, 16, 16)
+    with pytest.raises(AttentionInputError, match="bfloat16 query"):
+        check(_on_cuda(q.float()), k, v, out, 16, 4)
+
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor whose ``device`` reads as CUDA: lets the scope checks after the device check run on a CPU."""
+
+    @property
+    def device(self):  # noqa: D102
+        return torch.device("cuda", 0)
+
+
+def _on_cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(_FakeCuda)
+
+
+def test_find_nvcc_says_what_to_install(monkeypatch):
+    monkeypatch.delenv("NANOFLOW_NVCC", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(dc.shutil, "which", lambda name: None)
+    monkeypatch.setattr(dc.os.path, "isfile", lambda path: False)
+    with pytest.raises(AttentionInputError, match="CUDA toolkit"):
+        dc.find_nvcc()
+
+
+def test_build_command_targets_the_gpu_architecture():
+    cmd = dc.build_command("/x/nvcc", "90", "/tmp/lib.so")
+    assert cmd[0] == "/x/nvcc" and "-gencode=arch=compute_90,code=sm_90" in cmd and cmd[-1] == str(dc.SOURCE)
+    assert dc.SOURCE.exists()

@@ -91,9 +91,10 @@ class TritonAttention:
     ``decode_variant`` picks the decode kernel (``"split"``: one program per (row, kv head); ``"row"``: one program per
     row over all kv heads, whole-page tiles; ``"row_flat"``: the same with 2-D dots over flattened heads;
     ``"packed"``: one per (row, group of kv heads), their query heads as the rows of block-diagonal dots;
-    ``"cuda"``: the hand-written CUDA kernel for float8 caches, ``decode_cuda.py``; see ``decode.py``). ``decode_options`` are extra keyword arguments of
-    :func:`~nanoflow.ops.attention.decode.decode_attention` (``block_n``, ``num_warps``, ``num_stages``,
-    ``kv_evict``), e.g. the best config of ``scripts/device/interference.py``.
+    ``"cuda"``: the hand-written CUDA kernel for float8 caches, ``decode_cuda.py``; see ``decode.py``).
+    ``decode_options`` are extra keyword arguments of :func:`~nanoflow.ops.attention.decode.decode_attention`
+    (``block_n``, ``num_warps``, ``num_stages``, ``kv_evict``), e.g. the best config of
+    ``scripts/device/interference.py``.
     """
 
     name = "triton"

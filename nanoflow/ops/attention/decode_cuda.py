@@ -26,8 +26,13 @@ from pathlib import Path
 import torch
 
 from nanoflow.ops.attention.reference import AttentionInputError
-from nanoflow.ops.attention.split_kv import check_programs, check_splits, default_num_splits, reduce_splits, \
-    split_outputs
+from nanoflow.ops.attention.split_kv import (
+    check_programs,
+    check_splits,
+    default_num_splits,
+    reduce_splits,
+    split_outputs,
+)
 from nanoflow.ops.kv_store import FP8
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_fp8.cu"

@@ -135,7 +135,9 @@ struct State {
   float m[2], l[2];       // running max (log2 units) and this lane's partial sum, heads 2t and 2t+1
 };
 
-// One tile: scores S^T = K Q^T, online softmax, then O^T += V^T P^T. valid: tokens of the tile below the row's end.
+// One tile: scores S^T = K Q^T, online softmax, then O^T += V^T P^T. valid: tokens of the tile below the row's end,
+// read only when PARTIAL (the row's last tile), so full tiles carry no masking instructions.
+template <bool PARTIAL>
 __device__ __forceinline__ void attend_tile(State& st, Tile& tl, int valid, float scale_log2, int g, int t) {
   float sa[4] = {}, sb[4] = {};  // two accumulation chains (even / odd chunks) shorten the dependent mma chain
 #pragma unroll
@@ -150,7 +152,7 @@ __device__ __forceinline__ void attend_tile(State& st, Tile& tl, int valid, floa
   float x[4];
 #pragma unroll
   for (int r = 0; r < 4; ++r) x[r] = (sa[r] + sb[r]) * scale_log2;
-  if (valid < TILE) {
+  if (PARTIAL) {
     if (g >= valid) x[0] = x[1] = -INFINITY;
     if (g + 8 >= valid) x[2] = x[3] = -INFINITY;
   }
@@ -183,7 +185,7 @@ __device__ __forceinline__ void attend_tile(State& st, Tile& tl, int valid, floa
   st.l[1] += pr[1] + pr[3];
   // P^T (keys x heads) in accumulator layout -> P (heads x keys): the B fragments of O^T = V^T P^T.
   const uint32_t pb0 = transpose8x8(pack_f16x2(pr[0], pr[1])), pb1 = transpose8x8(pack_f16x2(pr[2], pr[3]));
-  if (valid < TILE) {  // tokens past the row's end: their V bytes may be anything (NaN bit patterns included)
+  if (PARTIAL) {  // tokens past the row's end: their V bytes may be anything (NaN bit patterns included)
 #pragma unroll
     for (int a = 0; a < 4; ++a)
       if ((a >> 1) * 8 + 2 * t + (a & 1) >= valid) tl.v[a] = make_uint4(0, 0, 0, 0);
@@ -266,22 +268,32 @@ __global__ void __launch_bounds__(WARPS * 32) decode_fp8_kernel(const Params p) 
       v = vb + (page_id * (uint32_t)p.v_page + slot0 * (uint32_t)p.v_slot);
     };
 
+    // Only the row's last tile can be partial; it is attended after the loop with masking.
+    const int full_end = (hi * TILE <= seq_len) ? hi : hi - 1;
     Tile buf0, buf1;
     const uint8_t *kt, *vt;
     tile_ptrs(lo, kt, vt);
     load_tile(buf0, kt, vt, off);
-    for (int tile = lo; tile < hi; tile += 2) {
-      if (tile + 1 < hi) {
-        tile_ptrs(tile + 1, kt, vt);
-        load_tile(buf1, kt, vt, off);
-      }
-      attend_tile(st, buf0, seq_len - tile * TILE, p.scale_log2, g, t);
-      if (tile + 1 >= hi) break;
+    int tile = lo;
+    for (; tile + 1 < full_end; tile += 2) {
+      tile_ptrs(tile + 1, kt, vt);
+      load_tile(buf1, kt, vt, off);
+      attend_tile<false>(st, buf0, TILE, p.scale_log2, g, t);
       if (tile + 2 < hi) {
         tile_ptrs(tile + 2, kt, vt);
         load_tile(buf0, kt, vt, off);
       }
-      attend_tile(st, buf1, seq_len - (tile + 1) * TILE, p.scale_log2, g, t);
+      attend_tile<false>(st, buf1, TILE, p.scale_log2, g, t);
+    }
+    if (tile < full_end) {  // one full tile left in buf0, perhaps the partial tile after it
+      if (tile + 1 < hi) {
+        tile_ptrs(tile + 1, kt, vt);
+        load_tile(buf1, kt, vt, off);
+      }
+      attend_tile<false>(st, buf0, TILE, p.scale_log2, g, t);
+      if (tile + 1 < hi) attend_tile<true>(st, buf1, seq_len - (tile + 1) * TILE, p.scale_log2, g, t);
+    } else if (tile < hi) {  // the partial tile, in buf0
+      attend_tile<true>(st, buf0, seq_len - tile * TILE, p.scale_log2, g, t);
     }
 
     // Lane (g, t) holds dims 16g .. 16g+15 of heads 2t, 2t+1; their sums are spread over the 8 lanes of each t.

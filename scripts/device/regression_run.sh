@@ -7,6 +7,7 @@
 #   3. llama-3-8b, float8 KV, REQS requests (default 1,536; 0 skips it), LLAMA_MODES (default non-overlap) with a
 #      per-kernel profile;
 #   4. mixtral-8x7b, float8 KV, MIXTRAL_REQS requests (default 1,536; 0 skips it), non-overlap with a profile.
+# DECODE_VARIANT (e.g. cuda) picks the decode-attention kernel of both benches (default: the Triton split kernel).
 # Results under $OUT; each step has its own time limit, so one failing step leaves the others' results.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
@@ -21,12 +22,14 @@ fi
 if [ "${REQS:-1536}" != 0 ]; then
   timeout "${LLAMA_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 \
     --num-requests "${REQS:-1536}" --kv-fraction 0.85 --modes "${LLAMA_MODES:-non-overlap}" --profile \
+    ${DECODE_VARIANT:+--decode-variant "$DECODE_VARIANT"} \
     --output "$OUT/llama" > "$OUT/llama.log" 2>&1
   echo "llama rc $?"; grep -E "tok/s|FAILED|Error" "$OUT/llama.log" | cut -c1-300
 fi
 if [ "${MIXTRAL_REQS:-1536}" != 0 ]; then
   timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
     --num-requests "${MIXTRAL_REQS:-1536}" --kv-fraction 0.88 --modes non-overlap --profile \
+    ${DECODE_VARIANT:+--decode-variant "$DECODE_VARIANT"} \
     --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
   echo "mixtral rc $?"; grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300
 fi

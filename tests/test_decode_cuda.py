@@ -89,7 +89,7 @@ def test_cuda_decode_is_captured_by_cuda_graphs():
         with torch.cuda.graph(graph, stream=stream):
             decode_attention(q, k, v, table, lens, out, 0.1, num_splits=2, workspace=ws, variant="cuda")
     q.copy_(torch.randn_like(q))
-    lens.copy_(torch.tensor([700, 3, 41], dtype=torch.int32))
+    lens.copy_(torch.tensor([33, 650, 1], dtype=torch.int32))  # within each row's pages
     graph.replay()
     torch.cuda.synchronize()
     ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, 0.1)

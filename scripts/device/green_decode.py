@@ -11,6 +11,7 @@ bf16 cache (LLaMA-3-8B heads, shuffled pages, every row the same length):
    context of the other SMs. ``P_decode`` is decode's full-GPU time over its time in the pair (the GEMM repeated to
    cover it), ``P_gemm`` the same for the GEMM; a sum above 1 is what an overlapped pipeline can gain.
 
+The float8 cache also runs the hand-written CUDA kernel (``variant="cuda"``, ``decode_cuda.py``; configs ``fp8-cuda*``).
 Both caches also run the packed variant (``variant="packed"``: ``head_group`` kv heads per program, their query
 heads as the rows of block-diagonal dots, so no dot row or softmax row is padding). Float8 configs include pages
 copied by TMA (``tma=1``; one page per tile, so the cache is built with pages of ``--tma-page`` tokens): TMA copies

@@ -37,12 +37,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-namespace {
-
-constexpr int TILE = 16;
-constexpr int WARPS = 4;
-constexpr float RESCALE_SLACK = 8.0f;  // log2 units: probabilities stay <= 2^8 between rescales
-
+// The launch parameters (mirrored by ctypes in decode_cuda.py); outside the anonymous namespace so the exported
+// launcher taking it keeps external linkage.
 struct Params {
   const __nv_bfloat16* q;
   const uint8_t* k;
@@ -61,6 +57,13 @@ struct Params {
   long long o_row, o_head;
   long long po_row, po_head, po_split, plse_row, plse_head;
 };
+
+namespace {
+
+constexpr int TILE = 16;
+constexpr int WARPS = 4;
+constexpr float RESCALE_SLACK = 8.0f;  // log2 units: probabilities stay <= 2^8 between rescales
+
 
 struct Tile {
   uint4 k[2][2];  // [key g | key g + 8][half h]: bytes [64 h + 16 t, +16) of the key's row

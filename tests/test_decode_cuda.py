@@ -52,24 +52,25 @@ def _case(lengths, group, kv_heads, page, seed, device="cuda", q_slice=False):
 
 
 CASES = [
-    # lengths, group, kv_heads, page, num_splits, max_programs, q_slice
-    ([0, 1, 15, 16, 17, 100, 513, 1030], 4, 8, 16, 1, None, False),
-    ([3000, 1, 47, 600], 4, 2, 16, 1, None, True),  # > 32 pages: the page ids are reloaded mid-row
-    ([3000, 33, 700, 0, 64], 8, 2, 32, 3, None, False),
-    ([5, 250, 1000], 1, 4, 64, 1, 5, True),  # a bounded grid: warps loop over the items
-    ([129, 2048, 16, 31], 3, 4, 16, 2, 7, False),
-    ([1, 2, 3], 6, 1, 16, 16, None, False),  # more splits than tiles
+    # lengths, group, kv_heads, page, num_splits, max_programs, q_slice, num_stages
+    ([0, 1, 15, 16, 17, 100, 513, 1030], 4, 8, 16, 1, None, False, None),
+    ([3000, 1, 47, 600], 4, 2, 16, 1, None, True, 2),  # > 32 pages: the page ids are reloaded mid-row
+    ([3000, 33, 700, 0, 64], 8, 2, 32, 3, None, False, 8),
+    ([5, 250, 1000], 1, 4, 64, 1, 5, True, 3),  # a bounded grid: warps loop over the items
+    ([129, 2048, 16, 31], 3, 4, 16, 2, 7, False, 6),
+    ([1, 2, 3], 6, 1, 16, 16, None, False, 4),  # more splits than tiles
 ]
 
 
 @gpu
-@pytest.mark.parametrize("lengths,group,kv_heads,page,num_splits,max_programs,q_slice", CASES)
-def test_cuda_decode_matches_reference(lengths, group, kv_heads, page, num_splits, max_programs, q_slice):
+@pytest.mark.parametrize("lengths,group,kv_heads,page,num_splits,max_programs,q_slice,num_stages", CASES)
+def test_cuda_decode_matches_reference(lengths, group, kv_heads, page, num_splits, max_programs, q_slice,
+                                       num_stages):
     q, k, v, table, lens, out = _case(lengths, group, kv_heads, page, zlib.crc32(repr(lengths).encode()),
                                       q_slice=q_slice)
     ws = decode_workspace(len(lengths), q.shape[1], 128, num_splits, q.device) if num_splits > 1 else None
     decode_attention(q, k, v, table, lens, out, 128**-0.5, num_splits=num_splits, workspace=ws,
-                     max_programs=max_programs, variant="cuda")
+                     max_programs=max_programs, num_stages=num_stages, variant="cuda")
     ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, 128**-0.5)
     owned = lens.cpu() > 0
     got = out.double().cpu()
@@ -102,6 +103,8 @@ def test_cuda_decode_rejects_what_it_cannot_run():
         decode_attention(q, k, v, table, lens, out, 0.1, variant="cuda")
     with pytest.raises(AttentionInputError, match="fixed tile"):
         decode_attention(q, k, v, table, lens, out, 0.1, variant="cuda", block_n=32)
+    with pytest.raises(AttentionInputError, match="num_stages in"):
+        dc.decode_cuda(_on_cuda(q), k, v, table, lens, out, 0.1, 1, None, None, 16, 4, num_stages=5)
     # The scope checks, on CPU tensors dressed as what each check reads.
     check = dc.check_cuda_inputs
     with pytest.raises(AttentionInputError, match="float8"):

@@ -86,7 +86,8 @@ if not DRY:
     TP = OPTS.tma_page
     # The hand-written CUDA kernel (decode_cuda.py): one warp per (row, kv head), tensor-core products on registers.
     CONFIGS += [("fp8-cuda", "fp8", PAGE, {"variant": "cuda"}), ("fp8-cuda-p64", "fp8", TP, {"variant": "cuda"}),
-                ("fp8-cuda-s2", "fp8", PAGE, {"variant": "cuda", "num_splits": 2})]
+                ("fp8-cuda-split2", "fp8", PAGE, {"variant": "cuda", "num_splits": 2})]
+    CONFIGS += [(f"fp8-cuda-{s}s", "fp8", PAGE, {"variant": "cuda", "num_stages": s}) for s in (2, 3, 6, 8)]
     CONFIGS += [(f"fp8-tma-p{TP}-{w}w{s}s", "fp8", TP, {"tma": 1, "num_warps": w, "num_stages": s})
                 for w in (1, 2, 4) for s in (3, 4, 6, 8)]
     CONFIGS += [(f"fp8-tma-p16-{w}w{s}s", "fp8", 16, {"tma": 1, "num_warps": w, "num_stages": s})

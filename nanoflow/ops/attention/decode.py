@@ -286,6 +286,10 @@ def decode_attention(
             ``max_programs``, ``num_splits``, ``workspace``, ``block_n``,
             ``num_warps``, ``num_stages`` and ``kv_evict`` mean the same for both (work items are rows, not
             (row, kv head) pairs, for ``"row"``).
+            ``"cuda"`` (:mod:`nanoflow.ops.attention.decode_cuda`): the hand-written CUDA kernel for a float8 cache,
+            one warp per (row, kv head[, split]); takes ``num_splits``, ``workspace``, ``max_programs`` (thread
+            blocks of 4 such warps) and ``num_stages`` (tiles in flight per warp), no other tile options; its
+            copies carry no L2 hint (``kv_evict`` is not used).
         prefetch: split variant (full or persistent grid): load each next K/V tile before computing on the current
             one, a software pipeline in registers (written when float8 tiles, widened before their dot, were thought
             not to be pipelined by Triton; they are, see above). Off by default: on an H200 it is slower (float8,
@@ -302,9 +306,6 @@ def decode_attention(
             tiles, and end to end (LLaMA-3-8B, pages of 64) 26,827 against 27,177 tok/s; with Triton 3.6
             ``tma=2`` fails to compile at 4 warps and runs as fast as ``tma=1`` at 8
             (benchmarks/results/2026-12-02-s8-decode-kv-tune-tma-page*-h200.json).
-            ``"cuda"`` (:mod:`nanoflow.ops.attention.decode_cuda`): the hand-written CUDA kernel for a float8 cache,
-            one warp per (row, kv head[, split]); takes ``num_splits``, ``workspace`` and ``max_programs`` (thread
-            blocks of 4 such warps), no tile options; its loads carry no L2 hint (``kv_evict`` is not used).
         head_group: ``variant="packed"`` (:mod:`nanoflow.ops.attention.decode_packed`): kv heads per program, their
             query heads packed into the dots' rows through a block-diagonal q (a power of two dividing
             ``num_kv_heads``; ``None``: enough for 16 rows).
@@ -338,12 +339,11 @@ def decode_attention(
     if variant == "cuda":
         from nanoflow.ops.attention.decode_cuda import decode_cuda
 
-        if prefetch or tma or maxnreg is not None or block_n is not None or num_warps is not None \
-                or num_stages is not None:
-            raise AttentionInputError("block_n, num_warps, num_stages, prefetch, tma and maxnreg are Triton tile "
-                                      "options; variant='cuda' has a fixed tile, drop them")
+        if prefetch or tma or maxnreg is not None or block_n is not None or num_warps is not None:
+            raise AttentionInputError("block_n, num_warps, prefetch, tma and maxnreg are Triton tile options; "
+                                      "variant='cuda' has a fixed tile (num_stages sets its ring depth), drop them")
         return decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
-                           max_programs, page, group)
+                           max_programs, page, group, num_stages)
     if variant not in ("split", "packed"):
         raise AttentionInputError(f"variant must be 'split', 'row', 'row_flat', 'packed' or 'cuda', got {variant!r}")
     kv_heads = k_cache.shape[2]

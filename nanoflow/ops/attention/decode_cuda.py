@@ -1,9 +1,10 @@
 """Decode attention over a float8 cache, hand-written in CUDA (``variant="cuda"``; source ``csrc/decode_fp8.cu``).
 
 The Triton kernels cannot reach the per-SM rate that overlap needs (see ``decode.py``: ~27 G K/V elements/s per SM,
-bound by ~0.16 warp instructions per element). This kernel keeps each K/V byte in registers from its 16-byte load to
-its tensor-core product (one warp per (row, kv head, split), ``mma.sync`` with head dims and output dims permuted so
-that every fragment is whole loaded words), aiming at ~0.05 instructions per element.
+bound by ~0.16 warp instructions per element). This kernel copies K/V tiles into a per-warp ring of shared-memory stages
+(``cp.async``, several tiles in flight per warp) and reads each lane's fragments as whole 16-byte words for its
+tensor-core products (one warp per (row, kv head, split), ``mma.sync`` with head dims and output dims permuted so that
+no byte is moved alone), about 0.07 warp instructions per K/V element by its SASS.
 
 It is compiled on first use with the CUDA toolkit's ``nvcc`` into ``$NANOFLOW_CACHE/cuda`` (default
 ``~/.cache/nanoflow/cuda``, keyed by the source's hash and the GPU's architecture) and called through ``ctypes`` on
@@ -40,6 +41,8 @@ TILE = 16  # tokens per tile of the kernel (its split arithmetic, shared with th
 WARPS = 4  # work-item warps per thread block
 MAX_GROUP = 8
 HEAD_DIM = 128
+STAGES = (2, 3, 4, 6, 8)  # the instantiated shared-memory ring depths
+DEFAULT_STAGES = 4
 
 
 class _Params(ctypes.Structure):
@@ -102,7 +105,7 @@ def load_library(device: torch.device) -> ctypes.CDLL:
                     raise RuntimeError(f"nvcc failed to build {SOURCE.name} for sm_{arch}:\n{res.stderr[-4000:]}")
                 os.replace(tmp_lib, lib_path)
         lib = ctypes.CDLL(str(lib_path))
-        lib.nf_decode_fp8.argtypes = [_Params, ctypes.c_int, ctypes.c_void_p]
+        lib.nf_decode_fp8.argtypes = [_Params, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         lib.nf_decode_fp8.restype = ctypes.c_int
         lib.nf_params_size.restype = ctypes.c_int
         if lib.nf_params_size() != ctypes.sizeof(_Params):
@@ -141,10 +144,14 @@ def check_cuda_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def decode_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, out: torch.Tensor, scale: float, num_splits: int | None, workspace,
-                max_programs: int | None, page: int, group: int) -> torch.Tensor:
+                max_programs: int | None, page: int, group: int, num_stages: int | None = None) -> torch.Tensor:
     """Launch on the current stream; the caller (``decode_attention``) has checked shapes and index tensors.
-    ``max_programs`` bounds the grid: thread blocks of ``WARPS`` work-item warps, which then loop over the items."""
+    ``max_programs`` bounds the grid: thread blocks of ``WARPS`` work-item warps, which then loop over the items.
+    ``num_stages``: tiles in flight per warp's shared-memory ring (one of ``STAGES``; default ``DEFAULT_STAGES``)."""
     check_cuda_inputs(q, k_cache, v_cache, out, page, group)
+    stages = DEFAULT_STAGES if num_stages is None else num_stages
+    if stages not in STAGES:
+        raise AttentionInputError(f"decode variant 'cuda' takes num_stages in {STAGES}, got {num_stages}")
     rows, num_heads, _ = q.shape
     kv_heads = k_cache.shape[2]
     num_splits = check_splits(num_splits or default_num_splits(rows, kv_heads, q.device))
@@ -159,7 +166,8 @@ def decode_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         scale * 1.4426950408889634,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), *out.stride()[:2],
         *partial_strides)
-    err = lib.nf_decode_fp8(params, max_programs or 0, ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream))
+    stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)
+    err = lib.nf_decode_fp8(params, stages, max_programs or 0, stream)
     if err:
         raise RuntimeError(f"decode variant 'cuda' failed to launch (cudaError {err})")
     if not direct:

@@ -109,27 +109,58 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint4 load16(const uint8_t* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
-
 __device__ __forceinline__ uint32_t word(const uint4& x, int w) {
   return w == 0 ? x.x : w == 1 ? x.y : w == 2 ? x.z : x.w;
 }
 
-// Per-lane byte offsets inside a 16-token slice of one kv head's page (fixed for the whole kernel).
+constexpr int TILE_BYTES = 2 * TILE * 128;  // one tile of one kv head in shared memory: K rows, then V rows
+
+// Shared-memory swizzle: the 16-byte chunk j of tile row r lives at chunk j ^ swz(r) of that row. With it the K reads
+// (lanes (g, t): row g, chunk 4h + t), the V reads (row 2t + c, chunk g) and the copies (8 lanes per row) each touch
+// 8 distinct chunk positions per quarter warp: no bank conflicts. swz(r + 8) == swz(r).
+__device__ __forceinline__ int swz(int r) { return ((((r >> 1) & 3) << 1) ^ ((r & 1) << 2)); }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const uint8_t* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ uint4 lds16(uint32_t addr) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+  return r;
+}
+
+// Per-lane offsets, fixed for the whole kernel.
 struct LaneOffsets {
-  int k0, k8;  // key g and key g + 8, at byte 16 t
-  int v[4];    // key (a / 2) * 8 + 2 t + a % 2, at byte 16 g
+  int src_k[4], src_v[4];  // copy i: row (lane / 8) + 4 i, chunk lane % 8 of the page slice (global bytes)
+  uint32_t dst[4];         // ... and where it lands in a stage (K; V is TILE_BYTES / 2 further)
+  uint32_t rd_k[2];        // read: K row g, chunk 4 h + t (row g + 8 is 1024 bytes further)
+  uint32_t rd_v[2];        // read: V row 2t + a, chunk g (rows 8 + 2t + a are 1024 bytes further)
 };
 
-__device__ __forceinline__ void load_tile(Tile& tl, const uint8_t* k, const uint8_t* v, const LaneOffsets& off) {
-  tl.k[0][0] = load16(k + off.k0);
-  tl.k[0][1] = load16(k + off.k0 + 64);
-  tl.k[1][0] = load16(k + off.k8);
-  tl.k[1][1] = load16(k + off.k8 + 64);
+// Issue one tile's copies (8 per lane) from the page slice at k / v into the stage at smem address `stage`.
+__device__ __forceinline__ void copy_tile(uint32_t stage, const uint8_t* k, const uint8_t* v, const LaneOffsets& off) {
 #pragma unroll
-  for (int a = 0; a < 4; ++a) tl.v[a] = load16(v + off.v[a]);
+  for (int i = 0; i < 4; ++i) {
+    cp_async16(stage + off.dst[i], k + off.src_k[i]);
+    cp_async16(stage + TILE_BYTES / 2 + off.dst[i], v + off.src_v[i]);
+  }
+}
+
+__device__ __forceinline__ void read_tile(Tile& tl, uint32_t stage, const LaneOffsets& off) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    tl.k[0][h] = lds16(stage + off.rd_k[h]);
+    tl.k[1][h] = lds16(stage + off.rd_k[h] + 1024);
+  }
+#pragma unroll
+  for (int a = 0; a < 2; ++a) {
+    tl.v[a] = lds16(stage + TILE_BYTES / 2 + off.rd_v[a]);
+    tl.v[a + 2] = lds16(stage + TILE_BYTES / 2 + off.rd_v[a] + 1024);
+  }
 }
 
 struct State {
@@ -207,14 +238,24 @@ __device__ __forceinline__ void attend_tile(State& st, Tile& tl, int valid, floa
   }
 }
 
+template <int STAGES>
 __global__ void __launch_bounds__(WARPS * 32) decode_fp8_kernel(const Params p) {
+  extern __shared__ __align__(128) uint8_t smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int items = p.rows * p.kv_heads * p.num_splits;
+  const uint32_t ring = (uint32_t)__cvta_generic_to_shared(smem) + warp * STAGES * TILE_BYTES;  // this warp's stages
   LaneOffsets off;
-  off.k0 = g * (int)p.k_slot + 16 * t;
-  off.k8 = off.k0 + 8 * (int)p.k_slot;
 #pragma unroll
-  for (int a = 0; a < 4; ++a) off.v[a] = ((a >> 1) * 8 + 2 * t + (a & 1)) * (int)p.v_slot + 16 * g;
+  for (int i = 0; i < 4; ++i) {
+    const int r = (lane >> 3) + 4 * i, j = lane & 7;
+    off.src_k[i] = r * (int)p.k_slot + 16 * j;
+    off.src_v[i] = r * (int)p.v_slot + 16 * j;
+    off.dst[i] = r * 128 + 16 * (j ^ swz(r));
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) off.rd_k[h] = g * 128 + 16 * ((4 * h + t) ^ swz(g));
+#pragma unroll
+  for (int a = 0; a < 2; ++a) off.rd_v[a] = (2 * t + a) * 128 + 16 * (g ^ swz(2 * t + a));
   const int tile_shift = p.page_shift - 4;  // log2(tiles per page)
   const int tile_mask = (1 << tile_shift) - 1;
 
@@ -271,33 +312,44 @@ __global__ void __launch_bounds__(WARPS * 32) decode_fp8_kernel(const Params p) 
       v = vb + (page_id * (uint32_t)p.v_page + slot0 * (uint32_t)p.v_slot);
     };
 
-    // Only the row's last tile can be partial; it is attended after the loop with masking.
-    const int full_end = (hi * TILE <= seq_len) ? hi : hi - 1;
-    Tile buf0, buf1;
+    // A ring of STAGES tiles per warp: tile i's copies are issued STAGES - 1 tiles ahead (one commit group per
+    // tile, empty past the end, so wait_group<STAGES - 2> always means "tile i has landed").
+    const int partial = (hi * TILE <= seq_len) ? -1 : hi - 1;  // only the row's last tile can be partial
     const uint8_t *kt, *vt;
-    tile_ptrs(lo, kt, vt);
-    load_tile(buf0, kt, vt, off);
-    int tile = lo;
-    for (; tile + 1 < full_end; tile += 2) {
-      tile_ptrs(tile + 1, kt, vt);
-      load_tile(buf1, kt, vt, off);
-      attend_tile<false>(st, buf0, TILE, p.scale_log2, g, t);
-      if (tile + 2 < hi) {
-        tile_ptrs(tile + 2, kt, vt);
-        load_tile(buf0, kt, vt, off);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (lo + s < hi) {
+        tile_ptrs(lo + s, kt, vt);
+        copy_tile(ring + s * TILE_BYTES, kt, vt, off);
       }
-      attend_tile<false>(st, buf1, TILE, p.scale_log2, g, t);
+      cp_async_commit();
     }
-    if (tile < full_end) {  // one full tile left in buf0, perhaps the partial tile after it
-      if (tile + 1 < hi) {
-        tile_ptrs(tile + 1, kt, vt);
-        load_tile(buf1, kt, vt, off);
+    int slot = 0;
+    auto next_tile = [&](int tile, Tile& tl) {  // wait for `tile`, read it, issue the copies STAGES - 1 ahead
+      cp_async_wait<STAGES - 2>();
+      __syncwarp();  // every lane's copies of this tile have landed; every lane has read the previous stage
+      read_tile(tl, ring + slot * TILE_BYTES, off);
+      const int ahead = tile + STAGES - 1;
+      if (ahead < hi) {
+        tile_ptrs(ahead, kt, vt);
+        copy_tile(ring + (slot == 0 ? STAGES - 1 : slot - 1) * TILE_BYTES, kt, vt, off);
       }
-      attend_tile<false>(st, buf0, TILE, p.scale_log2, g, t);
-      if (tile + 1 < hi) attend_tile<true>(st, buf1, seq_len - (tile + 1) * TILE, p.scale_log2, g, t);
-    } else if (tile < hi) {  // the partial tile, in buf0
-      attend_tile<true>(st, buf0, seq_len - tile * TILE, p.scale_log2, g, t);
+      cp_async_commit();
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    };
+    const int full_hi = partial < 0 ? hi : hi - 1;
+    for (int tile = lo; tile < full_hi; ++tile) {
+      Tile tl;
+      next_tile(tile, tl);
+      attend_tile<false>(st, tl, TILE, p.scale_log2, g, t);
     }
+    if (partial >= 0) {
+      Tile tl;
+      next_tile(partial, tl);
+      attend_tile<true>(st, tl, seq_len - partial * TILE, p.scale_log2, g, t);
+    }
+    cp_async_wait<0>();  // nothing may still land in the ring when the next item reuses it
+    __syncwarp();
 
     // Lane (g, t) holds dims 16g .. 16g+15 of heads 2t, 2t+1; their sums are spread over the 8 lanes of each t.
 #pragma unroll
@@ -333,17 +385,38 @@ __global__ void __launch_bounds__(WARPS * 32) decode_fp8_kernel(const Params p) 
 
 }  // namespace
 
+template <int STAGES>
+static int launch(const Params& p, int blocks, cudaStream_t stream) {
+  constexpr int smem = WARPS * STAGES * TILE_BYTES;
+  static bool configured = false;  // the opt-in above 48 KiB of dynamic shared memory, once per instantiation
+  if (!configured) {
+    const cudaError_t err = cudaFuncSetAttribute(decode_fp8_kernel<STAGES>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return (int)err;
+    configured = true;
+  }
+  decode_fp8_kernel<STAGES><<<blocks, WARPS * 32, smem, stream>>>(p);
+  return (int)cudaGetLastError();
+}
+
 extern "C" {
 
-// Launches the kernel on `stream`; returns a cudaError_t (0 on success). max_blocks > 0 bounds the grid (blocks of
-// WARPS work-item warps; the warps then loop over the items), the grid-size knob of an overlapped pipeline.
-int nf_decode_fp8(Params p, int max_blocks, cudaStream_t stream) {
+// Launches the kernel on `stream`; returns a cudaError_t (0 on success), or -1 for an unsupported stage count.
+// stages: tiles in flight per warp's shared-memory ring (2, 3, 4, 6 or 8). max_blocks > 0 bounds the grid (blocks
+// of WARPS work-item warps; the warps then loop over the items), the grid-size knob of an overlapped pipeline.
+int nf_decode_fp8(Params p, int stages, int max_blocks, cudaStream_t stream) {
   const long long items = (long long)p.rows * p.kv_heads * p.num_splits;
   if (items == 0) return 0;
   long long blocks = (items + WARPS - 1) / WARPS;
   if (max_blocks > 0 && max_blocks < blocks) blocks = max_blocks;
-  decode_fp8_kernel<<<(int)blocks, WARPS * 32, 0, stream>>>(p);
-  return (int)cudaGetLastError();
+  switch (stages) {
+    case 2: return launch<2>(p, (int)blocks, stream);
+    case 3: return launch<3>(p, (int)blocks, stream);
+    case 4: return launch<4>(p, (int)blocks, stream);
+    case 6: return launch<6>(p, (int)blocks, stream);
+    case 8: return launch<8>(p, (int)blocks, stream);
+    default: return -1;
+  }
 }
 
 int nf_params_size() { return (int)sizeof(Params); }

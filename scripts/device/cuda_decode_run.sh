@@ -4,7 +4,7 @@
 #   2. green_decode.py --only=cuda: alone on the whole GPU and in green contexts of n SMs beside the Triton
 #      defaults, then the best config at each n paired with the gate/up GEMM on the other SMs;
 #   3. if the tests pass: llama-3-8b, float8 KV, REQS requests (default 1,024; 0 skips it), mode non-overlap with
-#      the Triton default, then CUDA_MODES (default non-overlap) with --decode-variant cuda.
+#      the Triton default, then CUDA_MODES (default non-overlap) with --decode-variant cuda (LLAMA_S seconds a mode).
 # Results under $OUT (JSON and the tests' log; bench logs are summarised on stdout).
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
@@ -19,7 +19,8 @@ if [ "$TESTS" = 0 ] && [ "${REQS:-1024}" != 0 ]; then
   for run in split cuda; do
     extra=(--modes non-overlap)
     if [ "$run" = cuda ]; then extra=(--modes "${CUDA_MODES:-non-overlap}" --decode-variant cuda); fi
-    timeout "${LLAMA_S:-200}" python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 \
+    modes=$(echo "${extra[1]}" | tr ',' ' ' | wc -w)
+    timeout $(( ${LLAMA_S:-130} * modes )) python3 -m nanoflow.cli bench --model llama-3-8b --kv-cache-dtype fp8 \
       --num-requests "${REQS:-1024}" --kv-fraction 0.85 "${extra[@]}" --output "$OUT/llama-$run" > "/tmp/llama-$run.log" 2>&1
     echo "llama $run rc $?"; grep -E "tok/s|FAILED|Error|error" "/tmp/llama-$run.log" | cut -c1-300 | tail -8
   done

@@ -80,6 +80,15 @@ def test_cuda_decode_matches_reference(lengths, group, kv_heads, page, num_split
 
 
 @gpu
+@pytest.mark.parametrize("kv_evict", ["", "evict_last"])
+def test_cuda_decode_l2_hints_keep_results(kv_evict):
+    q, k, v, table, lens, out = _case([300, 17], 4, 2, 16, 11)
+    decode_attention(q, k, v, table, lens, out, 0.1, kv_evict=kv_evict, variant="cuda")
+    ref = decode_attention_ref(q, k.to(torch.bfloat16), v.to(torch.bfloat16), table, lens, 0.1)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@gpu
 def test_cuda_decode_is_captured_by_cuda_graphs():
     q, k, v, table, lens, out = _case([40, 700, 1], 4, 2, 16, 7)
     ws = decode_workspace(3, q.shape[1], 128, 2, q.device)

@@ -5,6 +5,7 @@
 #      defaults, then the best config at each n paired with the gate/up GEMM on the other SMs;
 #   3. if the tests pass: llama-3-8b, float8 KV, REQS requests (default 1,024; 0 skips it), mode non-overlap with
 #      the Triton default, then CUDA_MODES (default non-overlap) with --decode-variant cuda (LLAMA_S seconds a mode).
+# PAIR: green_decode.py --pair configs; RUNS (default "split cuda"): which of the two benches run.
 # Results under $OUT (JSON and the tests' log; bench logs are summarised on stdout).
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
@@ -13,10 +14,10 @@ nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -Xptxas -v -c -o /tmp/de
 timeout "${TEST_S:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_cuda.py > "$OUT/pytest.log" 2>&1
 TESTS=$?
 echo "pytest rc $TESTS"; tail -5 "$OUT/pytest.log" | cut -c1-300
-(cd scripts/device && timeout "${GREEN_S:-150}" python3 green_decode.py --only=cuda > /tmp/green.log 2>&1)
+(cd scripts/device && timeout "${GREEN_S:-150}" python3 green_decode.py --only=cuda ${PAIR:+--pair "$PAIR"} > /tmp/green.log 2>&1)
 echo "green_decode rc $?"; grep -E "default|cuda|^pair|Error" /tmp/green.log | cut -c1-200
 if [ "$TESTS" = 0 ] && [ "${REQS:-1024}" != 0 ]; then
-  for run in split cuda; do
+  for run in ${RUNS:-split cuda}; do
     extra=(--modes non-overlap)
     if [ "$run" = cuda ]; then extra=(--modes "${CUDA_MODES:-non-overlap}" --decode-variant cuda); fi
     modes=$(echo "${extra[1]}" | tr ',' ' ' | wc -w)

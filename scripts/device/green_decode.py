@@ -39,6 +39,8 @@ def _args(ap) -> None:
     ap.add_argument("--sms", default="16,32,48,64", help="green-context SM counts for decode (comma list)")
     ap.add_argument("--gemm-tokens", type=int, default=1024, help="rows of the paired gate/up GEMM")
     ap.add_argument("--tma-page", type=int, default=64, help="tokens per page of the caches the TMA configs read")
+    ap.add_argument("--pair", default="", help="pair these configs (comma list) with the GEMM at every n, instead of "
+                                               "the fastest config alone at each n")
     ap.add_argument("--only", default="", help="run only the configs whose name contains one of these (comma list; "
                                                "the two defaults always run)")
 
@@ -85,9 +87,10 @@ if not DRY:
                 for b, w, s in ((64, 4, 3), (128, 4, 2), (32, 2, 4), (64, 1, 3), (128, 8, 3))]
     TP = OPTS.tma_page
     # The hand-written CUDA kernel (decode_cuda.py): one warp per (row, kv head), tensor-core products on registers.
-    CONFIGS += [("fp8-cuda", "fp8", PAGE, {"variant": "cuda"}), ("fp8-cuda-p64", "fp8", TP, {"variant": "cuda"}),
+    CONFIGS += [("fp8-cuda", "fp8", PAGE, {"variant": "cuda"}), ("fp8-cuda-plain", "fp8", PAGE,
+                                                                 {"variant": "cuda", "kv_evict": ""}),
                 ("fp8-cuda-split2", "fp8", PAGE, {"variant": "cuda", "num_splits": 2})]
-    CONFIGS += [(f"fp8-cuda-{s}s", "fp8", PAGE, {"variant": "cuda", "num_stages": s}) for s in (2, 3, 6, 8)]
+    CONFIGS += [(f"fp8-cuda-{s}s", "fp8", PAGE, {"variant": "cuda", "num_stages": s}) for s in (3, 6)]
     CONFIGS += [(f"fp8-tma-p{TP}-{w}w{s}s", "fp8", TP, {"tma": 1, "num_warps": w, "num_stages": s})
                 for w in (1, 2, 4) for s in (3, 4, 6, 8)]
     CONFIGS += [(f"fp8-tma-p16-{w}w{s}s", "fp8", 16, {"tma": 1, "num_warps": w, "num_stages": s})
@@ -173,8 +176,10 @@ def main() -> int:
             if not ok:
                 continue
             best_full = min(ok, key=lambda r: r["full"]["ms"])
-            for n in sm_list:
-                best = min((r for r in ok if f"sms{n}" in r), key=lambda r: r[f"sms{n}"]["ms"], default=None)
+            pair_names = [p for p in OPTS.pair.split(",") if p]
+            for n, best in [(n, r) for n in sm_list for r in ok if r["config"] in pair_names and f"sms{n}" in r] \
+                    if pair_names else [(n, min((r for r in ok if f"sms{n}" in r), key=lambda r: r[f"sms{n}"]["ms"],
+                                                default=None)) for n in sm_list]:
                 if best is None:
                     continue
                 name, dt_, page, kw = next(c for c in configs if c[0] == best["config"])

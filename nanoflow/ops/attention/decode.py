@@ -288,8 +288,8 @@ def decode_attention(
             (row, kv head) pairs, for ``"row"``).
             ``"cuda"`` (:mod:`nanoflow.ops.attention.decode_cuda`): the hand-written CUDA kernel for a float8 cache,
             one warp per (row, kv head[, split]); takes ``num_splits``, ``workspace``, ``max_programs`` (thread
-            blocks of 4 such warps) and ``num_stages`` (tiles in flight per warp), no other tile options; its
-            copies carry no L2 hint (``kv_evict`` is not used).
+            blocks of 4 such warps), ``num_stages`` (tiles in flight per warp) and ``kv_evict`` (the L2 policy of
+            its copies), no other tile options.
         prefetch: split variant (full or persistent grid): load each next K/V tile before computing on the current
             one, a software pipeline in registers (written when float8 tiles, widened before their dot, were thought
             not to be pipelined by Triton; they are, see above). Off by default: on an H200 it is slower (float8,
@@ -343,7 +343,7 @@ def decode_attention(
             raise AttentionInputError("block_n, num_warps, prefetch, tma and maxnreg are Triton tile options; "
                                       "variant='cuda' has a fixed tile (num_stages sets its ring depth), drop them")
         return decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, out, scale, num_splits, workspace,
-                           max_programs, page, group, num_stages)
+                           max_programs, page, group, num_stages, kv_evict)
     if variant not in ("split", "packed"):
         raise AttentionInputError(f"variant must be 'split', 'row', 'row_flat', 'packed' or 'cuda', got {variant!r}")
     kv_heads = k_cache.shape[2]

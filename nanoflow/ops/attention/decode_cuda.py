@@ -43,13 +43,15 @@ MAX_GROUP = 8
 HEAD_DIM = 128
 STAGES = (2, 3, 4, 6, 8)  # the instantiated shared-memory ring depths
 DEFAULT_STAGES = 4
+L2_HINTS = {"": 0, "evict_first": 1, "evict_last": 2}  # kv_evict -> Params::l2_hint
 
 
 class _Params(ctypes.Structure):
     """Mirror of ``struct Params`` in ``decode_fp8.cu`` (passed by value)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "block_tables", "seq_lens", "out", "po", "plse")]
-    _fields_ += [(name, ctypes.c_int) for name in ("rows", "kv_heads", "group", "num_splits", "page_shift")]
+    _fields_ += [(name, ctypes.c_int) for name in ("rows", "kv_heads", "group", "num_splits", "page_shift",
+                                                   "l2_hint")]
     _fields_ += [("scale_log2", ctypes.c_float)]
     _fields_ += [(name, ctypes.c_longlong) for name in (
         "q_row", "q_head", "k_page", "k_slot", "k_head", "v_page", "v_slot", "v_head", "bt_row", "o_row", "o_head",
@@ -144,14 +146,19 @@ def check_cuda_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def decode_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, out: torch.Tensor, scale: float, num_splits: int | None, workspace,
-                max_programs: int | None, page: int, group: int, num_stages: int | None = None) -> torch.Tensor:
+                max_programs: int | None, page: int, group: int, num_stages: int | None = None,
+                kv_evict: str = "evict_first") -> torch.Tensor:
     """Launch on the current stream; the caller (``decode_attention``) has checked shapes and index tensors.
     ``max_programs`` bounds the grid: thread blocks of ``WARPS`` work-item warps, which then loop over the items.
-    ``num_stages``: tiles in flight per warp's shared-memory ring (one of ``STAGES``; default ``DEFAULT_STAGES``)."""
+    ``num_stages``: tiles in flight per warp's shared-memory ring (one of ``STAGES``; default ``DEFAULT_STAGES``).
+    ``kv_evict``: the L2 policy of the K/V copies (``L2_HINTS``; ``evict_first`` keeps an overlapped GEMM's reused
+    tiles in L2 ahead of the streamed cache)."""
     check_cuda_inputs(q, k_cache, v_cache, out, page, group)
     stages = DEFAULT_STAGES if num_stages is None else num_stages
     if stages not in STAGES:
         raise AttentionInputError(f"decode variant 'cuda' takes num_stages in {STAGES}, got {num_stages}")
+    if kv_evict not in L2_HINTS:
+        raise AttentionInputError(f"kv_evict must be one of {sorted(L2_HINTS)}, got {kv_evict!r}")
     rows, num_heads, _ = q.shape
     kv_heads = k_cache.shape[2]
     num_splits = check_splits(num_splits or default_num_splits(rows, kv_heads, q.device))
@@ -162,7 +169,7 @@ def decode_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     params = _Params(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), po.data_ptr(), plse.data_ptr(),
-        rows, kv_heads, group, num_splits, page.bit_length() - 1,
+        rows, kv_heads, group, num_splits, page.bit_length() - 1, L2_HINTS[kv_evict],
         scale * 1.4426950408889634,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), *out.stride()[:2],
         *partial_strides)

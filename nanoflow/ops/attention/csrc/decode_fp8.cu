@@ -49,6 +49,7 @@ struct Params {
   float* po;
   float* plse;
   int rows, kv_heads, group, num_splits, page_shift;
+  int l2_hint;  // K/V copies: 0 plain, 1 L2 evict_first (the streamed cache leaves L2 before a GEMM's tiles), 2 evict_last
   float scale_log2;
   long long q_row, q_head;
   long long k_page, k_slot, k_head;
@@ -120,8 +121,18 @@ constexpr int TILE_BYTES = 2 * TILE * 128;  // one tile of one kv head in shared
 // 8 distinct chunk positions per quarter warp: no bank conflicts. swz(r + 8) == swz(r).
 __device__ __forceinline__ int swz(int r) { return ((((r >> 1) & 3) << 1) ^ ((r & 1) << 2)); }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const uint8_t* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+__device__ __forceinline__ void cp_async16(uint32_t dst, const uint8_t* src, int hint, uint64_t policy) {
+  if (hint)
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(policy)
+                 : "memory");
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ uint64_t l2_policy(int hint) {
+  uint64_t policy = 0;
+  if (hint == 1) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  if (hint == 2) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -139,14 +150,16 @@ struct LaneOffsets {
   uint32_t dst[4];         // ... and where it lands in a stage (K; V is TILE_BYTES / 2 further)
   uint32_t rd_k[2];        // read: K row g, chunk 4 h + t (row g + 8 is 1024 bytes further)
   uint32_t rd_v[2];        // read: V row 2t + a, chunk g (rows 8 + 2t + a are 1024 bytes further)
+  int hint;                // Params::l2_hint, and its cache policy
+  uint64_t policy;
 };
 
 // Issue one tile's copies (8 per lane) from the page slice at k / v into the stage at smem address `stage`.
 __device__ __forceinline__ void copy_tile(uint32_t stage, const uint8_t* k, const uint8_t* v, const LaneOffsets& off) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    cp_async16(stage + off.dst[i], k + off.src_k[i]);
-    cp_async16(stage + TILE_BYTES / 2 + off.dst[i], v + off.src_v[i]);
+    cp_async16(stage + off.dst[i], k + off.src_k[i], off.hint, off.policy);
+    cp_async16(stage + TILE_BYTES / 2 + off.dst[i], v + off.src_v[i], off.hint, off.policy);
   }
 }
 
@@ -245,6 +258,8 @@ __global__ void __launch_bounds__(WARPS * 32) decode_fp8_kernel(const Params p) 
   const int items = p.rows * p.kv_heads * p.num_splits;
   const uint32_t ring = (uint32_t)__cvta_generic_to_shared(smem) + warp * STAGES * TILE_BYTES;  // this warp's stages
   LaneOffsets off;
+  off.hint = p.l2_hint;
+  off.policy = l2_policy(p.l2_hint);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = (lane >> 3) + 4 * i, j = lane & 7;

@@ -81,8 +81,10 @@ def main() -> int:
     x = torch.randn(OPTS.gemm_tokens, 4096, device=dev, dtype=torch.bfloat16)
     w = torch.randn(28672, 4096, device=dev, dtype=torch.bfloat16) * 0.02
     y = torch.empty(OPTS.gemm_tokens, 28672, device=dev, dtype=torch.bfloat16)
-    sd = GreenContext.create(num_sms=OPTS.decode_sms, device_id=dev.index or 0).Stream()
-    sg = GreenContext.create(num_sms=total - OPTS.decode_sms, device_id=dev.index or 0).Stream()
+    # Keep the contexts referenced: a collected GreenContext destroys its streams' context.
+    ctx_d = GreenContext.create(num_sms=OPTS.decode_sms, device_id=dev.index or 0)
+    ctx_g = GreenContext.create(num_sms=total - OPTS.decode_sms, device_id=dev.index or 0)
+    sd, sg = ctx_d.Stream(), ctx_g.Stream()
 
     def decode() -> None:
         decode_attention(q, k, v, table, lens, out, D**-0.5, workspace=ws, variant=OPTS.variant)

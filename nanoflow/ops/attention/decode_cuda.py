@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from nanoflow.ops.attention.online_softmax import LOG2E
 from nanoflow.ops.attention.reference import AttentionInputError
 from nanoflow.ops.attention.split_kv import (
     check_programs,
@@ -176,7 +177,7 @@ def decode_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), po.data_ptr(), plse.data_ptr(),
         rows, kv_heads, group, num_splits, page.bit_length() - 1, L2_HINTS[kv_evict],
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), *out.stride()[:2],
         *partial_strides)
     stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)

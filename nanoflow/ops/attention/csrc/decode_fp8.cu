@@ -2,8 +2,9 @@
 //
 // Why a CUDA kernel beside the Triton ones: overlapping decode attention with GEMMs needs attention to reach most of
 // the HBM bandwidth on a small share of the SMs. The Triton float8 kernel issues ~0.16 warp instructions per K/V
-// element (Nsight Compute, s9-ncu-decode-h100.json), which caps it at ~27 G elements/s per SM. This kernel keeps
-// every K/V byte in registers from its 16-byte global load to its tensor-core product and needs ~0.04.
+// element (Nsight Compute, s9-ncu-decode-h100.json), which caps it at ~27 G elements/s per SM. This kernel reads
+// each lane's fragments as whole 16-byte words and needs ~0.07 (by its SASS), and keeps three tiles in flight per
+// warp: 2.5x the Triton kernel's bytes per SM on an H100 (s10-green-decode-cuda-ring-h100.json).
 //
 // Work: one warp owns one (row, kv head, split) item and walks its KV tiles of 16 tokens (one page of 16, or a
 // 16-token slice of a larger page). Lane (g, t) = (lane / 4, lane % 4), the mma.sync m16n8k16 fragment coordinates.
@@ -23,8 +24,11 @@
 // * Log2 units with a lazy rescale: the running max moves only when a tile's max exceeds it by more than 8
 //   (probabilities stay <= 256, exact enough in float16 and float32 sums), so the 32 accumulators are rarely
 //   rescaled; the final division uses the same max, so the result is the same softmax.
-// * The next tile's K and V are loaded before the current tile is computed (two register buffers); page ids are
-//   loaded 32 at a time, one per lane, and handed out by shuffles.
+// * K/V tiles are copied by cp.async into a per-warp ring of STAGES shared-memory tiles (swizzled, see swz), issued
+//   STAGES - 1 tiles ahead; page ids are loaded 32 at a time, one per lane, and handed out by shuffles. (With only
+//   the next tile prefetched into registers, bytes in flight per SM were the limit: s10-green-decode-cuda-h100.json.)
+// * The K/V copies may carry an L2 cache policy (Params::l2_hint); measured, it does not change how much a GEMM
+//   running beside the kernel slows (s10-green-decode-cuda-l2hint-h100.json).
 //
 // With one split the warp writes the normalised output (bfloat16); with several it writes a normalised partial
 // output and its log2-sum-exp2 to the workspace, combined by the Triton reduce kernel (split_kv.py), which uses the

@@ -48,17 +48,30 @@ class AsyncEngine:
         return cls(create_engine(args))  # under tensor parallelism rank 0 serves; the others follow inside
 
     async def start(self) -> None:
+        if self._stopping.is_set():
+            raise RuntimeError("this AsyncEngine was shut down (its engine is closed); build a new one")
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
         self._thread.start()
 
     async def shutdown(self) -> None:
+        """Stop the engine loop, then close the engine, which joins its own background threads (the KV offload
+        worker and its copy threads) while the interpreter is whole: a daemon thread still inside a torch copy at
+        interpreter exit aborts the process ("terminate called without an active exception") after a clean
+        shutdown. Idempotent; the engine cannot be started again."""
+        first = not self._stopping.is_set()
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+            if self._thread.is_alive():  # a step that never returns: closing under it would be unsafe
+                log.warning("the engine loop did not stop within 30 s; leaving the engine open")
+                return
             self._thread = None
+        if first:
+            stop = getattr(self.engine, "shutdown", None) or self.engine.close  # tensor parallel: also the followers
+            await asyncio.to_thread(stop)
 
     # ---- requests --------------------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,

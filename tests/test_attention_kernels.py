@@ -227,12 +227,15 @@ def test_decode_packed_variant_matches_reference(hkv, gqa, head_dim, block_size,
                  num_splits=num_splits, block_n=block_n, head_group=head_group, kv_evict="", variant="packed")
 
 
+def tiny_decode_inputs(heads: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """``(q, k, table, lens, out)`` for the input-error tests: 2 rows of 1 token, head_dim 64, 3 pages of 16."""
+    q = torch.randn(2, heads, 64)
+    return (q, torch.randn(3, 16, kv_heads, 64), torch.ones(2, 1, dtype=torch.int32),
+            torch.ones(2, dtype=torch.int32), torch.empty_like(q))
+
+
 def test_decode_packed_variant_rejects_bad_inputs():
-    q = torch.randn(2, 8, 64)
-    k = torch.randn(3, 16, 4, 64)
-    lens = torch.ones(2, dtype=torch.int32)
-    table = torch.ones(2, 1, dtype=torch.int32)
-    out = torch.empty_like(q)
+    q, k, table, lens, out = tiny_decode_inputs(8, 4)
     with pytest.raises(AttentionInputError, match="head_group must be a power of two dividing"):
         decode_attention(q, k, k, table, lens, out, 1.0, variant="packed", head_group=3)
     with pytest.raises(AttentionInputError, match="head_group must be a power of two dividing"):
@@ -254,10 +257,7 @@ def test_decode_maxnreg_is_ignored_off_cuda():
 
 
 def test_decode_row_variant_rejects_bad_inputs():
-    q = torch.randn(2, 6, 64)
-    k = torch.randn(3, 16, 3, 64)
-    lens = torch.ones(2, dtype=torch.int32)
-    table = torch.ones(2, 1, dtype=torch.int32)
+    q, k, table, lens, _ = tiny_decode_inputs(6, 3)
     with pytest.raises(AttentionInputError, match="power-of-two num_kv_heads"):
         decode_attention(q, k, k, table, lens, torch.empty_like(q), 1.0, variant="row")
     k = torch.randn(3, 16, 2, 64)
@@ -315,11 +315,7 @@ def test_decode_row_slices_and_preallocated_workspace():
 
 
 def test_decode_rejects_bad_inputs():
-    q = torch.randn(2, 4, 64)
-    k = torch.randn(3, 16, 2, 64)
-    lens = torch.ones(2, dtype=torch.int32)
-    table = torch.ones(2, 1, dtype=torch.int32)
-    out = torch.empty_like(q)
+    q, k, table, lens, out = tiny_decode_inputs(4, 2)
     with pytest.raises(AttentionInputError, match="int32"):
         decode_attention(q, k, k, table, lens.long(), out, 1.0)
     with pytest.raises(AttentionInputError, match="multiple of num_kv_heads"):

@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # KV-cache element types: "auto" = the model's dtype; "fp8" = float8 e4m3 with unit scale (values clamped to +-448),
 # half the bytes of bf16, so twice the tokens fit (what vLLM calls kv_cache_dtype="fp8" without calibrated scales).
 KV_CACHE_DTYPES = ("auto", "fp8")
+MOE_BACKENDS = ("auto", "triton", "torch")  # nanoflow.ops.moe.grouped_mm
 KV_CACHE_DTYPE_HELP = ("KV-cache element type: auto = the model's dtype; fp8 = float8 e4m3 with unit scale, half "
                        "the bytes of bf16, so about twice the KV tokens fit (on a GPU: compute capability 8.9+)")
 
@@ -264,7 +265,8 @@ class EngineArgs:
     pipeline: str | None = None
     resource_knob: str = "grid"  # how nano-op shares are enforced: grid|partition|green|none (graphs/resources.py)
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
-    # Free-form options, among them: decode_variant ("split"|"row", the Triton decode kernel), decode_options (its
+    # Free-form options, among them: moe_backend (MOE_BACKENDS: the grouped GEMM of MoE layers, default auto),
+    # decode_variant ("split"|"row"|...|"cuda", the decode-attention kernel), decode_options (its
     # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -285,3 +287,6 @@ class EngineArgs:
                               f"{', '.join(KV_CACHE_DTYPES)}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.extra.get("moe_backend", "auto") not in MOE_BACKENDS:
+            raise ConfigError(f"moe_backend {self.extra['moe_backend']!r} is not supported; use one of "
+                              f"{', '.join(MOE_BACKENDS)}")

@@ -16,6 +16,7 @@ from interpreted import fresh_interpreter_test, import_interpreted, interpret_en
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from grouped_ref import offsets_of, reference, rel_err  # noqa: E402
 
 from nanoflow.ops import moe  # noqa: E402
 
@@ -27,24 +28,6 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 def seeded(*case: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-
-
-def offsets_of(counts: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def reference(x: torch.Tensor, counts: list[int], w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """float64 per-expert products over the routed rows only (``sum(counts)`` rows)."""
-    outs, lo = [], 0
-    for e, c in enumerate(counts):
-        y = x[lo:lo + c].double() @ w[e].double().t()
-        outs.append(y if scale is None else y * scale[lo:lo + c, None].double())
-        lo += c
-    return torch.cat(outs)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 COUNTS = {

@@ -51,6 +51,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "(one per row and group of kv heads, their query heads as the rows of block-diagonal dots; "
                         "--decode-options head_group=N sets the group) or cuda (the hand-written CUDA kernel for a "
                         "float8 cache, --kv-cache-dtype fp8; built with nvcc on first use)")
+    p.add_argument("--moe-backend", type=moe_backends, default=["auto"], metavar="NAME[,NAME...]",
+                   help="grouped GEMM of MoE models' experts: triton (nanoflow's kernel), torch (torch._grouped_mm, "
+                        "PyTorch's CUTLASS kernel) or auto (time both once per shape while warming up, keep the "
+                        "faster; the picks are saved in the results as grouped_mm_choices). Several, comma-"
+                        "separated, run every mode once per backend on the same weights (records labelled "
+                        "MODE/moe-NAME)")
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
@@ -86,6 +92,17 @@ def decode_options(text: str) -> dict[str, int]:
     return out
 
 
+def moe_backends(text: str) -> list[str]:
+    """``triton,auto`` -> ``["triton", "auto"]`` (argparse type of --moe-backend)."""
+    from nanoflow.config import MOE_BACKENDS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in MOE_BACKENDS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: name one or more of {', '.join(MOE_BACKENDS)}, comma-separated")
+    return list(dict.fromkeys(names))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -108,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     ea = replace(ea, block_size=args.block_size)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
+    ea.extra["moe_backend"] = getattr(args, "moe_backend", ["auto"])[0]
     if getattr(args, "decode_options", None):
         ea.extra["decode_options"] = args.decode_options
     if args.memory_share is not None:
@@ -135,8 +153,15 @@ def run(args: argparse.Namespace) -> int:
               "host": platform.node()}
     records: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        log.info("mode %s ...", mode)
+    backends = args.moe_backend if spec.is_moe else [ea.extra["moe_backend"]]
+    runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
+    for mode, backend in runs:
+        label = mode if len(backends) == 1 else f"{mode}/moe-{backend}"
+        log.info("mode %s ...", label)
+        if spec.is_moe:
+            from nanoflow.ops.moe import set_grouped_mm_backend
+
+            set_grouped_mm_backend(backend)
         try:
             margs = mode_args(ea, mode, args.searched_spec)
             if mode.startswith("overlap-preset"):
@@ -145,8 +170,14 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # one failing mode must not lose the others' figures
             log.exception("mode %s failed", mode)
             rec = {"error": repr(exc)}
-        timelines[mode] = rec.pop("_records", None)
+        timelines[label] = rec.pop("_records", None)
         rec.update(common, mode=mode, requests=len(reqs))
+        if label != mode:
+            rec["label"] = label
+        if spec.is_moe:
+            from nanoflow.ops.moe import grouped_mm_choices
+
+            rec.update(moe_backend=backend, grouped_mm_choices=grouped_mm_choices())
         if "throughput_tok_s" in rec:
             rec["pct_optimal"] = 100.0 * rec["throughput_tok_s"] / optimal
         records.append(rec)

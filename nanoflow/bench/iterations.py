@@ -107,8 +107,8 @@ def plot_iterations(records: list[dict[str, Any]], path: Any) -> None:
         sc = ax.scatter(x, tr["step_ms"], c=share, s=4, cmap="viridis", vmin=0, vmax=1, label="GPU ms of the step")
         ax.plot(x, tr["gap_ms"], color="crimson", lw=0.8, label="GPU idle ms before the step")
         ax.set_ylabel("ms")
-        ax.set_title(f"{rec['mode']}: {rec['throughput_tok_s']:,.0f} tok/s; GPU busy {it['gpu_busy_s']:.1f} s, idle "
-                     f"{it['gpu_idle_s']:.1f} s of {rec['wall_s']:.1f} s", fontsize=10)
+        ax.set_title(f"{rec.get('label', rec['mode'])}: {rec['throughput_tok_s']:,.0f} tok/s; GPU busy "
+                     f"{it['gpu_busy_s']:.1f} s, idle {it['gpu_idle_s']:.1f} s of {rec['wall_s']:.1f} s", fontsize=10)
         ax.legend(fontsize=8, loc="upper right")
         fig.colorbar(sc, ax=ax, label="decode share of the batch")
     axes[-1, 0].set_xlabel("iteration")

@@ -19,7 +19,7 @@ def plot_bench(records: list[dict[str, Any]], timelines: dict[str, Any], out: Pa
     profiled = [r for r in ok if "profile" in r]
     fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(13 if profiled else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    names = [r["mode"] for r in ok]
+    names = [r.get("label", r["mode"]) for r in ok]
     vals = [r["throughput_tok_s"] for r in ok]
     bars = ax.bar(names, vals, color=["#4c72b0" if not n.startswith("peer") else "#999999" for n in names])
     for b, r in zip(bars, ok):
@@ -37,7 +37,7 @@ def plot_bench(records: list[dict[str, Any]], timelines: dict[str, Any], out: Pa
         bottom = [0.0] * len(profiled)
         for kind in kinds:
             v = [r["profile"]["per_class_ms"].get(kind, 0.0) for r in profiled]
-            ax2.bar([r["mode"] for r in profiled], v, bottom=bottom, label=kind)
+            ax2.bar([r.get("label", r["mode"]) for r in profiled], v, bottom=bottom, label=kind)
             bottom = [a + b for a, b in zip(bottom, v)]
         ax2.set_ylabel("GPU kernel ms per dense batch (CUPTI, graph replay)")
         ax2.set_title("time per resource kind, one steady-state dense batch", fontsize=10)

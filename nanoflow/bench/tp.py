@@ -92,6 +92,10 @@ def run_tp(args: argparse.Namespace) -> int:
     ea = replace(ea, block_size=getattr(args, "block_size", 16))
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
+    backends = getattr(args, "moe_backend", ["auto"])
+    if len(backends) > 1:
+        log.warning("--tp runs one MoE backend; using %s (drop the others)", backends[0])
+    ea.extra["moe_backend"] = backends[0]
     if args.memory_share is not None:
         ea.extra["memory_share"] = args.memory_share
     ea = replace(ea, tp=args.tp, device=str(comm.device))

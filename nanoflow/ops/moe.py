@@ -8,9 +8,17 @@ The routed computation of ``n`` tokens, each sent to ``k`` experts, as the ``exp
    element-wise ops and a cumulative sum only, so it is deterministic, stable (token order kept inside an expert),
    never reads a device value on the host and can be captured in a CUDA graph.
 3. gather the tokens into that order, grouped GEMM with each expert's ``w13`` (gate and up), SiLU * up, grouped GEMM
-   with ``w2`` scaling each row by its routing weight in fp32 (:func:`grouped_mm`: the Triton kernel on a GPU, a
-   loop over experts elsewhere), then each token's k rows are summed back in token order (:func:`combine_into`:
-   gather + sum, no atomics).
+   with ``w2`` scaling each row by its routing weight (:func:`grouped_mm`), then each token's k rows are summed back
+   in token order (:func:`combine_into`: gather + sum, no atomics).
+
+:func:`grouped_mm` has three backends on a GPU: ``triton`` (:mod:`nanoflow.ops.grouped_gemm`, writes the caller's
+buffer, applies the routing weight to the fp32 accumulator), ``torch`` (``torch._grouped_mm``, PyTorch's CUTLASS
+grouped GEMM: it returns a new tensor and the weight multiplies its bf16 result) and ``auto`` (the default): the
+first time a shape ``(rows, N, K, experts)`` is seen outside CUDA-graph capture, both run on an even split of the
+rows and the faster is kept for that shape (:func:`grouped_mm_choices` lists what was picked and the timings). The
+two win at different sizes (an H100 at Mixtral's shapes, s9-moe-grouped-gemm-h100.json: Triton at 2,048 routed rows
+for gate/up, torch at 4,096 for both). Both read the offsets on the device, so either can be captured. Off the GPU
+the loop over experts runs (``torch`` still calls ``torch._grouped_mm``, for tests).
 
 Under tensor parallelism each rank holds a slice of every expert's intermediate dim; routing is replicated and the
 per-rank sums are partial, completed by the layer's ``ffn_all_reduce``.
@@ -18,12 +26,16 @@ per-rank sums are partial, completed by the layer's ``ffn_all_reduce``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from nanoflow.config import MOE_BACKENDS as GROUPED_MM_BACKENDS
 from nanoflow.ops.activation import silu_and_mul_into
+
+log = logging.getLogger(__name__)
 
 
 class MoEInputError(ValueError):
@@ -96,14 +108,98 @@ def grouped_mm_reference(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor
     return out
 
 
-def grouped_mm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-               row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-expert ``x_e @ w_e^T`` into ``out``: the Triton grouped GEMM on CUDA, the torch loop elsewhere."""
-    if x.is_cuda:
-        from nanoflow.ops.grouped_gemm import grouped_gemm
+def grouped_mm_torch(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
+                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch._grouped_mm`` with this module's contract, into a new ``[M, N]`` tensor: ``offsets`` is ``[E+1]``
+    starting at 0 (PyTorch takes the ``E`` group ends), ``w`` is ``[E, N, K]`` (PyTorch takes ``[E, K, N]``, here a
+    transposed view); the row scale multiplies the result after its cast, in fp32. Rows at or past ``offsets[E]``
+    are undefined."""
+    y = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:])
+    if row_scale is not None:
+        y.mul_(row_scale[:, None])
+    return y
 
-        return grouped_gemm(x, offsets, w, out=out, row_scale=row_scale)
-    return grouped_mm_reference(x, offsets, w, row_scale=row_scale, out=out)
+
+class _Choice(NamedTuple):
+    backend: str
+    ms: dict[str, float | None]
+
+
+_default_backend = "auto"
+_choices: dict[tuple, _Choice] = {}
+
+
+def set_grouped_mm_backend(name: str) -> None:
+    """The backend :func:`grouped_mm` uses when a call names none (the engine's ``moe_backend``)."""
+    global _default_backend
+    if name not in GROUPED_MM_BACKENDS:
+        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
+    _default_backend = name
+
+
+def grouped_mm_choices() -> list[dict]:
+    """What ``auto`` picked so far: one record per shape, with each backend's time in ms (None: it failed)."""
+    return [{"rows": key[1], "n": key[2], "k": key[3], "experts": key[4], "dtype": key[5], "row_scale": key[6],
+             "backend": c.backend, "ms": c.ms} for key, c in _choices.items()]
+
+
+def _time_ms(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()  # compiles / autotunes / allocates
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _auto_backend(x: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor | None) -> str:
+    """The faster backend for this call's shape, timed once per shape on an even split of the rows."""
+    from nanoflow.ops.grouped_gemm import grouped_gemm
+
+    m, e, n, k = x.shape[0], w.shape[0], w.shape[1], w.shape[2]
+    key = (x.device, m, n, k, e, str(x.dtype).removeprefix("torch."), row_scale is not None)
+    found = _choices.get(key)
+    if found is not None:
+        return found.backend
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Timing is impossible inside a capture; the engine warms every shape up eagerly first, so this is rare.
+        log.warning("grouped GEMM %s seen first during CUDA-graph capture: using triton untimed", key[1:])
+        return "triton"
+    even = torch.linspace(0, m, e + 1, device=x.device).round().to(torch.int32)
+    scratch = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ms: dict[str, float | None] = {}
+    try:
+        ms["torch"] = _time_ms(lambda: grouped_mm_torch(x, even, w, row_scale))
+    except (RuntimeError, NotImplementedError) as exc:  # e.g. a dtype or GPU torch's kernel does not support
+        log.info("torch._grouped_mm cannot run %s: %s", key[1:], exc)
+        ms["torch"] = None
+    ms["triton"] = _time_ms(lambda: grouped_gemm(x, even, w, out=scratch, row_scale=row_scale))
+    best = "torch" if ms["torch"] is not None and ms["torch"] < ms["triton"] else "triton"
+    _choices[key] = _Choice(best, ms)
+    log.info("grouped GEMM rows=%d n=%d k=%d experts=%d: %s -> %s", m, n, k, e,
+             ", ".join(f"{b} {t:.3f} ms" for b, t in ms.items() if t is not None), best)
+    return best
+
+
+def grouped_mm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
+               row_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Per-expert ``(x_e @ w_e^T) * row_scale``; returns the result, which is ``out`` except with the ``torch``
+    backend (a new tensor). ``backend``: one of :data:`GROUPED_MM_BACKENDS`, default the module's (see the module
+    docstring). Off the GPU, ``auto`` and ``triton`` run the torch loop."""
+    name = backend or _default_backend
+    if name not in GROUPED_MM_BACKENDS:
+        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
+    if name == "torch":
+        return grouped_mm_torch(x, offsets, w, row_scale)
+    if not x.is_cuda:
+        return grouped_mm_reference(x, offsets, w, row_scale=row_scale, out=out)
+    if name == "auto" and _auto_backend(x, w, row_scale) == "torch":
+        return grouped_mm_torch(x, offsets, w, row_scale)
+    from nanoflow.ops.grouped_gemm import grouped_gemm
+
+    return grouped_gemm(x, offsets, w, out=out, row_scale=row_scale)
 
 
 class MoEScratch(NamedTuple):
@@ -146,7 +242,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     """``out[t] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for the ``n`` rows of ``x``.
 
     ``x``, ``out``: ``[n, hidden]``; ``weights``/``experts``: ``[n, k]`` from :func:`route`. Every intermediate
-    goes to ``scratch`` (its views need exactly ``n * k`` rows); ``out`` is written, not accumulated into.
+    goes to ``scratch`` (its views need exactly ``n * k`` rows; the ``torch`` grouped-GEMM backend allocates its two
+    results instead); ``out`` is written, not accumulated into.
     ``act_into`` and ``combine`` default to the eager ops; the engine passes their compiled forms.
     """
     num_experts, _ = check_experts(x, w13, w2)
@@ -162,11 +259,11 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
         return out
     sort = sort_by_expert(experts, num_experts)
     torch.index_select(x, 0, sort.order // k, out=scratch.sorted_x)
-    grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
-    act_into(scratch.gate_up, scratch.act)
+    gate_up = grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
+    act_into(gate_up, scratch.act)
     row_scale = weights.reshape(-1).float().index_select(0, sort.order)
-    grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
-    combine(scratch.expert_out, sort.position, out)
+    expert_out = grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
+    combine(expert_out, sort.position, out)
     return out
 
 

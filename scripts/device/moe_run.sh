@@ -2,10 +2,16 @@
 # On one H200: the MoE kernels (bench_moe.py: grouped GEMM with TMA and pointer loads, the expert sort, a tile sweep),
 # then mixtral-8x7b end to end with a float8 KV cache. Env: MOE_REQS (default 512; 0 skips the end-to-end run),
 # MOE_MODES (default non-overlap,overlap-preset), MOE_TUNE=0 skips the tile sweep, MOE_BENCH=0 skips bench_moe.py,
-# MOE_KV_FRACTION (default 0.8: of the memory free after the weights). Results under $OUT.
+# MOE_KV_FRACTION (default 0.8: of the memory free after the weights), MOE_BACKENDS (the grouped GEMM backends to run
+# every mode with, default auto; e.g. triton,auto), DECODE_VARIANT (e.g. cuda), MOE_TEST=1 runs
+# tests/test_moe_backends.py first (the backends against float64 and in a CUDA graph). Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
 TUNE=()
+if [ "${MOE_TEST:-0}" != 0 ]; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_moe_backends.py > "$OUT/test_moe_backends.log" 2>&1
+  echo "test_moe_backends rc $?"; tail -3 "$OUT/test_moe_backends.log"
+fi
 [ "${MOE_TUNE:-1}" = 0 ] && TUNE=(--no-tune)
 if [ "${MOE_BENCH:-1}" != 0 ]; then
   timeout "${MOE_BENCH_S:-240}" python3 scripts/device/bench_moe.py "${TUNE[@]}" --out "$OUT" > "$OUT/moe_bench.log" 2>&1
@@ -15,13 +21,16 @@ fi
 [ "${MOE_REQS:-512}" = 0 ] && exit 0
 timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
   --num-requests "${MOE_REQS:-512}" --kv-fraction "${MOE_KV_FRACTION:-0.8}" --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
-  --overlap-preset mixtral-overlap --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
+  --overlap-preset mixtral-overlap --moe-backend "${MOE_BACKENDS:-auto}" ${DECODE_VARIANT:+--decode-variant "$DECODE_VARIANT"} \
+  --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
 echo "mixtral rc $?"
 grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300
 python3 - "$OUT/mixtral.json" <<'PY' 2>/dev/null
 import json, sys
 for r in json.load(open(sys.argv[1])):
     p = r.get("profile") or {}
-    print(r.get("mode"), "per-class ms:", {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()},
+    print(r.get("label", r.get("mode")), "per-class ms:", {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()},
           "tokens:", p.get("decode_tokens"), p.get("prefill_tokens"), "kv_cache_tokens:", r.get("kv_cache_tokens"))
+    for c in r.get("grouped_mm_choices") or []:
+        print("   grouped GEMM", c["rows"], c["n"], c["k"], c["backend"], c["ms"])
 PY

@@ -1,0 +1,139 @@
+"""The grouped GEMM's backends (``nanoflow.ops.moe.grouped_mm``): ``torch`` (``torch._grouped_mm``) against
+per-expert float64 products, ``auto``'s pick and its cache, and the names users can give.
+
+The GPU tests (skipped without CUDA) also capture both backends in a CUDA graph and replay it on a new routing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grouped_ref import offsets_of, reference, rel_err
+
+from nanoflow.config import ConfigError, EngineArgs
+from nanoflow.ops import moe
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def inputs(counts: list[int], n: int, k: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    m = sum(counts)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    w = (torch.randn(len(counts), n, k, generator=gen) / k**0.5).to(dtype).to(device)
+    scale = torch.rand(m, generator=gen).to(device)
+    return x, w, scale
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(moe, "_choices", {})
+    monkeypatch.setattr(moe, "_default_backend", "auto")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("counts", [[5, 0, 23, 1, 0, 17], [0, 0, 41, 0], [16, 32, 16]])
+def test_torch_backend_matches_float64(counts: list[int], dtype: torch.dtype, tol: float):
+    x, w, scale = inputs(counts, 24, 32, dtype)
+    off = offsets_of(counts)
+    for s in (None, scale):
+        got = moe.grouped_mm(x, off, w, out=torch.full((x.shape[0], 24), float("nan"), dtype=dtype), row_scale=s,
+                             backend="torch")
+        assert got.dtype == dtype and got.shape == (x.shape[0], 24)
+        assert rel_err(got, reference(x, counts, w, s)) < tol
+
+
+def test_experts_forward_with_torch_backend_matches_moe_reference(monkeypatch: pytest.MonkeyPatch):
+    gen = torch.Generator().manual_seed(3)
+    t, h, inter, e, top_k = 29, 32, 48, 6, 2
+    x = torch.randn(t, h, generator=gen)
+    router = torch.randn(e, h, generator=gen)
+    w13 = torch.randn(e, 2 * inter, h, generator=gen) / h**0.5
+    w2 = torch.randn(e, h, inter, generator=gen) / inter**0.5
+    moe.set_grouped_mm_backend("torch")
+    weights, experts = moe.route(x @ router.t(), top_k)
+    rows = t * top_k
+    # The torch backend leaves the two GEMM scratch views alone: poison them, the result must not read them.
+    scratch = moe.MoEScratch(torch.empty(rows, h), torch.full((rows, 2 * inter), float("nan")),
+                             torch.empty(rows, inter), torch.full((rows, h), float("nan")))
+    out = moe.experts_forward(x, weights, experts, w13, w2, torch.empty(t, h), scratch)
+    assert rel_err(out, moe.moe_reference(x, router, w13, w2, top_k, dtype=torch.float64)) < 1e-5
+
+
+def test_auto_times_each_shape_once_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch):
+    x, w, scale = inputs([8, 8, 8, 8], 16, 32, torch.float32)
+    calls: list[str] = []
+
+    def fake_time(fn, reps: int = 5) -> float:  # torch is timed first, then triton
+        calls.append("torch" if len(calls) % 2 == 0 else "triton")
+        return {"torch": 1.0, "triton": 2.0}[calls[-1]]
+
+    monkeypatch.setattr(moe, "_time_ms", fake_time)
+    assert moe._auto_backend(x, w, None) == "torch"
+    assert moe._auto_backend(x, w, None) == "torch"  # cached: not timed again
+    assert len(calls) == 2
+    assert moe._auto_backend(x, w, scale) == "torch"  # the row-scaled GEMM is its own shape
+    assert len(calls) == 4
+    picks = moe.grouped_mm_choices()
+    assert [(p["rows"], p["n"], p["k"], p["experts"], p["row_scale"], p["backend"]) for p in picks] == [
+        (32, 16, 32, 4, False, "torch"), (32, 16, 32, 4, True, "torch")]
+    assert picks[0]["ms"] == {"torch": 1.0, "triton": 2.0}
+
+
+def test_auto_falls_back_to_triton_when_torch_cannot_run(monkeypatch: pytest.MonkeyPatch):
+    x, w, _ = inputs([4, 4], 16, 32, torch.float32)
+
+    def fake_time(fn, reps: int = 5) -> float:
+        if not getattr(fake_time, "seen", False):
+            fake_time.seen = True
+            raise RuntimeError("grouped gemm is not supported for this dtype")
+        return 5.0
+
+    monkeypatch.setattr(moe, "_time_ms", fake_time)
+    assert moe._auto_backend(x, w, None) == "triton"
+    assert moe.grouped_mm_choices()[0]["ms"] == {"torch": None, "triton": 5.0}
+
+
+def test_backend_names_are_checked_where_they_enter():
+    x, w, _ = inputs([4], 8, 16, torch.float32)
+    with pytest.raises(moe.MoEInputError, match="auto, triton, torch"):
+        moe.grouped_mm(x, offsets_of([4]), w, out=torch.empty(4, 8), backend="cutlass")
+    with pytest.raises(moe.MoEInputError, match="auto, triton, torch"):
+        moe.set_grouped_mm_backend("fast")
+    with pytest.raises(ConfigError, match="moe_backend 'fast'"):
+        EngineArgs(model="mixtral-8x7b", extra={"moe_backend": "fast"})
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+def test_backends_on_gpu_match_float64_and_replay_in_a_cuda_graph(backend: str):
+    n, k = 256, 512
+    counts = [300, 0, 17, 191, 0, 4, 0, 0]
+    x, w, scale = inputs(counts, n, k, torch.bfloat16, "cuda")
+    off = offsets_of(counts, "cuda")
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device="cuda")
+    got = moe.grouped_mm(x, off, w, out=out, row_scale=scale, backend=backend)  # eager (auto times here)
+    assert rel_err(got, reference(x, counts, w, scale)) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe.grouped_mm(x, off, w, out=out, row_scale=scale, backend=backend)
+    new = [0, 100, 0, 0, 412, 0, 0, 0]  # a new routing with the same rows, written into the captured inputs
+    x2, _, scale2 = inputs(new, n, k, torch.bfloat16, "cuda", seed=1)
+    x.copy_(x2)
+    scale.copy_(scale2)
+    off.copy_(offsets_of(new, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(captured, reference(x2, new, w, scale2)) < 1e-2
+    if backend == "auto":
+        assert moe.grouped_mm_choices()[0]["backend"] in ("torch", "triton")
+
+
+def test_bench_flag_takes_a_list_of_backends():
+    import argparse
+
+    from nanoflow.bench.cli import moe_backends
+
+    assert moe_backends("triton, auto,triton") == ["triton", "auto"]
+    with pytest.raises(argparse.ArgumentTypeError, match="auto, triton, torch"):
+        moe_backends("triton,cublas")

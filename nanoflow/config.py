@@ -266,7 +266,7 @@ class EngineArgs:
     resource_knob: str = "grid"  # how nano-op shares are enforced: grid|partition|green|none (graphs/resources.py)
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     # Free-form options, among them: moe_backend (MOE_BACKENDS: the grouped GEMM of MoE layers, default auto),
-    # decode_variant ("split"|"row"|...|"cuda", the decode-attention kernel), decode_options (its
+    # decode_variant ("auto"|"split"|"row"|...|"cuda", the decode-attention kernel), decode_options (its
     # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload).
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -151,3 +151,28 @@ def test_build_command_targets_the_gpu_architecture():
     cmd = dc.build_command("/x/nvcc", "90", "/tmp/lib.so")
     assert cmd[0] == "/x/nvcc" and "-gencode=arch=compute_90,code=sm_90" in cmd and cmd[-1] == str(dc.SOURCE)
     assert dc.SOURCE.exists()
+
+
+def test_auto_variant_picks_cuda_only_where_it_applies(monkeypatch):
+    """``decode_variant="auto"``: the CUDA kernel for a float8 cache it can serve and build, else the split kernel."""
+    from nanoflow.ops.attention.backends import resolve_decode_variant
+
+    built = []
+    monkeypatch.setattr(dc, "load_library", lambda device: built.append(device))
+    fp8 = _on_cuda(torch.zeros(4, 16, 2, 128, dtype=dc.FP8))
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 16) == "cuda" and len(built) == 1
+    assert resolve_decode_variant("split", fp8, fp8, 16, 16) == "split"  # a named variant stays
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 16, {"block_n": 64}) == "split"  # Triton tiles asked for
+    bf16 = _on_cuda(torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16))
+    assert resolve_decode_variant("auto", bf16, bf16, 16, 16) == "split"  # not a float8 cache
+    assert resolve_decode_variant("auto", fp8, fp8, 32, 16) == "split"  # 16 query heads per kv head
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 8) == "split"  # pages of 8 tokens
+    cpu = torch.zeros(4, 16, 2, 128, dtype=dc.FP8)
+    assert resolve_decode_variant("auto", cpu, cpu, 16, 16) == "split"
+    assert len(built) == 1
+
+    def no_nvcc(device):
+        raise AttentionInputError("nvcc was not found")
+
+    monkeypatch.setattr(dc, "load_library", no_nvcc)
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 16) == "split"

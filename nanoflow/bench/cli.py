@@ -45,8 +45,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
-    p.add_argument("--decode-variant", default="split", choices=["split", "row", "row_flat", "packed", "cuda"],
-                   help="decode-attention kernel: split (one program per row and kv head), row (one per row, all "
+    p.add_argument("--decode-variant", default="auto", choices=["auto", "split", "row", "row_flat", "packed", "cuda"],
+                   help="decode-attention kernel: auto (cuda where it applies and nvcc can build it, else split), "
+                        "split (one program per row and kv head), row (one per row, all "
                         "kv heads, whole-page tiles, batched 3-D dots), row_flat (the same with 2-D dots), packed "
                         "(one per row and group of kv heads, their query heads as the rows of block-diagonal dots; "
                         "--decode-options head_group=N sets the group) or cuda (the hand-written CUDA kernel for a "
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                    args.kv_cache_dtype)
     ea = replace(ea, block_size=args.block_size)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
-    ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
+    ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
     ea.extra["moe_backend"] = getattr(args, "moe_backend", ["auto"])[0]
     if getattr(args, "decode_options", None):
         ea.extra["decode_options"] = args.decode_options

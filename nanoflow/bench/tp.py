@@ -91,7 +91,7 @@ def run_tp(args: argparse.Namespace) -> int:
                    getattr(args, "kv_cache_dtype", "auto"))
     ea = replace(ea, block_size=getattr(args, "block_size", 16))
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
-    ea.extra["decode_variant"] = getattr(args, "decode_variant", "split")
+    ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
     backends = getattr(args, "moe_backend", ["auto"])
     if len(backends) > 1:
         log.warning("--tp runs one MoE backend; using %s (drop the others)", backends[0])

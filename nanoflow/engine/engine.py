@@ -156,7 +156,7 @@ class Engine:
                            resources=ResourceConfig(knob=self.args.resource_knob,
                                                     ctas_per_sm=int(self.args.extra.get("decode_ctas_per_sm", 2))),
                            kv_offload=self.simultaneous_offload,
-                           decode_variant=str(self.args.extra.get("decode_variant", "split")),
+                           decode_variant=str(self.args.extra.get("decode_variant", "auto")),
                            decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype,
                            staging_slots=int(self.args.extra.get("kv_staging_slots", 3)))
 

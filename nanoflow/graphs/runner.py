@@ -32,7 +32,7 @@ import torch
 from nanoflow.graphs.executor import Executor
 from nanoflow.graphs.forward_batch import ForwardBatch, HostSeq, build_range_meta, to_device, token_arrays
 from nanoflow.models.base import DecoderModel, StepContext
-from nanoflow.ops.attention.backends import make_backend
+from nanoflow.ops.attention.backends import make_backend, resolve_decode_variant
 from nanoflow.ops.rotary import cos_sin_cache
 from nanoflow.ops.sampling import SamplingTensors, sample
 
@@ -78,6 +78,9 @@ class ModelRunner:
         self.cos_sin = cos_sin_cache(self.spec.head_dim, max(max_model_len, 1) + 1, self.spec.rope_theta,
                                      self.spec.rope_scaling, self.device)
         backend = attention or ("triton" if self.device.type == "cuda" else "torch")
+        if backend == "triton":
+            decode_variant = resolve_decode_variant(decode_variant, self.kv_cache[0, 0], self.kv_cache[0, 1],
+                                                    model.local_heads, block_size, decode_options)
         self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size,
                                       decode_variant=decode_variant, decode_options=decode_options)
         graphs = model.graphs

@@ -151,6 +151,20 @@ def check_cuda_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                       f"{name} spans {t.shape[0] * t.stride(0)} bytes" + alternative)
 
 
+def unavailable_reason(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page: int) -> str | None:
+    """Why this kernel cannot serve one layer's ``k_cache``/``v_cache`` (``[pages, page, kv_heads, head_dim]``) for
+    ``num_heads`` query heads, or None when it can; building its library (nvcc, once) is part of the check. The
+    engine's ``decode_variant="auto"`` picks it when this is None, else the Triton split kernel."""
+    heads = num_heads // max(1, k_cache.shape[-2])
+    q = k_cache.new_empty((1, num_heads, k_cache.shape[-1]), dtype=torch.bfloat16)
+    try:
+        check_cuda_inputs(q, k_cache, v_cache, q, page, heads)
+        load_library(k_cache.device)
+    except (AttentionInputError, RuntimeError, OSError) as exc:
+        return str(exc)
+    return None
+
+
 def decode_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, out: torch.Tensor, scale: float, num_splits: int | None, workspace,
                 max_programs: int | None, page: int, group: int, num_stages: int | None = None,

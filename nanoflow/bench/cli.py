@@ -57,7 +57,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "PyTorch's CUTLASS kernel) or auto (time both once per shape while warming up, keep the "
                         "faster; the picks are saved in the results as grouped_mm_choices). Several, comma-"
                         "separated, run every mode once per backend on the same weights (records labelled "
-                        "MODE/moe-NAME)")
+                        "MODE-moe-NAME)")
     p.add_argument("--decode-options", type=decode_options, default=None, metavar="KEY=INT[,KEY=INT...]",
                    help="decode-attention kernel tiles, e.g. block_n=128,num_warps=8,num_stages=3,prefetch=1 (keys: "
                         "block_n, num_warps, num_stages, prefetch = load the next K/V tile before computing on this "
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     backends = args.moe_backend if spec.is_moe else [ea.extra["moe_backend"]]
     runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
     for mode, backend in runs:
-        label = mode if len(backends) == 1 else f"{mode}/moe-{backend}"
+        label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
         log.info("mode %s ...", label)
         if spec.is_moe:
             from nanoflow.ops.moe import set_grouped_mm_backend
@@ -201,7 +201,10 @@ def run(args: argparse.Namespace) -> int:
     out = _save(records, args.output)
     from nanoflow.bench.plots import plot_bench
 
-    plot_bench(records, timelines, out)
+    try:
+        plot_bench(records, timelines, out)
+    except Exception:  # a picture must not fail a run whose records are saved
+        log.exception("the throughput chart or a Gantt chart failed")
     from nanoflow.bench.iterations import plot_iterations
 
     try:

@@ -16,6 +16,9 @@ from typing import Any
 
 # Integer-valued options of the decode-attention kernel that EngineArgs.extra["decode_options"] and the command
 # lines' --decode-options may set (nanoflow.ops.attention.decode.decode_attention's keywords of the same names).
+# The decode-attention kernels (nanoflow.ops.attention.backends), and "auto": the CUDA one where it applies, else split.
+DECODE_VARIANTS = ("split", "row", "row_flat", "packed", "cuda")
+DECODE_CHOICES = ("auto", *DECODE_VARIANTS)
 DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "tma", "head_group", "maxnreg")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
@@ -287,6 +290,9 @@ class EngineArgs:
                               f"{', '.join(KV_CACHE_DTYPES)}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.extra.get("decode_variant", "auto") not in DECODE_CHOICES:
+            raise ConfigError(f"decode_variant {self.extra['decode_variant']!r} is not supported; use one of "
+                              f"{', '.join(DECODE_CHOICES)}")
         if self.extra.get("moe_backend", "auto") not in MOE_BACKENDS:
             raise ConfigError(f"moe_backend {self.extra['moe_backend']!r} is not supported; use one of "
                               f"{', '.join(MOE_BACKENDS)}")

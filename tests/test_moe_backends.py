@@ -102,6 +102,8 @@ def test_backend_names_are_checked_where_they_enter():
         moe.set_grouped_mm_backend("fast")
     with pytest.raises(ConfigError, match="moe_backend 'fast'"):
         EngineArgs(model="mixtral-8x7b", extra={"moe_backend": "fast"})
+    with pytest.raises(ConfigError, match="decode_variant 'flash'.*auto, split"):
+        EngineArgs(model="mixtral-8x7b", extra={"decode_variant": "flash"})
 
 
 @cuda

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nanoflow.config import DECODE_OPTION_KEYS, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+from nanoflow.config import DECODE_CHOICES, DECODE_OPTION_KEYS, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
 
 log = logging.getLogger("nanoflow")
 
@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
     p.add_argument("--decode-ctas-per-sm", type=int, default=2,
                    help="decode-attention programs per SM of its share under the grid/partition knobs")
-    p.add_argument("--decode-variant", default="auto", choices=["auto", "split", "row", "row_flat", "packed", "cuda"],
+    p.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES,
                    help="decode-attention kernel: auto (cuda where it applies and nvcc can build it, else split), "
                         "split (one program per row and kv head), row (one per row, all "
                         "kv heads, whole-page tiles, batched 3-D dots), row_flat (the same with 2-D dots), packed "

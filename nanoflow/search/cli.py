@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoflow.bench.cli import decode_options
+from nanoflow.config import DECODE_CHOICES
 
 log = logging.getLogger("nanoflow")
 
@@ -43,6 +44,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="decode-attention kernel options the GPU profile is made with (as nanoflow bench "
                         "--decode-options: block_n, num_warps, num_stages, prefetch, f16_tiles); use the ones the "
                         "engine will run")
+    p.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES,
+                   help="decode-attention kernel the GPU profile is made with (as nanoflow bench --decode-variant; "
+                        "auto: the CUDA kernel where it applies and nvcc builds it, else split); profiles made with "
+                        "another kernel than split are cached apart")
     p.add_argument("--output", default=None, help="spec path (default: the cache, keyed by GPU/model/dense/workload)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="on a GPU, skip measuring the sequential and the searched pipeline's forward on the profiled "
@@ -224,6 +229,7 @@ def _gpu_engine(args: argparse.Namespace, ctx: int) -> Any:
 
     kv = 64 * (ctx + 16) + args.dense_batch * 2 + 4096
     extra = {"decode_options": args.decode_options} if getattr(args, "decode_options", None) else {}
+    extra["decode_variant"] = getattr(args, "decode_variant", "auto")
     return Engine(EngineArgs(model=args.model, load_format="dummy", dtype="bfloat16", device="cuda",
                              dense_batch_size=args.dense_batch, kv_cache_tokens=kv, max_model_len=ctx + 64,
                              kv_cache_dtype=args.kv_cache_dtype, extra=extra))
@@ -234,5 +240,7 @@ def _profile_ops(engine: Any, args: argparse.Namespace, sizes: list[int], decode
 
     from nanoflow.search.profiler import profile_ops, profile_path
 
-    path = profile_path(torch.cuda.get_device_name(), args.model, "bfloat16" + _kv_tag(args.kv_cache_dtype), args.tp)
+    variant = getattr(engine.runner.attention, "decode_variant", "split")  # what "auto" resolved to
+    tag = "bfloat16" + _kv_tag(args.kv_cache_dtype) + ("" if variant == "split" else f"-{variant}")
+    path = profile_path(torch.cuda.get_device_name(), args.model, tag, args.tp)
     return profile_ops(engine, sizes, decode_rows, ctx, path=path)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nanoflow.config import DECODE_OPTION_KEYS
+from nanoflow.config import DECODE_OPTION_KEYS, DECODE_VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ class TorchAttention:
             out[q_start:q_start + q_len].copy_(res.transpose(0, 1))
 
 
-DECODE_VARIANTS = ("split", "row", "row_flat", "packed", "cuda")
-# What users may name: a variant, or "auto" (the runner resolves it with resolve_decode_variant before building).
-DECODE_CHOICES = ("auto", *DECODE_VARIANTS)
+
 
 
 class TritonAttention:

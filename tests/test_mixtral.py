@@ -105,8 +105,11 @@ def test_tensor_parallel_shards_sum_to_the_full_block():
     assert rel_err(total, moe.moe_reference(x, router, w13, w2, k, dtype=torch.float64)) < 1e-5
 
 
-def test_moe_ops_are_nano_batch_safe():
-    """router + experts over split token ranges equal one call over all rows, and write nothing outside."""
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_moe_ops_are_nano_batch_safe(backend: str, monkeypatch: pytest.MonkeyPatch):
+    """router + experts over split token ranges equal one call over all rows, and write nothing outside (with the
+    grouped GEMM's loop off the GPU, and with ``torch._grouped_mm``, whose results are fresh tensors)."""
+    monkeypatch.setattr(moe, "_default_backend", backend)
     spec = ModelSpec.from_hf_config(dict(
         architectures=["MixtralForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=24,
         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,

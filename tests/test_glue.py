@@ -56,7 +56,7 @@ def test_compiled_glue_writes_into_row_slices_like_eager():
 
 
 def test_compiled_moe_combine_gathers_and_sums_like_eager():
-    from nanoflow.ops.moe import combine_into
+    from nanoflow.ops.moe import combine_into, combine_weighted_into
 
     gen = torch.Generator().manual_seed(1)
     n, k, hidden = 7, 2, 32
@@ -68,5 +68,15 @@ def test_compiled_moe_combine_gathers_and_sums_like_eager():
     compiled_glue()["moe_combine_into"](expert_out, position, got[1:n + 1])
     torch.testing.assert_close(got, want)
     ref = expert_out.float()[position].view(n, k, hidden).sum(1).to(torch.bfloat16)
+    torch.testing.assert_close(want[1:n + 1], ref)
+    assert not want[0].any() and not want[n + 1].any()
+    # The weighted form (rows not yet scaled by their routing weights), compiled against eager.
+    weights = torch.rand(n, k, generator=gen)
+    want.zero_()
+    got.zero_()
+    combine_weighted_into(expert_out, position, weights, want[1:n + 1])
+    compiled_glue()["moe_combine_weighted_into"](expert_out, position, weights, got[1:n + 1])
+    torch.testing.assert_close(got, want)
+    ref = (expert_out.float()[position].view(n, k, hidden) * weights[:, :, None]).sum(1).to(torch.bfloat16)
     torch.testing.assert_close(want[1:n + 1], ref)
     assert not want[0].any() and not want[n + 1].any()

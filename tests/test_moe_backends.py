@@ -69,15 +69,29 @@ def test_auto_times_each_shape_once_and_keeps_the_faster(monkeypatch: pytest.Mon
         return {"torch": 1.0, "triton": 2.0}[calls[-1]]
 
     monkeypatch.setattr(moe, "_time_ms", fake_time)
-    assert moe._auto_backend(x, w, None) == "torch"
-    assert moe._auto_backend(x, w, None) == "torch"  # cached: not timed again
+    assert moe._auto_backend(x, w, False) == "torch"
+    assert moe._auto_backend(x, w, False) == "torch"  # cached: not timed again
     assert len(calls) == 2
-    assert moe._auto_backend(x, w, scale) == "torch"  # the row-scaled GEMM is its own shape
+    assert moe._auto_backend(x, w, True) == "torch"  # the row-scaled GEMM is its own shape
     assert len(calls) == 4
     picks = moe.grouped_mm_choices()
     assert [(p["rows"], p["n"], p["k"], p["experts"], p["row_scale"], p["backend"]) for p in picks] == [
         (32, 16, 32, 4, False, "torch"), (32, 16, 32, 4, True, "torch")]
     assert picks[0]["ms"] == {"torch": 1.0, "triton": 2.0}
+
+
+def test_weighted_combine_equals_scaling_the_rows_first():
+    gen = torch.Generator().manual_seed(5)
+    n, k, h = 11, 2, 8
+    expert_out = torch.randn(n * k, h, generator=gen)
+    position = torch.randperm(n * k, generator=gen)
+    weights = torch.rand(n, k, generator=gen)
+    got, ref = torch.empty(n, h), torch.empty(n, h)
+    moe.combine_weighted_into(expert_out, position, weights, got)
+    scaled = expert_out.clone()
+    scaled[position] *= weights.reshape(-1, 1)  # row position[i] belongs to pair i
+    moe.combine_into(scaled, position, ref)
+    assert torch.allclose(got, ref, atol=1e-6)
 
 
 def test_auto_falls_back_to_triton_when_torch_cannot_run(monkeypatch: pytest.MonkeyPatch):
@@ -90,7 +104,7 @@ def test_auto_falls_back_to_triton_when_torch_cannot_run(monkeypatch: pytest.Mon
         return 5.0
 
     monkeypatch.setattr(moe, "_time_ms", fake_time)
-    assert moe._auto_backend(x, w, None) == "triton"
+    assert moe._auto_backend(x, w, False) == "triton"
     assert moe.grouped_mm_choices()[0]["ms"] == {"torch": None, "triton": 5.0}
 
 
@@ -139,3 +153,30 @@ def test_bench_flag_takes_a_list_of_backends():
     assert moe_backends("triton, auto,triton") == ["triton", "auto"]
     with pytest.raises(argparse.ArgumentTypeError, match="auto, triton, torch"):
         moe_backends("triton,cublas")
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_experts_forward_on_gpu_matches_float64(backend: str):
+    """The routed experts on the GPU, the routing weights applied in the down GEMM (triton) or the combine (torch),
+    against float64 products over the same routing."""
+    gen = torch.Generator().manual_seed(7)
+    t, h, inter, e, top_k = 300, 256, 512, 8, 2
+    x = torch.randn(t, h, generator=gen).bfloat16().cuda()
+    router = torch.randn(e, h, generator=gen).bfloat16().cuda()
+    w13 = (torch.randn(e, 2 * inter, h, generator=gen) / h**0.5).bfloat16().cuda()
+    w2 = (torch.randn(e, h, inter, generator=gen) / inter**0.5).bfloat16().cuda()
+    moe.set_grouped_mm_backend(backend)
+    weights, experts = moe.route((x @ router.t()).float(), top_k)
+    rows = t * top_k
+    scratch = moe.MoEScratch(*(torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
+                               for width in (h, 2 * inter, inter, h)))
+    out = moe.experts_forward(x, weights, experts, w13, w2, torch.empty_like(x), scratch)
+    # float64 over the same routing (a reference that routes itself could flip near-tied choices)
+    xd, ref = x.double().cpu(), torch.zeros(t, h, dtype=torch.float64)
+    for ex in range(e):
+        token, choice = torch.nonzero(experts.cpu() == ex, as_tuple=True)
+        g = xd[token] @ w13[ex].double().cpu().t()
+        y = (torch.nn.functional.silu(g[:, :inter]) * g[:, inter:]) @ w2[ex].double().cpu().t()
+        ref.index_add_(0, token, y * weights.cpu()[token, choice, None].double())
+    assert rel_err(out.cpu(), ref) < 2e-2

@@ -127,7 +127,8 @@ def profile_plan(engine: Any, plan: Any, repeat: int = 3) -> dict[str, Any]:
 
 KERNEL_CLASSES = (
     # (class, resource kind, name fragments) — first match wins
-    ("decode_attn", "memory", ("_decode_split", "_decode_reduce", "_decode_persistent", "_decode_row")),
+    ("decode_attn", "memory", ("_decode_split", "_decode_reduce", "_decode_persistent", "_decode_row", "_decode_packed",
+                                 "decode_fp8_kernel")),
     ("prefill_attn", "compute", ("_prefill_kernel",)),
     ("gemm", "compute", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
     ("nccl", "network", ("nccl",)),

@@ -20,7 +20,7 @@ import torch
 
 from nanoflow.models.layers import rope_qkv, rope_qkv_into
 from nanoflow.ops.activation import silu_and_mul, silu_and_mul_into
-from nanoflow.ops.moe import combine_into
+from nanoflow.ops.moe import combine_into, combine_weighted_into
 from nanoflow.ops.norm import add_rms_norm, add_rms_norm_into
 
 log = logging.getLogger("nanoflow")
@@ -35,8 +35,8 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
     warning, instead of failing the engine.
     """
     opts = {"dynamic": dynamic, "fullgraph": False}
-    glue = {"moe_combine_into": _or_fallback(torch.compile(combine_into, **opts), combine_into, "moe_combine_into",
-                                             "the eager op")}
+    glue = {name: _or_fallback(torch.compile(fn, **opts), fn, name, "the eager op")
+            for name, fn in (("moe_combine_into", combine_into), ("moe_combine_weighted_into", combine_weighted_into))}
     for into, op in ((add_rms_norm_into, add_rms_norm), (silu_and_mul_into, silu_and_mul), (rope_qkv_into, rope_qkv)):
         # Fallback: the same *_into function run eagerly around the compiled out-of-place op (its copies separate).
         fallback = partial(into, op=torch.compile(op, **opts))

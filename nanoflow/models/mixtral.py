@@ -27,7 +27,7 @@ from nanoflow.graphs.nanoop import LayerGraph, Op, ResourceKind
 from nanoflow.models.base import BufferSpec, DecoderModel, StepContext
 from nanoflow.models.layers import attention_ops, ffn_norm_op
 from nanoflow.ops.activation import silu_and_mul_into
-from nanoflow.ops.moe import MoEScratch, combine_into, experts_forward, route
+from nanoflow.ops.moe import MoEScratch, combine_into, combine_weighted_into, experts_forward, route
 
 SCRATCH = ("moe_x", "moe_gate_up", "moe_act", "moe_out")
 
@@ -52,8 +52,9 @@ def moe_ops(w: dict[str, torch.Tensor], prefix: str, top_k: int, tp: bool) -> li
         scratch = MoEScratch(*(b[name][lo:hi].view(rows, -1) for name in SCRATCH))
         act = ctx.glue.get("silu_and_mul_into", silu_and_mul_into)
         combine = ctx.glue.get("moe_combine_into", combine_into)
+        weighted = ctx.glue.get("moe_combine_weighted_into", combine_weighted_into)
         experts_forward(b["x_ffn"][lo:hi], b["topk_weights"][lo:hi], b["topk_ids"][lo:hi], w13, w2,
-                        b["hidden"][lo:hi], scratch, act_into=act, combine=combine)
+                        b["hidden"][lo:hi], scratch, act_into=act, combine=combine, combine_weighted=weighted)
 
     def ffn_all_reduce(ctx: StepContext, lo: int, hi: int) -> None:
         ctx.comm.all_reduce(ctx.bufs["hidden"][lo:hi])

@@ -154,12 +154,14 @@ def _time_ms(fn: Callable[[], object], reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _auto_backend(x: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor | None) -> str:
-    """The faster backend for this call's shape, timed once per shape on an even split of the rows."""
+def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool) -> str:
+    """The faster backend for this call's shape (``scaled``: with a row scale), timed once per shape on an even split
+    of the rows. Triton is timed with the scale in its epilogue, torch without it: :func:`experts_forward` folds the
+    scale into the combine when torch runs the GEMM."""
     from nanoflow.ops.grouped_gemm import grouped_gemm
 
     m, e, n, k = x.shape[0], w.shape[0], w.shape[1], w.shape[2]
-    key = (x.device, m, n, k, e, str(x.dtype).removeprefix("torch."), row_scale is not None)
+    key = (x.device, m, n, k, e, str(x.dtype).removeprefix("torch."), scaled)
     found = _choices.get(key)
     if found is not None:
         return found.backend
@@ -169,9 +171,10 @@ def _auto_backend(x: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor | No
         return "triton"
     even = torch.linspace(0, m, e + 1, device=x.device).round().to(torch.int32)
     scratch = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    row_scale = torch.ones(m, dtype=torch.float32, device=x.device) if scaled else None
     ms: dict[str, float | None] = {}
     try:
-        ms["torch"] = _time_ms(lambda: grouped_mm_torch(x, even, w, row_scale))
+        ms["torch"] = _time_ms(lambda: grouped_mm_torch(x, even, w))
     except (RuntimeError, NotImplementedError) as exc:  # e.g. a dtype or GPU torch's kernel does not support
         log.info("torch._grouped_mm cannot run %s: %s", key[1:], exc)
         ms["torch"] = None
@@ -183,20 +186,29 @@ def _auto_backend(x: torch.Tensor, w: torch.Tensor, row_scale: torch.Tensor | No
     return best
 
 
+def resolve_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, backend: str | None = None) -> str:
+    """The backend a call runs: ``"torch"``, ``"triton"`` or, off the GPU, ``"loop"`` (``auto`` resolved per shape,
+    ``None`` = the module default)."""
+    name = backend or _default_backend
+    if name not in GROUPED_MM_BACKENDS:
+        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
+    if name == "torch":
+        return name
+    if not x.is_cuda:
+        return "loop"
+    return _auto_backend(x, w, scaled) if name == "auto" else name
+
+
 def grouped_mm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
                row_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Per-expert ``(x_e @ w_e^T) * row_scale``; returns the result, which is ``out`` except with the ``torch``
     backend (a new tensor). ``backend``: one of :data:`GROUPED_MM_BACKENDS`, default the module's (see the module
     docstring). Off the GPU, ``auto`` and ``triton`` run the torch loop."""
-    name = backend or _default_backend
-    if name not in GROUPED_MM_BACKENDS:
-        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
+    name = resolve_backend(x, w, row_scale is not None, backend)
     if name == "torch":
         return grouped_mm_torch(x, offsets, w, row_scale)
-    if not x.is_cuda:
+    if name == "loop":
         return grouped_mm_reference(x, offsets, w, row_scale=row_scale, out=out)
-    if name == "auto" and _auto_backend(x, w, row_scale) == "torch":
-        return grouped_mm_torch(x, offsets, w, row_scale)
     from nanoflow.ops.grouped_gemm import grouped_gemm
 
     return grouped_gemm(x, offsets, w, out=out, row_scale=row_scale)
@@ -235,16 +247,29 @@ def combine_into(expert_out: torch.Tensor, position: torch.Tensor, out: torch.Te
     out.copy_(expert_out[position].view(out.shape[0], -1, expert_out.shape[1]).sum(dim=1, dtype=torch.float32))
 
 
+def combine_weighted_into(expert_out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor,
+                          out: torch.Tensor) -> None:
+    """``out[t] = sum_j weights[t, j] * expert_out[position[t * k + j]]`` (in fp32): the combine for expert rows not
+    yet scaled by their routing weights (the ``torch`` grouped-GEMM backend has no epilogue to scale them in).
+    Compiled (``graphs.glue``), one kernel as :func:`combine_into`."""
+    n, k = weights.shape
+    rows = expert_out[position].view(n, k, expert_out.shape[1]).float()
+    out.copy_((rows * weights.float()[:, :, None]).sum(dim=1))
+
+
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, out: torch.Tensor, scratch: MoEScratch,
                     act_into: Callable[[torch.Tensor, torch.Tensor], None] = silu_and_mul_into,
-                    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] = combine_into) -> torch.Tensor:
+                    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] = combine_into,
+                    combine_weighted: Callable[..., None] = combine_weighted_into) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for the ``n`` rows of ``x``.
 
     ``x``, ``out``: ``[n, hidden]``; ``weights``/``experts``: ``[n, k]`` from :func:`route`. Every intermediate
     goes to ``scratch`` (its views need exactly ``n * k`` rows; the ``torch`` grouped-GEMM backend allocates its two
     results instead); ``out`` is written, not accumulated into.
-    ``act_into`` and ``combine`` default to the eager ops; the engine passes their compiled forms.
+    ``act_into``, ``combine`` and ``combine_weighted`` default to the eager ops; the engine passes their compiled
+    forms. The routing weights scale the down GEMM's rows in its epilogue (Triton, the loop) or, with the ``torch``
+    backend, in the combine.
     """
     num_experts, _ = check_experts(x, w13, w2)
     n, k = experts.shape
@@ -261,6 +286,9 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     torch.index_select(x, 0, sort.order // k, out=scratch.sorted_x)
     gate_up = grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
     act_into(gate_up, scratch.act)
+    if resolve_backend(scratch.act, w2, scaled=True) == "torch":
+        combine_weighted(grouped_mm_torch(scratch.act, sort.offsets, w2), sort.position, weights, out)
+        return out
     row_scale = weights.reshape(-1).float().index_select(0, sort.order)
     expert_out = grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
     combine(expert_out, sort.position, out)

@@ -13,11 +13,13 @@ The routed computation of ``n`` tokens, each sent to ``k`` experts, as the ``exp
 
 :func:`grouped_mm` has three backends on a GPU: ``triton`` (:mod:`nanoflow.ops.grouped_gemm`, writes the caller's
 buffer, applies the routing weight to the fp32 accumulator), ``torch`` (``torch._grouped_mm``, PyTorch's CUTLASS
-grouped GEMM: it returns a new tensor and the weight multiplies its bf16 result) and ``auto`` (the default): the
+grouped GEMM: it returns a new tensor and has no epilogue, so :func:`experts_forward` applies the routing weights
+in the combine instead, :func:`combine_weighted_into`) and ``auto`` (the default): the
 first time a shape ``(rows, N, K, experts)`` is seen outside CUDA-graph capture, both run on an even split of the
 rows and the faster is kept for that shape (:func:`grouped_mm_choices` lists what was picked and the timings). The
-two win at different sizes (an H100 at Mixtral's shapes, s9-moe-grouped-gemm-h100.json: Triton at 2,048 routed rows
-for gate/up, torch at 4,096 for both). Both read the offsets on the device, so either can be captured. Off the GPU
+two win at different sizes (an H100 at Mixtral's shapes, s11-moe-grouped-gemm-h100.json: Triton at 2,048 routed rows
+for gate/up, torch at 4,096 for both; end to end on a 16-layer Mixtral, s11-bench-fp8kv-moe-backends-h100-*: auto
++5.5% over Triton alone). Both read the offsets on the device, so either can be captured. Off the GPU
 the loop over experts runs (``torch`` still calls ``torch._grouped_mm``, for tests).
 
 Under tensor parallelism each rank holds a slice of every expert's intermediate dim; routing is replicated and the

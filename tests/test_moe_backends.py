@@ -180,3 +180,13 @@ def test_experts_forward_on_gpu_matches_float64(backend: str):
         y = (torch.nn.functional.silu(g[:, :inter]) * g[:, inter:]) @ w2[ex].double().cpu().t()
         ref.index_add_(0, token, y * weights.cpu()[token, choice, None].double())
     assert rel_err(out.cpu(), ref) < 2e-2
+
+
+def test_torch_backend_without_grouped_mm_says_what_to_use(monkeypatch: pytest.MonkeyPatch):
+    x, w, _ = inputs([4], 8, 16, torch.float32)
+    monkeypatch.delattr(torch, "_grouped_mm")
+    with pytest.raises(moe.MoEInputError, match="triton or auto"):
+        moe.grouped_mm(x, offsets_of([4]), w, out=torch.empty(4, 8), backend="torch")
+    monkeypatch.setattr(moe, "_time_ms", lambda fn, reps=5: fn() or 1.0)  # torch raises inside, triton "runs"
+    monkeypatch.setattr("nanoflow.ops.grouped_gemm.grouped_gemm", lambda *a, **k: None)
+    assert moe._auto_backend(x, w, False) == "triton"

@@ -116,6 +116,9 @@ def grouped_mm_torch(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
     starting at 0 (PyTorch takes the ``E`` group ends), ``w`` is ``[E, N, K]`` (PyTorch takes ``[E, K, N]``, here a
     transposed view); the row scale multiplies the result after its cast, in fp32. Rows at or past ``offsets[E]``
     are undefined."""
+    if not hasattr(torch, "_grouped_mm"):
+        raise MoEInputError(f"torch {torch.__version__} has no torch._grouped_mm (added in 2.8); use the triton or "
+                            "auto grouped GEMM backend")
     y = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:])
     if row_scale is not None:
         y.mul_(row_scale[:, None])
@@ -177,7 +180,7 @@ def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool) -> str:
     ms: dict[str, float | None] = {}
     try:
         ms["torch"] = _time_ms(lambda: grouped_mm_torch(x, even, w))
-    except (RuntimeError, NotImplementedError) as exc:  # e.g. a dtype or GPU torch's kernel does not support
+    except (RuntimeError, NotImplementedError, MoEInputError) as exc:  # a dtype, GPU or torch it does not support
         log.info("torch._grouped_mm cannot run %s: %s", key[1:], exc)
         ms["torch"] = None
     ms["triton"] = _time_ms(lambda: grouped_gemm(x, even, w, out=scratch, row_scale=row_scale))

@@ -27,6 +27,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 # half the bytes of bf16, so twice the tokens fit (what vLLM calls kv_cache_dtype="fp8" without calibrated scales).
 KV_CACHE_DTYPES = ("auto", "fp8")
 MOE_BACKENDS = ("auto", "triton", "torch")  # nanoflow.ops.moe.grouped_mm
+DECODE_VARIANT_HELP = ("decode-attention kernel on a GPU: auto = the hand-written CUDA kernel where it applies (float8 "
+                       "KV cache, head_dim 128, nvcc present to build it once), else the Triton split kernel; or name "
+                       "one: " + ", ".join(DECODE_VARIANTS))
+MOE_BACKEND_HELP = ("grouped GEMM of MoE experts on a GPU: auto = time triton and torch (torch._grouped_mm) once per "
+                    "shape while warming up and keep the faster; or name one")
 KV_CACHE_DTYPE_HELP = ("KV-cache element type: auto = the model's dtype; fp8 = float8 e4m3 with unit scale, half "
                        "the bytes of bf16, so about twice the KV tokens fit (on a GPU: compute capability 8.9+)")
 

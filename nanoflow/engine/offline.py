@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanoflow.config import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+from nanoflow.config import (
+    DECODE_CHOICES,
+    DECODE_VARIANT_HELP,
+    KV_CACHE_DTYPE_HELP,
+    KV_CACHE_DTYPES,
+    MOE_BACKEND_HELP,
+    MOE_BACKENDS,
+)
 from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
 
 
@@ -39,6 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how nano-op shares are enforced on the GPU: decode persistent grid; partition (that grid plus "
                         "a cuBLASLt SM target for the GEMMs beside it); green contexts; or none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES, help=DECODE_VARIANT_HELP)
+    p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS, help=MOE_BACKEND_HELP)
     p.add_argument("--no-async", action="store_true", help="schedule synchronously (batch i+1 after batch i ends)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the forward eagerly on the GPU")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the glue ops")
@@ -51,7 +60,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
               async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
               compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, decode_variant=args.decode_variant, moe_backend=args.moe_backend)
     if hasattr(args, "kv_offload"):  # run-offline's flags; bench has none
         kw.update(kv_offload_extra(args))
     return kw

@@ -15,7 +15,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from nanoflow.config import DTYPES, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, EngineArgs
+from nanoflow.config import (
+    DECODE_CHOICES,
+    DECODE_VARIANT_HELP,
+    DTYPES,
+    KV_CACHE_DTYPE_HELP,
+    KV_CACHE_DTYPES,
+    MOE_BACKEND_HELP,
+    MOE_BACKENDS,
+    EngineArgs,
+)
 from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
 from nanoflow.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, require_server_packages
 
@@ -48,6 +57,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="context length in tokens (prompt + output); default: the model's own limit")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
+    parser.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES, help=DECODE_VARIANT_HELP)
+    parser.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS, help=MOE_BACKEND_HELP)
     add_kv_offload_args(parser, "the rounds of a conversation, scoped by the request's 'conversation_id' field "
                                 "(requests without one share one scope)", host_gib=4.0)
 
@@ -94,7 +105,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                      kv_cache_dtype=args.kv_cache_dtype, extra=kv_offload_extra(args))
+                      kv_cache_dtype=args.kv_cache_dtype,
+                      extra={"decode_variant": args.decode_variant, "moe_backend": args.moe_backend,
+                             **kv_offload_extra(args)})
 
 
 def build_engine(args: argparse.Namespace) -> Any:

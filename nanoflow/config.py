@@ -14,11 +14,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-# Integer-valued options of the decode-attention kernel that EngineArgs.extra["decode_options"] and the command
-# lines' --decode-options may set (nanoflow.ops.attention.decode.decode_attention's keywords of the same names).
 # The decode-attention kernels (nanoflow.ops.attention.backends), and "auto": the CUDA one where it applies, else split.
 DECODE_VARIANTS = ("split", "row", "row_flat", "packed", "cuda")
 DECODE_CHOICES = ("auto", *DECODE_VARIANTS)
+# Integer-valued options of the decode-attention kernel that EngineArgs.extra["decode_options"] and the command
+# lines' --decode-options may set (nanoflow.ops.attention.decode.decode_attention's keywords of the same names).
 DECODE_OPTION_KEYS = ("block_n", "num_warps", "num_stages", "prefetch", "f16_tiles", "tma", "head_group", "maxnreg")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")

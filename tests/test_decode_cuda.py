@@ -167,9 +167,13 @@ def test_auto_variant_picks_cuda_only_where_it_applies(monkeypatch):
     assert resolve_decode_variant("auto", bf16, bf16, 16, 16) == "split"  # not a float8 cache
     assert resolve_decode_variant("auto", fp8, fp8, 32, 16) == "split"  # 16 query heads per kv head
     assert resolve_decode_variant("auto", fp8, fp8, 16, 8) == "split"  # pages of 8 tokens
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 16, q_dtype=torch.float16) == "split"  # a float16 model
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 16, {"num_stages": 5}) == "split"  # no such ring depth
+    assert resolve_decode_variant("auto", fp8, fp8, 16, 16, {"num_stages": 6}) == "cuda"
+    assert len(built) == 2
     cpu = torch.zeros(4, 16, 2, 128, dtype=dc.FP8)
     assert resolve_decode_variant("auto", cpu, cpu, 16, 16) == "split"
-    assert len(built) == 1
+    assert len(built) == 2
 
     def no_nvcc(device):
         raise AttentionInputError("nvcc was not found")

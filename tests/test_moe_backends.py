@@ -14,6 +14,7 @@ from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.ops import moe
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+has_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
 
 
 def inputs(counts: list[int], n: int, k: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
@@ -31,6 +32,7 @@ def _fresh_choices(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(moe, "_default_backend", "auto")
 
 
+@has_grouped_mm
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("counts", [[5, 0, 23, 1, 0, 17], [0, 0, 41, 0], [16, 32, 16]])
 def test_torch_backend_matches_float64(counts: list[int], dtype: torch.dtype, tol: float):
@@ -43,6 +45,7 @@ def test_torch_backend_matches_float64(counts: list[int], dtype: torch.dtype, to
         assert rel_err(got, reference(x, counts, w, s)) < tol
 
 
+@has_grouped_mm
 def test_experts_forward_with_torch_backend_matches_moe_reference(monkeypatch: pytest.MonkeyPatch):
     gen = torch.Generator().manual_seed(3)
     t, h, inter, e, top_k = 29, 32, 48, 6, 2
@@ -60,51 +63,47 @@ def test_experts_forward_with_torch_backend_matches_moe_reference(monkeypatch: p
     assert rel_err(out, moe.moe_reference(x, router, w13, w2, top_k, dtype=torch.float64)) < 1e-5
 
 
+def _backend_of(fn) -> str:
+    """Which backend a timed closure of ``_auto_backend`` runs."""
+    return "torch" if "grouped_mm_torch" in fn.__code__.co_names else "triton"
+
+
+@has_grouped_mm
 def test_auto_times_each_shape_once_and_keeps_the_faster(monkeypatch: pytest.MonkeyPatch):
-    x, w, scale = inputs([8, 8, 8, 8], 16, 32, torch.float32)
+    x, w, _ = inputs([8, 8, 8, 8], 16, 32, torch.float32)
     calls: list[str] = []
 
-    def fake_time(fn, reps: int = 5) -> float:  # torch is timed first, then triton
-        calls.append("torch" if len(calls) % 2 == 0 else "triton")
+    def fake_time(fn, reps: int = 5) -> float:
+        calls.append(_backend_of(fn))
         return {"torch": 1.0, "triton": 2.0}[calls[-1]]
 
     monkeypatch.setattr(moe, "_time_ms", fake_time)
+    monkeypatch.setattr("nanoflow.ops.grouped_gemm.grouped_gemm", lambda *a, **k: None)  # no Triton on a CPU
     assert moe._auto_backend(x, w, False) == "torch"
+    assert calls == ["torch", "triton", "triton", "torch", "torch", "triton"]  # 3 rounds, alternating order
     assert moe._auto_backend(x, w, False) == "torch"  # cached: not timed again
-    assert len(calls) == 2
+    assert moe._auto_backend(x[:30], w, False) == "torch"  # 30 rows fall in the same 256-row bucket
+    assert len(calls) == 6
     assert moe._auto_backend(x, w, True) == "torch"  # the row-scaled GEMM is its own shape
-    assert len(calls) == 4
+    assert len(calls) == 12
     picks = moe.grouped_mm_choices()
     assert [(p["rows"], p["n"], p["k"], p["experts"], p["row_scale"], p["backend"]) for p in picks] == [
-        (32, 16, 32, 4, False, "torch"), (32, 16, 32, 4, True, "torch")]
+        (256, 16, 32, 4, False, "torch"), (256, 16, 32, 4, True, "torch")]
     assert picks[0]["ms"] == {"torch": 1.0, "triton": 2.0}
-
-
-def test_weighted_combine_equals_scaling_the_rows_first():
-    gen = torch.Generator().manual_seed(5)
-    n, k, h = 11, 2, 8
-    expert_out = torch.randn(n * k, h, generator=gen)
-    position = torch.randperm(n * k, generator=gen)
-    weights = torch.rand(n, k, generator=gen)
-    got, ref = torch.empty(n, h), torch.empty(n, h)
-    moe.combine_weighted_into(expert_out, position, weights, got)
-    scaled = expert_out.clone()
-    scaled[position] *= weights.reshape(-1, 1)  # row position[i] belongs to pair i
-    moe.combine_into(scaled, position, ref)
-    assert torch.allclose(got, ref, atol=1e-6)
 
 
 def test_auto_falls_back_to_triton_when_torch_cannot_run(monkeypatch: pytest.MonkeyPatch):
     x, w, _ = inputs([4, 4], 16, 32, torch.float32)
 
-    def fake_time(fn, reps: int = 5) -> float:
-        if not getattr(fake_time, "seen", False):
-            fake_time.seen = True
-            raise RuntimeError("grouped gemm is not supported for this dtype")
-        return 5.0
+    def no_grouped_mm(*args, **kwargs):
+        raise RuntimeError("grouped gemm is not supported for this dtype")
 
-    monkeypatch.setattr(moe, "_time_ms", fake_time)
+    monkeypatch.setattr(torch, "_grouped_mm", no_grouped_mm)
+    monkeypatch.setattr("nanoflow.ops.grouped_gemm.grouped_gemm", lambda *a, **k: None)
+    timed: list[str] = []
+    monkeypatch.setattr(moe, "_time_ms", lambda fn, reps=5: timed.append(_backend_of(fn)) or 5.0)
     assert moe._auto_backend(x, w, False) == "triton"
+    assert set(timed) == {"triton"}
     assert moe.grouped_mm_choices()[0]["ms"] == {"torch": None, "triton": 5.0}
 
 
@@ -187,6 +186,6 @@ def test_torch_backend_without_grouped_mm_says_what_to_use(monkeypatch: pytest.M
     monkeypatch.delattr(torch, "_grouped_mm")
     with pytest.raises(moe.MoEInputError, match="triton or auto"):
         moe.grouped_mm(x, offsets_of([4]), w, out=torch.empty(4, 8), backend="torch")
-    monkeypatch.setattr(moe, "_time_ms", lambda fn, reps=5: fn() or 1.0)  # torch raises inside, triton "runs"
+    monkeypatch.setattr(moe, "_time_ms", lambda fn, reps=5: 1.0)
     monkeypatch.setattr("nanoflow.ops.grouped_gemm.grouped_gemm", lambda *a, **k: None)
     assert moe._auto_backend(x, w, False) == "triton"

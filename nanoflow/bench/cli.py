@@ -159,17 +159,13 @@ def run(args: argparse.Namespace) -> int:
     for mode, backend in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
         log.info("mode %s ...", label)
-        if spec.is_moe:
-            from nanoflow.ops.moe import set_grouped_mm_backend
-
-            set_grouped_mm_backend(backend)
         try:
-            margs = mode_args(ea, mode, args.searched_spec)
+            margs = mode_args(replace(ea, extra={**ea.extra, "moe_backend": backend}), mode, args.searched_spec)
             if mode.startswith("overlap-preset"):
                 margs = replace(margs, pipeline=args.overlap_preset or "llama-8b-overlap")
             rec = run_mode(margs, parts, reqs, warm, args.profile)
         except Exception as exc:  # one failing mode must not lose the others' figures
-            log.exception("mode %s failed", mode)
+            log.exception("mode %s failed", label)
             rec = {"error": repr(exc)}
         timelines[label] = rec.pop("_records", None)
         rec.update(common, mode=mode, requests=len(reqs))
@@ -178,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
         if spec.is_moe:
             from nanoflow.ops.moe import grouped_mm_choices
 
-            rec.update(moe_backend=backend, grouped_mm_choices=grouped_mm_choices())
+            rec["moe_backend"] = backend
+            if backend == "auto":  # the picks this run used (made now or by an earlier auto run in this process)
+                rec["grouped_mm_choices"] = grouped_mm_choices()
         if "throughput_tok_s" in rec:
             rec["pct_optimal"] = 100.0 * rec["throughput_tok_s"] / optimal
         records.append(rec)

@@ -134,10 +134,6 @@ def load_parts(args: EngineArgs, device: torch.device, tp_rank: int = 0, tp_size
 
         tokenizer = load_tokenizer(source.path)
     model = model_class(source.spec.architecture)(source.spec, weights, tp_rank=tp_rank, tp_size=tp_size)
-    if source.spec.is_moe:
-        from nanoflow.ops.moe import set_grouped_mm_backend
-
-        set_grouped_mm_backend(str(args.extra.get("moe_backend", "auto")))
     return {"source": source, "dtype": dtype, "model": model, "tokenizer": tokenizer}
 
 

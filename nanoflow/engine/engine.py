@@ -72,6 +72,10 @@ class Engine:
         self.model_name = self.source.name
         spec = self.model.spec
         self.spec = spec
+        if spec.is_moe:  # the grouped GEMM's backend is process-wide: the engine built last sets it
+            from nanoflow.ops.moe import set_grouped_mm_backend
+
+            set_grouped_mm_backend(str(args.extra.get("moe_backend", "auto")))
         self.max_model_len = min(args.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         if args.max_model_len and args.max_model_len > spec.max_position_embeddings:
             raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's context "

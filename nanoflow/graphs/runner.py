@@ -80,7 +80,7 @@ class ModelRunner:
         backend = attention or ("triton" if self.device.type == "cuda" else "torch")
         if backend == "triton":
             decode_variant = resolve_decode_variant(decode_variant, self.kv_cache[0, 0], self.kv_cache[0, 1],
-                                                    model.local_heads, block_size, decode_options)
+                                                    model.local_heads, block_size, decode_options, dtype)
         self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size,
                                       decode_variant=decode_variant, decode_options=decode_options)
         graphs = model.graphs

@@ -8,8 +8,9 @@ The routed computation of ``n`` tokens, each sent to ``k`` experts, as the ``exp
    element-wise ops and a cumulative sum only, so it is deterministic, stable (token order kept inside an expert),
    never reads a device value on the host and can be captured in a CUDA graph.
 3. gather the tokens into that order, grouped GEMM with each expert's ``w13`` (gate and up), SiLU * up, grouped GEMM
-   with ``w2`` scaling each row by its routing weight (:func:`grouped_mm`), then each token's k rows are summed back
-   in token order (:func:`combine_into`: gather + sum, no atomics).
+   with ``w2`` (:func:`grouped_mm`), then each token's k rows are summed back in token order, each scaled by its
+   routing weight: in the down GEMM's epilogue, then :func:`combine_into` (gather + sum, no atomics), or, when
+   ``torch._grouped_mm`` runs it, in :func:`combine_weighted_into`.
 
 :func:`grouped_mm` has three backends on a GPU: ``triton`` (:mod:`nanoflow.ops.grouped_gemm`, writes the caller's
 buffer, applies the routing weight to the fp32 accumulator), ``torch`` (``torch._grouped_mm``, PyTorch's CUTLASS
@@ -125,31 +126,47 @@ def grouped_mm_torch(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor,
     return y
 
 
+class _Shape(NamedTuple):
+    """What ``auto`` picks for: the routed rows rounded up to a multiple of :data:`ROW_BUCKET` (so an engine without
+    CUDA graphs, whose row counts vary every step, times a few sizes, not every one), the GEMM and the epilogue."""
+
+    device: str
+    rows: int
+    n: int
+    k: int
+    experts: int
+    dtype: str
+    row_scale: bool
+
+
 class _Choice(NamedTuple):
     backend: str
     ms: dict[str, float | None]
 
 
+ROW_BUCKET = 256
 _default_backend = "auto"
-_choices: dict[tuple, _Choice] = {}
+_choices: dict[_Shape, _Choice] = {}
+
+
+def _checked(name: str) -> str:
+    if name not in GROUPED_MM_BACKENDS:
+        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
+    return name
 
 
 def set_grouped_mm_backend(name: str) -> None:
     """The backend :func:`grouped_mm` uses when a call names none (the engine's ``moe_backend``)."""
     global _default_backend
-    if name not in GROUPED_MM_BACKENDS:
-        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
-    _default_backend = name
+    _default_backend = _checked(name)
 
 
 def grouped_mm_choices() -> list[dict]:
     """What ``auto`` picked so far: one record per shape, with each backend's time in ms (None: it failed)."""
-    return [{"rows": key[1], "n": key[2], "k": key[3], "experts": key[4], "dtype": key[5], "row_scale": key[6],
-             "backend": c.backend, "ms": c.ms} for key, c in _choices.items()]
+    return [{**key._asdict(), "backend": c.backend, "ms": c.ms} for key, c in _choices.items()]
 
 
 def _time_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    fn()  # compiles / autotunes / allocates
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -159,31 +176,44 @@ def _time_ms(fn: Callable[[], object], reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool) -> str:
-    """The faster backend for this call's shape (``scaled``: with a row scale), timed once per shape on an even split
-    of the rows. Triton is timed with the scale in its epilogue, torch without it: :func:`experts_forward` folds the
-    scale into the combine when torch runs the GEMM."""
+def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, rounds: int = 3) -> str:
+    """The faster backend for this call's shape (``scaled``: with a row scale), timed once per :class:`_Shape` on an
+    even split of the rows: after the device is idle, ``rounds`` alternating rounds of each, the best round kept.
+    Triton is timed with the scale in its epilogue, torch without it: :func:`experts_forward` folds the scale into
+    the combine when torch runs the GEMM."""
     from nanoflow.ops.grouped_gemm import grouped_gemm
 
     m, e, n, k = x.shape[0], w.shape[0], w.shape[1], w.shape[2]
-    key = (x.device, m, n, k, e, str(x.dtype).removeprefix("torch."), scaled)
+    key = _Shape(str(x.device), -(-m // ROW_BUCKET) * ROW_BUCKET, n, k, e, str(x.dtype).removeprefix("torch."),
+                 scaled)
     found = _choices.get(key)
     if found is not None:
         return found.backend
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         # Timing is impossible inside a capture; the engine warms every shape up eagerly first, so this is rare.
-        log.warning("grouped GEMM %s seen first during CUDA-graph capture: using triton untimed", key[1:])
+        log.warning("grouped GEMM %s seen first during CUDA-graph capture: using triton untimed", key)
         return "triton"
     even = torch.linspace(0, m, e + 1, device=x.device).round().to(torch.int32)
     scratch = torch.empty(m, n, dtype=x.dtype, device=x.device)
     row_scale = torch.ones(m, dtype=torch.float32, device=x.device) if scaled else None
+    runs = {"torch": lambda: grouped_mm_torch(x, even, w),
+            "triton": lambda: grouped_gemm(x, even, w, out=scratch, row_scale=row_scale)}
     ms: dict[str, float | None] = {}
-    try:
-        ms["torch"] = _time_ms(lambda: grouped_mm_torch(x, even, w))
-    except (RuntimeError, NotImplementedError, MoEInputError) as exc:  # a dtype, GPU or torch it does not support
-        log.info("torch._grouped_mm cannot run %s: %s", key[1:], exc)
-        ms["torch"] = None
-    ms["triton"] = _time_ms(lambda: grouped_gemm(x, even, w, out=scratch, row_scale=row_scale))
+    for name, fn in runs.items():  # compile / autotune / allocate; a backend that cannot run drops out
+        try:
+            fn()
+            ms[name] = float("inf")
+        except (RuntimeError, NotImplementedError, MoEInputError) as exc:  # a dtype, GPU or torch it lacks
+            if name == "triton":
+                raise
+            log.info("torch._grouped_mm cannot run %s: %s", key, exc)
+            ms[name] = None
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)  # other streams' work (a nano-batch pipeline's warm-up) must not count
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            if ms[name] is not None:
+                ms[name] = min(ms[name], _time_ms(runs[name]))
     best = "torch" if ms["torch"] is not None and ms["torch"] < ms["triton"] else "triton"
     _choices[key] = _Choice(best, ms)
     log.info("grouped GEMM rows=%d n=%d k=%d experts=%d: %s -> %s", m, n, k, e,
@@ -194,9 +224,7 @@ def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool) -> str:
 def resolve_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, backend: str | None = None) -> str:
     """The backend a call runs: ``"torch"``, ``"triton"`` or, off the GPU, ``"loop"`` (``auto`` resolved per shape,
     ``None`` = the module default)."""
-    name = backend or _default_backend
-    if name not in GROUPED_MM_BACKENDS:
-        raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
+    name = _checked(backend or _default_backend)
     if name == "torch":
         return name
     if not x.is_cuda:

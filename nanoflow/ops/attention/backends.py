@@ -85,9 +85,6 @@ class TorchAttention:
             out[q_start:q_start + q_len].copy_(res.transpose(0, 1))
 
 
-
-
-
 class TritonAttention:
     """The paged Triton kernels of ``nanoflow.ops.attention``; reads only device tensors (graph-capturable).
 
@@ -133,17 +130,18 @@ class TritonAttention:
 
 
 def resolve_decode_variant(variant: str, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-                           page: int, options: dict[str, Any] | None = None) -> str:
+                           page: int, options: dict[str, Any] | None = None,
+                           q_dtype: torch.dtype = torch.bfloat16) -> str:
     """``variant``, or for ``"auto"``: ``"cuda"`` (the hand-written kernel, +3.7% end to end over the Triton one on an
-    H100 with a float8 cache) where it can serve this cache and build, else ``"split"`` (also when ``options`` set
-    Triton tiles). The reason is logged."""
+    H100 with a float8 cache) where it can serve this cache and a ``q_dtype`` query and build, else ``"split"``
+    (also when ``options`` set Triton tiles). The reason is logged."""
     if variant != "auto":
         return variant
     if k_cache.device.type != "cuda" or set(options or {}) - {"num_stages", "kv_evict"}:
         return "split"
     from nanoflow.ops.attention.decode_cuda import unavailable_reason
 
-    why = unavailable_reason(k_cache, v_cache, num_heads, page)
+    why = unavailable_reason(k_cache, v_cache, num_heads, page, q_dtype, (options or {}).get("num_stages"))
     if why is None:
         log.info("decode attention: the CUDA kernel (decode_variant auto)")
         return "cuda"

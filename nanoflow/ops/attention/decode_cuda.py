@@ -151,12 +151,16 @@ def check_cuda_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                       f"{name} spans {t.shape[0] * t.stride(0)} bytes" + alternative)
 
 
-def unavailable_reason(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page: int) -> str | None:
+def unavailable_reason(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, page: int,
+                       q_dtype: torch.dtype = torch.bfloat16, num_stages: int | None = None) -> str | None:
     """Why this kernel cannot serve one layer's ``k_cache``/``v_cache`` (``[pages, page, kv_heads, head_dim]``) for
-    ``num_heads`` query heads, or None when it can; building its library (nvcc, once) is part of the check. The
-    engine's ``decode_variant="auto"`` picks it when this is None, else the Triton split kernel."""
+    ``num_heads`` query heads of ``q_dtype`` (and ring depth ``num_stages``), or None when it can; building its
+    library (nvcc, once) is part of the check. The engine's ``decode_variant="auto"`` picks it when this is None, else
+    the Triton split kernel."""
+    if num_stages is not None and num_stages not in STAGES:
+        return f"num_stages={num_stages} is not one of its ring depths {STAGES}"
     heads = num_heads // max(1, k_cache.shape[-2])
-    q = k_cache.new_empty((1, num_heads, k_cache.shape[-1]), dtype=torch.bfloat16)
+    q = k_cache.new_empty((1, num_heads, k_cache.shape[-1]), dtype=q_dtype)
     try:
         check_cuda_inputs(q, k_cache, v_cache, q, page, heads)
         load_library(k_cache.device)

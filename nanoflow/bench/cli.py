@@ -126,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
     ea = replace(ea, block_size=args.block_size)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
-    ea.extra["moe_backend"] = getattr(args, "moe_backend", ["auto"])[0]
     if getattr(args, "decode_options", None):
         ea.extra["decode_options"] = args.decode_options
     if args.memory_share is not None:
@@ -154,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
               "host": platform.node()}
     records: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}
-    backends = args.moe_backend if spec.is_moe else [ea.extra["moe_backend"]]
+    backends = args.moe_backend if spec.is_moe else ["auto"]  # each run sets its own extra["moe_backend"]
     runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
     for mode, backend in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"

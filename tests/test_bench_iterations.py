@@ -132,3 +132,15 @@ def test_step_model_script_recovers_a_known_model(tmp_path):
     assert abs(pred["as run"]["seconds"] - step_ms.sum() / 1e3) < 1e-6  # no graphs_captured: the halvings
     seconds = [pred[k]["seconds"] for k in ("every 64", "the engine's (token_buckets)", "halvings")]
     assert seconds == sorted(seconds) and seconds[0] < seconds[2]
+
+
+def test_compare_tokens_counts_identical_outputs_and_first_differences():
+    from nanoflow.bench.throughput import compare_tokens
+
+    ref = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1]]
+    got = [[1, 2, 3], [4, 0, 6], [0, 8, 9], [1, 1, 2]]  # differ at 1, at 0, and one is longer (differs at 2)
+    assert compare_tokens(ref, got) == {"requests": 4, "identical": 1, "differ": 3, "first_difference_min": 0,
+                                        "first_difference_median": 1}
+    assert compare_tokens(ref, ref) == {"requests": 4, "identical": 4, "differ": 0}
+    with pytest.raises(ValueError, match="same workload"):
+        compare_tokens(ref, got[:2])

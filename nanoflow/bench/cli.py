@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
-    from nanoflow.bench.throughput import base_args, mode_args, run_mode, workload
+    from nanoflow.bench.throughput import base_args, compare_tokens, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
 
@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     timelines: dict[str, Any] = {}
     backends = args.moe_backend if spec.is_moe else ["auto"]  # each run sets its own extra["moe_backend"]
     runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
+    ref_tokens: tuple[str, list[list[int]]] | None = None  # the first finished mode's greedy outputs
     for mode, backend in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
         log.info("mode %s ...", label)
@@ -167,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
             log.exception("mode %s failed", label)
             rec = {"error": repr(exc)}
         timelines[label] = rec.pop("_records", None)
+        tokens = rec.pop("_tokens", None)
+        if tokens is not None:
+            if ref_tokens is None:
+                ref_tokens = (label, tokens)
+            else:  # same weights, same requests, greedy: the modes should agree token for token
+                rec["tokens_vs_reference"] = {"reference": ref_tokens[0], **compare_tokens(ref_tokens[1], tokens)}
         rec.update(common, mode=mode, requests=len(reqs))
         if label != mode:
             rec["label"] = label
@@ -231,5 +238,8 @@ def _print_row(rec: dict[str, Any]) -> None:
     if it:
         extra += (f"; GPU busy {it['gpu_busy_s']:.1f} s, idle {it['gpu_idle_s']:.1f} s, full steps "
                   f"{it['full_steps']}/{it['steps']} at {it.get('full_step_ms_median', 0):.1f} ms")
+    tv = rec.get("tokens_vs_reference")
+    if tv:
+        extra += f"; outputs identical to {tv['reference']}: {tv['identical']}/{tv['requests']}"
     print(f"{rec['mode']:>22}: {rec['throughput_tok_s']:10.0f} tok/s  {rec['pct_optimal']:5.1f}% of optimal"
           f" ({rec['optimal_tok_s']:.0f}){extra}", flush=True)

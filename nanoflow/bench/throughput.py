@@ -113,6 +113,7 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         wall = time.perf_counter() - t0
     engine.plan_hook = None
     rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
+    rec["_tokens"] = [list(o.token_ids) for o in outs]  # for compare_tokens across modes; not saved
     try:
         rec["iterations_timed"] = timer.summary(engine.dense_batch_size)
     except Exception as exc:  # the per-step timing is a bonus: keep the throughput figure
@@ -149,6 +150,22 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
         rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
                    graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured))
     return rec
+
+
+def compare_tokens(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]:
+    """How one mode's greedy outputs compare with a reference mode's on the same requests (same order): how many are
+    identical, and for the others where they first differ (token index into the output)."""
+    if len(ref) != len(got):
+        raise ValueError(f"the runs have {len(ref)} and {len(got)} requests; compare runs of the same workload")
+    firsts = []
+    for a, b in zip(ref, got):
+        if a != b:
+            firsts.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    out: dict[str, Any] = {"requests": len(ref), "identical": len(ref) - len(firsts), "differ": len(firsts)}
+    if firsts:
+        firsts.sort()
+        out.update(first_difference_min=firsts[0], first_difference_median=firsts[len(firsts) // 2])
+    return out
 
 
 def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None,

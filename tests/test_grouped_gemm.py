@@ -109,7 +109,7 @@ def test_moe_block_with_kernel_matches_float64(monkeypatch: pytest.MonkeyPatch):
     router = torch.randn(e, h, generator=gen)
     w13 = torch.randn(e, 2 * inter, h, generator=gen) / h**0.5
     w2 = torch.randn(e, h, inter, generator=gen) / inter**0.5
-    monkeypatch.setattr(moe, "grouped_mm", lambda a, off, b, out, row_scale=None: gg.grouped_gemm(
+    monkeypatch.setattr(moe, "grouped_mm", lambda a, off, b, out, row_scale=None, backend=None: gg.grouped_gemm(
         a, off, b, out=out, row_scale=row_scale))
     weights, experts = moe.route(x @ router.t(), top_k)
     scratch = moe.MoEScratch(torch.empty(t * top_k, h), torch.empty(t * top_k, 2 * inter),

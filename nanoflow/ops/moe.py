@@ -319,11 +319,13 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     torch.index_select(x, 0, sort.order // k, out=scratch.sorted_x)
     gate_up = grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
     act_into(gate_up, scratch.act)
-    if resolve_backend(scratch.act, w2, scaled=True) == "torch":
+    down = resolve_backend(scratch.act, w2, scaled=True)
+    if down == "torch":
         combine_weighted(grouped_mm_torch(scratch.act, sort.offsets, w2), sort.position, weights, out)
         return out
     row_scale = weights.reshape(-1).float().index_select(0, sort.order)
-    expert_out = grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale)
+    expert_out = grouped_mm(scratch.act, sort.offsets, w2, out=scratch.expert_out, row_scale=row_scale,
+                            backend=None if down == "loop" else down)  # resolved once ("loop" is not a name)
     combine(expert_out, sort.position, out)
     return out
 

@@ -5,6 +5,9 @@ the other SMs, whatever the decode kernel and its L2 policy, while each alone in
 above 1. This script runs, for a few seconds each, inside green contexts (decode ``--decode-sms``, GEMM the rest):
 
 1. the GEMM alone, 2. decode attention alone, 3. both at once (each on its own stream, relaunched back to back),
+4. with ``--partners``: the same for other memory-bound partners in decode's partition, to tell what in decode hurts
+   the GEMM: ``decode_contig`` (the same decode over a block table whose pages are consecutive per row, not
+   shuffled) and ``copy`` (a plain device-to-device copy of the same bytes as one decode call reads),
 
 and samples ``nvidia-smi`` (SM and memory clocks, power, temperature) every 100 ms. Per phase it reports launches
 per second of each kernel (so the pair's slowdown of each), and the median clocks and power. If the SM clock falls
@@ -32,6 +35,11 @@ def _args(ap) -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="length of each phase")
     ap.add_argument("--variant", default="cuda", help="decode_attention variant (cuda or split)")
     ap.add_argument("--gemm-tokens", type=int, default=1024, help="rows of the gate/up GEMM (x 4096 -> 28672)")
+    ap.add_argument("--pool-gb", type=float, default=0.0, help="size of the K and V page pools together; decode's "
+                    "shuffled pages are spread over all of it (a serving cache is tens of GB; default: just the "
+                    "pages one call reads, ~1.6 GB)")
+    ap.add_argument("--partners", default="decode", help="comma list of the memory-bound kernels paired with the "
+                    "GEMM: decode (shuffled pages, as a serving cache), decode_contig (consecutive pages), copy")
 
 
 OPTS = parse_script_args(__doc__, "pair_clocks.json", _args,
@@ -70,10 +78,12 @@ def main() -> int:
     total = torch.cuda.get_device_properties(dev).multi_processor_count
     gen = torch.Generator(device=dev).manual_seed(0)
     per_row = LENGTH // PAGE
-    blocks = 1 + ROWS * per_row
-    k = torch.randn((blocks, PAGE, HKV, D), generator=gen, device=dev, dtype=torch.bfloat16).to(FP8)
-    v = torch.randn_like(k, dtype=torch.bfloat16).to(FP8)
-    table = (torch.randperm(blocks - 1, generator=gen, device=dev) + 1).view(ROWS, per_row).to(torch.int32)
+    used = ROWS * per_row
+    blocks = 1 + max(used, int(OPTS.pool_gb * 1e9 / (2 * PAGE * HKV * D)))
+    # Random float8 bytes below 0x38 (|x| < 1, no NaN): built in place, no bfloat16 copy of a pool of tens of GB.
+    k = torch.randint(0, 0x38, (blocks, PAGE, HKV, D), generator=gen, device=dev, dtype=torch.uint8).view(FP8)
+    v = torch.randint(0, 0x38, (blocks, PAGE, HKV, D), generator=gen, device=dev, dtype=torch.uint8).view(FP8)
+    table = (torch.randperm(blocks - 1, generator=gen, device=dev)[:used] + 1).view(ROWS, per_row).to(torch.int32)
     q = torch.randn(ROWS, HQ, D, generator=gen, device=dev, dtype=torch.bfloat16)
     lens = torch.full((ROWS,), LENGTH, dtype=torch.int32, device=dev)
     out = torch.empty_like(q)
@@ -86,13 +96,28 @@ def main() -> int:
     ctx_g = GreenContext.create(num_sms=total - OPTS.decode_sms, device_id=dev.index or 0)
     sd, sg = ctx_d.Stream(), ctx_g.Stream()
 
+    contig = (torch.arange(blocks - 1, device=dev, dtype=torch.int32) + 1).view(ROWS, per_row)
+    src = torch.empty(2 * ROWS * LENGTH * HKV * D, dtype=torch.uint8, device=dev)  # K and V bytes of one call
+    dst = torch.empty_like(src)
+
     def decode() -> None:
         decode_attention(q, k, v, table, lens, out, D**-0.5, workspace=ws, variant=OPTS.variant)
+
+    def decode_contig() -> None:
+        decode_attention(q, k, v, contig, lens, out, D**-0.5, workspace=ws, variant=OPTS.variant)
+
+    def copy() -> None:
+        dst.copy_(src)
 
     def gemm() -> None:
         torch.mm(x, w.t(), out=y)
 
-    for fn, s in ((decode, sd), (gemm, sg)):  # compile / pick kernels outside the timed phases
+    partners = {f.__name__: f for f in (decode, decode_contig, copy)}
+    chosen = [p.strip() for p in OPTS.partners.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in partners]
+    if unknown or not chosen:
+        raise SystemExit(f"--partners {OPTS.partners!r}: name one or more of {', '.join(partners)}")
+    for fn, s in ((gemm, sg), *((partners[p], sd) for p in chosen)):  # compile / pick kernels outside the timing
         with torch.cuda.stream(s):
             fn()
     torch.cuda.synchronize()
@@ -103,8 +128,10 @@ def main() -> int:
     thread.start()
     time.sleep(1.0)
     phases = []
-    for name, jobs in (("gemm", [(gemm, sg)]), ("decode", [(decode, sd)]), ("pair", [(gemm, sg), (decode, sd)]),
-                       ("idle", [])):
+    plan = [("gemm", [(gemm, sg)])]
+    for p in chosen:
+        plan += [(p, [(partners[p], sd)]), ("pair" if p == "decode" else f"pair_{p}", [(gemm, sg), (partners[p], sd)])]
+    for name, jobs in (*plan, ("idle", [])):
         counts = [0] * len(jobs)
         start = time.time()
         while time.time() - start < OPTS.seconds:
@@ -130,11 +157,17 @@ def main() -> int:
         print(json.dumps(phase), flush=True)
     stop.set()
     by = {p["phase"]: p for p in phases}
-    summary = {"gemm_in_pair_over_alone": by["pair"]["gemm_per_s"] / by["gemm"]["gemm_per_s"],
-               "decode_in_pair_over_alone": by["pair"]["decode_per_s"] / by["decode"]["decode_per_s"]}
+    summary = {}
+    for p in chosen:
+        pair = by["pair" if p == "decode" else f"pair_{p}"]
+        suffix = "" if p == "decode" else f"_{p}"
+        summary[f"gemm_in_pair{suffix}_over_alone"] = pair["gemm_per_s"] / by["gemm"]["gemm_per_s"]
+        summary[f"{p}_in_pair_over_alone"] = pair[f"{p}_per_s"] / by[p][f"{p}_per_s"]
+        summary[f"{p}_alone_gb_s"] = by[p][f"{p}_per_s"] * src.numel() / 1e9  # bytes of K and V (copy: read)
     print("summary", json.dumps(summary), flush=True)
     report = {**report_header(None), "decode_sms": OPTS.decode_sms, "gemm_sms": total - OPTS.decode_sms,
-              "variant": OPTS.variant, "gemm_tokens": OPTS.gemm_tokens, "phases": phases, "summary": summary}
+              "variant": OPTS.variant, "gemm_tokens": OPTS.gemm_tokens, "partners": chosen, "pool_blocks": blocks,
+              "phases": phases, "summary": summary}
     dest = Path(OPTS.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "pair_clocks.json").write_text(json.dumps(report, indent=1, default=str))

@@ -32,6 +32,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="weights and activations (dummy weights). float32 is for correctness runs: with bf16, greedy "
+                        "outputs of random weights (near-tied logits) differ between modes whose GEMMs split the "
+                        "batch differently; in float32 the modes' outputs (tokens_vs_reference) should agree. "
+                        "%% of optimal is then against the float32 GEMM peak")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--kv-fraction", type=float, default=0.6,
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
@@ -122,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return run_tp(args)
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
-                   args.kv_cache_dtype)
+                   args.kv_cache_dtype, getattr(args, "dtype", "bfloat16"))
     ea = replace(ea, block_size=args.block_size)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
@@ -149,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     common = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),
               "command": "nanoflow bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
               "model": args.model, "tp": 1, "workload": args.workload, "dense_batch": args.dense_batch_size,
+              "dtype": str(parts["dtype"]).removeprefix("torch."),
               "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal, "gemm": peak,
               "host": platform.node()}
     records: list[dict[str, Any]] = []

@@ -169,8 +169,8 @@ def compare_tokens(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]
 
 
 def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None,
-              kv_cache_dtype: str = "auto") -> EngineArgs:
-    return EngineArgs(model=model, load_format="dummy", dtype="bfloat16", device="cuda", dense_batch_size=dense,
+              kv_cache_dtype: str = "auto", dtype: str = "bfloat16") -> EngineArgs:
+    return EngineArgs(model=model, load_format="dummy", dtype=dtype, device="cuda", dense_batch_size=dense,
                       seed=seed, kv_cache_tokens=kv_tokens, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
 
 

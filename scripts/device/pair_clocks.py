@@ -7,7 +7,8 @@ above 1. This script runs, for a few seconds each, inside green contexts (decode
 1. the GEMM alone, 2. decode attention alone, 3. both at once (each on its own stream, relaunched back to back),
 4. with ``--partners``: the same for other memory-bound partners in decode's partition, to tell what in decode hurts
    the GEMM: ``decode_contig`` (the same decode over a block table whose pages are consecutive per row, not
-   shuffled) and ``copy`` (a plain device-to-device copy of the same bytes as one decode call reads),
+   shuffled), ``copy`` (a plain device-to-device copy of the same bytes as one decode call reads) and ``read``
+   (a max over those bytes: reads only, as decode),
 
 and samples ``nvidia-smi`` (SM and memory clocks, power, temperature) every 100 ms. Per phase it reports launches
 per second of each kernel (so the pair's slowdown of each), and the median clocks and power. If the SM clock falls
@@ -39,7 +40,7 @@ def _args(ap) -> None:
                     "shuffled pages are spread over all of it (a serving cache is tens of GB; default: just the "
                     "pages one call reads, ~1.6 GB)")
     ap.add_argument("--partners", default="decode", help="comma list of the memory-bound kernels paired with the "
-                    "GEMM: decode (shuffled pages, as a serving cache), decode_contig (consecutive pages), copy")
+                    "GEMM: decode (shuffled pages, as a serving cache), decode_contig (consecutive pages), copy, read")
 
 
 OPTS = parse_script_args(__doc__, "pair_clocks.json", _args,
@@ -96,9 +97,10 @@ def main() -> int:
     ctx_g = GreenContext.create(num_sms=total - OPTS.decode_sms, device_id=dev.index or 0)
     sd, sg = ctx_d.Stream(), ctx_g.Stream()
 
-    contig = (torch.arange(blocks - 1, device=dev, dtype=torch.int32) + 1).view(ROWS, per_row)
+    contig = (torch.arange(used, device=dev, dtype=torch.int32) + 1).view(ROWS, per_row)
     src = torch.empty(2 * ROWS * LENGTH * HKV * D, dtype=torch.uint8, device=dev)  # K and V bytes of one call
     dst = torch.empty_like(src)
+    src16, peak = src.view(torch.float16), torch.empty((), dtype=torch.float16, device=dev)
 
     def decode() -> None:
         decode_attention(q, k, v, table, lens, out, D**-0.5, workspace=ws, variant=OPTS.variant)
@@ -109,10 +111,13 @@ def main() -> int:
     def copy() -> None:
         dst.copy_(src)
 
+    def read() -> None:
+        torch.amax(src16, out=peak)
+
     def gemm() -> None:
         torch.mm(x, w.t(), out=y)
 
-    partners = {f.__name__: f for f in (decode, decode_contig, copy)}
+    partners = {f.__name__: f for f in (decode, decode_contig, copy, read)}
     chosen = [p.strip() for p in OPTS.partners.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in partners]
     if unknown or not chosen:

@@ -144,3 +144,17 @@ def test_compare_tokens_counts_identical_outputs_and_first_differences():
     assert compare_tokens(ref, ref) == {"requests": 4, "identical": 4, "differ": 0}
     with pytest.raises(ValueError, match="same workload"):
         compare_tokens(ref, got[:2])
+
+
+def test_compare_with_earlier_keeps_the_first_mode_as_reference():
+    from nanoflow.bench.throughput import compare_with_earlier
+
+    outputs: dict = {}
+    assert compare_with_earlier(outputs, "non-overlap", [[1, 2], [3, 4]]) == {}
+    assert compare_with_earlier(outputs, "nano-batch", [[1, 2], [3, 5]]) == {
+        "tokens_vs_reference": {"reference": "non-overlap", "requests": 2, "identical": 1, "differ": 1,
+                                "first_difference_min": 1, "first_difference_median": 1}}
+    fields = compare_with_earlier(outputs, "overlap-preset", [[1, 2], [3, 5]])
+    assert fields["tokens_vs_reference"]["identical"] == 1
+    assert fields["tokens_vs_modes"] == {"nano-batch": {"requests": 2, "identical": 2, "differ": 0}}
+    assert list(outputs) == ["non-overlap", "nano-batch", "overlap-preset"]

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
-    from nanoflow.bench.throughput import base_args, compare_tokens, mode_args, run_mode, workload
+    from nanoflow.bench.throughput import base_args, compare_with_earlier, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
 
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     timelines: dict[str, Any] = {}
     backends = args.moe_backend if spec.is_moe else ["auto"]  # each run sets its own extra["moe_backend"]
     runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
-    ref_tokens: tuple[str, list[list[int]]] | None = None  # the first finished mode's greedy outputs
+    outputs: dict[str, list[list[int]]] = {}  # each finished mode's greedy outputs, the first the reference
     for mode, backend in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
         log.info("mode %s ...", label)
@@ -176,10 +176,7 @@ def run(args: argparse.Namespace) -> int:
         timelines[label] = rec.pop("_records", None)
         tokens = rec.pop("_tokens", None)
         if tokens is not None:
-            if ref_tokens is None:
-                ref_tokens = (label, tokens)
-            else:  # same weights, same requests, greedy: the modes should agree token for token
-                rec["tokens_vs_reference"] = {"reference": ref_tokens[0], **compare_tokens(ref_tokens[1], tokens)}
+            rec.update(compare_with_earlier(outputs, label, tokens))
         rec.update(common, mode=mode, requests=len(reqs))
         if label != mode:
             rec["label"] = label

@@ -168,6 +168,21 @@ def compare_tokens(ref: list[list[int]], got: list[list[int]]) -> dict[str, Any]
     return out
 
 
+def compare_with_earlier(outputs: dict[str, list[list[int]]], label: str, tokens: list[list[int]]) -> dict[str, Any]:
+    """Record fields comparing mode ``label``'s greedy outputs with those of the modes run before it (same weights,
+    same requests: they should agree token for token), then add them to ``outputs``: ``tokens_vs_reference``
+    against the first mode, and ``tokens_vs_modes`` against each later one (e.g. overlap against nano-batch, the
+    same split run concurrently or not)."""
+    fields: dict[str, Any] = {}
+    if outputs:
+        first, *later = outputs
+        fields["tokens_vs_reference"] = {"reference": first, **compare_tokens(outputs[first], tokens)}
+        if later:
+            fields["tokens_vs_modes"] = {m: compare_tokens(outputs[m], tokens) for m in later}
+    outputs[label] = tokens
+    return fields
+
+
 def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None,
               kv_cache_dtype: str = "auto", dtype: str = "bfloat16") -> EngineArgs:
     return EngineArgs(model=model, load_format="dummy", dtype=dtype, device="cuda", dense_batch_size=dense,

@@ -11,7 +11,8 @@ above 1. This script runs, for a few seconds each, inside green contexts (decode
    (a max over those bytes: reads only, as decode),
 
 and samples ``nvidia-smi`` (SM and memory clocks, power, temperature) every 100 ms. Per phase it reports launches
-per second of each kernel (so the pair's slowdown of each), and the median clocks and power. If the SM clock falls
+per second of each kernel (the pair phase relaunches both in lock step, so its rate is the pair's: the
+summary sets the pair's time against the two apart), and the median clocks and power. If the SM clock falls
 in the pair, the GPU is at its power limit and the slowdown is the clock's; if the clocks hold, it is the memory
 system's.
 
@@ -38,7 +39,7 @@ def _args(ap) -> None:
     ap.add_argument("--gemm-tokens", type=int, default=1024, help="rows of the gate/up GEMM (x 4096 -> 28672)")
     ap.add_argument("--pool-gb", type=float, default=0.0, help="size of the K and V page pools together; decode's "
                     "shuffled pages are spread over all of it (a serving cache is tens of GB; default: just the "
-                    "pages one call reads, ~1.6 GB)")
+                    "pages one call reads, ~1.6 GB; the cuda variant takes at most 4 GiB per K or V pool)")
     ap.add_argument("--partners", default="decode", help="comma list of the memory-bound kernels paired with the "
                     "GEMM: decode (shuffled pages, as a serving cache), decode_contig (consecutive pages), copy, read")
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nanoflow.config import DECODE_CHOICES, DECODE_OPTION_KEYS, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+from nanoflow.config import DECODE_CHOICES, DECODE_OPTION_KEYS, DTYPES, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
 
 log = logging.getLogger("nanoflow")
 
@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="weights and activations (dummy weights). float32 is for correctness runs: with bf16, greedy "
                         "outputs of random weights (near-tied logits) differ between modes whose GEMMs split the "
                         "batch differently; in float32 the modes' outputs (tokens_vs_reference) should agree. "

@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoflow {args.command}: unavailable ({args._unavailable}); install the matching extra, e.g. "
               "pip install 'nanoflow[serve,ui]'", file=sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    from nanoflow.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:  # options that do not go together: say which, without a traceback
+        print(f"nanoflow {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ MOE_BACKENDS = ("auto", "triton", "torch")  # nanoflow.ops.moe.grouped_mm
 DECODE_VARIANT_HELP = ("decode-attention kernel on a GPU: auto = the hand-written CUDA kernel where it applies (float8 "
                        "KV cache, head_dim 128, nvcc present to build it once), else the Triton split kernel; or name "
                        "one: " + ", ".join(DECODE_VARIANTS))
+BATCH_INVARIANT_HELP = ("make every request's tokens independent of its batch (nano-batch cuts, prefill chunks, the "
+                        "other requests), like vLLM's VLLM_BATCH_INVARIANT: Triton GEMMs and norms with fixed tiles, "
+                        "decode attention with one KV split. Slower; needs a GPU (dense models, tp <= 2)")
 MOE_BACKEND_HELP = ("grouped GEMM of MoE experts on a GPU: auto = time triton and torch (torch._grouped_mm) once per "
                     "shape while warming up and keep the faster; or name one")
 KV_CACHE_DTYPE_HELP = ("KV-cache element type: auto = the model's dtype; fp8 = float8 e4m3 with unit scale, half "
@@ -273,6 +276,9 @@ class EngineArgs:
     pipeline: str | None = None
     resource_knob: str = "grid"  # how nano-op shares are enforced: grid|partition|green|none (graphs/resources.py)
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
+    # Every request's tokens independent of its batch (nano-batch cuts, prefill chunks, other requests), at a cost in
+    # speed: Triton GEMMs and norms with fixed tiles, fixed attention tiles (ops/batch_invariant.py).
+    batch_invariant: bool = False
     # Free-form options, among them: moe_backend (MOE_BACKENDS: the grouped GEMM of MoE layers, default auto),
     # decode_variant ("auto"|"split"|"row"|...|"cuda", the decode-attention kernel), decode_options (its
     # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload).
@@ -298,6 +304,13 @@ class EngineArgs:
         if self.extra.get("decode_variant", "auto") not in DECODE_CHOICES:
             raise ConfigError(f"decode_variant {self.extra['decode_variant']!r} is not supported; use one of "
                               f"{', '.join(DECODE_CHOICES)}")
+        if self.batch_invariant:
+            if self.extra.get("decode_variant", "auto") not in ("auto", "split") or self.extra.get("decode_options"):
+                raise ConfigError("batch_invariant fixes the decode-attention kernel (the split variant with fixed "
+                                  "tiles): drop decode_variant/decode_options or batch_invariant")
+            if self.tp > 2:
+                raise ConfigError(f"batch_invariant holds for tp <= 2 (a sum of two partial results rounds alike in "
+                                  f"any order; NCCL may order more by message size); got tp {self.tp}")
         if self.extra.get("moe_backend", "auto") not in MOE_BACKENDS:
             raise ConfigError(f"moe_backend {self.extra['moe_backend']!r} is not supported; use one of "
                               f"{', '.join(MOE_BACKENDS)}")

@@ -15,7 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nanoflow.config import DECODE_CHOICES, DECODE_OPTION_KEYS, DTYPES, KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES
+from nanoflow.config import (
+    BATCH_INVARIANT_HELP,
+    DECODE_CHOICES,
+    DECODE_OPTION_KEYS,
+    DTYPES,
+    KV_CACHE_DTYPE_HELP,
+    KV_CACHE_DTYPES,
+)
 
 log = logging.getLogger("nanoflow")
 
@@ -38,6 +45,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "batch differently; in float32 the modes' outputs (tokens_vs_reference) should agree. "
                         "%% of optimal is then against the float32 GEMM peak")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
+    p.add_argument("--batch-invariant", action="store_true",
+                   help=BATCH_INVARIANT_HELP + ". Here: every mode then computes each request's tokens alike, so "
+                        "tokens_vs_reference shows whether nano-batching or overlap changes any output (with the "
+                        "default kernels the split's rounding changes near-tied outputs of random weights)")
     p.add_argument("--kv-fraction", type=float, default=0.6,
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
@@ -128,13 +139,14 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
                    args.kv_cache_dtype, getattr(args, "dtype", "bfloat16"))
-    ea = replace(ea, block_size=args.block_size)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
     if getattr(args, "decode_options", None):
         ea.extra["decode_options"] = args.decode_options
     if args.memory_share is not None:
         ea.extra["memory_share"] = args.memory_share
+    # replace() checks the options together (e.g. --batch-invariant with --decode-options is refused)
+    ea = replace(ea, block_size=args.block_size, batch_invariant=bool(getattr(args, "batch_invariant", False)))
     t0 = time.perf_counter()
     parts = load_parts(ea, device)
     spec = parts["model"].spec
@@ -154,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     common = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),
               "command": "nanoflow bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
               "model": args.model, "tp": 1, "workload": args.workload, "dense_batch": args.dense_batch_size,
-              "dtype": str(parts["dtype"]).removeprefix("torch."),
+              "dtype": str(parts["dtype"]).removeprefix("torch."), "batch_invariant": ea.batch_invariant,
               "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal, "gemm": peak,
               "host": platform.node()}
     records: list[dict[str, Any]] = []

@@ -89,7 +89,8 @@ def run_tp(args: argparse.Namespace) -> int:
         return 2
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
                    getattr(args, "kv_cache_dtype", "auto"))
-    ea = replace(ea, block_size=getattr(args, "block_size", 16))
+    ea = replace(ea, block_size=getattr(args, "block_size", 16),
+                 batch_invariant=bool(getattr(args, "batch_invariant", False)))
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
     backends = getattr(args, "moe_backend", ["auto"])

@@ -72,6 +72,9 @@ class Engine:
         self.model_name = self.source.name
         spec = self.model.spec
         self.spec = spec
+        if args.batch_invariant and spec.is_moe:
+            raise ConfigError("batch_invariant is not supported for MoE models yet (the router and the grouped GEMM "
+                              "pick kernels by rows per expert); drop it for this model")
         if spec.is_moe:  # the grouped GEMM's backend is process-wide: the engine built last sets it
             from nanoflow.ops.moe import set_grouped_mm_backend
 
@@ -162,7 +165,8 @@ class Engine:
                            kv_offload=self.simultaneous_offload,
                            decode_variant=str(self.args.extra.get("decode_variant", "auto")),
                            decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype,
-                           staging_slots=int(self.args.extra.get("kv_staging_slots", 3)))
+                           staging_slots=int(self.args.extra.get("kv_staging_slots", 3)),
+                           batch_invariant=self.args.batch_invariant)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoflow.config import (
+    BATCH_INVARIANT_HELP,
     DECODE_CHOICES,
     DECODE_VARIANT_HELP,
     KV_CACHE_DTYPE_HELP,
@@ -48,6 +49,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     p.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES, help=DECODE_VARIANT_HELP)
     p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS, help=MOE_BACKEND_HELP)
+    p.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
     p.add_argument("--no-async", action="store_true", help="schedule synchronously (batch i+1 after batch i ends)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the forward eagerly on the GPU")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the glue ops")
@@ -60,7 +62,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs, pipeline=args.pipeline,
               async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
               compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob,
-              kv_cache_dtype=args.kv_cache_dtype, decode_variant=args.decode_variant, moe_backend=args.moe_backend)
+              kv_cache_dtype=args.kv_cache_dtype, decode_variant=args.decode_variant, moe_backend=args.moe_backend,
+              batch_invariant=args.batch_invariant)
     if hasattr(args, "kv_offload"):  # run-offline's flags; bench has none
         kw.update(kv_offload_extra(args))
     return kw

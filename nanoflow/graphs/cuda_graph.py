@@ -73,7 +73,10 @@ class _Captured:
 class CudaGraphRunner:
     """Owns the captured graphs of one ModelRunner."""
 
-    def __init__(self, runner: Any, max_blocks: int, decode_cap: int, compile_glue: bool):
+    def __init__(self, runner: Any, max_blocks: int, decode_cap: int, compile_glue: bool,
+                 glue: dict[str, Any] | None = None):
+        """``glue``: fixed glue ops for every capture (batch-invariant mode), else compiled ones (``compile_glue``)
+        or none."""
         self.runner = runner
         self.device = runner.device
         self.max_blocks = max_blocks
@@ -81,8 +84,8 @@ class CudaGraphRunner:
         self.sizes = token_buckets(runner.max_tokens)
         self.pool = None
         self.captured: dict[BatchShape, _Captured] = {}
-        self.glue: dict[str, Any] = {}
-        if compile_glue:
+        self.glue: dict[str, Any] = dict(glue or {})
+        if compile_glue and not self.glue:
             from nanoflow.graphs.glue import compiled_glue
 
             self.glue = compiled_glue()

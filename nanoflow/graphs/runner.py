@@ -22,6 +22,7 @@ must return only once the slot's previous rows have been consumed.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +61,7 @@ class ModelRunner:
                  compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
                  resources: Any = None, kv_offload: bool = False, decode_variant: str = "split",
                  decode_options: dict[str, Any] | None = None, kv_dtype: torch.dtype | None = None,
-                 staging_slots: int = 3):
+                 staging_slots: int = 3, batch_invariant: bool = False):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -77,12 +78,19 @@ class ModelRunner:
         }
         self.cos_sin = cos_sin_cache(self.spec.head_dim, max(max_model_len, 1) + 1, self.spec.rope_theta,
                                      self.spec.rope_scaling, self.device)
-        backend = attention or ("triton" if self.device.type == "cuda" else "torch")
-        if backend == "triton":
+        self.batch_invariant = batch_invariant
+        backend = attention or ("triton" if self.device.type == "cuda" or batch_invariant else "torch")
+        if batch_invariant:  # ops.batch_invariant; the decode kernel is fixed by the backend
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("batch-invariant mode runs Triton kernels: it needs a CUDA GPU (on a CPU only under "
+                                 "TRITON_INTERPRET=1, which is slow and meant for tests)")
+            decode_variant, decode_options = "split", None
+        elif backend == "triton":
             decode_variant = resolve_decode_variant(decode_variant, self.kv_cache[0, 0], self.kv_cache[0, 1],
                                                     model.local_heads, block_size, decode_options, dtype)
         self.attention = make_backend(backend, 1.0 / math.sqrt(self.spec.head_dim), block_size,
-                                      decode_variant=decode_variant, decode_options=decode_options)
+                                      decode_variant=decode_variant, decode_options=decode_options,
+                                      batch_invariant=batch_invariant)
         graphs = model.graphs
         self.kv_staging: torch.Tensor | None = None
         self._staging_slot = 0
@@ -98,6 +106,11 @@ class ModelRunner:
                                           dtype=self.kv_cache.dtype, pin_memory=self.device.type == "cuda")
         self.executor = Executor(graphs, pipeline, self.device, resources=resources)
         self.glue: dict[str, Any] = {}
+        if batch_invariant:  # its GEMMs and norms; the element-wise glue runs eagerly (never compiled per shape)
+            from nanoflow.ops.batch_invariant import batch_invariant_glue
+
+            self.glue = batch_invariant_glue()
+            compile_glue = False
         self.compile_glue = compile_glue
         self.max_seqs = max_tokens
         # The previous iteration's sampled ids live in a static buffer so captured graphs can read them.
@@ -108,7 +121,7 @@ class ModelRunner:
             from nanoflow.graphs.cuda_graph import CudaGraphRunner
 
             max_blocks = -(-(max_model_len + 1) // block_size)
-            self.graphs = CudaGraphRunner(self, max_blocks, decode_cap or max_tokens, compile_glue)
+            self.graphs = CudaGraphRunner(self, max_blocks, decode_cap or max_tokens, compile_glue, glue=self.glue)
 
     # ---- building the forward batch ---------------------------------------------------------------------------
     def prepare(self, plan: Any) -> ForwardBatch:
@@ -175,7 +188,7 @@ class ModelRunner:
         if self.graphs is None or not self.graphs.run(batch):
             self.run_layers(batch)
         rows = batch.sample_rows
-        return self.model.logits(self.bufs["hidden"][rows], self.bufs["residual"][rows], self.comm)
+        return self.model.logits(self.bufs["hidden"][rows], self.bufs["residual"][rows], self.comm, glue=self.glue)
 
     def run_layers(self, batch: ForwardBatch, glue: dict[str, Any] | None = None) -> None:
         """Embedding + every layer over ``batch.num_tokens`` rows, leaving ``hidden``/``residual`` in the buffers."""

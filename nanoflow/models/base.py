@@ -132,13 +132,22 @@ class DecoderModel:
         out.copy_(table[local.clamp(0, rows - 1)] * valid[:, None].to(table.dtype))
         comm.all_reduce(out)
 
-    def logits(self, hidden: torch.Tensor, residual: torch.Tensor, comm: Any = None) -> torch.Tensor:
-        """Final residual add + norm + LM head for the rows to sample; fp32 ``[rows, vocab]``."""
+    def logits(self, hidden: torch.Tensor, residual: torch.Tensor, comm: Any = None,
+               glue: dict[str, Callable[..., Any]] | None = None) -> torch.Tensor:
+        """Final residual add + norm + LM head for the rows to sample; fp32 ``[rows, vocab]``. ``glue`` may replace
+        the norm (``add_rms_norm``) and the GEMM (``linear_into``), as batch-invariant mode does."""
         from nanoflow.ops.norm import add_rms_norm
 
-        x, _ = add_rms_norm(hidden, residual, self.weights["norm.weight"], self.spec.rms_norm_eps)
+        glue = glue or {}
+        x, _ = glue.get("add_rms_norm", add_rms_norm)(hidden, residual, self.weights["norm.weight"],
+                                                      self.spec.rms_norm_eps)
         head = self.weights.get("lm_head.weight", self.weights["embed.weight"])
-        out = torch.mm(x, head.t()).float()
+        if "linear_into" in glue:
+            out = torch.empty(x.shape[0], head.shape[0], dtype=x.dtype, device=x.device)
+            glue["linear_into"](x, head, None, out)
+            out = out.float()
+        else:
+            out = torch.mm(x, head.t()).float()
         if self.tp_size > 1:
             out = comm.all_gather_last_dim(out)
         return out[:, : self.spec.vocab_size]

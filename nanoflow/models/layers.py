@@ -50,7 +50,8 @@ def _glue(ctx: StepContext, name: str, fallback: Callable) -> Callable:
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """``out = x @ weight.T (+ bias)`` written in place (cuBLAS through torch)."""
+    """``out = x @ weight.T (+ bias)`` written in place (cuBLAS through torch); the ops call it through the glue
+    (``"linear_into"``), where batch-invariant mode puts ``ops.batch_invariant.linear_into``."""
     if bias is None:
         torch.mm(x, weight.t(), out=out)
     else:
@@ -106,7 +107,7 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
                                                           b["x_attn"][lo:hi])
 
     def qkv(ctx: StepContext, lo: int, hi: int) -> None:
-        linear_into(ctx.bufs["x_attn"][lo:hi], qkv_w, qkv_b, ctx.bufs["qkv"][lo:hi])
+        _glue(ctx, "linear_into", linear_into)(ctx.bufs["x_attn"][lo:hi], qkv_w, qkv_b, ctx.bufs["qkv"][lo:hi])
 
     def rope_kv(ctx: StepContext, lo: int, hi: int) -> None:
         cos_sin = ctx.cos_sin[ctx.batch.positions[lo:hi]]
@@ -134,7 +135,7 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
         ctx.attention.prefill(q, ctx.k_cache, ctx.v_cache, meta, out, k_new=k_new, v_new=v_new)
 
     def o_proj(ctx: StepContext, lo: int, hi: int) -> None:
-        linear_into(ctx.bufs["attn"][lo:hi], o_w, None, ctx.bufs["attn_out"][lo:hi])
+        _glue(ctx, "linear_into", linear_into)(ctx.bufs["attn"][lo:hi], o_w, None, ctx.bufs["attn_out"][lo:hi])
 
     def attn_all_reduce(ctx: StepContext, lo: int, hi: int) -> None:
         ctx.comm.all_reduce(ctx.bufs["attn_out"][lo:hi])
@@ -168,13 +169,13 @@ def mlp_ops(w: dict[str, torch.Tensor], prefix: str, tp: bool) -> list[Op]:
     gu_w, down_w = w[f"{prefix}.gate_up.weight"], w[f"{prefix}.down.weight"]
 
     def gate_up(ctx: StepContext, lo: int, hi: int) -> None:
-        linear_into(ctx.bufs["x_ffn"][lo:hi], gu_w, None, ctx.bufs["gate_up"][lo:hi])
+        _glue(ctx, "linear_into", linear_into)(ctx.bufs["x_ffn"][lo:hi], gu_w, None, ctx.bufs["gate_up"][lo:hi])
 
     def act(ctx: StepContext, lo: int, hi: int) -> None:
         _glue(ctx, "silu_and_mul_into", silu_and_mul_into)(ctx.bufs["gate_up"][lo:hi], ctx.bufs["act"][lo:hi])
 
     def down(ctx: StepContext, lo: int, hi: int) -> None:
-        linear_into(ctx.bufs["act"][lo:hi], down_w, None, ctx.bufs["hidden"][lo:hi])
+        _glue(ctx, "linear_into", linear_into)(ctx.bufs["act"][lo:hi], down_w, None, ctx.bufs["hidden"][lo:hi])
 
     def ffn_all_reduce(ctx: StepContext, lo: int, hi: int) -> None:
         ctx.comm.all_reduce(ctx.bufs["hidden"][lo:hi])

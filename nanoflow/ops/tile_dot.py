@@ -8,12 +8,17 @@ import triton
 import triton.language as tl
 
 
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+def dot_precision(dtype: torch.dtype, device: torch.device, batch_invariant: bool = False) -> str:
     """The PRECISION constexpr for :func:`tile_dot`: exact fp32 for fp32 inputs (tf32 would cost ~3e-4 relative).
 
     Triton's CPU interpreter multiplies bfloat16 operands as their raw uint16 bits (seen with triton 3.9), so off
     CUDA bf16 tiles are upcast first; bf16 products are exact in fp32, so the result matches the GPU's MMA.
+
+    ``batch_invariant`` off CUDA: ``"rowwise"``, a broadcast multiply and sum. The interpreter's ``tl.dot`` is numpy's
+    matmul, whose BLAS rounds a row differently by its position in the tile; an MMA computes every row alike.
     """
+    if batch_invariant and device.type != "cuda":
+        return "rowwise"
     if dtype == torch.float32:
         return "ieee"
     if dtype == torch.bfloat16 and device.type != "cuda":
@@ -43,8 +48,10 @@ def tile_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype, f16_tiles: bool | No
 
 @triton.jit
 def tile_dot(a, b, PRECISION: tl.constexpr):
-    """``a @ b`` accumulated in fp32; see :func:`dot_precision` for PRECISION."""
+    """``a @ b`` accumulated in fp32; see :func:`dot_precision` for PRECISION ("rowwise" is for the interpreter)."""
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PRECISION == "rowwise":
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     else:
         return tl.dot(a, b, input_precision=PRECISION)

@@ -95,12 +95,24 @@ class TritonAttention:
     ``decode_options`` are extra keyword arguments of :func:`~nanoflow.ops.attention.decode.decode_attention`
     (``block_n``, ``num_warps``, ``num_stages``, ``kv_evict``), e.g. the best config of
     ``scripts/device/interference.py``.
+
+    ``batch_invariant``: each row's result independent of the batch it runs in (``ops.batch_invariant``): decode on
+    the split kernel with one split per row and one tile config (:func:`invariant_decode_options`), so rows computed
+    by the split and by the persistent (grid-bounded) kernel agree; prefill with fixed tiles over the pages
+    (``prefill_attention(batch_invariant=True)``).
     """
 
     name = "triton"
 
     def __init__(self, scale: float, block_size: int, num_splits: int | None = None, decode_variant: str = "split",
-                 decode_options: dict[str, Any] | None = None):
+                 decode_options: dict[str, Any] | None = None, batch_invariant: bool = False):
+        if batch_invariant:
+            if decode_variant != "split" or decode_options or num_splits not in (None, 1):
+                raise ValueError("batch_invariant fixes the decode kernel (the split variant, one split, fixed "
+                                 f"tiles); got decode_variant {decode_variant!r}, decode_options {decode_options}, "
+                                 f"num_splits {num_splits}")
+            num_splits = 1
+        self.batch_invariant = batch_invariant
         if decode_variant not in DECODE_VARIANTS:
             raise ValueError(f"decode_variant must be one of {DECODE_VARIANTS}, got {decode_variant!r}")
         allowed = {*DECODE_OPTION_KEYS, "kv_evict"}
@@ -117,16 +129,28 @@ class TritonAttention:
                out: torch.Tensor) -> None:
         from nanoflow.ops.attention.decode import decode_attention
 
+        options = invariant_decode_options(q.device) if self.batch_invariant else self.decode_options
         decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, self.scale,
-                         num_splits=meta.num_splits or self.num_splits, workspace=meta.workspace,
-                         max_programs=meta.max_programs, variant=self.decode_variant, **self.decode_options)
+                         num_splits=self.num_splits if self.batch_invariant else meta.num_splits or self.num_splits,
+                         workspace=meta.workspace, max_programs=meta.max_programs, variant=self.decode_variant,
+                         **options)
 
     def prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: Any,
                 out: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
         from nanoflow.ops.attention.prefill import prefill_attention
 
+        if self.batch_invariant:  # the new tokens from the pages (stored by rope_kv), tiles at absolute positions
+            k_new = v_new = None
         prefill_attention(q, k_cache, v_cache, out, meta.q_start, meta.q_len, meta.ctx_len, meta.block_tables,
-                          self.scale, meta.max_q_len, k_new=k_new, v_new=v_new)
+                          self.scale, meta.max_q_len, k_new=k_new, v_new=v_new, batch_invariant=self.batch_invariant)
+
+
+def invariant_decode_options(device: torch.device) -> dict[str, int]:
+    """The decode tiles of batch-invariant mode, the same for every batch (the kernel's defaults depend on whether
+    the grid is bounded); float8 and 16-bit caches alike. The interpreter gets small tiles for tiny tests."""
+    if device.type != "cuda":
+        return {"block_n": 16, "num_warps": 4}
+    return {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 def resolve_decode_variant(variant: str, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
@@ -151,10 +175,16 @@ def resolve_decode_variant(variant: str, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def make_backend(name: str, scale: float, block_size: int, decode_variant: str = "split",
-                 decode_options: dict[str, Any] | None = None) -> TorchAttention | TritonAttention:
-    """``decode_variant``/``decode_options`` configure the Triton decode kernel; the torch backend ignores them."""
+                 decode_options: dict[str, Any] | None = None,
+                 batch_invariant: bool = False) -> TorchAttention | TritonAttention:
+    """``decode_variant``/``decode_options`` configure the Triton decode kernel; the torch backend ignores them.
+    ``batch_invariant`` needs the Triton backend."""
     if name == "torch":
+        if batch_invariant:
+            raise ValueError("batch-invariant attention runs the Triton kernels: use the triton backend (on a CPU "
+                             "only under TRITON_INTERPRET=1, for tests)")
         return TorchAttention(scale, block_size)
     if name == "triton":
-        return TritonAttention(scale, block_size, decode_variant=decode_variant, decode_options=decode_options)
+        return TritonAttention(scale, block_size, decode_variant=decode_variant, decode_options=decode_options,
+                               batch_invariant=batch_invariant)
     raise ValueError(f"unknown attention backend {name!r}; use 'triton' or 'torch'")

@@ -108,7 +108,7 @@ def _prefill_kernel(
     stride_knt, stride_knh, stride_vnt, stride_vnh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK_GQA: tl.constexpr, PRECISION: tl.constexpr,
-    TILE: tl.constexpr, NEW_KV: tl.constexpr,
+    TILE: tl.constexpr, NEW_KV: tl.constexpr, ALL_MASKED: tl.constexpr,
 ):
     # PACK_GQA: a program owns one kv head and BLOCK_M // GROUP tokens x all GROUP query heads (row r is token
     # r // GROUP, head r % GROUP), so each K/V tile feeds GROUP heads. Otherwise it owns one query head, BLOCK_M tokens.
@@ -179,7 +179,10 @@ def _prefill_kernel(
                 stride_knt, stride_vnt, HEAD_DIM, BLOCK_N, True, PRECISION,
             )
     else:
-        full_end = ((ctx + m_lo) // BLOCK_N) * BLOCK_N
+        if ALL_MASKED:  # every tile through one code path (batch-invariant mode; see prefill_attention)
+            full_end = 0
+        else:
+            full_end = ((ctx + m_lo) // BLOCK_N) * BLOCK_N
         kv_end = ctx + tl.minimum(q_len, m_lo + tokens)
         for start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(
@@ -230,6 +233,7 @@ def prefill_attention(
     pack_gqa: bool | None = None,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Causal extend attention of S segments over their paged KV (context + the new tokens); returns ``out``.
 
@@ -248,6 +252,11 @@ def prefill_attention(
             these instead of through the pages, and only the context comes from the cache. Under a float8 cache the
             chunk's own keys then keep 16-bit precision, and its tiles skip the widening that keeps float8 loads out
             of Triton's pipelined shared-memory path (the engine passes the rows of its fused QKV buffer).
+        batch_invariant: make each query row's result independent of how the tokens are cut into segments and
+            query blocks (``ops.batch_invariant``): one tile config whatever ``max_q_len`` is (the defaults are
+            per length), KV tiles at absolute positions (so no ``k_new``/``v_new``, whose tiles start at the chunk),
+            and every tile through the masked path, so a tile that one cut masks and another does not is computed
+            alike (the two paths may contract multiply-adds differently). Tile arguments are then refused.
     """
     check_qo(q, out)
     page, group = check_kv_cache(q, k_cache, v_cache)
@@ -260,9 +269,12 @@ def prefill_attention(
     if max_q_len < 0:
         raise AttentionInputError(f"max_q_len must be >= 0, got {max_q_len}")
     new_kv = _check_new_kv(q, k_cache, k_new, v_new)
+    if batch_invariant and (new_kv or any(a is not None for a in (block_m, block_n, num_warps, pack_gqa))):
+        raise AttentionInputError("batch_invariant fixes the tiles and reads the new tokens from the pages: pass no "
+                                  "k_new/v_new, block_m, block_n, num_warps or pack_gqa with it")
     if segments == 0 or max_q_len == 0:
         return out
-    d_m, d_n, d_warps, d_stages = _default_blocks(q.device, max_q_len)
+    d_m, d_n, d_warps, d_stages = _default_blocks(q.device, 0 if batch_invariant else max_q_len)
     block_m, block_n = block_m or d_m, block_n or d_n
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
@@ -286,7 +298,8 @@ def prefill_attention(
         block_tables.stride(0),
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         GROUP=group, HEAD_DIM=q.shape[2], PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, PACK_GQA=pack_gqa,
-        PRECISION=dot_precision(q.dtype, q.device), TILE=tile_dtype(q.dtype, k_cache.dtype), NEW_KV=new_kv,
+        PRECISION=dot_precision(q.dtype, q.device, batch_invariant), TILE=tile_dtype(q.dtype, k_cache.dtype),
+        NEW_KV=new_kv, ALL_MASKED=batch_invariant,
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
     )
     return out

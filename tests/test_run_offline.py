@@ -63,3 +63,24 @@ def test_run_offline_kv_offload_reuses_rounds_and_keeps_outputs(tmp_path, capsys
         ref = plain.generate(sent, [SamplingParams(max_tokens=len(r["token_ids"]), temperature=0, ignore_eos=True)
                                     for r in rows], use_tqdm=False)
     assert [o.token_ids for o in ref] == [r["token_ids"] for r in rows]
+
+
+def test_batch_invariant_flag_is_checked_before_loading(tmp_path, capsys, monkeypatch):
+    """--batch-invariant reaches EngineArgs; what cannot go with it (a CPU without the Triton interpreter, another
+    decode kernel) ends the command with a one-line error and exit status 2, before any weights load."""
+    import argparse
+
+    from nanoflow.engine.offline import add_engine_args, engine_kwargs
+    from nanoflow.serve.cli import configure_parser, engine_args
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = save_tiny_llama(tmp_path / "m")
+    common = ["run-offline", "--model", model, "--device", "cpu", "--num-requests", "1", "--batch-invariant"]
+    assert main(common) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main([*common, "--decode-variant", "row"]) == 2
+    assert "decode-attention kernel" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_kwargs(p.parse_args(["--batch-invariant"]))["batch_invariant"] is True
+    assert engine_args(configure_parser(argparse.ArgumentParser()).parse_args(["--batch-invariant"])).batch_invariant

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -65,6 +66,9 @@ class Engine:
                  tp_rank: int = 0, tp_size: int = 1):
         self.args = args
         self.device = resolve_device(args.device)
+        if args.batch_invariant and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("batch_invariant runs Triton kernels and needs a CUDA GPU (on a CPU only under "
+                              "TRITON_INTERPRET=1, slow, for tests); drop --batch-invariant to run on the CPU")
         parts = parts or load_parts(args, self.device, tp_rank, tp_size)
         self.model = parts["model"]
         self.tokenizer = parts["tokenizer"]

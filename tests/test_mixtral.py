@@ -106,10 +106,9 @@ def test_tensor_parallel_shards_sum_to_the_full_block():
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_moe_ops_are_nano_batch_safe(backend: str, monkeypatch: pytest.MonkeyPatch):
+def test_moe_ops_are_nano_batch_safe(backend: str):
     """router + experts over split token ranges equal one call over all rows, and write nothing outside (with the
     grouped GEMM's loop off the GPU, and with ``torch._grouped_mm``, whose results are fresh tensors)."""
-    monkeypatch.setattr(moe, "_default_backend", backend)
     spec = ModelSpec.from_hf_config(dict(
         architectures=["MixtralForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=24,
         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -124,7 +123,7 @@ def test_moe_ops_are_nano_batch_safe(backend: str, monkeypatch: pytest.MonkeyPat
                 if (b.dtype or torch.float32).is_floating_point else torch.zeros(t + 3, b.width, dtype=b.dtype)
                 for n, b in model.buffer_specs().items()}
         bufs["x_ffn"][:t] = torch.randn(t, spec.hidden_size, generator=torch.Generator().manual_seed(6)) * 3
-        ctx = type("Ctx", (), {"bufs": bufs, "glue": {}})()
+        ctx = type("Ctx", (), {"bufs": bufs, "glue": {}, "moe_backend": backend})()
         for name in ("router", "experts"):
             for lo, hi in ranges:
                 graph.op(name).run(ctx, lo, hi)
@@ -250,3 +249,23 @@ def test_search_plans_the_moe_layer_and_its_plans_keep_the_tokens(tiny_mixtral, 
         llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096,
                   pipeline=str(spec_path))
         assert _generate(llm, prompts) == expected
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+def test_each_engine_keeps_its_own_moe_backend(tiny_mixtral, monkeypatch: pytest.MonkeyPatch):
+    """Two engines in one process with different ``moe_backend``: each one's expert GEMMs run its own backend, also
+    after the other was built (the backend travels in the step context, not in a module setting)."""
+    from nanoflow import LLM
+
+    path, prompts, expected, _ = tiny_mixtral
+    calls: list[str] = []
+    torch_mm, loop_mm = moe.grouped_mm_torch, moe.grouped_mm_reference
+    monkeypatch.setattr(moe, "grouped_mm_torch", lambda *a, **k: calls.append("torch") or torch_mm(*a, **k))
+    monkeypatch.setattr(moe, "grouped_mm_reference", lambda *a, **k: calls.append("loop") or loop_mm(*a, **k))
+    kw = dict(device="cpu", dtype="float32", dense_batch_size=48, kv_cache_tokens=4096)
+    with_torch = LLM(path, moe_backend="torch", **kw)
+    with_loop = LLM(path, moe_backend="triton", **kw)  # Triton's grouped GEMM runs as the torch loop off the GPU
+    for llm, name in ((with_torch, "torch"), (with_loop, "loop"), (with_torch, "torch")):
+        calls.clear()
+        assert _generate(llm, prompts[:2]) == expected[:2]
+        assert calls and set(calls) == {name}

@@ -79,10 +79,6 @@ class Engine:
         if args.batch_invariant and spec.is_moe:
             raise ConfigError("batch_invariant is not supported for MoE models yet (the router and the grouped GEMM "
                               "pick kernels by rows per expert); drop it for this model")
-        if spec.is_moe:  # the grouped GEMM's backend is process-wide: the engine built last sets it
-            from nanoflow.ops.moe import set_grouped_mm_backend
-
-            set_grouped_mm_backend(str(args.extra.get("moe_backend", "auto")))
         self.max_model_len = min(args.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         if args.max_model_len and args.max_model_len > spec.max_position_embeddings:
             raise ConfigError(f"max_model_len {args.max_model_len} exceeds the model's context "
@@ -170,7 +166,8 @@ class Engine:
                            decode_variant=str(self.args.extra.get("decode_variant", "auto")),
                            decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype,
                            staging_slots=int(self.args.extra.get("kv_staging_slots", 3)),
-                           batch_invariant=self.args.batch_invariant)
+                           batch_invariant=self.args.batch_invariant,
+                           moe_backend=str(self.args.extra.get("moe_backend", "auto")))
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

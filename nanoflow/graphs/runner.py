@@ -61,7 +61,7 @@ class ModelRunner:
                  compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
                  resources: Any = None, kv_offload: bool = False, decode_variant: str = "split",
                  decode_options: dict[str, Any] | None = None, kv_dtype: torch.dtype | None = None,
-                 staging_slots: int = 3, batch_invariant: bool = False):
+                 staging_slots: int = 3, batch_invariant: bool = False, moe_backend: str | None = None):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -79,6 +79,7 @@ class ModelRunner:
         self.cos_sin = cos_sin_cache(self.spec.head_dim, max(max_model_len, 1) + 1, self.spec.rope_theta,
                                      self.spec.rope_scaling, self.device)
         self.batch_invariant = batch_invariant
+        self.moe_backend = moe_backend  # this engine's grouped GEMM backend (MoE models), passed to every op
         backend = attention or ("triton" if self.device.type == "cuda" or batch_invariant else "torch")
         if batch_invariant:  # ops.batch_invariant; the decode kernel is fixed by the backend
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -205,7 +206,7 @@ class ModelRunner:
         def make_ctx(layer: int) -> StepContext:
             return StepContext(layer=layer, bufs=self.bufs, batch=batch, k_cache=self.kv_cache[layer, 0],
                                v_cache=self.kv_cache[layer, 1], cos_sin=self.cos_sin, attention=self.attention,
-                               comm=self.comm, glue=glue, kv_staging=staging)
+                               comm=self.comm, glue=glue, kv_staging=staging, moe_backend=self.moe_backend)
 
         self.executor.run(make_ctx, t)
 

@@ -52,6 +52,7 @@ class StepContext:
     comm: Any = None  # tensor-parallel communicator (None at TP=1)
     glue: dict[str, Callable[..., Any]] = field(default_factory=dict)  # possibly torch.compile'd glue functions
     kv_staging: torch.Tensor | None = None  # [layers, 2, T, kv_heads, head_dim] host rows kv_offload writes
+    moe_backend: str | None = None  # the grouped GEMM of MoE layers (ops.moe.GROUPED_MM_BACKENDS); None: its default
 
 
 @dataclass(frozen=True)

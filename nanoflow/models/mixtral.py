@@ -54,7 +54,8 @@ def moe_ops(w: dict[str, torch.Tensor], prefix: str, top_k: int, tp: bool) -> li
         combine = ctx.glue.get("moe_combine_into", combine_into)
         weighted = ctx.glue.get("moe_combine_weighted_into", combine_weighted_into)
         experts_forward(b["x_ffn"][lo:hi], b["topk_weights"][lo:hi], b["topk_ids"][lo:hi], w13, w2,
-                        b["hidden"][lo:hi], scratch, act_into=act, combine=combine, combine_weighted=weighted)
+                        b["hidden"][lo:hi], scratch, act_into=act, combine=combine, combine_weighted=weighted,
+                        backend=ctx.moe_backend)
 
     def ffn_all_reduce(ctx: StepContext, lo: int, hi: int) -> None:
         ctx.comm.all_reduce(ctx.bufs["hidden"][lo:hi])

@@ -156,7 +156,8 @@ def _checked(name: str) -> str:
 
 
 def set_grouped_mm_backend(name: str) -> None:
-    """The backend :func:`grouped_mm` uses when a call names none (the engine's ``moe_backend``)."""
+    """The backend :func:`grouped_mm` uses when a call names none (the engine passes its ``moe_backend`` to each
+    call instead, through ``StepContext.moe_backend``)."""
     global _default_backend
     _default_backend = _checked(name)
 
@@ -294,7 +295,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
                     w2: torch.Tensor, out: torch.Tensor, scratch: MoEScratch,
                     act_into: Callable[[torch.Tensor, torch.Tensor], None] = silu_and_mul_into,
                     combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] = combine_into,
-                    combine_weighted: Callable[..., None] = combine_weighted_into) -> torch.Tensor:
+                    combine_weighted: Callable[..., None] = combine_weighted_into,
+                    backend: str | None = None) -> torch.Tensor:
     """``out[t] = sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for the ``n`` rows of ``x``.
 
     ``x``, ``out``: ``[n, hidden]``; ``weights``/``experts``: ``[n, k]`` from :func:`route`. Every intermediate
@@ -302,7 +304,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     results instead); ``out`` is written, not accumulated into.
     ``act_into``, ``combine`` and ``combine_weighted`` default to the eager ops; the engine passes their compiled
     forms. The routing weights scale the down GEMM's rows in its epilogue (Triton, the loop) or, with the ``torch``
-    backend, in the combine.
+    backend, in the combine. ``backend``: the grouped GEMMs' (:data:`GROUPED_MM_BACKENDS`; ``None`` = the module's
+    default), the engine's ``moe_backend``.
     """
     num_experts, _ = check_experts(x, w13, w2)
     n, k = experts.shape
@@ -317,9 +320,9 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
         return out
     sort = sort_by_expert(experts, num_experts)
     torch.index_select(x, 0, sort.order // k, out=scratch.sorted_x)
-    gate_up = grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up)
+    gate_up = grouped_mm(scratch.sorted_x, sort.offsets, w13, out=scratch.gate_up, backend=backend)
     act_into(gate_up, scratch.act)
-    down = resolve_backend(scratch.act, w2, scaled=True)
+    down = resolve_backend(scratch.act, w2, scaled=True, backend=backend)
     if down == "torch":
         combine_weighted(grouped_mm_torch(scratch.act, sort.offsets, w2), sort.position, weights, out)
         return out

@@ -103,3 +103,42 @@ def test_decode_rows_keep_their_bits_on_every_grid(kv_dtype):
     whole = outs[0][2]
     for lo, hi, out in outs[1:]:
         assert torch.equal(out, whole[lo:hi]), (lo, hi)
+
+
+def _engine_tokens(folder: str, batch_invariant: bool, groups: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Greedy tokens of each group of prompts, the groups run one after another on one engine."""
+    from nanoflow import LLM, SamplingParams
+
+    llm = LLM(folder, load_format="dummy", dtype="bfloat16", device="cuda", dense_batch_size=2048,
+              kv_cache_tokens=200_000, batch_invariant=batch_invariant)
+    try:
+        params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+        return [[o.token_ids for o in llm.generate(g, params, use_tqdm=False)] for g in groups]
+    finally:
+        llm.shutdown()
+
+
+def test_engine_request_alone_gets_the_tokens_it_gets_in_a_batch(tmp_path):
+    """A 4-layer model of LLaMA-3-8B's shapes with random weights (nearly tied logits): 96 requests of 100-1,500
+    prompt tokens together (chunked prefill, mixed decode and prefill batches), then four of them alone. In
+    batch-invariant mode each gets the same tokens alone and in the batch; the default kernels' count is printed."""
+    import json
+
+    from nanoflow.config import builtin_config_path
+
+    cfg = json.loads(builtin_config_path("llama-3-8b").read_text())
+    cfg["num_hidden_layers"] = 4
+    folder = tmp_path / "llama-3-8b-4l"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 128_000, (int(n),), generator=g).tolist()
+               for n in torch.randint(100, 1500, (96,), generator=g)]
+    picks = [0, 17, 50, 95]
+    groups = [prompts] + [[prompts[i]] for i in picks]
+    results = {}
+    for invariant in (True, False):
+        batched, *alone = _engine_tokens(str(folder), invariant, groups)
+        results[invariant] = [batched[i] == a[0] for i, a in zip(picks, alone)]
+    print(f"alone == batched, batch-invariant: {results[True]}; default kernels: {results[False]}")
+    assert all(results[True])

@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     backends = args.moe_backend if spec.is_moe else ["auto"]  # each run sets its own extra["moe_backend"]
     runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
     outputs: dict[str, list[list[int]]] = {}  # each finished mode's greedy outputs, the first the reference
+    reference_ms: dict[str, float] | None = None  # one layer's per-op ms measured alone (the first sequential mode)
     for mode, backend in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
         log.info("mode %s ...", label)
@@ -186,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
             log.exception("mode %s failed", label)
             rec = {"error": repr(exc)}
         timelines[label] = rec.pop("_records", None)
+        nano = rec.pop("_nano", None)
+        if nano is not None:
+            reference_ms = reference_ms or _reference_op_ms(rec, nano)
+            if reference_ms:
+                rec.update(_planned_vs_measured(label, rec, nano, reference_ms, Path(args.output)))
         tokens = rec.pop("_tokens", None)
         if tokens is not None:
             rec.update(compare_with_earlier(outputs, label, tokens))
@@ -258,3 +264,36 @@ def _print_row(rec: dict[str, Any]) -> None:
         extra += f"; outputs identical to {tv['reference']}: {tv['identical']}/{tv['requests']}"
     print(f"{rec['mode']:>22}: {rec['throughput_tok_s']:10.0f} tok/s  {rec['pct_optimal']:5.1f}% of optimal"
           f" ({rec['optimal_tok_s']:.0f}){extra}", flush=True)
+
+
+def _reference_op_ms(rec: dict[str, Any], nano: dict[str, Any]) -> dict[str, float] | None:
+    """One layer's per-op CUDA-event times from a mode that runs the ops one after another (its nano-op profile),
+    the durations the planned Gantt charts give each op; None for an overlapped mode."""
+    from nanoflow.bench.planned import per_layer_ms
+
+    if nano["spec"].num_streams > 1 or len(nano["spec"].nano_ops) != len(nano["graph"].ops):
+        return None
+    return per_layer_ms(rec["nano_op_profile"]["per_op_ms"], nano["layers"])
+
+
+def _planned_vs_measured(label: str, rec: dict[str, Any], nano: dict[str, Any], op_ms: dict[str, float],
+                         out: Path) -> dict[str, Any]:
+    """Draw the mode's planned layer beside its measured middle layer; the two layer times for the record."""
+    from nanoflow.bench.planned import layer_rows, planned_from_isolated, plot_planned_vs_measured
+
+    layer = nano["layers"] // 2
+    decode = int(rec["nano_op_profile"]["decode_tokens"])
+    rows = layer_rows(nano["records"], layer)
+    fields: dict[str, Any] = {}
+    if rows:
+        plan = planned_from_isolated(nano["spec"], nano["graph"], op_ms, decode)
+        fields["planned_layer_ms"] = max(n.end_ms for n in plan.nano_ops)
+        fields["measured_layer_ms"] = max(r[3] for r in rows) - min(r[2] for r in rows)
+    try:
+        path = out.with_name(out.name + f"-{label}-planned-vs-measured.png")
+        plot_planned_vs_measured(nano["spec"], nano["graph"], op_ms, decode, nano["records"], layer, path,
+                                 f"{label}: planned (each nano-op at its op's time measured alone, pro rata) above "
+                                 f"measured (CUDA events, eager), layer {layer}")
+    except Exception:  # a picture must not fail a run whose records are saved
+        log.exception("the planned-vs-measured chart of %s failed", label)
+    return fields

@@ -87,7 +87,7 @@ class PlanSample:
 def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]],
                 warmup_reqs: list[tuple[list[int], int]], profile: bool, t_build: float) -> dict[str, Any]:
     from nanoflow.bench.iterations import IterationTimer
-    from nanoflow.bench.measure import profile_replay
+    from nanoflow.bench.measure import profile_plan, profile_replay
     from nanoflow.scheduler.request import SamplingParams
 
     warm_t0 = time.perf_counter()
@@ -127,6 +127,20 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         except Exception as exc:  # profiling is a bonus: keep the throughput figure
             log.exception("profiling failed")
             rec["profile_error"] = repr(exc)
+        try:  # the same batch eagerly, each nano-op timed with CUDA events (planned beside measured)
+            from nanoflow.graphs.pipeline import PipelineSpec
+
+            eager = profile_plan(engine, sample.middle())
+            graph = engine.model.graphs[0]
+            rec["nano_op_profile"] = {"per_op_ms": eager["per_op_ms"], "layers_span_ms": eager["layers_span_ms"],
+                                      "eager_wall_ms": eager["eager_wall_ms"],
+                                      "decode_tokens": eager["decode_tokens"]}
+            rec["_nano"] = {"records": eager["records"], "graph": graph, "layers": len(engine.model.graphs),
+                            "spec": engine.runner.executor.spec
+                            or PipelineSpec.sequential(graph, engine.dense_batch_size)}
+        except Exception as exc:  # a bonus too
+            log.exception("nano-op profiling failed")
+            rec["nano_op_profile_error"] = repr(exc)
     return rec
 
 

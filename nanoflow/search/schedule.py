@@ -15,7 +15,7 @@ import heapq
 from dataclasses import replace
 from typing import NamedTuple
 
-from nanoflow.graphs.nanoop import ResourceKind
+from nanoflow.graphs.nanoop import LayerGraph, ResourceKind
 from nanoflow.graphs.pipeline import NanoOpSpec, PipelineSpec, links
 from nanoflow.search.problem import SearchError, SearchProblem
 
@@ -283,13 +283,10 @@ def spec_period(problem: SearchProblem, spec: PipelineSpec) -> float:
     return t
 
 
-def compact_spec(problem: SearchProblem, spec: PipelineSpec) -> PipelineSpec:
-    """Start every nano-op as soon as the spec's own waits (dependencies, extra edges, stream order) allow.
-
-    Durations, order and edges are kept, so every pair the spec keeps apart stays apart; kept only if the period
-    does not grow (moving a group's first nano-op earlier can lengthen its window).
-    """
-    deps = spec.dependencies(problem.layer_graph())
+def asap_times(spec: PipelineSpec, graph: LayerGraph) -> PipelineSpec:
+    """``spec`` with every nano-op started as soon as its waits allow: the nano-ops it depends on (the rule and the
+    extra edges) and the one before it on its stream. Each keeps its duration (``end_ms - start_ms``)."""
+    deps = spec.dependencies(graph)
     nano = list(spec.nano_ops)
     last: dict[int, int] = {}
     for j, n in enumerate(nano):
@@ -297,5 +294,14 @@ def compact_spec(problem: SearchProblem, spec: PipelineSpec) -> PipelineSpec:
         start = max(ready, default=0.0)
         nano[j] = replace(n, start_ms=start, end_ms=start + (n.end_ms - n.start_ms))
         last[n.stream] = j
-    tight = replace(spec, nano_ops=tuple(nano))
+    return replace(spec, nano_ops=tuple(nano))
+
+
+def compact_spec(problem: SearchProblem, spec: PipelineSpec) -> PipelineSpec:
+    """Start every nano-op as soon as the spec's own waits (dependencies, extra edges, stream order) allow.
+
+    Durations, order and edges are kept, so every pair the spec keeps apart stays apart; kept only if the period
+    does not grow (moving a group's first nano-op earlier can lengthen its window).
+    """
+    tight = asap_times(spec, problem.layer_graph())
     return tight if spec_period(problem, tight) <= spec_period(problem, spec) * (1 + 1e-9) else spec

@@ -269,11 +269,9 @@ def _print_row(rec: dict[str, Any]) -> None:
 def _reference_op_ms(rec: dict[str, Any], nano: dict[str, Any]) -> dict[str, float] | None:
     """One layer's per-op CUDA-event times from a mode that runs the ops one after another (its nano-op profile),
     the durations the planned Gantt charts give each op; None for an overlapped mode."""
-    from nanoflow.bench.planned import per_layer_ms
-
     if nano["spec"].num_streams > 1 or len(nano["spec"].nano_ops) != len(nano["graph"].ops):
         return None
-    return per_layer_ms(rec["nano_op_profile"]["per_op_ms"], nano["layers"])
+    return dict(rec["nano_op_profile"]["layer_op_ms"])
 
 
 def _planned_vs_measured(label: str, rec: dict[str, Any], nano: dict[str, Any], op_ms: dict[str, float],
@@ -281,7 +279,7 @@ def _planned_vs_measured(label: str, rec: dict[str, Any], nano: dict[str, Any], 
     """Draw the mode's planned layer beside its measured middle layer; the two layer times for the record."""
     from nanoflow.bench.planned import layer_rows, planned_from_isolated, plot_planned_vs_measured
 
-    layer = nano["layers"] // 2
+    layer = rec["nano_op_profile"]["layer"]
     decode = int(rec["nano_op_profile"]["decode_tokens"])
     rows = layer_rows(nano["records"], layer)
     fields: dict[str, Any] = {}

@@ -83,8 +83,14 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return 2 * a.numel() * 2 / ms / 1e6
 
 
-def profile_plan(engine: Any, plan: Any, repeat: int = 3) -> dict[str, Any]:
-    """Run one recorded plan eagerly with per-op CUDA events; time per op and per resource kind, one iteration."""
+def profile_plan(engine: Any, plan: Any, repeat: int = 3, hold_ms: float = 0.0) -> dict[str, Any]:
+    """Run one recorded plan eagerly with per-op CUDA events; time per op and per resource kind, one iteration.
+
+    Eagerly the GPU waits for the CPU's launches between small kernels, and the events count those gaps.
+    ``hold_ms`` > 0 first queues a spin kernel of that length on the stream, so the CPU queues the layers while the
+    GPU is held and the first layers then run back to back as in a CUDA graph (until the launch queue drains:
+    read the first layers, not the last). ``per_layer_op_ms`` gives each layer's own per-op times.
+    """
     from nanoflow.graphs.timeline import Timeline
 
     runner = engine.runner
@@ -104,6 +110,8 @@ def profile_plan(engine: Any, plan: Any, repeat: int = 3) -> dict[str, Any]:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             timeline.mark_origin()
+            if hold_ms > 0:
+                torch.cuda._sleep(int(hold_ms * _spin_cycles_per_ms()))
             runner.forward(batch)
             recs = timeline.records()
             wall = (time.perf_counter() - t0) * 1e3
@@ -120,9 +128,26 @@ def profile_plan(engine: Any, plan: Any, repeat: int = 3) -> dict[str, Any]:
     for op, ms in per_op.items():
         per_kind[kinds.get(op, "other")] = per_kind.get(kinds.get(op, "other"), 0.0) + ms
     span = max(r.end_ms for r in recs) if recs else 0.0
+    per_layer: dict[int, dict[str, float]] = {}
+    for r in recs:
+        ops = per_layer.setdefault(r.layer, {})
+        ops[r.op] = ops.get(r.op, 0.0) + r.ms
     return {"decode_tokens": plan.num_decode_tokens, "prefill_tokens": plan.num_prefill_tokens,
             "per_op_ms": per_op, "per_kind_ms": per_kind, "layers_span_ms": span, "eager_wall_ms": wall,
-            "records": recs}
+            "per_layer_op_ms": per_layer, "records": recs}
+
+
+_SPIN: list[float] = []
+
+
+def _spin_cycles_per_ms() -> float:
+    """Clock cycles of ``torch.cuda._sleep`` per millisecond on this GPU (measured once)."""
+    if not _SPIN:
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles)  # warm-up
+        ms = time_cuda(lambda: torch.cuda._sleep(cycles), warmup=1, repeat=3)
+        _SPIN.append(cycles / max(ms, 1e-3))
+    return _SPIN[0]
 
 
 KERNEL_CLASSES = (

@@ -1,8 +1,9 @@
 """Planned beside measured: one layer's pipeline as its spec plans it, next to the same layer timed with CUDA events.
 
 The plan of a hand-written spec has no times of its own; here each nano-op gets the time its op took in the
-non-overlap mode of the same run (``profile_plan``'s per-op CUDA-event times of one dense batch), pro rata to the
-work of its token range, and starts as soon as its waits allow (``search.schedule.asap_times``). So the planned
+non-overlap mode of the same run (``profile_plan``'s per-op CUDA-event times in one layer of one dense batch, the
+GPU held while the CPU queued it, so no launch gaps count), pro rata to the work of its token range, and starts as
+soon as its waits allow (``search.schedule.asap_times``). So the planned
 panel is what the spec would take with no interference between concurrent nano-ops; the measured panel below it
 shows what it took. A searched spec keeps the times its search planned.
 """
@@ -46,11 +47,6 @@ def planned_from_isolated(spec: PipelineSpec, graph: LayerGraph, op_ms: Mapping[
 def layer_rows(records: Sequence[Any], layer: int) -> list[tuple[str, str, float, float]]:
     """Measured rows ``(stream, "op[lo:hi)", start_ms, end_ms)`` of one layer's nano-ops (``Timeline`` records)."""
     return [(r.stream, f"{r.op}[{r.lo}:{r.hi})", r.start_ms, r.end_ms) for r in records if r.layer == layer]
-
-
-def per_layer_ms(per_op_ms: Mapping[str, float], layers: int) -> dict[str, float]:
-    """Whole-model per-op times (summed over layers) as one layer's."""
-    return {op: ms / layers for op, ms in per_op_ms.items()}
 
 
 def plot_planned_vs_measured(spec: PipelineSpec, graph: LayerGraph, op_ms: Mapping[str, float], decode_rows: int,

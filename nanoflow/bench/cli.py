@@ -290,8 +290,7 @@ def _planned_vs_measured(label: str, rec: dict[str, Any], nano: dict[str, Any], 
     try:
         path = out.with_name(out.name + f"-{label}-planned-vs-measured.png")
         plot_planned_vs_measured(nano["spec"], nano["graph"], op_ms, decode, nano["records"], layer, path,
-                                 f"{label}: planned (each nano-op at its op's time measured alone, pro rata) above "
-                                 f"measured (CUDA events, eager), layer {layer}")
+                                 f"{label}, layer {layer}: planned vs measured (CUDA events)")
     except Exception:  # a picture must not fail a run whose records are saved
         log.exception("the planned-vs-measured chart of %s failed", label)
     return fields

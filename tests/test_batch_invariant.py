@@ -236,3 +236,16 @@ def test_batch_invariant_options_are_checked():
     with pytest.raises(ConfigError, match="tp <= 2"):
         EngineArgs(batch_invariant=True, tp=4)
     EngineArgs(batch_invariant=True, extra={"decode_variant": "auto"})
+
+
+@in_process
+def test_runner_refuses_another_decode_kernel(tiny):
+    from nanoflow.graphs.runner import ModelRunner
+    from nanoflow.models.registry import model_class
+
+    spec, weights, _ = tiny
+    model = model_class(spec.architecture)(spec, weights)
+    with pytest.raises(ValueError, match="fixes the decode kernel"):
+        ModelRunner(model, 8, 16, DENSE, 64, decode_variant="row", batch_invariant=True)
+    runner = ModelRunner(model, 8, 16, DENSE, 64, decode_variant="auto", batch_invariant=True)
+    assert runner.attention.decode_variant == "split" and runner.attention.num_splits == 1

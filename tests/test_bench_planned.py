@@ -8,7 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoflow.bench.planned import layer_rows, planned_from_isolated, plot_planned_vs_measured, work_fraction
+from nanoflow.bench.planned import (
+    layer_rows,
+    planned_from_isolated,
+    planned_layer,
+    plot_planned_vs_measured,
+    work_fraction,
+)
 from nanoflow.config import ModelSpec
 from nanoflow.graphs.pipeline import NanoOpSpec, PipelineSpec, load_preset
 from nanoflow.models.loader import load_weights
@@ -81,5 +87,6 @@ def test_preset_plan_beats_the_sequential_one_and_the_chart_has_both_panels(grap
                                end_ms=10 * layer + n.end_ms * 1.2) for layer in (0, 1) for n in plan.nano_ops]
     rows = layer_rows(records, 1)
     assert len(rows) == len(plan.nano_ops) and rows[0][1].startswith(plan.nano_ops[0].op + "[")
-    path = plot_planned_vs_measured(preset, graph, OP_MS, 32, records, 1, tmp_path / "g.png", "test")
+    path = plot_planned_vs_measured(planned_layer(preset, graph, OP_MS, 32), graph, records, 1, tmp_path / "g.png",
+                                    "test")
     assert path.stat().st_size > 10_000

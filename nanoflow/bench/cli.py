@@ -277,19 +277,18 @@ def _reference_op_ms(rec: dict[str, Any], nano: dict[str, Any]) -> dict[str, flo
 def _planned_vs_measured(label: str, rec: dict[str, Any], nano: dict[str, Any], op_ms: dict[str, float],
                          out: Path) -> dict[str, Any]:
     """Draw the mode's planned layer beside its measured middle layer; the two layer times for the record."""
-    from nanoflow.bench.planned import layer_rows, planned_from_isolated, plot_planned_vs_measured
+    from nanoflow.bench.planned import layer_rows, planned_layer, plot_planned_vs_measured
 
     layer = rec["nano_op_profile"]["layer"]
-    decode = int(rec["nano_op_profile"]["decode_tokens"])
     rows = layer_rows(nano["records"], layer)
+    planned = planned_layer(nano["spec"], nano["graph"], op_ms, int(rec["nano_op_profile"]["decode_tokens"]))
     fields: dict[str, Any] = {}
     if rows:
-        plan = planned_from_isolated(nano["spec"], nano["graph"], op_ms, decode)
-        fields["planned_layer_ms"] = max(n.end_ms for n in plan.nano_ops)
+        fields["planned_layer_ms"] = max(n.end_ms for n in planned.nano_ops)
         fields["measured_layer_ms"] = max(r[3] for r in rows) - min(r[2] for r in rows)
     try:
         path = out.with_name(out.name + f"-{label}-planned-vs-measured.png")
-        plot_planned_vs_measured(nano["spec"], nano["graph"], op_ms, decode, nano["records"], layer, path,
+        plot_planned_vs_measured(planned, nano["graph"], nano["records"], layer, path,
                                  f"{label}, layer {layer}: planned vs measured (CUDA events)")
     except Exception:  # a picture must not fail a run whose records are saved
         log.exception("the planned-vs-measured chart of %s failed", label)

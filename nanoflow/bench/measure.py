@@ -5,6 +5,7 @@ All GPU timings use CUDA events (median of repeats, after warm-up), per ``../sha
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -137,17 +138,11 @@ def profile_plan(engine: Any, plan: Any, repeat: int = 3, hold_ms: float = 0.0) 
             "per_layer_op_ms": per_layer, "records": recs}
 
 
-_SPIN: list[float] = []
-
-
+@functools.cache
 def _spin_cycles_per_ms() -> float:
     """Clock cycles of ``torch.cuda._sleep`` per millisecond on this GPU (measured once)."""
-    if not _SPIN:
-        cycles = 10_000_000
-        torch.cuda._sleep(cycles)  # warm-up
-        ms = time_cuda(lambda: torch.cuda._sleep(cycles), warmup=1, repeat=3)
-        _SPIN.append(cycles / max(ms, 1e-3))
-    return _SPIN[0]
+    cycles = 10_000_000
+    return cycles / max(time_cuda(lambda: torch.cuda._sleep(cycles), warmup=1, repeat=3), 1e-3)
 
 
 KERNEL_CLASSES = (

@@ -49,14 +49,19 @@ def layer_rows(records: Sequence[Any], layer: int) -> list[tuple[str, str, float
     return [(r.stream, f"{r.op}[{r.lo}:{r.hi})", r.start_ms, r.end_ms) for r in records if r.layer == layer]
 
 
-def plot_planned_vs_measured(spec: PipelineSpec, graph: LayerGraph, op_ms: Mapping[str, float], decode_rows: int,
-                             records: Sequence[Any], layer: int, path: Path, title: str) -> Path:
-    """The Gantt chart: the planned layer (the spec's own times if it has them, else :func:`planned_from_isolated`)
-    above layer ``layer`` as measured."""
+def planned_layer(spec: PipelineSpec, graph: LayerGraph, op_ms: Mapping[str, float],
+                  decode_rows: int) -> PipelineSpec:
+    """The layer as planned: the spec's own times if it has them (a searched spec), else
+    :func:`planned_from_isolated` (without a period: no next layer is planned)."""
+    if all(n.start_ms is not None and n.end_ms is not None for n in spec.nano_ops):
+        return spec
+    planned = planned_from_isolated(spec, graph, op_ms, decode_rows)
+    return replace(planned, meta={**planned.meta, "period_ms": None})
+
+
+def plot_planned_vs_measured(planned: PipelineSpec, graph: LayerGraph, records: Sequence[Any], layer: int,
+                             path: Path, title: str) -> Path:
+    """The Gantt chart: the planned layer (:func:`planned_layer`) above layer ``layer`` as measured."""
     from nanoflow.search.plot import plot_gantt
 
-    timed = all(n.start_ms is not None and n.end_ms is not None for n in spec.nano_ops)
-    planned = spec if timed else planned_from_isolated(spec, graph, op_ms, decode_rows)
-    if not timed:
-        planned = replace(planned, meta={**planned.meta, "period_ms": None})
     return plot_gantt(planned, layer_rows(records, layer), path, title, graph=graph)

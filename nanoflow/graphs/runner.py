@@ -85,10 +85,8 @@ class ModelRunner:
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("batch-invariant mode runs Triton kernels: it needs a CUDA GPU (on a CPU only under "
                                  "TRITON_INTERPRET=1, which is slow and meant for tests)")
-            if decode_variant not in ("auto", "split") or decode_options:
-                raise ValueError(f"batch-invariant mode fixes the decode kernel (split, fixed tiles); got "
-                                 f"decode_variant {decode_variant!r}, decode_options {decode_options}")
-            decode_variant = "split"
+            if decode_variant == "auto":  # TritonAttention refuses any other kernel or tiles
+                decode_variant = "split"
         elif backend == "triton":
             decode_variant = resolve_decode_variant(decode_variant, self.kv_cache[0, 0], self.kv_cache[0, 1],
                                                     model.local_heads, block_size, decode_options, dtype)

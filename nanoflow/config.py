@@ -281,7 +281,8 @@ class EngineArgs:
     batch_invariant: bool = False
     # Free-form options, among them: moe_backend (MOE_BACKENDS: the grouped GEMM of MoE layers, default auto),
     # decode_variant ("auto"|"split"|"row"|...|"cuda", the decode-attention kernel), decode_options (its
-    # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload).
+    # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload),
+    # fused_rope_kv (default True: RoPE and the KV write in one Triton kernel on a GPU, ops/rope_kv.py).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help=BATCH_INVARIANT_HELP + ". Here: every mode then computes each request's tokens alike, so "
                         "tokens_vs_reference shows whether nano-batching or overlap changes any output (with the "
                         "default kernels the split's rounding changes near-tied outputs of random weights)")
+    p.add_argument("--no-fused-rope-kv", dest="fused_rope_kv", action="store_false",
+                   help="run RoPE and the KV-cache write as separate (compiled) ops instead of the one Triton kernel "
+                        "of ops/rope_kv.py, to measure what the fusion gains")
     p.add_argument("--kv-fraction", type=float, default=0.6,
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
@@ -145,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         ea.extra["decode_options"] = args.decode_options
     if args.memory_share is not None:
         ea.extra["memory_share"] = args.memory_share
+    ea.extra["fused_rope_kv"] = bool(getattr(args, "fused_rope_kv", True))
     # replace() checks the options together (e.g. --batch-invariant with --decode-options is refused)
     ea = replace(ea, block_size=args.block_size, batch_invariant=bool(getattr(args, "batch_invariant", False)))
     t0 = time.perf_counter()
@@ -167,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
               "command": "nanoflow bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
               "model": args.model, "tp": 1, "workload": args.workload, "dense_batch": args.dense_batch_size,
               "dtype": str(parts["dtype"]).removeprefix("torch."), "batch_invariant": ea.batch_invariant,
-              "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal, "gemm": peak,
+              "fused_rope_kv": ea.extra["fused_rope_kv"], "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal,
+              "gemm": peak,
               "host": platform.node()}
     records: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}

@@ -152,7 +152,7 @@ KERNEL_CLASSES = (
     ("prefill_attn", "compute", ("_prefill_kernel",)),
     ("gemm", "compute", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
     ("nccl", "network", ("nccl",)),
-    ("glue", "other", ("triton_",)),
+    ("glue", "other", ("triton_", "_rope_kv_kernel")),
 )
 
 

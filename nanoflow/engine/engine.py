@@ -167,7 +167,9 @@ class Engine:
                            decode_options=self.args.extra.get("decode_options"), kv_dtype=self.kv_dtype,
                            staging_slots=int(self.args.extra.get("kv_staging_slots", 3)),
                            batch_invariant=self.args.batch_invariant,
-                           moe_backend=str(self.args.extra.get("moe_backend", "auto")))
+                           moe_backend=str(self.args.extra.get("moe_backend", "auto")),
+                           # None: the fused RoPE + KV-write kernel wherever the runner can run it (a GPU)
+                           fused_rope_kv=None if self.args.extra.get("fused_rope_kv", True) else False)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -75,8 +75,8 @@ class CudaGraphRunner:
 
     def __init__(self, runner: Any, max_blocks: int, decode_cap: int, compile_glue: bool,
                  glue: dict[str, Any] | None = None):
-        """``glue``: fixed glue ops for every capture (batch-invariant mode), else compiled ones (``compile_glue``)
-        or none."""
+        """``glue``: the runner's glue ops (the fused RoPE + KV write, batch-invariant mode's GEMMs and norms), used
+        in every capture; with ``compile_glue`` the other element-wise ops are the torch.compile'd ones."""
         self.runner = runner
         self.device = runner.device
         self.max_blocks = max_blocks
@@ -85,10 +85,10 @@ class CudaGraphRunner:
         self.pool = None
         self.captured: dict[BatchShape, _Captured] = {}
         self.glue: dict[str, Any] = dict(glue or {})
-        if compile_glue and not self.glue:
+        if compile_glue:
             from nanoflow.graphs.glue import compiled_glue
 
-            self.glue = compiled_glue()
+            self.glue = {**compiled_glue(), **self.glue}
         self.capture_seconds = 0.0
         self.replays = 0
         self.eager_runs = 0

@@ -61,7 +61,8 @@ class ModelRunner:
                  compile_glue: bool = False, cuda_graphs: bool = False, decode_cap: int | None = None,
                  resources: Any = None, kv_offload: bool = False, decode_variant: str = "split",
                  decode_options: dict[str, Any] | None = None, kv_dtype: torch.dtype | None = None,
-                 staging_slots: int = 3, batch_invariant: bool = False, moe_backend: str | None = None):
+                 staging_slots: int = 3, batch_invariant: bool = False, moe_backend: str | None = None,
+                 fused_rope_kv: bool | None = None):
         self.model = model
         self.spec = model.spec
         self.device = model.device
@@ -113,6 +114,15 @@ class ModelRunner:
 
             self.glue = batch_invariant_glue()
             compile_glue = False
+        # RoPE and the KV write in one Triton kernel (ops.rope_kv); by default on a GPU. It computes each token alone,
+        # so batch-invariant mode keeps it.
+        if fused_rope_kv is None:
+            fused_rope_kv = self.device.type == "cuda"
+        if fused_rope_kv:
+            from nanoflow.ops.rope_kv import rope_kv_store
+
+            self.glue["rope_kv_store"] = rope_kv_store
+        self.fused_rope_kv = fused_rope_kv
         self.compile_glue = compile_glue
         self.max_seqs = max_tokens
         # The previous iteration's sampled ids live in a static buffer so captured graphs can read them.

@@ -110,6 +110,11 @@ def attention_ops(w: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads:
         _glue(ctx, "linear_into", linear_into)(ctx.bufs["x_attn"][lo:hi], qkv_w, qkv_b, ctx.bufs["qkv"][lo:hi])
 
     def rope_kv(ctx: StepContext, lo: int, hi: int) -> None:
+        fused = ctx.glue.get("rope_kv_store")  # ops.rope_kv: one Triton kernel (the runner's choice on a GPU)
+        if fused is not None:
+            fused(ctx.bufs["qkv"][lo:hi], ctx.cos_sin, ctx.batch.positions[lo:hi], ctx.batch.slot_mapping[lo:hi],
+                  ctx.bufs["q"][lo:hi], ctx.k_cache, ctx.v_cache, heads, kv_heads, head_dim)
+            return
         cos_sin = ctx.cos_sin[ctx.batch.positions[lo:hi]]
         k, v = _glue(ctx, "rope_qkv_into", rope_qkv_into)(ctx.bufs["qkv"][lo:hi], cos_sin, heads, kv_heads, head_dim,
                                                           ctx.bufs["q"][lo:hi], ctx.k_cache.dtype)

@@ -111,7 +111,8 @@ def profile_ops(engine: Any, sizes: list[int], decode_rows: int, ctx: int, chunk
     # ~20% slower than measured (README). Eager on the CPU.
     from nanoflow.graphs.glue import compiled_glue
 
-    saved_glue, runner.glue = runner.glue, (compiled_glue(dynamic=True) if runner.device.type == "cuda" else {})
+    saved_glue = runner.glue  # its own ops (the fused RoPE + KV write) over the compiled ones, as in its graphs
+    runner.glue = {**(compiled_glue(dynamic=True) if runner.device.type == "cuda" else {}), **saved_glue}
     try:
         batch = runner.prepare(plan)
         from nanoflow.graphs.forward_batch import HostSeq

@@ -31,7 +31,7 @@ def measure_layer_ms(engine: Any, specs: Mapping[str, PipelineSpec | None], deco
     plan, keep = synthetic_plan(engine, dense, decode_rows, ctx, chunk)
     saved = runner.executor, runner.graphs, runner.glue
     runner.graphs = None  # time the forward directly, not the engine's own captured buckets
-    runner.glue = compiled_glue(dynamic=True) if runner.device.type == "cuda" else {}
+    runner.glue = {**(compiled_glue(dynamic=True) if runner.device.type == "cuda" else {}), **runner.glue}
     out: dict[str, float] = {}
     try:
         for name, spec in specs.items():

@@ -11,10 +11,10 @@ Here one program per token reads its QKV row once and writes everything the unfu
   it is; under a float8 cache both rounded as the cache holds them, so the chunk attends what it would read back;
 - k and v into the cache at the token's slot (float8: clamped to +-448 and rounded to nearest, unit scale).
 
-The arithmetic is the unfused path's: fp32 rotation ``x1 * cos - x2 * sin`` / ``x2 * cos + x1 * sin``, rounded to
-the model dtype, then (float8 cache) to e4m3. Under ``TRITON_INTERPRET=1`` the results equal the unfused path's
-bit for bit (tests/test_rope_kv.py); compiled for a GPU the compiler may contract a product and a sum into one
-fused multiply-add, a difference of at most one rounding of the model dtype.
+The arithmetic is the unfused eager path's: fp32 rotation ``x1 * cos - x2 * sin`` / ``x2 * cos + x1 * sin`` (compiled
+without fused multiply-adds, so each product is rounded as torch rounds it), rounded to the model dtype, then (float8
+cache) clamped and rounded to nearest e4m3. On a GPU the results equal the eager path's bit for bit
+(tests/test_rope_kv_gpu.py); the CPU interpreter narrows floats its own way (tests/test_rope_kv.py says how).
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ def _rotate(row, cols, mask, half: tl.constexpr, cos, sin, out_ty: tl.constexpr)
 
 
 @triton.jit
-def _like_cache(x, fp8: tl.constexpr, fp8_max: tl.constexpr):
-    """``x`` as the cache will hold it: e4m3 (clamped) under a float8 cache, else unchanged."""
-    if fp8:
-        return tl.clamp(x.to(tl.float32), -fp8_max, fp8_max).to(tl.float8e4nv)
-    return x
+def _like_cache(x, lim: tl.constexpr, cache_ty: tl.constexpr):
+    """``x`` as the cache will hold it: clamped to +-``lim`` and rounded to ``cache_ty`` (float8 e4m3), or, with
+    ``lim`` 0 (a cache of the model's dtype), unchanged. One return (Triton wants one type from a helper)."""
+    return tl.clamp(x.to(tl.float32), -lim, lim).to(cache_ty) if lim > 0 else x.to(cache_ty)
 
 
 @triton.jit
@@ -50,7 +49,7 @@ def _rope_kv_kernel(
     qkv_stride, q_stride, cs_stride, c_block, c_off, c_head,
     block_size,
     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-    BH: tl.constexpr, BKV: tl.constexpr, BHALF: tl.constexpr, FP8_CACHE: tl.constexpr, FP8_MAX_: tl.constexpr,
+    BH: tl.constexpr, BKV: tl.constexpr, BHALF: tl.constexpr, LIM: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
@@ -77,12 +76,13 @@ def _rope_kv_kernel(
     kc = H * D + g[:, None] * D + j[None, :]
     vc = kc + KV * D
     k1, k2 = _rotate(row, kc, gm, HALF, cos, sin, out_ty)
-    k1, k2 = _like_cache(k1, FP8_CACHE, FP8_MAX_), _like_cache(k2, FP8_CACHE, FP8_MAX_)
-    v1 = _like_cache(tl.load(row + vc, mask=gm, other=0.0), FP8_CACHE, FP8_MAX_)
-    v2 = _like_cache(tl.load(row + vc + HALF, mask=gm, other=0.0), FP8_CACHE, FP8_MAX_)
+    cache_ty = k_cache_ptr.dtype.element_ty
+    k1, k2 = _like_cache(k1, LIM, cache_ty), _like_cache(k2, LIM, cache_ty)
+    v1 = _like_cache(tl.load(row + vc, mask=gm, other=0.0), LIM, cache_ty)
+    v2 = _like_cache(tl.load(row + vc + HALF, mask=gm, other=0.0), LIM, cache_ty)
     tl.store(row + kc, k1.to(out_ty), mask=gm)
     tl.store(row + kc + HALF, k2.to(out_ty), mask=gm)
-    if FP8_CACHE:
+    if LIM > 0:  # float8 cache: v rounded like the cache, in the rows too
         tl.store(row + vc, v1.to(out_ty), mask=gm)
         tl.store(row + vc + HALF, v2.to(out_ty), mask=gm)
     blk = slot // block_size
@@ -120,4 +120,4 @@ def rope_kv_store(qkv: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Ten
         k_cache.shape[1],
         H=heads, KV=kv_heads, D=head_dim, HALF=half, BH=triton.next_power_of_2(heads),
         BKV=triton.next_power_of_2(kv_heads), BHALF=triton.next_power_of_2(half),
-        FP8_CACHE=k_cache.dtype == FP8, FP8_MAX_=FP8_MAX, num_warps=4)
+        LIM=FP8_MAX if k_cache.dtype == FP8 else 0.0, num_warps=4, enable_fp_fusion=False)

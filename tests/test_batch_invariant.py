@@ -176,12 +176,13 @@ def tiny(tmp_path_factory):
 
 def _step_logits(tiny, pipeline, prompts, batch_invariant=True) -> dict[str, list[torch.Tensor]]:
     """Each request's logits at every step it sampled, with ``pipeline`` (None = sequential) in the executor."""
+    from tiny_models import step_logits
+
     from nanoflow.config import EngineArgs
     from nanoflow.engine.builder import ModelSource
     from nanoflow.engine.engine import Engine
     from nanoflow.graphs.executor import Executor
     from nanoflow.models.registry import model_class
-    from nanoflow.scheduler.request import SamplingParams
 
     spec, weights, path = tiny
     parts = {"model": model_class(spec.architecture)(spec, weights), "tokenizer": None, "dtype": torch.float32,
@@ -191,20 +192,7 @@ def _step_logits(tiny, pipeline, prompts, batch_invariant=True) -> dict[str, lis
     engine = Engine(args, parts=parts)
     if pipeline is not None:
         engine.runner.executor = Executor(engine.model.graphs, pipeline)
-    seen: dict[str, list[torch.Tensor]] = {}
-    forward = engine.runner.forward
-
-    def recording(batch):
-        logits = forward(batch)
-        for rid, row in zip(batch.sample_request_ids, logits):
-            seen.setdefault(rid, []).append(row.clone())
-        return logits
-
-    engine.runner.forward = recording
-    for i, p in enumerate(prompts):
-        engine.add_request(p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), request_id=f"r{i}")
-    engine.run_until_done()
-    return seen
+    return step_logits(engine, prompts, max_tokens=4)
 
 
 def _prompts() -> list[list[int]]:

@@ -145,13 +145,12 @@ transformers = pytest.importorskip("transformers")
 def test_engine_logits_equal_with_the_fused_kernel(tmp_path):
     """A tiny float32 LLaMA through the engine (chunked prefill over pages, decode, the overlap preset's nano-batches):
     the fused kernel's logits equal the unfused path's at every step."""
-    from tiny_models import save_tiny_llama
+    from tiny_models import save_tiny_llama, step_logits
 
     from nanoflow.config import EngineArgs
     from nanoflow.engine.engine import Engine
     from nanoflow.graphs.executor import Executor
     from nanoflow.graphs.pipeline import load_preset
-    from nanoflow.scheduler.request import SamplingParams
 
     path = save_tiny_llama(tmp_path / "tiny", hidden_size=64, intermediate_size=96, num_attention_heads=4,
                            num_key_value_heads=2)
@@ -169,19 +168,7 @@ def test_engine_logits_equal_with_the_fused_kernel(tmp_path):
 
             engine.runner.glue["rope_kv_store"] = counted
         engine.runner.executor = Executor(engine.model.graphs, load_preset("llama-8b-overlap").rescaled(32))
-        seen: dict[str, list[torch.Tensor]] = {}
-        forward = engine.runner.forward
-
-        def recording(batch):
-            out = forward(batch)
-            for rid, row in zip(batch.sample_request_ids, out):
-                seen.setdefault(rid, []).append(row.clone())
-            return out
-
-        engine.runner.forward = recording
-        for i, p in enumerate(prompts):
-            engine.add_request(p, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), request_id=f"r{i}")
-        engine.run_until_done()
+        seen = step_logits(engine, prompts, max_tokens=5)
         engine.close()
         return seen
 

@@ -39,3 +39,26 @@ def hf_greedy(path: str, prompts: list[list[int]], new_tokens: int) -> tuple[lis
             logits.append(model(ids).logits[0, -1].float())
         outs.append(gen[0, len(p):].tolist())
     return outs, logits
+
+
+def step_logits(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, list[torch.Tensor]]:
+    """Run ``prompts`` greedily through ``engine`` (request ids r0, r1, ...) and return each request's logits at every
+    step it sampled, as the runner's forward returned them."""
+    from nanoflow.scheduler.request import SamplingParams
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    forward = engine.runner.forward
+
+    def recording(batch):
+        logits = forward(batch)
+        for rid, row in zip(batch.sample_request_ids, logits):
+            seen.setdefault(rid, []).append(row.clone())
+        return logits
+
+    engine.runner.forward = recording
+    for i, p in enumerate(prompts):
+        engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                           request_id=f"r{i}")
+    engine.run_until_done()
+    engine.runner.forward = forward
+    return seen

@@ -37,3 +37,22 @@ def test_reason_names_and_bad_arguments(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # import pynvml -> ImportError
     with pytest.raises(RuntimeError, match="pip install nvidia-ml-py"):
         nvml_reader(0)
+
+
+def test_bench_records_and_prints_each_modes_clocks(monkeypatch: pytest.MonkeyPatch, capsys, caplog) -> None:
+    """`nanoflow bench` samples the clocks over each mode's timed run; without NVML (or a GPU) it warns and goes on."""
+    from nanoflow.bench import throughput
+    from nanoflow.bench.cli import _print_row
+
+    monkeypatch.setattr(throughput.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr("nanoflow.bench.gpu_monitor.nvml_reader",
+                        lambda i: (_ for _ in ()).throw(RuntimeError("pip install nvidia-ml-py")))
+    assert throughput.clock_monitor() is None
+    assert "nvidia-ml-py" in caplog.text
+    mon = GpuMonitor(interval_s=0.001, read=lambda: (1545.0, 2619.0, 690.0, 0x4))
+    with mon:
+        time.sleep(0.01)
+    rec = {"mode": "overlap-searched", "throughput_tok_s": 25000.0, "pct_optimal": 53.8, "optimal_tok_s": 46606.0,
+           "gpu_clocks": mon.summary()}
+    _print_row(rec)
+    assert "SM clock 1545 MHz, 690 W" in capsys.readouterr().out

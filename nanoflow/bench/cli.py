@@ -264,6 +264,9 @@ def _print_row(rec: dict[str, Any]) -> None:
     if it:
         extra += (f"; GPU busy {it['gpu_busy_s']:.1f} s, idle {it['gpu_idle_s']:.1f} s, full steps "
                   f"{it['full_steps']}/{it['steps']} at {it.get('full_step_ms_median', 0):.1f} ms")
+    clocks = rec.get("gpu_clocks") or {}
+    if clocks.get("samples"):
+        extra += f"; SM clock {clocks['sm_mhz']['median']:.0f} MHz, {clocks['power_w']['median']:.0f} W"
     tv = rec.get("tokens_vs_reference")
     if tv:
         extra += f"; outputs identical to {tv['reference']}: {tv['identical']}/{tv['requests']}"

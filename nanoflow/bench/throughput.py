@@ -45,6 +45,23 @@ PROFILE_HOLD_MS = 300.0
 """How long the GPU is held while the CPU queues the nano-op profile's eager forward (``profile_plan``)."""
 
 
+def clock_monitor(interval_s: float = 0.1) -> Any:
+    """A started :class:`~nanoflow.bench.gpu_monitor.GpuMonitor` of the current GPU (SM clock, power, clock-event
+    reasons) for a mode's timed run, or None without NVML (a warning says what to install).
+
+    Why: modes run one after another in one process, and a later mode can find the GPU hotter. On an H100 a mode
+    run second after ~5 minutes of load was 10-17% slower on compute-bound steps and not on memory-bound ones, and
+    as the first mode of a fresh call it matched non-overlap (s14-bench-searched-*); its clocks say which it was.
+    """
+    from nanoflow.bench.gpu_monitor import GpuMonitor
+
+    try:
+        return GpuMonitor(torch.cuda.current_device(), interval_s=interval_s).start()
+    except Exception as exc:  # a bonus: never costs the throughput figure
+        log.warning("no GPU clock record for this mode (%s)", exc)
+        return None
+
+
 def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int], int]],
              warmup_reqs: list[tuple[list[int], int]], profile: bool) -> dict[str, Any]:
     from nanoflow.engine.engine import Engine
@@ -111,12 +128,16 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
     outs = [engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
             for ids, out in reqs]
     torch.cuda.synchronize()
+    monitor = clock_monitor()
     with IterationTimer(engine.runner) as timer:
         t0 = time.perf_counter()
         engine.run_until_done()
         wall = time.perf_counter() - t0
     engine.plan_hook = None
     rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
+    if monitor is not None:
+        monitor.stop()
+        rec["gpu_clocks"] = monitor.summary()
     rec["_tokens"] = [list(o.token_ids) for o in outs]  # for compare_tokens across modes; not saved
     try:
         rec["iterations_timed"] = timer.summary(engine.dense_batch_size)

@@ -49,9 +49,10 @@ def clock_monitor(interval_s: float = 0.1) -> Any:
     """A started :class:`~nanoflow.bench.gpu_monitor.GpuMonitor` of the current GPU (SM clock, power, clock-event
     reasons) for a mode's timed run, or None without NVML (a warning says what to install).
 
-    Why: modes run one after another in one process, and a later mode can find the GPU hotter. On an H100 a mode
+    Why: modes run one after another in one process, and a later mode may find the GPU hotter. On an H100 a mode
     run second after ~5 minutes of load was 10-17% slower on compute-bound steps and not on memory-bound ones, and
-    as the first mode of a fresh call it matched non-overlap (s14-bench-searched-*); its clocks say which it was.
+    as the first mode of a fresh call it matched non-overlap (s14-bench-searched-*); the clocks tell such cases
+    apart from a slower pipeline.
     """
     from nanoflow.bench.gpu_monitor import GpuMonitor
 

@@ -6,16 +6,25 @@
 #   MODES (bench modes, default non-overlap,overlap-preset-nogrid + overlap-searched)
 #   KV_DTYPE (auto|fp8, default auto)  DECODE_OPTIONS (e.g. block_n=128,prefetch=1: profile and bench alike)
 #   PROFILE=1 (CUPTI profile of one step per mode: per-class and top kernels)  BENCH_S (bench time limit, default 480)
+#   SPEC (a spec an earlier search wrote, e.g. benchmarks/results/2026-12-07-s14-searched-spec-fp8kv-h100-llama3-8b.json:
+#   no search, bench it)  SEARCHED_FIRST=1 (run overlap-searched before the other modes; each record's gpu_clocks
+#   show whether a later mode found the GPU clocked lower)
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=$OUT/cache
 EXTRA=(--kv-cache-dtype "${KV_DTYPE:-auto}")
 [ -n "${DECODE_OPTIONS:-}" ] && EXTRA+=(--decode-options "$DECODE_OPTIONS")
-python3 -m nanoflow.cli search --model llama-3-8b --dense-batch 2048 --workload constant:1024:512 \
-  --rp-table benchmarks/results/2026-11-22-interference-h200.json --time-limit "${SEARCH_S:-90}" --step "${STEP:-128}" \
-  "${EXTRA[@]}" --output "$OUT/searched.json" 2>&1 | grep -v Warn | tail -40
-cp "$OUT"/cache/profiles/*.json "$OUT/" 2>/dev/null
+if [ -n "${SPEC:-}" ]; then
+  cp "$SPEC" "$OUT/searched.json"
+else
+  python3 -m nanoflow.cli search --model llama-3-8b --dense-batch 2048 --workload constant:1024:512 \
+    --rp-table benchmarks/results/2026-11-22-interference-h200.json --time-limit "${SEARCH_S:-90}" --step "${STEP:-128}" \
+    "${EXTRA[@]}" --output "$OUT/searched.json" 2>&1 | grep -v Warn | tail -40
+  cp "$OUT"/cache/profiles/*.json "$OUT/" 2>/dev/null
+fi
 MODES=${MODES:-non-overlap,overlap-preset-nogrid}
-[ -f "$OUT/searched.json" ] && MODES=$MODES,overlap-searched
+if [ -f "$OUT/searched.json" ]; then
+  if [ "${SEARCHED_FIRST:-0}" = 1 ]; then MODES=overlap-searched,$MODES; else MODES=$MODES,overlap-searched; fi
+fi
 PROF=()
 [ "${PROFILE:-0}" = 1 ] && PROF=(--profile)
 timeout "${BENCH_S:-480}" python3 -m nanoflow.cli bench --model llama-3-8b --num-requests "${REQS:-512}" --kv-fraction 0.85 \

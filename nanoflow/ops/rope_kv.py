@@ -13,8 +13,9 @@ Here one program per token reads its QKV row once and writes everything the unfu
 
 The arithmetic is the unfused eager path's: fp32 rotation ``x1 * cos - x2 * sin`` / ``x2 * cos + x1 * sin`` (compiled
 without fused multiply-adds, so each product is rounded as torch rounds it), rounded to the model dtype, then (float8
-cache) clamped and rounded to nearest e4m3. On a GPU the results equal the eager path's bit for bit
-(tests/test_rope_kv_gpu.py); the CPU interpreter narrows floats its own way (tests/test_rope_kv.py says how).
+cache) clamped and rounded to nearest e4m3, so on a GPU the results are meant to equal the eager path's bit for
+bit (tests/test_rope_kv_gpu.py; shown on an H100 for a bf16 cache, benchmarks/results/*-s14-test-rope-kv-gpu-h100.log);
+the CPU interpreter narrows floats its own way (tests/test_rope_kv.py says how).
 """
 
 from __future__ import annotations

@@ -70,6 +70,18 @@ def test_engine_freezes_its_long_lived_objects_out_of_the_gc(tiny_path):
     first = llm.generate(_prompts(2), params, use_tqdm=False)
     assert llm.engine.freeze_gc() >= built  # again after the first steps (what they compiled or captured)
     assert [o.token_ids for o in llm.generate(_prompts(2), params, use_tqdm=False)] == [o.token_ids for o in first]
+    # A batch of FREEZE_MIN_REQUESTS or more: the queued requests are frozen too (their prompt lists are the bulk of
+    # what a full collection would walk during the run), and the outputs are unchanged by it.
+    from nanoflow.engine.llm import FREEZE_MIN_REQUESTS
+
+    many = _prompts(2) + _prompts(FREEZE_MIN_REQUESTS - 2)
+    before = gc.get_freeze_count()
+    seen = []
+    run = llm.engine.run_until_done
+    llm.engine.run_until_done = lambda *a: (seen.append(gc.get_freeze_count()), run(*a))[1]
+    outs = llm.generate(many, params, use_tqdm=False)
+    assert seen and seen[0] >= before + FREEZE_MIN_REQUESTS  # at least one tracked object per queued request
+    assert [o.token_ids for o in outs[:2]] == [o.token_ids for o in first]  # same prompts first: same tokens
     llm.shutdown()  # closing hands the frozen objects back, so cycles through the closed engine can be collected
     assert gc.get_freeze_count() == 0
 

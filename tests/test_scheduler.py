@@ -544,3 +544,25 @@ def test_admission_simulation_script(tmp_path) -> None:
         for buckets in ("engine", "halvings"):
             assert sim.main([*base, "--step-fit", str(tmp_path / "fit.json"), "--buckets", buckets]) == 0
             assert check(json.loads(out.read_text())["records"][0])
+
+
+def test_gc_probe_script_runs_both_ways(tmp_path):
+    """scripts/gc_probe.py (the GC stalls behind freezing queued requests) runs and reports both cases."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "gc.json"
+    argv = sys.argv
+    sys.argv = ["gc_probe.py", "--requests", "48", "--prompt", "64", "--output", "8", "--dense-batch", "256",
+                "--output-file", str(out)]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "gc_probe.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert done.value.code == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["freeze_after_add"] for r in records] == [False, True]
+    assert all(r["steps"] > 0 for r in records) and records[0]["steps"] == records[1]["steps"]

@@ -128,6 +128,7 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         engine.plan_hook = lambda p: sample.add(p) if p.num_tokens == engine.dense_batch_size else None
     outs = [engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
             for ids, out in reqs]
+    engine.freeze_gc()  # the queued requests too, as LLM.generate does for a batch (FREEZE_MIN_REQUESTS)
     torch.cuda.synchronize()
     monitor = clock_monitor()
     with IterationTimer(engine.runner) as timer:

@@ -83,9 +83,9 @@ class LLM:
                    for p, sp in zip(prompts, params)]
         if len(outputs) >= FREEZE_MIN_REQUESTS:
             # The queued requests (token lists, sequences, outputs) live for the whole run: exempt them from the
-            # cyclic GC's full passes, which otherwise walk every prompt token list every few seconds (45-104 ms
-            # stalls every ~66 steps of a 2,048-request LLaMA-3-8B run on an H100: 1.3% of its wall time,
-            # s14-bench-fp8kv-2048req-fused-*). One young-generation collection first; Engine.close unfreezes.
+            # cyclic GC's full passes, which otherwise walk every prompt token list every few seconds
+            # (scripts/gc_probe.py; the likely cause of 45-104 ms GPU-idle gaps every ~66 steps of a 2,048-request
+            # LLaMA-3-8B run on an H100, 1.3% of its wall time). One collection first; Engine.close unfreezes.
             self.engine.freeze_gc()
         bar = None
         if use_tqdm:

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoflow.bench import git_commit
     from nanoflow.bench.measure import gemm_peak
-    from nanoflow.bench.throughput import base_args, compare_with_earlier, mode_args, run_mode, workload
+    from nanoflow.bench.throughput import base_args, clock_monitor, compare_with_earlier, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
 
@@ -158,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
         per_token = kv_token_bytes(ea, parts, device)
         ea = replace(ea, kv_cache_tokens=int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token))
+    monitor = clock_monitor(interval_s=0.005)  # the peak is a short burst: its clocks explain run-to-run spread
     peak = gemm_peak(spec, args.dense_batch_size, parts["dtype"], device)
+    if monitor is not None:
+        monitor.stop()
+        peak["gpu_clocks"] = monitor.summary()
     optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)
     max_len = min(spec.max_position_embeddings, 8192)
     reqs = workload(args.workload, args.num_requests, spec.vocab_size, args.seed, max_len)

@@ -91,6 +91,31 @@ def test_bench_decode_options_flag():
             decode_options(bad)
 
 
+def test_bench_passes_alternate_the_mode_order(capsys):
+    """--passes N runs the modes N times, every other pass reversed (A B B A), so no mode is always first."""
+    from nanoflow.bench.cli import mode_runs, print_pass_means
+    from nanoflow.config import ConfigError
+
+    assert mode_runs("non-overlap, overlap-preset", ["auto"]) == [("non-overlap", "auto", 1),
+                                                                  ("overlap-preset", "auto", 1)]
+    order = [(m, p) for m, _, p in mode_runs("a,b", ["auto"], 3)]
+    assert order == [("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]
+    assert [(m, b) for m, b, _ in mode_runs("a", ["triton", "auto"], 2)] == [("a", "triton"), ("a", "auto"),
+                                                                            ("a", "auto"), ("a", "triton")]
+    with pytest.raises(ConfigError, match="passes"):
+        mode_runs("a", ["auto"], 0)
+    with pytest.raises(ConfigError, match="no mode"):
+        mode_runs(" , ", ["auto"])
+    records = [{"mode": "a", "label": "a-pass1", "throughput_tok_s": 100.0, "pct_optimal": 50.0},
+               {"mode": "b", "label": "b-pass1", "throughput_tok_s": 90.0, "pct_optimal": 45.0},
+               {"mode": "b", "label": "b-pass2", "throughput_tok_s": 110.0, "pct_optimal": 55.0},
+               {"mode": "a", "label": "a-pass2", "error": "boom"}]
+    means = print_pass_means(records)
+    assert means == {"a": {"passes": 1, "throughput_tok_s": 100.0, "pct_optimal": 50.0},
+                     "b": {"passes": 2, "throughput_tok_s": 100.0, "pct_optimal": 50.0}}
+    assert "mean of 2 passes (90, 110)" in capsys.readouterr().out
+
+
 def test_result_records_take_the_commit_from_the_environment(monkeypatch):
     from nanoflow.bench import git_commit
 

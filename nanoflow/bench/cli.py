@@ -22,6 +22,7 @@ from nanoflow.config import (
     DTYPES,
     KV_CACHE_DTYPE_HELP,
     KV_CACHE_DTYPES,
+    ConfigError,
 )
 
 log = logging.getLogger("nanoflow")
@@ -59,6 +60,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "overlap-preset, overlap-preset-{partition,green,nogrid}, overlap-searched, "
                         "overlap-searched-partition (the suffix names the resource knob; plain = decode grid for the "
                         "preset, none for the searched spec)")
+    p.add_argument("--passes", type=int, default=1,
+                   help="run the mode list this many times, every other pass in reverse order (A B B A for two "
+                        "modes), so that no mode always runs first on a cool GPU or last on a warm one; every pass "
+                        "is a record (field pass, label MODE-passN) and each mode's mean is printed")
     p.add_argument("--memory-share", type=float, default=None,
                    help="override the spec's shares: partitioned memory-bound nano-ops get this share of the SMs, "
                         "the compute-bound ones beside them the rest (sweeps the split without editing a spec)")
@@ -132,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
 
+    mode_runs(args.modes, ["auto"], getattr(args, "passes", 1))  # a bad --modes / --passes fails before any loading
     if not torch.cuda.is_available():
         print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -181,11 +187,13 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}
     backends = args.moe_backend if spec.is_moe else ["auto"]  # each run sets its own extra["moe_backend"]
-    runs = [(mode, b) for b in backends for mode in (m.strip() for m in args.modes.split(",")) if mode]
+    runs = mode_runs(args.modes, backends, getattr(args, "passes", 1))
     outputs: dict[str, list[list[int]]] = {}  # each finished mode's greedy outputs, the first the reference
     reference_ms: dict[str, float] | None = None  # one layer's per-op ms measured alone (the first sequential mode)
-    for mode, backend in runs:
+    for mode, backend, pass_no in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
+        if pass_no > 1 or getattr(args, "passes", 1) > 1:
+            label = f"{label}-pass{pass_no}"
         log.info("mode %s ...", label)
         try:
             margs = mode_args(replace(ea, extra={**ea.extra, "moe_backend": backend}), mode, args.searched_spec)
@@ -207,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
         rec.update(common, mode=mode, requests=len(reqs))
         if label != mode:
             rec["label"] = label
+        if getattr(args, "passes", 1) > 1:
+            rec["pass"] = pass_no
         if spec.is_moe:
             from nanoflow.ops.moe import grouped_mm_choices
 
@@ -218,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         records.append(rec)
         _print_row(rec)
         _save(records, args.output)  # after every mode: a run cut short keeps what it measured
+    if getattr(args, "passes", 1) > 1:
+        print_pass_means(records)
     if args.peer == "transformers":
         from nanoflow.bench.peer import run_peer
 
@@ -247,6 +259,34 @@ def run(args: argparse.Namespace) -> int:
         log.exception("the per-step chart failed")
     print(f"wrote {out.with_suffix('.json')}")
     return 0
+
+
+def mode_runs(modes: str, backends: list[str], passes: int = 1) -> list[tuple[str, str, int]]:
+    """(mode, MoE backend, pass) in run order: the comma list ``modes`` for each backend, ``passes`` times, every
+    other pass reversed (A B B A ...), so that each mode runs early and late alike."""
+    if passes < 1:
+        raise ConfigError(f"--passes must be >= 1, got {passes}")
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    if not names:
+        raise ConfigError("--modes names no mode; e.g. --modes non-overlap,overlap-preset")
+    once = [(mode, b) for b in backends for mode in names]
+    return [(mode, b, k + 1) for k in range(passes) for mode, b in (once if k % 2 == 0 else once[::-1])]
+
+
+def print_pass_means(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each mode's mean over its passes (tok/s and % of optimal), printed; the records keep every pass."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if "throughput_tok_s" in r:
+            runs.setdefault(str(r.get("label", r["mode"])).rsplit("-pass", 1)[0], []).append(r)
+    means = {}
+    for name, rs in runs.items():
+        means[name] = {"passes": len(rs), "throughput_tok_s": sum(r["throughput_tok_s"] for r in rs) / len(rs),
+                       "pct_optimal": sum(r["pct_optimal"] for r in rs) / len(rs)}
+        each = ", ".join(f"{r['throughput_tok_s']:.0f}" for r in rs)
+        print(f"{name:>22}: {means[name]['throughput_tok_s']:10.0f} tok/s  {means[name]['pct_optimal']:5.1f}% of "
+              f"optimal, mean of {len(rs)} passes ({each})", flush=True)
+    return means
 
 
 def _save(records: list[dict[str, Any]], output: str) -> Path:

@@ -8,7 +8,7 @@
 #   PROFILE=1 (CUPTI profile of one step per mode: per-class and top kernels)  BENCH_S (bench time limit, default 480)
 #   SPEC (a spec an earlier search wrote, e.g. benchmarks/results/2026-12-07-s14-searched-spec-fp8kv-h100-llama3-8b.json:
 #   no search, bench it)  SEARCHED_FIRST=1 (run overlap-searched before the other modes; each record's gpu_clocks
-#   show whether a later mode found the GPU clocked lower)
+#   show whether a later mode found the GPU clocked lower)  PASSES=2 (bench --passes: A B B A, means printed)
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=$OUT/cache
 EXTRA=(--kv-cache-dtype "${KV_DTYPE:-auto}")
@@ -28,8 +28,8 @@ fi
 PROF=()
 [ "${PROFILE:-0}" = 1 ] && PROF=(--profile)
 timeout "${BENCH_S:-480}" python3 -m nanoflow.cli bench --model llama-3-8b --num-requests "${REQS:-512}" --kv-fraction 0.85 \
-  --modes "$MODES" "${EXTRA[@]}" "${PROF[@]}" --searched-spec "$OUT/searched.json" --output "$OUT/bench6" 2>&1 \
-  | grep -E "tok/s|FAILED|Error|wrote|torch.compile of" | tail -12
+  --modes "$MODES" "${EXTRA[@]}" "${PROF[@]}" ${PASSES:+--passes "$PASSES"} --searched-spec "$OUT/searched.json" \
+  --output "$OUT/bench6" 2>&1 | grep -E "tok/s|FAILED|Error|wrote|torch.compile of" | tail -12
 rm -rf "$OUT/cache"
 # With PROFILE=1: the costliest kernels of each mode's profiled step, by name.
 python3 - "$OUT/bench6.json" <<'PY' 2>/dev/null

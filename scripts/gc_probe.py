@@ -3,7 +3,8 @@ freezing the queued requests first (what ``LLM.generate`` and ``nanoflow bench``
 
 A 2,048-request LLaMA-3-8B bench on an H100 showed 45-104 ms GPU-idle stalls every ~66 steps (1.4 s of 110 s,
 benchmarks/results/2026-12-07-s14-bench-fp8kv-2048req-fused-h100-llama3-8b.json, ``gap_ms``): full collections
-walking every queued request's token lists. This reproduces the cause on a CPU, without a model.
+walking every queued request's token lists. This reproduces the cause on a CPU, without a model. Since requests keep
+their prompt as a tuple (untracked by the GC), the unfrozen case walks only the output lists.
 
     python scripts/gc_probe.py --requests 2048 --output gc.json
 """

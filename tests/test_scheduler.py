@@ -319,7 +319,7 @@ def test_preemption_takes_newest_and_recomputes_prompt_plus_outputs() -> None:
     assert order.index("B") < order.index("C")
     assert recompute[0].start == 0
     # the recompute feeds prompt + the outputs known at preemption, then samples the next output
-    assert [t for q in recompute for t in q.input_token_ids] == b.prompt_token_ids + b_outputs
+    assert [t for q in recompute for t in q.input_token_ids] == [*b.prompt_token_ids, *b_outputs]
     assert recompute[-1].sample and b.output_token_ids[: len(b_outputs)] == b_outputs
     assert a.output_token_ids == b.output_token_ids == list(range(24, 30))
     assert s.block_manager.num_used_blocks == 0

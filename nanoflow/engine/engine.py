@@ -197,7 +197,7 @@ class Engine:
         if params.seed is None:
             params = _with_seed(params, self._rng.randrange(2**31))
         req = Request(request_id, ids, params, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids)
-        out = RequestOutput(request_id, text_prompt, ids, metrics=RequestMetrics(req.arrival_time))
+        out = RequestOutput(request_id, text_prompt, req.prompt_token_ids, metrics=RequestMetrics(req.arrival_time))
         detok = None
         if self.tokenizer is not None:
             from nanoflow.models.tokenizer import IncrementalDetokenizer
@@ -347,7 +347,7 @@ class Engine:
             for r in reqs:
                 if not self.blocks.allocate(r, len(r.prompt_token_ids)):
                     raise RuntimeError("not enough KV blocks for prompt_logits")
-                seqs.append(ScheduledSeq(r.request_id, 0, len(r.prompt_token_ids), r.prompt_token_ids, True,
+                seqs.append(ScheduledSeq(r.request_id, 0, len(r.prompt_token_ids), list(r.prompt_token_ids), True,
                                          r.block_ids, r))
             plan = BatchPlan(-1, [], seqs, sum(s.num_tokens for s in seqs), self.dense_batch_size, [])
             return self.runner.forward(self.runner.prepare(plan))

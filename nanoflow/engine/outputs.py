@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -31,7 +32,7 @@ class RequestOutput:
 
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]  # the engine's tuple (immutable; the cyclic GC does not walk it)
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None

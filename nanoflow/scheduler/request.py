@@ -15,6 +15,7 @@ already-scheduled iterations, so ``num_computed_tokens <= num_tokens`` always ho
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +132,7 @@ class Request:
     """
 
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]  # stored as a tuple (see __post_init__)
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = 0.0
     eos_token_ids: tuple[int, ...] = ()
@@ -154,7 +155,9 @@ class Request:
             raise TypeError(f"request_id must be a str, got {type(self.request_id).__name__}")
         if not isinstance(self.sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}")
-        self.prompt_token_ids = list(self.prompt_token_ids)
+        # A tuple of ints, which Python's cyclic GC stops tracking: its full passes then skip every waiting or running
+        # prompt instead of walking each token (scripts/gc_probe.py); a list would be walked at every pass.
+        self.prompt_token_ids = tuple(self.prompt_token_ids)
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         sp = self.sampling_params
         eos = () if sp.ignore_eos else self.eos_token_ids
@@ -183,7 +186,7 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         """Prompt + known outputs (a new list; also the prompt recomputed after a preemption)."""
-        return self.prompt_token_ids + self.output_token_ids
+        return [*self.prompt_token_ids, *self.output_token_ids]
 
     @property
     def is_finished(self) -> bool:
@@ -197,10 +200,10 @@ class Request:
         """Known tokens at positions ``[start, end)`` of prompt + outputs (O(end - start))."""
         n_prompt = len(self.prompt_token_ids)
         if end <= n_prompt:
-            return self.prompt_token_ids[start:end]
+            return list(self.prompt_token_ids[start:end])
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+        return [*self.prompt_token_ids[start:], *self.output_token_ids[: end - n_prompt]]
 
     def __repr__(self) -> str:
         return (

@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
 
-    mode_runs(args.modes, ["auto"], getattr(args, "passes", 1))  # a bad --modes / --passes fails before any loading
+    passes = getattr(args, "passes", 1)
+    mode_runs(args.modes, ["auto"], passes)  # a bad --modes / --passes fails before any loading
     if not torch.cuda.is_available():
         print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -187,12 +188,12 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}
     backends = args.moe_backend if spec.is_moe else ["auto"]  # each run sets its own extra["moe_backend"]
-    runs = mode_runs(args.modes, backends, getattr(args, "passes", 1))
+    runs = mode_runs(args.modes, backends, passes)
     outputs: dict[str, list[list[int]]] = {}  # each finished mode's greedy outputs, the first the reference
     reference_ms: dict[str, float] | None = None  # one layer's per-op ms measured alone (the first sequential mode)
     for mode, backend, pass_no in runs:
         label = mode if len(backends) == 1 else f"{mode}-moe-{backend}"
-        if pass_no > 1 or getattr(args, "passes", 1) > 1:
+        if passes > 1:
             label = f"{label}-pass{pass_no}"
         log.info("mode %s ...", label)
         try:
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         rec.update(common, mode=mode, requests=len(reqs))
         if label != mode:
             rec["label"] = label
-        if getattr(args, "passes", 1) > 1:
+        if passes > 1:
             rec["pass"] = pass_no
         if spec.is_moe:
             from nanoflow.ops.moe import grouped_mm_choices
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         records.append(rec)
         _print_row(rec)
         _save(records, args.output)  # after every mode: a run cut short keeps what it measured
-    if getattr(args, "passes", 1) > 1:
+    if passes > 1:
         print_pass_means(records)
     if args.peer == "transformers":
         from nanoflow.bench.peer import run_peer

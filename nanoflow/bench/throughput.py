@@ -118,7 +118,6 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
     for ids, out in warmup_reqs:
         engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
     engine.run_until_done()
-    engine.freeze_gc()  # after capture and compilation: no full GC pass over the engine's objects in the timed run
     warm_s = time.perf_counter() - warm_t0
     for k in ("stats_iterations", "stats_tokens", "stats_preemptions"):
         setattr(engine, k, 0)
@@ -128,7 +127,9 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         engine.plan_hook = lambda p: sample.add(p) if p.num_tokens == engine.dense_batch_size else None
     outs = [engine.add_request(ids, SamplingParams(max_tokens=out, temperature=0, ignore_eos=True))
             for ids, out in reqs]
-    engine.freeze_gc()  # the queued requests too, as LLM.generate does for a batch (FREEZE_MIN_REQUESTS)
+    # After capture, compilation and queuing: no full GC pass walks the engine's objects or the queued requests in
+    # the timed run (LLM.generate does the same for a batch, FREEZE_MIN_REQUESTS).
+    engine.freeze_gc()
     torch.cuda.synchronize()
     monitor = clock_monitor()
     with IterationTimer(engine.runner) as timer:

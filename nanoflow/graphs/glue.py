@@ -44,6 +44,13 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
     return glue
 
 
+def profiling_glue(runner: Any) -> dict[str, Callable[..., Any]]:
+    """The glue a forward outside the engine's CUDA graphs runs (the search's profiler and its verify step): the
+    ops compiled once for every row count on a GPU (eager on a CPU), under the runner's own (the fused RoPE + KV
+    write), so each op is timed as the engine's graphs run it."""
+    return {**(compiled_glue(dynamic=True) if runner.device.type == "cuda" else {}), **runner.glue}
+
+
 def _or_fallback(first: Callable[..., Any], fallback: Callable[..., Any], name: str,
                  fallback_is: str = "the compiled out-of-place form plus copies") -> Callable[..., Any]:
     """``first``, switching to ``fallback`` for good when compiling ``first`` fails (before it ran anything)."""

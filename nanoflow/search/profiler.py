@@ -109,10 +109,9 @@ def profile_ops(engine: Any, sizes: list[int], decode_rows: int, ctx: int, chunk
     # The glue ops as the engine runs them (torch.compile'd), compiled once with dynamic row counts: per-shape
     # compilation of every (op, size) would take minutes. Uncompiled glue made the first searched plan predict a layer
     # ~20% slower than measured (commit 9111b7d). Eager on the CPU.
-    from nanoflow.graphs.glue import compiled_glue
+    from nanoflow.graphs.glue import profiling_glue
 
-    saved_glue = runner.glue  # its own ops (the fused RoPE + KV write) over the compiled ones, as in its graphs
-    runner.glue = {**(compiled_glue(dynamic=True) if runner.device.type == "cuda" else {}), **saved_glue}
+    saved_glue, runner.glue = runner.glue, profiling_glue(runner)
     try:
         batch = runner.prepare(plan)
         from nanoflow.graphs.forward_batch import HostSeq

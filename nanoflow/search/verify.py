@@ -22,7 +22,7 @@ def measure_layer_ms(engine: Any, specs: Mapping[str, PipelineSpec | None], deco
     ``knob`` is how nano-op shares are enforced (graphs/resources.py); ``none`` is what ``overlap-searched`` runs.
     """
     from nanoflow.graphs.executor import Executor
-    from nanoflow.graphs.glue import compiled_glue
+    from nanoflow.graphs.glue import profiling_glue
     from nanoflow.graphs.resources import ResourceConfig
     from nanoflow.search.profiler import graph_time, synthetic_plan
 
@@ -31,7 +31,7 @@ def measure_layer_ms(engine: Any, specs: Mapping[str, PipelineSpec | None], deco
     plan, keep = synthetic_plan(engine, dense, decode_rows, ctx, chunk)
     saved = runner.executor, runner.graphs, runner.glue
     runner.graphs = None  # time the forward directly, not the engine's own captured buckets
-    runner.glue = {**(compiled_glue(dynamic=True) if runner.device.type == "cuda" else {}), **runner.glue}
+    runner.glue = profiling_glue(runner)
     out: dict[str, float] = {}
     try:
         for name, spec in specs.items():

@@ -312,6 +312,8 @@ def _print_row(rec: dict[str, Any]) -> None:
     clocks = rec.get("gpu_clocks") or {}
     if clocks.get("samples"):
         extra += f"; SM clock {clocks['sm_mhz']['median']:.0f} MHz, {clocks['power_w']['median']:.0f} W"
+        if "temp_c" in clocks:
+            extra += f", {clocks['temp_c']['median']:.0f} C"
     tv = rec.get("tokens_vs_reference")
     if tv:
         extra += f"; outputs identical to {tv['reference']}: {tv['identical']}/{tv['requests']}"

@@ -14,6 +14,7 @@ The reading function is injectable (``read=``) so the sampling and summarising l
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -27,6 +28,7 @@ class Sample(NamedTuple):
     mem_mhz: float
     power_w: float
     reasons: int  # NVML clock-event (throttle) reason bits
+    temp_c: float = float("nan")  # GPU core temperature (a reader may leave it out)
 
 
 # NVML's clock-event reason bits (nvml.h, nvmlClocksEventReason*), named for the report.
@@ -50,7 +52,10 @@ def reason_names(bits: int) -> list[str]:
     return names + ([hex(rest)] if rest else [])
 
 
-def nvml_reader(device_index: int) -> Callable[[], tuple[float, float, float, int]]:
+Reading = tuple[float, float, float, int] | tuple[float, float, float, int, float]
+
+
+def nvml_reader(device_index: int) -> Callable[[], Reading]:
     """A reading function for :class:`GpuMonitor` over NVML. Raises RuntimeError naming what to install when
     NVML is not available (the ``nvidia-ml-py`` package, imported as ``pynvml``)."""
     try:
@@ -62,21 +67,22 @@ def nvml_reader(device_index: int) -> Callable[[], tuple[float, float, float, in
     reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
         pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
 
-    def read() -> tuple[float, float, float, int]:
+    def read() -> Reading:
         return (float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
                 float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)),
-                pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, int(reasons(handle)))
+                pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, int(reasons(handle)),
+                float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)))
 
     return read
 
 
 class GpuMonitor:
     """Samples ``read()`` every ``interval_s`` on a background thread between ``start()`` and ``stop()`` (or as a
-    context manager). ``read`` returns ``(sm_mhz, mem_mhz, power_w, reason_bits)``; default: NVML of
+    context manager). ``read`` returns ``(sm_mhz, mem_mhz, power_w, reason_bits[, temp_c])``; default: NVML of
     ``device_index``."""
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.005,
-                 read: Callable[[], tuple[float, float, float, int]] | None = None):
+                 read: Callable[[], Reading] | None = None):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.interval_s = interval_s
@@ -113,7 +119,9 @@ class GpuMonitor:
 
     def summary(self) -> dict[str, Any]:
         """Medians and ranges of the samples, and every clock-event reason seen with the share of samples it was
-        set in (e.g. ``{"sw_power_cap": 0.93}``: the power cap held the clocks down 93% of the time)."""
+        set in (e.g. ``{"sw_power_cap": 0.93}``: the power cap held the clocks down 93% of the time). With
+        temperatures read, also ``temp_c``; and ``sm_mhz_by_tenth`` / ``temp_c_by_tenth``: the medians over each
+        tenth of the samples, to show a clock or temperature drifting through a long run."""
         s = self.samples
         if not s:
             return {"samples": 0}
@@ -125,6 +133,21 @@ class GpuMonitor:
         for sample in s:
             for name in reason_names(sample.reasons):
                 seen[name] = seen.get(name, 0) + 1
-        return {"samples": len(s), "seconds": s[-1].t - s[0].t, "sm_mhz": stats([x.sm_mhz for x in s]),
-                "mem_mhz": stats([x.mem_mhz for x in s]), "power_w": stats([x.power_w for x in s]),
-                "reasons": {name: count / len(s) for name, count in sorted(seen.items())}}
+        out: dict[str, Any] = {
+            "samples": len(s), "seconds": s[-1].t - s[0].t, "sm_mhz": stats([x.sm_mhz for x in s]),
+            "mem_mhz": stats([x.mem_mhz for x in s]), "power_w": stats([x.power_w for x in s]),
+            "reasons": {name: count / len(s) for name, count in sorted(seen.items())},
+            "sm_mhz_by_tenth": by_tenth([x.sm_mhz for x in s])}
+        temps = [x.temp_c for x in s if not math.isnan(x.temp_c)]
+        if len(temps) == len(s):
+            out["temp_c"] = stats(temps)
+            out["temp_c_by_tenth"] = by_tenth(temps)
+        return out
+
+
+def by_tenth(values: list[float]) -> list[float]:
+    """Medians of ``values`` cut into ten consecutive, nearly equal parts (fewer parts when there are fewer than ten
+    values)."""
+    n = len(values)
+    parts = min(10, n)
+    return [statistics.median(values[i * n // parts:(i + 1) * n // parts]) for i in range(parts)]

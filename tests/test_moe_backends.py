@@ -29,7 +29,6 @@ def inputs(counts: list[int], n: int, k: int, dtype: torch.dtype, device: str = 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(moe, "_choices", {})
-    monkeypatch.setattr(moe, "_default_backend", "auto")
 
 
 @has_grouped_mm
@@ -46,20 +45,19 @@ def test_torch_backend_matches_float64(counts: list[int], dtype: torch.dtype, to
 
 
 @has_grouped_mm
-def test_experts_forward_with_torch_backend_matches_moe_reference(monkeypatch: pytest.MonkeyPatch):
+def test_experts_forward_with_torch_backend_matches_moe_reference():
     gen = torch.Generator().manual_seed(3)
     t, h, inter, e, top_k = 29, 32, 48, 6, 2
     x = torch.randn(t, h, generator=gen)
     router = torch.randn(e, h, generator=gen)
     w13 = torch.randn(e, 2 * inter, h, generator=gen) / h**0.5
     w2 = torch.randn(e, h, inter, generator=gen) / inter**0.5
-    moe.set_grouped_mm_backend("torch")
     weights, experts = moe.route(x @ router.t(), top_k)
     rows = t * top_k
     # The torch backend leaves the two GEMM scratch views alone: poison them, the result must not read them.
     scratch = moe.MoEScratch(torch.empty(rows, h), torch.full((rows, 2 * inter), float("nan")),
                              torch.empty(rows, inter), torch.full((rows, h), float("nan")))
-    out = moe.experts_forward(x, weights, experts, w13, w2, torch.empty(t, h), scratch)
+    out = moe.experts_forward(x, weights, experts, w13, w2, torch.empty(t, h), scratch, backend="torch")
     assert rel_err(out, moe.moe_reference(x, router, w13, w2, top_k, dtype=torch.float64)) < 1e-5
 
 
@@ -112,7 +110,7 @@ def test_backend_names_are_checked_where_they_enter():
     with pytest.raises(moe.MoEInputError, match="auto, triton, torch"):
         moe.grouped_mm(x, offsets_of([4]), w, out=torch.empty(4, 8), backend="cutlass")
     with pytest.raises(moe.MoEInputError, match="auto, triton, torch"):
-        moe.set_grouped_mm_backend("fast")
+        moe.resolve_backend(x, w, False, backend="fast")
     with pytest.raises(ConfigError, match="moe_backend 'fast'"):
         EngineArgs(model="mixtral-8x7b", extra={"moe_backend": "fast"})
     with pytest.raises(ConfigError, match="decode_variant 'flash'.*auto, split"):
@@ -165,12 +163,11 @@ def test_experts_forward_on_gpu_matches_float64(backend: str):
     router = torch.randn(e, h, generator=gen).bfloat16().cuda()
     w13 = (torch.randn(e, 2 * inter, h, generator=gen) / h**0.5).bfloat16().cuda()
     w2 = (torch.randn(e, h, inter, generator=gen) / inter**0.5).bfloat16().cuda()
-    moe.set_grouped_mm_backend(backend)
     weights, experts = moe.route((x @ router.t()).float(), top_k)
     rows = t * top_k
     scratch = moe.MoEScratch(*(torch.empty(rows, width, dtype=torch.bfloat16, device="cuda")
                                for width in (h, 2 * inter, inter, h)))
-    out = moe.experts_forward(x, weights, experts, w13, w2, torch.empty_like(x), scratch)
+    out = moe.experts_forward(x, weights, experts, w13, w2, torch.empty_like(x), scratch, backend=backend)
     # float64 over the same routing (a reference that routes itself could flip near-tied choices)
     xd, ref = x.double().cpu(), torch.zeros(t, h, dtype=torch.float64)
     for ex in range(e):

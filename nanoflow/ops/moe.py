@@ -145,7 +145,6 @@ class _Choice(NamedTuple):
 
 
 ROW_BUCKET = 256
-_default_backend = "auto"
 _choices: dict[_Shape, _Choice] = {}
 
 
@@ -153,13 +152,6 @@ def _checked(name: str) -> str:
     if name not in GROUPED_MM_BACKENDS:
         raise MoEInputError(f"unknown grouped GEMM backend {name!r}; use one of {', '.join(GROUPED_MM_BACKENDS)}")
     return name
-
-
-def set_grouped_mm_backend(name: str) -> None:
-    """The backend :func:`grouped_mm` uses when a call names none (the engine passes its ``moe_backend`` to each
-    call instead, through ``StepContext.moe_backend``)."""
-    global _default_backend
-    _default_backend = _checked(name)
 
 
 def grouped_mm_choices() -> list[dict]:
@@ -224,8 +216,8 @@ def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, rounds: int = 
 
 def resolve_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, backend: str | None = None) -> str:
     """The backend a call runs: ``"torch"``, ``"triton"`` or, off the GPU, ``"loop"`` (``auto`` resolved per shape,
-    ``None`` = the module default)."""
-    name = _checked(backend or _default_backend)
+    ``None`` = ``auto``)."""
+    name = _checked(backend or "auto")
     if name == "torch":
         return name
     if not x.is_cuda:
@@ -236,7 +228,7 @@ def resolve_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, backend: str
 def grouped_mm(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
                row_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """Per-expert ``(x_e @ w_e^T) * row_scale``; returns the result, which is ``out`` except with the ``torch``
-    backend (a new tensor). ``backend``: one of :data:`GROUPED_MM_BACKENDS`, default the module's (see the module
+    backend (a new tensor). ``backend``: one of :data:`GROUPED_MM_BACKENDS`, default ``auto`` (see the module
     docstring). Off the GPU, ``auto`` and ``triton`` run the torch loop."""
     name = resolve_backend(x, w, row_scale is not None, backend)
     if name == "torch":
@@ -304,8 +296,8 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     results instead); ``out`` is written, not accumulated into.
     ``act_into``, ``combine`` and ``combine_weighted`` default to the eager ops; the engine passes their compiled
     forms. The routing weights scale the down GEMM's rows in its epilogue (Triton, the loop) or, with the ``torch``
-    backend, in the combine. ``backend``: the grouped GEMMs' (:data:`GROUPED_MM_BACKENDS`; ``None`` = the module's
-    default), the engine's ``moe_backend``.
+    backend, in the combine. ``backend``: the grouped GEMMs' (:data:`GROUPED_MM_BACKENDS`; ``None`` = ``auto``), the
+    engine's ``moe_backend``.
     """
     num_experts, _ = check_experts(x, w13, w2)
     n, k = experts.shape

@@ -80,3 +80,33 @@ def test_compiled_moe_combine_gathers_and_sums_like_eager():
     ref = (expert_out.float()[position].view(n, k, hidden) * weights[:, :, None]).sum(1).to(torch.bfloat16)
     torch.testing.assert_close(want[1:n + 1], ref)
     assert not want[0].any() and not want[n + 1].any()
+
+
+def test_glue_compiles_every_bucket_once_and_engines_share_it():
+    """The engine's glue meets 12 token buckets and nano-batch slices of them: none may run eagerly past dynamo's
+    recompile limit (8 compiled versions per function, all wrappers together; with a static compile per shape the
+    last buckets, and every shape of an engine built second in the process, ran uncompiled: s15). A second engine's
+    glue compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from nanoflow.graphs.glue import recompile_limit_hits
+
+    inter, dense = 24, 192
+    gate_up, act = torch.randn(dense, 2 * inter), torch.zeros(dense, inter)
+    hits, graphs = recompile_limit_hits(), counters["stats"]["unique_graphs"]
+    fn = compiled_glue()["silu_and_mul_into"]
+    buckets = [192, 160, 128, 112, 96, 80, 64, 48, 40, 32, 24, 16]
+    for n in buckets + [70, 30]:  # then two nano-batch sizes
+        fn(gate_up[:n], act[:n])
+        torch.testing.assert_close(act[:n], silu_and_mul(gate_up[:n]))
+    lo, hi = 50, 130  # a nano-batch's rows in the middle of the buffers
+    fn(gate_up[lo:hi], act[lo:hi])
+    torch.testing.assert_close(act[lo:hi], silu_and_mul(gate_up[lo:hi]))
+    first_engine = counters["stats"]["unique_graphs"] - graphs
+    assert first_engine <= 3  # the first shape's static graph, one row-dynamic graph (and the fallback's op)
+    second = compiled_glue()["silu_and_mul_into"]  # the next engine in this process
+    for n in (176, 144, 8):
+        second(gate_up[:n], act[:n])
+        torch.testing.assert_close(act[:n], silu_and_mul(gate_up[:n]))
+    assert counters["stats"]["unique_graphs"] - graphs == first_engine
+    assert recompile_limit_hits() == hits

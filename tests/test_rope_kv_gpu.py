@@ -84,14 +84,16 @@ def test_fused_equals_the_unfused_path(kv_dtype, record_property):
         assert _steps(a, b) == (0, 1.0), name  # bit for bit the eager path
         # The compiled path may contract a product and a sum (one rounding less): the same values but near zero,
         # and, where a value is then rounded to float8 (the cache; k and v in the rows under a float8 cache), now
-        # and then the neighbouring e4m3 value (one step: at most an eighth of the value).
+        # and then the neighbouring e4m3 value (one step: at most an eighth of the value). How often depends on how
+        # many rounding boundaries the inputs straddle: 3.1% of the rotated k in the cache on an H100 (s15), so
+        # for float8 values only the one-step bound is checked, not a share.
         steps, equal = _steps(a, c)
         diff, ref = (a.float() - c.float()).abs(), c.float().abs()
         err = float(diff.max())
         report[name] = {"vs_compiled_max_steps": steps, "vs_compiled_equal_share": equal, "vs_compiled_max_abs": err}
         to_fp8 = kv_dtype == FP8 and name != "q_out"
         ok = (diff <= ref / 8 + 2.0 ** -9).all() if to_fp8 else err <= 0.02 * float(ref.max())
-        assert equal > 0.99 and bool(ok), (name, steps, equal, err)
+        assert bool(ok) and (steps <= 1 if to_fp8 else equal > 0.99), (name, steps, equal, err)
     buf, _, k_slots, v_slots = results[0]
     assert torch.equal(buf[:, H * D:(H + KV) * D].view(T, KV, D), k_slots.to(torch.bfloat16))
     if kv_dtype == FP8:

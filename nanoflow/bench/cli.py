@@ -314,6 +314,8 @@ def _print_row(rec: dict[str, Any]) -> None:
         extra += f"; SM clock {clocks['sm_mhz']['median']:.0f} MHz, {clocks['power_w']['median']:.0f} W"
         if "temp_c" in clocks:
             extra += f", {clocks['temp_c']['median']:.0f} C"
+    if rec.get("recompile_limit_hits"):
+        extra += f"; WARNING: torch.compile gave up {rec['recompile_limit_hits']}x (glue ran eagerly)"
     tv = rec.get("tokens_vs_reference")
     if tv:
         extra += f"; outputs identical to {tv['reference']}: {tv['identical']}/{tv['requests']}"

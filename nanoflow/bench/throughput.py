@@ -191,8 +191,12 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
     }
     graphs = engine.runner.graphs
     if graphs is not None:
+        from nanoflow.graphs.glue import recompile_limit_hits
+
+        # > 0: some glue ran eagerly, uncompiled (dynamo's recompile limit; see graphs/glue.compiled_glue)
         rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
-                   graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured))
+                   graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured),
+                   recompile_limit_hits=recompile_limit_hits())
     return rec
 
 

@@ -4,12 +4,13 @@ Each writes its results into the caller's buffers (the ``*_into`` functions), so
 itself: returning tensors and copying them into the buffers cost six device-to-device copies per layer
 (``memcpy128`` in the profiles: 3.2 ms of a 2,048-token Mixtral step on an H200, s7-bench-fp8kv-tma-h200-mixtral).
 
-Used only inside CUDA-graph capture, where every shape is fixed, so each (op, shape) compiles once during warm-up.
+Used inside CUDA-graph capture: compiled during each graph's warm-up, the kernels are then replayed.
 ``--no-compile`` runs the same functions uncompiled.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,14 +27,29 @@ from nanoflow.ops.norm import add_rms_norm, add_rms_norm_into
 log = logging.getLogger("nanoflow")
 
 
-def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
-    """The glue ops compiled per shape (``dynamic=False``, the engine's CUDA graphs) or once for every row count
+def compiled_glue(dynamic: bool | None = None) -> dict[str, Callable[..., Any]]:
+    """The glue ops compiled for the engine's CUDA graphs (``dynamic=None``) or once for every row count
     (``dynamic=True``: the profiler, which times each op at many sizes and must not compile each of them).
+
+    ``None`` is torch.compile's automatic dynamic shapes: the first shape an op meets (the first bucket captured)
+    gets a kernel specialised to it, and the second a kernel whose row count is symbolic, which then serves every
+    other bucket and nano-batch size; the hidden sizes stay static. Until session 15 the engine compiled each shape
+    statically (``dynamic=False``). Dynamo keeps at most ``recompile_limit`` (8) compiled versions per function, for
+    every ``torch.compile`` wrapper of it in the process together, and runs the function *eagerly* for each further
+    shape: with 12 token buckets, and more shapes with nano-batches, the later buckets ran eager glue, and an engine
+    built after another in the same process (``nanoflow bench``'s second mode) ran eager glue at every size. On an
+    H100 that took the sequential pipeline's full step from 67.0 to 79.3 ms when it ran after the overlap preset
+    (s15-bench-*). The dicts are built once per process and per ``dynamic``, so engines share their compiled ops.
 
     Should inductor fail to compile an in-place form (its C++ backend does on ``add_rms_norm_into``, torch 2.13),
     that op falls back to the compiled out-of-place form plus copies (the MoE combine: to the eager op), with a
     warning, instead of failing the engine.
     """
+    return dict(_compiled_glue(dynamic))
+
+
+@functools.cache
+def _compiled_glue(dynamic: bool | None) -> dict[str, Callable[..., Any]]:
     opts = {"dynamic": dynamic, "fullgraph": False}
     glue = {name: _or_fallback(torch.compile(fn, **opts), fn, name, "the eager op")
             for name, fn in (("moe_combine_into", combine_into), ("moe_combine_weighted_into", combine_weighted_into))}
@@ -42,6 +58,14 @@ def compiled_glue(dynamic: bool = False) -> dict[str, Callable[..., Any]]:
         fallback = partial(into, op=torch.compile(op, **opts))
         glue[into.__name__] = _or_fallback(torch.compile(into, **opts), fallback, into.__name__)
     return glue
+
+
+def recompile_limit_hits() -> int:
+    """How many times in this process dynamo gave up compiling a function at ``recompile_limit`` and ran it eagerly
+    (0 when the glue compiled for every shape it met)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())
 
 
 def profiling_glue(runner: Any) -> dict[str, Callable[..., Any]]:

@@ -37,7 +37,8 @@ def compiled_glue(dynamic: bool | None = None) -> dict[str, Callable[..., Any]]:
     statically (``dynamic=False``). Dynamo keeps at most ``recompile_limit`` (8) compiled versions per function, for
     every ``torch.compile`` wrapper of it in the process together, and runs the function *eagerly* for each further
     shape: with 12 token buckets, and more shapes with nano-batches, the later buckets ran eager glue, and an engine
-    built after another in the same process (``nanoflow bench``'s second mode) ran eager glue at every size. On an
+    built after another in the same process (``nanoflow bench``'s second mode) ran eager glue at every shape the first
+    had not compiled. On an
     H100 that took the sequential pipeline's full step from 67.0 to 79.3 ms when it ran after the overlap preset
     (s15-bench-*). The dicts are built once per process and per ``dynamic``, so engines share their compiled ops.
 
@@ -61,8 +62,9 @@ def _compiled_glue(dynamic: bool | None) -> dict[str, Callable[..., Any]]:
 
 
 def recompile_limit_hits() -> int:
-    """How many times in this process dynamo gave up compiling a function at ``recompile_limit`` and ran it eagerly
-    (0 when the glue compiled for every shape it met)."""
+    """How often dynamo has reported, in this process, giving up on compiling a function at ``recompile_limit``
+    (from then on it runs eagerly at every shape it has no compiled version for); 0 when the glue compiled for
+    every shape it met."""
     from torch._dynamo.utils import counters
 
     return sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())

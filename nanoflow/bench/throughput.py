@@ -49,10 +49,9 @@ def clock_monitor(interval_s: float = 0.1) -> Any:
     """A started :class:`~nanoflow.bench.gpu_monitor.GpuMonitor` of the current GPU (SM clock, power, clock-event
     reasons) for a mode's timed run, or None without NVML (a warning says what to install).
 
-    Why: modes run one after another in one process, and a later mode may find the GPU hotter. On an H100 a mode
-    run second after ~5 minutes of load was 10-17% slower on compute-bound steps and not on memory-bound ones, and
-    as the first mode of a fresh call it matched non-overlap (s14-bench-searched-*); the clocks tell such cases
-    apart from a slower pipeline.
+    Why: modes run one after another in one process, and a later mode may find the GPU hotter or clocked lower.
+    The clocks tell that apart from a slower pipeline: on an H100 a mode run second was 12% slower at a *higher* SM
+    clock, and the cause was glue run eagerly (``recompile_limit_hits``, s15-bench-preset-first-*).
     """
     from nanoflow.bench.gpu_monitor import GpuMonitor
 
@@ -193,7 +192,8 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
     if graphs is not None:
         from nanoflow.graphs.glue import recompile_limit_hits
 
-        # > 0: some glue ran eagerly, uncompiled (dynamo's recompile limit; see graphs/glue.compiled_glue)
+        # > 0: some glue in this process (this mode or an earlier one) ran eagerly, uncompiled (dynamo's recompile
+        # limit; see graphs/glue.compiled_glue)
         rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
                    graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured),
                    recompile_limit_hits=recompile_limit_hits())

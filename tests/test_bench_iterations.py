@@ -158,3 +158,25 @@ def test_compare_with_earlier_keeps_the_first_mode_as_reference():
     assert fields["tokens_vs_reference"]["identical"] == 1
     assert fields["tokens_vs_modes"] == {"nano-batch": {"requests": 2, "identical": 2, "differ": 0}}
     assert list(outputs) == ["non-overlap", "nano-batch", "overlap-preset"]
+
+
+def test_run_record_counts_only_this_modes_recompile_give_ups(monkeypatch):
+    """``recompile_limit_hits`` in a mode's record is the give-ups since that mode's engine was built, not the
+    process's total (a mode run after one that hit the limit must not be flagged for it)."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from nanoflow.bench.throughput import run_record
+    from nanoflow.graphs.glue import recompile_limit_hits
+
+    reason = "Dynamo recompile limit exceeded (test)"
+    monkeypatch.setitem(counters["unimplemented"], reason, counters["unimplemented"].get(reason, 0) + 3)
+    before = recompile_limit_hits()  # an earlier mode gave up 3x
+    graphs = SimpleNamespace(replays=5, eager_runs=0, capture_seconds=1.0, captured=[1, 2])
+    engine = SimpleNamespace(stats_iterations=5, stats_sched_s=0.0, stats_launch_s=0.0, dense_batch_size=64,
+                             kv_tokens=1024, stats_preemptions=0, runner=SimpleNamespace(graphs=graphs))
+    out = SimpleNamespace(prompt_token_ids=[1, 2], token_ids=[3], finish_reason="length")
+    assert run_record(engine, [out], [([1, 2], 1)], 1.0, 0.0, 0.0, before)["recompile_limit_hits"] == 0
+    counters["unimplemented"][reason] += 2  # this mode gives up twice
+    assert run_record(engine, [out], [([1, 2], 1)], 1.0, 0.0, 0.0, before)["recompile_limit_hits"] == 2

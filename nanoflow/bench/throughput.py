@@ -66,10 +66,13 @@ def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int]
              warmup_reqs: list[tuple[list[int], int]], profile: bool) -> dict[str, Any]:
     from nanoflow.engine.engine import Engine
 
+    from nanoflow.graphs.glue import recompile_limit_hits
+
+    hits_before = recompile_limit_hits()  # the record counts this mode's give-ups only
     t_build = time.perf_counter()
     engine = Engine(args, parts=parts)
     try:
-        return _run_engine(engine, args, reqs, warmup_reqs, profile, t_build)
+        return _run_engine(engine, args, reqs, warmup_reqs, profile, t_build, hits_before)
     finally:
         engine.close()
         gc.collect()
@@ -106,7 +109,8 @@ class PlanSample:
 
 
 def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]],
-                warmup_reqs: list[tuple[list[int], int]], profile: bool, t_build: float) -> dict[str, Any]:
+                warmup_reqs: list[tuple[list[int], int]], profile: bool, t_build: float,
+                hits_before: int = 0) -> dict[str, Any]:
     from nanoflow.bench.iterations import IterationTimer
     from nanoflow.bench.measure import profile_plan, profile_replay
     from nanoflow.scheduler.request import SamplingParams
@@ -136,7 +140,7 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         engine.run_until_done()
         wall = time.perf_counter() - t0
     engine.plan_hook = None
-    rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
+    rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build, hits_before)
     if monitor is not None:
         monitor.stop()
         rec["gpu_clocks"] = monitor.summary()
@@ -174,8 +178,10 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
 
 
 def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], wall: float, warm_s: float,
-               build_s: float) -> dict[str, Any]:
-    """The result record of one timed run: throughput, iteration and CPU times, graph statistics."""
+               build_s: float, hits_before: int = 0) -> dict[str, Any]:
+    """The result record of one timed run: throughput, iteration and CPU times, graph statistics.
+    ``hits_before``: :func:`~nanoflow.graphs.glue.recompile_limit_hits` before this engine was built, so
+    ``recompile_limit_hits`` counts this mode's give-ups only."""
     prompt_toks = sum(len(o.prompt_token_ids) for o in outs)
     gen_toks = sum(len(o.token_ids) for o in outs)
     it = max(engine.stats_iterations, 1)
@@ -192,11 +198,11 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
     if graphs is not None:
         from nanoflow.graphs.glue import recompile_limit_hits
 
-        # > 0: some glue in this process (this mode or an earlier one) ran eagerly, uncompiled (dynamo's recompile
-        # limit; see graphs/glue.compiled_glue)
+        # > 0: some glue of this engine ran eagerly, uncompiled (dynamo's recompile limit; see
+        # graphs/glue.compiled_glue)
         rec.update(graph_replays=graphs.replays, graph_eager_runs=graphs.eager_runs,
                    graph_capture_s=graphs.capture_seconds, graphs_captured=len(graphs.captured),
-                   recompile_limit_hits=recompile_limit_hits())
+                   recompile_limit_hits=recompile_limit_hits() - hits_before)
     return rec
 
 

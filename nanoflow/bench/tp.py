@@ -43,8 +43,10 @@ def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list
 
     from nanoflow.bench.throughput import run_record
     from nanoflow.engine.distributed import DistributedEngine
+    from nanoflow.graphs.glue import recompile_limit_hits
     from nanoflow.scheduler.request import SamplingParams
 
+    hits_before = recompile_limit_hits()
     t_build = time.perf_counter()
     engine = DistributedEngine(args, comm, parts)
     try:
@@ -63,7 +65,7 @@ def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list
         t0 = time.perf_counter()
         engine.run_until_done()
         wall = time.perf_counter() - t0
-        return run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build)
+        return run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build, hits_before)
     finally:
         engine.close()
 

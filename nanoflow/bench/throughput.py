@@ -65,7 +65,6 @@ def clock_monitor(interval_s: float = 0.1) -> Any:
 def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int], int]],
              warmup_reqs: list[tuple[list[int], int]], profile: bool) -> dict[str, Any]:
     from nanoflow.engine.engine import Engine
-
     from nanoflow.graphs.glue import recompile_limit_hits
 
     hits_before = recompile_limit_hits()  # the record counts this mode's give-ups only

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On one H100: Mixtral-8x7B's config with 16 of its 32 layers (fits 80 GB) under the KV capacity of the full model on
+# one H200 (--kv-cache-tokens, default 752,676 float8 tokens as measured in s8), so the scheduler sees the memory
+# pressure of #8's run and each step costs about half of the full model's. Env: PROXY_REQS (default 1536),
+# PROXY_KV (default 752676), PROXY_MODES (default non-overlap,overlap-preset), PROXY_S (time limit, default 500),
+# PROXY_TEST=1 runs the fused RoPE + KV GPU test first. Results under $OUT.
+source scripts/device/setup.sh
+export NANOFLOW_CACHE=/tmp/nfc
+if [ "${PROXY_TEST:-0}" != 0 ]; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rope_kv_gpu.py > "$OUT/test_rope_kv_gpu.log" 2>&1
+  echo "test_rope_kv_gpu rc $?"; tail -3 "$OUT/test_rope_kv_gpu.log"
+fi
+python3 - <<'PY'
+import json, os
+cfg = json.load(open("nanoflow/configs/mixtral-8x7b.json"))
+cfg["num_hidden_layers"] = 16
+os.makedirs("/tmp/mixtral-8x7b-16l", exist_ok=True)
+json.dump(cfg, open("/tmp/mixtral-8x7b-16l/config.json", "w"), indent=1)
+PY
+timeout "${PROXY_S:-500}" python3 -m nanoflow.cli bench --model /tmp/mixtral-8x7b-16l --kv-cache-dtype fp8 \
+  --num-requests "${PROXY_REQS:-1536}" --kv-cache-tokens "${PROXY_KV:-752676}" \
+  --modes "${PROXY_MODES:-non-overlap,overlap-preset}" --overlap-preset mixtral-overlap --moe-backend auto \
+  --profile --output "$OUT/mixtral16l" > "$OUT/mixtral16l.log" 2>&1
+echo "mixtral16l rc $?"
+grep -E "tok/s|FAILED|Error|WARNING" "$OUT/mixtral16l.log" | cut -c1-400

@@ -48,6 +48,16 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
                                                                              ignore_eos=True), 0.0))
     tokens, decodes, full, preempted = [], [], 0, 0
     patch = mock.patch.object(batcher, "peak_blocks", sum_of_final_lengths) if rule == "sum" else nullcontext()
+    if args.prefill_cap:
+        # Admission pacing (an experiment, not in the engine): at most prefill_cap prefill tokens per iteration
+        # (continued chunks count first), so requests are admitted at a steadier rate and their ages spread out.
+        admit = sched._admit
+
+        def paced(budget: int, prefill: list, it: int) -> int:
+            room = min(budget, args.prefill_cap - sum(s.num_tokens for s in prefill))
+            return budget if room <= 0 else budget - (room - admit(room, prefill, it))
+
+        sched._admit = paced
     t0 = time.perf_counter()
     with patch, tqdm(total=args.requests, desc=f"{rule} rule", unit="req", leave=False) as bar:
         while sched.has_work():
@@ -60,13 +70,18 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
             preempted += len(plan.preempted)
             done = sched.update(plan, {s.request_id: 7 for s in plan.seqs if s.sample})
             bar.update(len(done))
-    rec = {"rule": rule, "iterations": len(tokens), "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
+    rec = {"rule": rule, "prefill_cap": args.prefill_cap, "iterations": len(tokens),
+           "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
            "full_iterations": full, "preemptions": preempted, "cpu_s": time.perf_counter() - t0}
     ms = None
     if args.step_fit:
         # scripts/step_model.py's fit: a + b * padded + c * prefill + d * decode tokens, padded = the CUDA-graph
         # bucket the step runs (the engine's token_buckets, or the halvings older runs used).
-        fit = json.loads(Path(args.step_fit).read_text())["fit"]
+        fit = dict(json.loads(Path(args.step_fit).read_text())["fit"])
+        fixed, per_token = args.fit_scale
+        fit["a"] *= fixed
+        for key in ("b_padded", "c_prefill", "d_decode"):
+            fit[key] *= per_token
         buckets = halving_buckets if args.buckets == "halvings" else token_buckets
         sizes = sorted(buckets(args.dense_batch))
         ms = sum(fit["a"] + fit["b_padded"] * next((s for s in sizes if s >= t), t) + fit["c_prefill"] * (t - d)
@@ -104,12 +119,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="predict GPU time with the fit scripts/step_model.py --output wrote (its 'fit': a + b * "
                          "padded + c * prefill + d * decode ms, padded = the step's CUDA-graph bucket); overrides "
                          "--step-model")
+    ap.add_argument("--fit-scale", type=float, nargs=2, metavar=("FIXED", "PER_TOKEN"), default=(1.0, 1.0),
+                    help="multiply --step-fit's constant term by FIXED and its per-token terms by PER_TOKEN: a fit "
+                         "of a half-depth model on an H100 predicts the full model on an H200 with PER_TOKEN 2 "
+                         "(twice the layers, same compute) and FIXED 2 * 3.35 / 4.8 = 1.4 (twice the layers, "
+                         "the step's fixed cost taken as memory-bound, on 4.8 against 3.35 TB/s)")
     ap.add_argument("--buckets", default="engine", choices=["engine", "halvings"],
                     help="the CUDA-graph sizes a step is padded to under --step-fit: the engine's token_buckets, or "
                          "the halvings of the dense size that runs before session 9 used")
     ap.add_argument("--rules", default="sum,peak",
                     help="comma-separated: sum (every request's final length at once), peak (the peak over time, "
                          "the engine's rule)")
+    ap.add_argument("--prefill-cap", type=int, default=0,
+                    help="admission pacing, an experiment the engine does not have: at most this many prefill "
+                         "tokens per iteration (0: none, as the engine)")
     ap.add_argument("--output-file", default="", help="write the JSON record here (default: print only)")
     args = ap.parse_args(argv)
     records = [simulate(args, rule) for rule in args.rules.split(",")]

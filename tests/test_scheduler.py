@@ -544,6 +544,17 @@ def test_admission_simulation_script(tmp_path) -> None:
         for buckets in ("engine", "halvings"):
             assert sim.main([*base, "--step-fit", str(tmp_path / "fit.json"), "--buckets", buckets]) == 0
             assert check(json.loads(out.read_text())["records"][0])
+    # --fit-scale multiplies the constant and the per-token terms; --prefill-cap paces admission (every token still
+    # scheduled, no iteration over the cap in prefill tokens beyond what continued chunks need).
+    (tmp_path / "fit.json").write_text(json.dumps({"fit": {"a": 2.0, "b_padded": 0.0, "c_prefill": 0.0,
+                                                           "d_decode": 0.0}}))
+    assert sim.main([*base, "--step-fit", str(tmp_path / "fit.json"), "--fit-scale", "1.5", "3"]) == 0
+    r = json.loads(out.read_text())["records"][0]
+    assert abs(r["predicted_s"] - r["iterations"] * 3e-3) < 1e-9
+    assert sim.main([*base, "--prefill-cap", "64"]) == 0
+    paced = json.loads(out.read_text())["records"][0]
+    assert paced["prefill_cap"] == 64 and round(paced["mean_tokens_per_iteration"] * paced["iterations"]) >= 40 * 95
+    assert paced["iterations"] > r["iterations"]  # one 64-token prompt admitted per iteration at most
 
 
 def test_gc_probe_script_runs_both_ways(tmp_path):

@@ -2,9 +2,10 @@
 # On one H200: the MoE kernels (bench_moe.py: grouped GEMM with TMA and pointer loads, the expert sort, a tile sweep),
 # then mixtral-8x7b end to end with a float8 KV cache. Env: MOE_REQS (default 512; 0 skips the end-to-end run),
 # MOE_MODES (default non-overlap,overlap-preset), MOE_TUNE=0 skips the tile sweep, MOE_BENCH=0 skips bench_moe.py,
-# MOE_KV_FRACTION (default 0.8: of the memory free after the weights), MOE_BACKENDS (the grouped GEMM backends to run
-# every mode with, default auto; e.g. triton,auto), DECODE_VARIANT (e.g. cuda), MOE_TEST=1 runs
-# tests/test_moe_backends.py first (the backends against float64 and in a CUDA graph). Results under $OUT.
+# MOE_KV_FRACTION (default 0.88 of the memory free after the weights, as every H200 run since s8), MOE_BACKENDS
+# (the grouped GEMM backends to run every mode with, default auto; e.g. triton,auto), DECODE_VARIANT (e.g. cuda),
+# MOE_TEST=1 runs tests/test_moe_backends.py first (the backends against float64 and in a CUDA graph).
+# Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
 TUNE=()
@@ -20,7 +21,7 @@ if [ "${MOE_BENCH:-1}" != 0 ]; then
 fi
 [ "${MOE_REQS:-512}" = 0 ] && exit 0
 timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
-  --num-requests "${MOE_REQS:-512}" --kv-fraction "${MOE_KV_FRACTION:-0.8}" --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
+  --num-requests "${MOE_REQS:-512}" --kv-fraction "${MOE_KV_FRACTION:-0.88}" --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
   --overlap-preset mixtral-overlap --moe-backend "${MOE_BACKENDS:-auto}" ${DECODE_VARIANT:+--decode-variant "$DECODE_VARIANT"} \
   --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
 echo "mixtral rc $?"

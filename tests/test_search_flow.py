@@ -107,6 +107,35 @@ def test_fp8_kv_specs_are_cached_apart(tmp_path, monkeypatch):
     assert cached_pipeline("llama-3-8b", 2048, 1) == auto and cached_pipeline("llama-3-8b", 2048, 1, "fp8") == fp8
 
 
+def test_specs_searched_with_a_named_decode_kernel_are_cached_apart(tmp_path, monkeypatch):
+    """A spec searched with ``--decode-variant cuda`` was timed with that kernel: it is cached under its own name and
+    only an engine asking for the same kernel picks it up; an ``auto`` engine keeps finding the ``auto`` spec."""
+    import argparse
+    import os
+
+    from nanoflow.search.cli import _default_output, cached_pipeline
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path))
+    base = dict(model="llama-3-8b", dense_batch=2048, workload="constant:1024:512", tp=1, kv_cache_dtype="fp8")
+    auto = _default_output(argparse.Namespace(**base, decode_variant="auto"))
+    cuda = _default_output(argparse.Namespace(**base, decode_variant="cuda"))
+    flat = _default_output(argparse.Namespace(**{**base, "kv_cache_dtype": "auto"}, decode_variant="row_flat"))
+    assert auto.name == "llama-3-8b-d2048-constant_1024_512-kvfp8-tp1.json"
+    assert cuda.name == "llama-3-8b-d2048-constant_1024_512-kvfp8-deccuda-tp1.json"
+    assert flat.name == "llama-3-8b-d2048-constant_1024_512-decrow_flat-tp1.json"
+    cuda.parent.mkdir(parents=True)
+    cuda.write_text("{}")
+    assert cached_pipeline("llama-3-8b", 2048, 1, "fp8", "cuda") == cuda
+    assert cached_pipeline("llama-3-8b", 2048, 1, "fp8") is None  # the engine's default asks for auto
+    auto.write_text("{}")
+    flat.write_text("{}")
+    os.utime(cuda, (cuda.stat().st_atime, cuda.stat().st_mtime + 10))  # the newest file must not win across tags
+    assert cached_pipeline("llama-3-8b", 2048, 1, "fp8") == auto
+    assert cached_pipeline("llama-3-8b", 2048, 1, "fp8", "cuda") == cuda
+    assert cached_pipeline("llama-3-8b", 2048, 1, "auto", "row_flat") == flat
+    assert cached_pipeline("llama-3-8b", 2048, 1) is None
+
+
 def test_search_cli_from_a_saved_profile(tmp_path, monkeypatch, capsys):
     """`nanoflow search --profile FILE` on a CPU: solves, writes a valid spec with the search's figures and a Gantt
     PNG; without a GPU nothing is measured, so the choice rests on the prediction."""

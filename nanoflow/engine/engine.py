@@ -138,11 +138,11 @@ class Engine:
             return None
         from nanoflow.graphs.pipeline import PipelineSpec, load_preset
 
-        if name == "auto":  # a searched spec cached for this model and dense size, else the hand preset
+        if name == "auto":  # a spec searched for this model, dense, TP, KV dtype and decode kernel, else a preset
             from nanoflow.search.cli import cached_pipeline
 
             found = cached_pipeline(self.model_name, self.dense_batch_size, self.model.tp_size,
-                                    self.args.kv_cache_dtype)
+                                    self.args.kv_cache_dtype, str(self.args.extra.get("decode_variant", "auto")))
             if found is not None:
                 log.info("using the searched pipeline %s", found)
                 return PipelineSpec.load(found)

@@ -42,7 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache capacity in tokens; default: from free memory")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
     p.add_argument("--pipeline", default=None,
-                   help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, or 'none'")
+                   help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, 'auto' (the "
+                        "newest spec `nanoflow search` cached for this model, dense batch, TP, KV-cache dtype and "
+                        "--decode-variant, else the overlap preset) or 'none'")
     p.add_argument("--resource-knob", default="grid", choices=["grid", "partition", "green", "none"],
                    help="how nano-op shares are enforced on the GPU: decode persistent grid; partition (that grid plus "
                         "a cuBLASLt SM target for the GEMMs beside it); green contexts; or none")

@@ -161,6 +161,7 @@ def _write(args: argparse.Namespace, graph: Any, problem: Any, s1: Any, s2: Any,
         search={"stage1_ms": s1.makespan_ms, "stage2_ms": s2.makespan_ms, "sequential_ms": problem.sequential_ms,
                 "wall_s": wall, "status1": s1.status, "status2": s2.status, "workload": args.workload,
                 "model": args.model, "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
+                "decode_variant": getattr(args, "decode_variant", "auto"),
                 **({"verify": verify} if verify else {})})
     out = Path(args.output) if args.output else _default_output(args)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +194,8 @@ def _timed_sequential(spec: Any, problem: Any) -> Any:
 def _default_output(args: argparse.Namespace) -> Path:
     from nanoflow.search.profiler import cache_dir
 
-    kv = _kv_tag(getattr(args, "kv_cache_dtype", "auto"))
-    name = f"{args.model}-d{args.dense_batch}-{args.workload.replace(':', '_')}{kv}-tp{args.tp}.json"
+    tags = _spec_tags(getattr(args, "kv_cache_dtype", "auto"), getattr(args, "decode_variant", "auto"))
+    name = f"{args.model}-d{args.dense_batch}-{args.workload.replace(':', '_')}{tags}-tp{args.tp}.json"
     return cache_dir().parent / "pipelines" / name
 
 
@@ -203,17 +204,31 @@ def _kv_tag(kv_cache_dtype: str) -> str:
     return "" if kv_cache_dtype == "auto" else f"-kv{kv_cache_dtype}"
 
 
-def cached_pipeline(model: str, dense: int, tp: int, kv_cache_dtype: str = "auto") -> Path | None:
-    """The newest searched spec in the cache for (model, dense batch, TP, KV-cache dtype), any workload; None if
-    there is none."""
+def _spec_tags(kv_cache_dtype: str, decode_variant: str | None) -> str:
+    """A searched spec's name tags: the KV-cache dtype's (:func:`_kv_tag`), then ``-dec<variant>`` when the search
+    ran with a decode-attention kernel named by ``--decode-variant`` (not ``auto``): its plan was timed with that
+    kernel, so only an engine asking for the same kernel picks it up."""
+    dec = "" if decode_variant in (None, "auto") else f"-dec{decode_variant}"
+    return _kv_tag(kv_cache_dtype) + dec
+
+
+def cached_pipeline(model: str, dense: int, tp: int, kv_cache_dtype: str = "auto",
+                    decode_variant: str | None = "auto") -> Path | None:
+    """The newest searched spec in the cache for (model, dense batch, TP, KV-cache dtype, decode variant), any
+    workload; None if there is none."""
+    import re
+
     from nanoflow.search.profiler import cache_dir
 
     folder = cache_dir().parent / "pipelines"
     if not folder.is_dir():
         return None
-    tag = _kv_tag(kv_cache_dtype)
-    found = sorted((p for p in folder.glob(f"{Path(model).name}-d{dense}-*-tp{tp}.json")
-                    if p.name.endswith(f"{tag}-tp{tp}.json") and (tag or "-kvfp8-tp" not in p.name)),
+    model = Path(model).name
+    # model-d<dense>-<workload>[-kv<dtype>][-dec<variant>]-tp<tp>.json; the tags must be exactly this engine's
+    pattern = re.compile(rf"{re.escape(model)}-d{dense}-.+?((?:-kv[a-z0-9]+)?(?:-dec[a-z0-9_]+)?)-tp{tp}\.json")
+    want = _spec_tags(kv_cache_dtype, decode_variant)
+    found = sorted((p for p in folder.glob(f"{model}-d{dense}-*-tp{tp}.json")
+                    if (m := pattern.fullmatch(p.name)) is not None and m.group(1) == want),
                    key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 

@@ -4,8 +4,8 @@
 # MOE_MODES (default non-overlap,overlap-preset), MOE_TUNE=0 skips the tile sweep, MOE_BENCH=0 skips bench_moe.py,
 # MOE_KV_FRACTION (default 0.88 of the memory free after the weights, as every H200 run since s8), MOE_BACKENDS
 # (the grouped GEMM backends to run every mode with, default auto; e.g. triton,auto), DECODE_VARIANT (e.g. cuda),
-# MOE_TEST=1 runs tests/test_moe_backends.py first (the backends against float64 and in a CUDA graph).
-# Results under $OUT.
+# MOE_TEST=1 runs tests/test_moe_backends.py first (the backends against float64 and in a CUDA graph), MOE_DENSE
+# (the dense batch, default the bench's 2,048 tokens). Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
 TUNE=()
@@ -23,6 +23,7 @@ fi
 timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
   --num-requests "${MOE_REQS:-512}" --kv-fraction "${MOE_KV_FRACTION:-0.88}" --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
   --overlap-preset mixtral-overlap --moe-backend "${MOE_BACKENDS:-auto}" ${DECODE_VARIANT:+--decode-variant "$DECODE_VARIANT"} \
+  ${MOE_DENSE:+--dense-batch-size "$MOE_DENSE"} \
   --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
 echo "mixtral rc $?"
 grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300

@@ -38,9 +38,9 @@ def compiled_glue(dynamic: bool | None = None) -> dict[str, Callable[..., Any]]:
     every ``torch.compile`` wrapper of it in the process together, and runs the function *eagerly* for each further
     shape: with 12 token buckets, and more shapes with nano-batches, the later buckets ran eager glue, and an engine
     built after another in the same process (``nanoflow bench``'s second mode) ran eager glue at every shape the first
-    had not compiled. On an
-    H100 that took the sequential pipeline's full step from 67.0 to 79.3 ms when it ran after the overlap preset
-    (s15-bench-*). The dicts are built once per process and per ``dynamic``, so engines share their compiled ops.
+    had not compiled. On an H100 that took the sequential pipeline's full step from 67.0 to 79.3 ms when it ran
+    after the overlap preset (s15-bench-*). The dicts are built once per process and per ``dynamic``, so engines
+    share their compiled ops.
 
     Should inductor fail to compile an in-place form (its C++ backend does on ``add_rms_norm_into``, torch 2.13),
     that op falls back to the compiled out-of-place form plus copies (the MoE combine: to the eager op), with a

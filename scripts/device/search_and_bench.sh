@@ -8,7 +8,8 @@
 #   PROFILE=1 (CUPTI profile of one step per mode: per-class and top kernels)  BENCH_S (bench time limit, default 480)
 #   SPEC (a spec an earlier search wrote, e.g. benchmarks/results/2026-12-07-s14-searched-spec-fp8kv-h100-llama3-8b.json:
 #   no search, bench it)  SEARCHED_FIRST=1 (run overlap-searched before the other modes; each record's gpu_clocks
-#   and recompile_limit_hits show whether a later mode ran on a slower GPU or with eager glue)  PASSES=2 (bench --passes: A B B A, means printed)
+#   and recompile_limit_hits show whether a later mode ran on a slower GPU or with eager glue)
+#   PASSES=2 (bench --passes: A B B A, means printed)
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=$OUT/cache
 EXTRA=(--kv-cache-dtype "${KV_DTYPE:-auto}")

@@ -201,16 +201,35 @@ def test_greedy_matches_transformers_with_nano_batches(tiny_mixtral, tmp_path):
     assert _generate(llm, prompts) == expected
 
 
-def test_greedy_matches_transformers_with_the_overlap_preset(tiny_mixtral):
-    """The shipped Mixtral overlap preset (two nano-batches, decode attention on its own stream; run in issue order
-    on the CPU) validates on the MoE layer graph and gives the same tokens."""
+@pytest.mark.parametrize("preset", ["mixtral-overlap", "mixtral-split-experts"])
+def test_greedy_matches_transformers_with_the_overlap_presets(tiny_mixtral, preset):
+    """The shipped Mixtral overlap presets (two nano-batches, decode attention on its own stream; run in issue order
+    on the CPU) validate on the MoE layer graph and give the same tokens."""
     from nanoflow import LLM
 
     path, prompts, expected, _ = tiny_mixtral
-    llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096,
-              pipeline="mixtral-overlap")
-    assert llm.engine.runner.executor.spec.name == "mixtral-overlap"
+    llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096, pipeline=preset)
+    assert llm.engine.runner.executor.spec.name == preset
     assert _generate(llm, prompts) == expected
+
+
+def test_mixtral_overlap_keeps_the_experts_whole(tiny_mixtral):
+    """mixtral-overlap: one experts nano-op over every row (the expert weights are read once a layer), and decode
+    attention of nano-batch 0 runs beside nano-batch 1's attention side, never beside the experts."""
+    from nanoflow.graphs.pipeline import load_preset
+
+    path, *_ = tiny_mixtral
+    spec = ModelSpec.load(path)
+    graph = MixtralForCausalLM(spec, load_weights(spec, path, dtype="float32", progress=False)).graphs[0]
+    preset = load_preset("mixtral-overlap")
+    preset.validate(graph)
+    assert [(n.lo, n.hi) for n in preset.nano_ops if n.op == "experts"] == [(0, 2048)]
+    pairs, _ = preset.concurrency(graph)
+    labels = [n.label for n in preset.nano_ops]
+    dec = labels.index("decode_attn[0:1024)")
+    partners = {labels[j if i == dec else i] for i, j, _ in pairs if dec in (i, j)}
+    assert {"qkv[1024:2048)", "prefill_attn[0:1024)", "o_proj[1024:2048)", "router[1024:2048)"} <= partners
+    assert not partners & {"experts[0:2048)", "o_proj[0:1024)", "router[0:1024)"}
 
 
 def test_search_plans_the_moe_layer_and_its_plans_keep_the_tokens(tiny_mixtral, tmp_path, monkeypatch, capsys):

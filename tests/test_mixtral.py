@@ -201,7 +201,7 @@ def test_greedy_matches_transformers_with_nano_batches(tiny_mixtral, tmp_path):
     assert _generate(llm, prompts) == expected
 
 
-@pytest.mark.parametrize("preset", ["mixtral-overlap", "mixtral-split-experts"])
+@pytest.mark.parametrize("preset", ["mixtral-overlap", "mixtral-split-experts", "mixtral-decode-split"])
 def test_greedy_matches_transformers_with_the_overlap_presets(tiny_mixtral, preset):
     """The shipped Mixtral overlap presets (two nano-batches, decode attention on its own stream; run in issue order
     on the CPU) validate on the MoE layer graph and give the same tokens."""
@@ -230,6 +230,25 @@ def test_mixtral_overlap_keeps_the_experts_whole(tiny_mixtral):
     partners = {labels[j if i == dec else i] for i, j, _ in pairs if dec in (i, j)}
     assert {"qkv[1024:2048)", "prefill_attn[0:1024)", "o_proj[1024:2048)", "router[1024:2048)"} <= partners
     assert not partners & {"experts[0:2048)", "o_proj[0:1024)", "router[0:1024)"}
+
+
+def test_mixtral_decode_split_runs_the_two_nano_batches_side_by_side(tiny_mixtral):
+    """mixtral-decode-split: every op of the decode rows (stream 1) may run beside every op of the prefill rows
+    (stream 0) but the prefill rows' attention, which reads the KV the decode rows' rope_kv wrote."""
+    from nanoflow.graphs.pipeline import load_preset
+
+    path, *_ = tiny_mixtral
+    spec = ModelSpec.load(path)
+    graph = MixtralForCausalLM(spec, load_weights(spec, path, dtype="float32", progress=False)).graphs[0]
+    preset = load_preset("mixtral-decode-split")
+    preset.validate(graph)
+    labels = [n.label for n in preset.nano_ops]
+    pairs, _ = preset.concurrency(graph)
+    concurrent = {frozenset((labels[i], labels[j])) for i, j, _ in pairs}
+    assert frozenset(("experts[0:640)", "experts[640:2048)")) in concurrent
+    assert frozenset(("decode_attn[0:640)", "experts[640:2048)")) in concurrent
+    deps = preset.dependencies(graph)
+    assert labels.index("rope_kv[0:640)") in deps[labels.index("prefill_attn[640:2048)")]
 
 
 def test_search_plans_the_moe_layer_and_its_plans_keep_the_tokens(tiny_mixtral, tmp_path, monkeypatch, capsys):

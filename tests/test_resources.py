@@ -76,6 +76,7 @@ def test_bench_modes_name_their_knob():
     assert mode_args(args, "overlap-preset-partition", None).resource_knob == "partition"
     assert mode_args(args, "overlap-searched-partition", "s.json").resource_knob == "partition"
     assert mode_args(args, "overlap-searched", "s.json").resource_knob == "none"
+    assert mode_args(args, "overlap-searched-grid", "mixtral-decode-split").resource_knob == "grid"
     with pytest.raises(ValueError, match="unknown mode"):
         mode_args(args, "overlap-presets", None)
 

@@ -58,8 +58,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--modes", default="non-overlap",
                    help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, nano-batch, "
                         "overlap-preset, overlap-preset-{partition,green,nogrid}, overlap-searched, "
-                        "overlap-searched-partition (the suffix names the resource knob; plain = decode grid for the "
-                        "preset, none for the searched spec)")
+                        "overlap-searched-{grid,partition} (the suffix names the resource knob; plain = decode grid "
+                        "for the preset, none for the searched spec)")
     p.add_argument("--passes", type=int, default=1,
                    help="run the mode list this many times, every other pass in reverse order (A B B A for two "
                         "modes), so that no mode always runs first on a cool GPU or last on a warm one; every pass "
@@ -91,7 +91,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "kernel's own choice)")
     p.add_argument("--block-size", type=int, default=16,
                    help="tokens per KV-cache page (a power of two); with --decode-options tma=1 also the decode tile")
-    p.add_argument("--searched-spec", default=None, help="PipelineSpec JSON for mode overlap-searched")
+    p.add_argument("--searched-spec", default=None,
+                   help="PipelineSpec JSON (or a preset's name) for the overlap-searched* modes")
     p.add_argument("--overlap-preset", default=None,
                    help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
                         "under --tp (mixtral-overlap / mixtral-tp-overlap for Mixtral)")

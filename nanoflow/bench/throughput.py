@@ -31,7 +31,8 @@ MODES = {
     "overlap-preset-partition": ("llama-8b-overlap", True, True),
 }
 KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none",
-                "overlap-preset-partition": "partition", "overlap-searched-partition": "partition"}
+                "overlap-preset-partition": "partition", "overlap-searched-partition": "partition",
+                "overlap-searched-grid": "grid"}
 
 
 def workload(spec_name: str, n: int, vocab: int, seed: int, max_len: int) -> list[tuple[list[int], int]]:
@@ -245,7 +246,8 @@ def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_
 def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
     if mode.startswith("overlap-searched"):
         if mode not in KNOB_OF_MODE:
-            raise ValueError(f"unknown mode {mode!r}; use overlap-searched or overlap-searched-partition")
+            raise ValueError(f"unknown mode {mode!r}; use overlap-searched, overlap-searched-grid or "
+                             "overlap-searched-partition")
         return replace(args, pipeline=searched, resource_knob=KNOB_OF_MODE[mode])
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join([*MODES, 'overlap-searched'])}")

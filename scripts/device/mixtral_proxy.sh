@@ -3,7 +3,9 @@
 # one H200 (--kv-cache-tokens, default 752,676 float8 tokens as measured in s8), so the scheduler sees the memory
 # pressure of #8's run and each step costs about half of the full model's. Env: PROXY_REQS (default 1536),
 # PROXY_KV (default 752676), PROXY_MODES (default non-overlap,overlap-preset), PROXY_S (time limit, default 500),
-# PROXY_DENSE (the dense batch; default the bench's 2,048), PROXY_TEST=1 runs the fused RoPE + KV GPU test first.
+# PROXY_DENSE (the dense batch; default the bench's 2,048), PROXY_SPEC (a spec or preset for the overlap-searched*
+# modes, e.g. PROXY_MODES=non-overlap,overlap-searched-grid PROXY_SPEC=mixtral-decode-split), PROXY_TEST=1 runs the
+# fused RoPE + KV GPU test first.
 # Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
@@ -21,7 +23,7 @@ PY
 timeout "${PROXY_S:-500}" python3 -m nanoflow.cli bench --model /tmp/mixtral-8x7b-16l --kv-cache-dtype fp8 \
   --num-requests "${PROXY_REQS:-1536}" --kv-cache-tokens "${PROXY_KV:-752676}" \
   --modes "${PROXY_MODES:-non-overlap,overlap-preset}" --overlap-preset mixtral-overlap --moe-backend auto \
-  ${PROXY_DENSE:+--dense-batch-size "$PROXY_DENSE"} \
+  ${PROXY_DENSE:+--dense-batch-size "$PROXY_DENSE"} ${PROXY_SPEC:+--searched-spec "$PROXY_SPEC"} \
   --profile --output "$OUT/mixtral16l" > "$OUT/mixtral16l.log" 2>&1
 echo "mixtral16l rc $?"
 grep -E "tok/s|FAILED|Error|WARNING" "$OUT/mixtral16l.log" | cut -c1-400

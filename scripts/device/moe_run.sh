@@ -23,7 +23,7 @@ fi
 timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b --kv-cache-dtype fp8 \
   --num-requests "${MOE_REQS:-512}" --kv-fraction "${MOE_KV_FRACTION:-0.88}" --modes "${MOE_MODES:-non-overlap,overlap-preset}" \
   --overlap-preset mixtral-overlap --moe-backend "${MOE_BACKENDS:-auto}" ${DECODE_VARIANT:+--decode-variant "$DECODE_VARIANT"} \
-  ${MOE_DENSE:+--dense-batch-size "$MOE_DENSE"} \
+  ${MOE_DENSE:+--dense-batch-size "$MOE_DENSE"} ${MOE_SPEC:+--searched-spec "$MOE_SPEC"} \
   --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
 echo "mixtral rc $?"
 grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300

@@ -41,8 +41,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV-cache capacity in tokens; default: from free memory")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
+    from nanoflow.graphs.pipeline import list_presets  # JSON files only: no torch import for --help
+
     p.add_argument("--pipeline", default=None,
-                   help="nano-batch pipeline: a preset name (llama-8b-overlap, ...), a spec .json, 'auto' (the "
+                   help=f"nano-batch pipeline: a preset name ({', '.join(list_presets())}), a spec .json, 'auto' (the "
                         "newest spec `nanoflow search` cached for this model, dense batch, TP, KV-cache dtype and "
                         "--decode-variant, else the overlap preset) or 'none'")
     p.add_argument("--resource-knob", default="grid", choices=["grid", "partition", "green", "none"],

@@ -213,6 +213,19 @@ def test_greedy_matches_transformers_with_the_overlap_presets(tiny_mixtral, pres
     assert _generate(llm, prompts) == expected
 
 
+@pytest.mark.parametrize("pipeline", ["preset", "auto"])
+def test_the_default_pipelines_pick_the_moe_preset(tiny_mixtral, tmp_path, monkeypatch, pipeline):
+    """'preset', and 'auto' with no searched spec cached, run mixtral-overlap on a Mixtral (not the dense model's
+    preset, whose FFN ops the MoE layer does not have) and keep transformers' tokens."""
+    from nanoflow import LLM
+
+    monkeypatch.setenv("NANOFLOW_CACHE", str(tmp_path / "empty-cache"))
+    path, prompts, expected, _ = tiny_mixtral
+    llm = LLM(path, device="cpu", dtype="float32", dense_batch_size=64, kv_cache_tokens=4096, pipeline=pipeline)
+    assert llm.engine.runner.executor.spec.name == "mixtral-overlap"
+    assert _generate(llm, prompts) == expected
+
+
 def test_mixtral_overlap_keeps_the_experts_whole(tiny_mixtral):
     """mixtral-overlap: one experts nano-op over every row (the expert weights are read once a layer), and decode
     attention of nano-batch 0 runs beside nano-batch 1's attention side, never beside the experts."""

@@ -233,6 +233,16 @@ def test_json_round_trip(tmp_path):
         PipelineSpec.from_json('{"name": "x", "nano_ops": [{"op": "qkv"}]}')
 
 
+def test_default_preset_follows_the_layer_graph():
+    """'preset' (and 'auto' without a searched spec) resolves to the model's own overlap preset."""
+    from nanoflow.graphs.pipeline import default_preset
+
+    assert default_preset(llama_graph()) == "llama-8b-overlap"
+    assert default_preset(llama_graph(tp=True)) == "llama-70b-tp-overlap"
+    for tp in (False, True):
+        load_preset(default_preset(llama_graph(tp))).validate(llama_graph(tp))
+
+
 def test_presets_validate_against_the_llama_graph():
     assert {"llama-8b-overlap", "llama-70b-tp-overlap", "llama-8b-nanobatch"} <= set(list_presets())
     for name in ("llama-8b-overlap", "llama-8b-nanobatch"):

@@ -94,8 +94,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--searched-spec", default=None,
                    help="PipelineSpec JSON (or a preset's name) for the overlap-searched* modes")
     p.add_argument("--overlap-preset", default=None,
-                   help="preset used by the overlap-preset* modes; default llama-8b-overlap, llama-70b-tp-overlap "
-                        "under --tp (mixtral-overlap / mixtral-tp-overlap for Mixtral)")
+                   help="preset used by the overlap-preset* modes; default the model's own: llama-8b-overlap, "
+                        "llama-70b-tp-overlap under --tp, mixtral-overlap / mixtral-tp-overlap for MoE models")
     p.add_argument("--peer", default=None, choices=["transformers"], help="also run this peer engine")
     p.add_argument("--peer-requests", type=int, default=64, help="requests for the peer (it is slow)")
     p.add_argument("--profile", action="store_true", help="per-op CUDA-event profile of a steady-state batch")
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.bench.throughput import base_args, clock_monitor, compare_with_earlier, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
+    from nanoflow.graphs.pipeline import DEFAULT_PRESET
 
     passes = getattr(args, "passes", 1)
     mode_runs(args.modes, ["auto"], passes)  # a bad --modes / --passes fails before any loading
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             margs = mode_args(replace(ea, extra={**ea.extra, "moe_backend": backend}), mode, args.searched_spec)
             if mode.startswith("overlap-preset"):
-                margs = replace(margs, pipeline=args.overlap_preset or "llama-8b-overlap")
+                margs = replace(margs, pipeline=args.overlap_preset or DEFAULT_PRESET)
             rec = run_mode(margs, parts, reqs, warm, args.profile)
         except Exception as exc:  # one failing mode must not lose the others' figures
             log.exception("mode %s failed", label)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from nanoflow.config import EngineArgs
+from nanoflow.graphs.pipeline import DEFAULT_PRESET
 
 log = logging.getLogger("nanoflow")
 
@@ -25,10 +26,10 @@ MODES = {
     "non-overlap-eager": ("none", False, True),
     "non-overlap-sync": ("none", True, False),
     "nano-batch": ("llama-8b-nanobatch", True, True),
-    "overlap-preset": ("llama-8b-overlap", True, True),
-    "overlap-preset-green": ("llama-8b-overlap", True, True),
-    "overlap-preset-nogrid": ("llama-8b-overlap", True, True),
-    "overlap-preset-partition": ("llama-8b-overlap", True, True),
+    "overlap-preset": (DEFAULT_PRESET, True, True),  # the engine picks the model's own overlap preset
+    "overlap-preset-green": (DEFAULT_PRESET, True, True),
+    "overlap-preset-nogrid": (DEFAULT_PRESET, True, True),
+    "overlap-preset-partition": (DEFAULT_PRESET, True, True),
 }
 KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none",
                 "overlap-preset-partition": "partition", "overlap-searched-partition": "partition",

@@ -136,7 +136,7 @@ class Engine:
     def _load_pipeline(self, name: str | None) -> Any:
         if not name or name in ("none", "sequential", "non-overlap"):
             return None
-        from nanoflow.graphs.pipeline import PipelineSpec, load_preset
+        from nanoflow.graphs.pipeline import DEFAULT_PRESET, PipelineSpec, default_preset, load_preset
 
         if name == "auto":  # a spec searched for this model, dense, TP, KV dtype and decode kernel, else a preset
             from nanoflow.search.cli import cached_pipeline
@@ -146,7 +146,10 @@ class Engine:
             if found is not None:
                 log.info("using the searched pipeline %s", found)
                 return PipelineSpec.load(found)
-            name = "llama-70b-tp-overlap" if self.model.tp_size > 1 else "llama-8b-overlap"
+            name = DEFAULT_PRESET
+        if name == DEFAULT_PRESET:
+            name = default_preset(self.model.layer_graph(0))
+            log.info("using the overlap preset %s", name)
 
         spec = PipelineSpec.load(name) if name.endswith(".json") else load_preset(name)
         spec = spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec

@@ -46,7 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", default=None,
                    help=f"nano-batch pipeline: a preset name ({', '.join(list_presets())}), a spec .json, 'auto' (the "
                         "newest spec `nanoflow search` cached for this model, dense batch, TP, KV-cache dtype and "
-                        "--decode-variant, else the overlap preset) or 'none'")
+                        "--decode-variant, else the model's overlap preset), 'preset' (the model's overlap preset: "
+                        "mixtral-overlap for MoE models, else llama-8b-overlap; under --tp mixtral-tp-overlap / "
+                        "llama-70b-tp-overlap) or 'none'")
     p.add_argument("--resource-knob", default="grid", choices=["grid", "partition", "green", "none"],
                    help="how nano-op shares are enforced on the GPU: decode persistent grid; partition (that grid plus "
                         "a cuBLASLt SM target for the GEMMs beside it); green contexts; or none")

@@ -41,8 +41,8 @@ from typing import Any
 from nanoflow.graphs.hazards import OpDependencies, OpEdge, links, op_dependencies
 from nanoflow.graphs.nanoop import LayerGraph, ResourceKind, nano_depends
 
-__all__ = ["NanoOpSpec", "OpDependencies", "OpEdge", "PipelineSpec", "PipelineSpecError", "links", "list_presets",
-           "load_preset", "op_dependencies"]
+__all__ = ["DEFAULT_PRESET", "NanoOpSpec", "OpDependencies", "OpEdge", "PipelineSpec", "PipelineSpecError",
+           "default_preset", "links", "list_presets", "load_preset", "op_dependencies"]
 
 SHARE_TOLERANCE = 1e-6
 BOUNDARY_MULTIPLE = 16
@@ -421,3 +421,17 @@ def load_preset(name: str) -> PipelineSpec:
     if not path.is_file():
         raise PipelineSpecError(f"unknown pipeline preset {name!r}; known: {', '.join(list_presets())}")
     return PipelineSpec.load(path)
+
+
+DEFAULT_PRESET = "preset"
+"""Pipeline name for "the overlap preset of this model": resolved by :func:`default_preset` from its layer graph."""
+
+
+def default_preset(graph: LayerGraph) -> str:
+    """The shipped overlap preset for a model's layer graph: the MoE presets where the FFN is a router and an
+    experts op, the dense ones otherwise; the tensor-parallel form where the graph has all-reduce ops."""
+    moe = "experts" in graph.names
+    tp = any(graph.op(n).kind is ResourceKind.NETWORK for n in graph.names)
+    if moe:
+        return "mixtral-tp-overlap" if tp else "mixtral-overlap"
+    return "llama-70b-tp-overlap" if tp else "llama-8b-overlap"

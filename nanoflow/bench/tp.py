@@ -24,6 +24,7 @@ from typing import Any
 
 log = logging.getLogger("nanoflow")
 
+
 def _mode_args(ea: Any, mode: str, searched: str | None, preset: str | None) -> Any:
     """The mode's engine args; the overlap-preset* modes run ``preset`` (default: the model's TP preset)."""
     from nanoflow.bench.throughput import mode_args

@@ -26,6 +26,8 @@ from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine."""
+    from nanoflow.graphs.pipeline import list_presets  # JSON files only: --help imports no torch
+
     p.add_argument("--model", default=None,
                    help="built-in short name (e.g. llama-3-8b), HF folder with config.json + safetensors, or a .gguf "
                         "file; default: the embedded SmolLM2-135M-Instruct")
@@ -41,8 +43,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV-cache capacity in tokens; default: from free memory")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
-    from nanoflow.graphs.pipeline import list_presets  # JSON files only: no torch import for --help
-
     p.add_argument("--pipeline", default=None,
                    help=f"nano-batch pipeline: a preset name ({', '.join(list_presets())}), a spec .json, 'auto' (the "
                         "newest spec `nanoflow search` cached for this model, dense batch, TP, KV-cache dtype and "

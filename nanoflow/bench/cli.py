@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.bench.throughput import base_args, clock_monitor, compare_with_earlier, mode_args, run_mode, workload
     from nanoflow.config import builtin_config_path
     from nanoflow.engine.builder import kv_token_bytes, load_parts
-    from nanoflow.graphs.pipeline import DEFAULT_PRESET
 
     passes = getattr(args, "passes", 1)
     mode_runs(args.modes, ["auto"], passes)  # a bad --modes / --passes fails before any loading
@@ -200,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("mode %s ...", label)
         try:
             margs = mode_args(replace(ea, extra={**ea.extra, "moe_backend": backend}), mode, args.searched_spec)
-            if mode.startswith("overlap-preset"):
-                margs = replace(margs, pipeline=args.overlap_preset or DEFAULT_PRESET)
+            if mode.startswith("overlap-preset") and args.overlap_preset:  # else the model's own (mode_args)
+                margs = replace(margs, pipeline=args.overlap_preset)
             rec = run_mode(margs, parts, reqs, warm, args.profile)
         except Exception as exc:  # one failing mode must not lose the others' figures
             log.exception("mode %s failed", label)

@@ -28,10 +28,9 @@ log = logging.getLogger("nanoflow")
 def _mode_args(ea: Any, mode: str, searched: str | None, preset: str | None) -> Any:
     """The mode's engine args; the overlap-preset* modes run ``preset`` (default: the model's TP preset)."""
     from nanoflow.bench.throughput import mode_args
-    from nanoflow.graphs.pipeline import DEFAULT_PRESET
 
     args = mode_args(ea, mode, searched)
-    return replace(args, pipeline=preset or DEFAULT_PRESET) if mode.startswith("overlap-preset") else args
+    return replace(args, pipeline=preset) if preset and mode.startswith("overlap-preset") else args
 
 
 def _run_mode(args: Any, parts: dict[str, Any], comm: Any, reqs: list[tuple[list[int], int]],

@@ -148,13 +148,13 @@ class Engine:
                 return PipelineSpec.load(found)
             name = DEFAULT_PRESET
         if name == DEFAULT_PRESET:
-            name = default_preset(self.model.layer_graph(0))
+            name = default_preset(self.model.graphs[0])
             log.info("using the overlap preset %s", name)
 
         spec = PipelineSpec.load(name) if name.endswith(".json") else load_preset(name)
         spec = spec.rescaled(self.dense_batch_size) if spec.dense_batch_size != self.dense_batch_size else spec
         share = self.args.extra.get("memory_share")  # a sweep override of the spec's shares (bench --memory-share)
-        return spec if share is None else spec.with_memory_share(float(share), self.model.layer_graph(0))
+        return spec if share is None else spec.with_memory_share(float(share), self.model.graphs[0])
 
     def _make_runner(self, num_blocks: int, block_size: int, pipeline: Any, comm: Any) -> Any:
         from nanoflow.graphs.resources import ResourceConfig

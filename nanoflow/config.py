@@ -38,6 +38,13 @@ MOE_BACKEND_HELP = ("grouped GEMM of MoE experts on a GPU: auto = time triton an
 KV_CACHE_DTYPE_HELP = ("KV-cache element type: auto = the model's dtype; fp8 = float8 e4m3 with unit scale, half "
                        "the bytes of bf16, so about twice the KV tokens fit (on a GPU: compute capability 8.9+)")
 
+ADMISSION_PACE = 1.05
+ADMISSION_PACE_HELP = ("admission pacing: when the KV cache, not the dense batch, limits the running requests, admit "
+                       "new prefill at most this many times the cache's steady-state rate (paper §4.1.1: R * p / d "
+                       "tokens an iteration, R = KV tokens / (p + d/2), p and d the running requests' mean prompt and "
+                       "predicted decode lengths), so requests of one age do not fill the cache together and stall "
+                       "admission until they end; 0 = admit greedily whenever the predicted peak KV fits")
+
 
 class ConfigError(ValueError):
     """A model or engine configuration that NanoFlow cannot serve; the message says what to change."""
@@ -279,6 +286,9 @@ class EngineArgs:
     # Every request's tokens independent of its batch (nano-batch cuts, prefill chunks, other requests), at a cost in
     # speed: Triton GEMMs and norms with fixed tiles, fixed attention tiles (ops/batch_invariant.py).
     batch_invariant: bool = False
+    # Admission pacing (scheduler/batcher.py): prefill admits new requests at most this many times the KV cache's
+    # steady-state rate (paper §4.1.1's R * p / d), so a KV-bound engine runs steady instead of in waves; 0 = off.
+    admission_pace: float = ADMISSION_PACE
     # Free-form options, among them: moe_backend (MOE_BACKENDS: the grouped GEMM of MoE layers, default auto),
     # decode_variant ("auto"|"split"|"row"|...|"cuda", the decode-attention kernel), decode_options (its
     # block_n/num_warps/num_stages/kv_evict), decode_ctas_per_sm, memory_share, avg_prompt/avg_decode, kv_* (offload),
@@ -295,6 +305,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0.0 <= self.admission_pace < float("inf"):
+            raise ConfigError(f"admission_pace must be >= 0 (0 turns admission pacing off), got {self.admission_pace}")
         if self.tp < 1:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

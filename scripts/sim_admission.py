@@ -5,9 +5,11 @@ when the KV cache, not the dense batch, limits the running requests (Mixtral-8x7
 
     python scripts/sim_admission.py                                  # Mixtral-8x7B on one H200, float8 KV
     python scripts/sim_admission.py --kv-tokens 1730180 --requests 1536   # LLaMA-3-8B, float8 KV
+    python scripts/sim_admission.py --admission-pace 0                  # greedy admission (pacing off)
 
-Writes a JSON record (``--output``) with both rules' iterations, mean tokens per iteration, preemptions and the
-share of iterations whose batch was full.
+Writes a JSON record (``--output-file``) with both rules' iterations, mean tokens per iteration, preemptions, the
+iterations whose batch was full and those that carried no prefill while requests waited (the engine's admission
+pacing, ``--admission-pace``, is what removes most of these).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from unittest import mock
 
 from tqdm import tqdm
 
+from nanoflow.config import ADMISSION_PACE
 from nanoflow.graphs.cuda_graph import halving_buckets, token_buckets
 from nanoflow.scheduler import BlockManager, Request, SamplingParams, Scheduler, batcher
 
@@ -34,7 +37,7 @@ def sum_of_final_lengths(held: list[int], remaining: list[int], block_size: int)
 def simulate(args: argparse.Namespace, rule: str) -> dict:
     bm = BlockManager(args.kv_tokens // args.block_size + 1, args.block_size)
     sched = Scheduler(bm, args.dense_batch, max_num_seqs=args.max_num_seqs, max_model_len=args.prompt + args.output + 1,
-                      decode_len_prior=args.decode_len_prior)
+                      decode_len_prior=args.decode_len_prior, admission_pace=args.admission_pace)
     # What `nanoflow bench` does first: a few short requests on the same engine (they set the average decode length
     # the admission starts from).
     for i in range(args.warmup_requests):
@@ -46,7 +49,7 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
     for i in range(args.requests):
         sched.add_request(Request(f"r{i}", [5] * args.prompt, SamplingParams(max_tokens=args.output,
                                                                              ignore_eos=True), 0.0))
-    tokens, decodes, full, preempted = [], [], 0, 0
+    tokens, decodes, full, preempted, stalled = [], [], 0, 0, 0
     patch = mock.patch.object(batcher, "peak_blocks", sum_of_final_lengths) if rule == "sum" else nullcontext()
     if args.prefill_cap:
         # Admission pacing (an experiment, not in the engine): at most prefill_cap prefill tokens per iteration
@@ -68,9 +71,11 @@ def simulate(args: argparse.Namespace, rule: str) -> dict:
             decodes.append(plan.num_decode_tokens)
             full += plan.num_tokens == args.dense_batch
             preempted += len(plan.preempted)
+            stalled += bool(sched.num_waiting) and plan.num_prefill_tokens == 0
             done = sched.update(plan, {s.request_id: 7 for s in plan.seqs if s.sample})
             bar.update(len(done))
-    rec = {"rule": rule, "prefill_cap": args.prefill_cap, "iterations": len(tokens),
+    rec = {"rule": rule, "admission_pace": args.admission_pace, "prefill_cap": args.prefill_cap,
+           "iterations": len(tokens), "stalled_iterations": stalled,
            "mean_tokens_per_iteration": sum(tokens) / max(1, len(tokens)),
            "full_iterations": full, "preemptions": preempted, "cpu_s": time.perf_counter() - t0}
     ms = None
@@ -130,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", default="sum,peak",
                     help="comma-separated: sum (every request's final length at once), peak (the peak over time, "
                          "the engine's rule)")
+    ap.add_argument("--admission-pace", type=float, default=ADMISSION_PACE,
+                    help="the engine's admission pacing (--admission-pace of nanoflow run-offline/serve/bench; 0 = "
+                         "greedy, as every run before session 18)")
     ap.add_argument("--prefill-cap", type=int, default=0,
                     help="admission pacing, an experiment the engine does not have: at most this many prefill "
                          "tokens per iteration (0: none, as the engine)")
@@ -142,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         pred = f", predicted {r['predicted_s']:.1f} s = {r['predicted_tok_s']:,.0f} tok/s" if "predicted_s" in r else ""
         print(f"{r['rule']:>5} rule: {r['iterations']} iterations, {r['mean_tokens_per_iteration']:.0f} tokens per "
-              f"iteration, {r['full_iterations']} full, {r['preemptions']} preemptions{pred}")
+              f"iteration, {r['full_iterations']} full, {r['stalled_iterations']} without prefill while requests "
+              f"wait, {r['preemptions']} preemptions{pred}")
     if args.output_file:
         Path(args.output_file).write_text(json.dumps(report, indent=1))
     return 0

@@ -535,7 +535,8 @@ def test_admission_simulation_script(tmp_path) -> None:
     # --step-fit (scripts/step_model.py's fit): a constant step costs its constant; a padded-size term costs at least
     # the tokens each step carries (steps run padded to a CUDA-graph bucket >= their size).
     base = ["--kv-tokens", "3000", "--requests", "40", "--prompt", "64", "--output", "32", "--dense-batch", "256",
-            "--warmup-requests", "0", "--decode-len-prior", "32", "--rules", "peak", "--output-file", str(out)]
+            "--warmup-requests", "0", "--decode-len-prior", "32", "--rules", "peak", "--admission-pace", "0",
+            "--output-file", str(out)]
     for fit, check in (({"a": 2.0, "b_padded": 0.0, "c_prefill": 0.0, "d_decode": 0.0},
                         lambda r: abs(r["predicted_s"] - r["iterations"] * 2e-3) < 1e-9),
                        ({"a": 0.0, "b_padded": 1.0, "c_prefill": 0.0, "d_decode": 0.0},

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from nanoflow.config import (
+    ADMISSION_PACE,
+    ADMISSION_PACE_HELP,
     BATCH_INVARIANT_HELP,
     DECODE_CHOICES,
     DECODE_OPTION_KEYS,
@@ -39,6 +41,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="requests of a warm-up round before timing (captures graphs); default: dense/IN + 4")
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
+    p.add_argument("--admission-pace", type=float, default=ADMISSION_PACE,
+                   help=ADMISSION_PACE_HELP + ". Mode non-overlap-greedy runs non-overlap with it off")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="weights and activations (dummy weights). float32 is for correctness runs: with bf16, greedy "
@@ -56,7 +60,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-fraction", type=float, default=0.6,
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
-                   help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, nano-batch, "
+                   help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, non-overlap-greedy "
+                        "(admission pacing off), nano-batch, "
                         "overlap-preset, overlap-preset-{partition,green,nogrid}, overlap-searched, "
                         "overlap-searched-{grid,partition} (the suffix names the resource knob; plain = decode grid "
                         "for the preset, none for the searched spec)")
@@ -149,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         return run_tp(args)
     device = torch.device("cuda")
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
-                   args.kv_cache_dtype, getattr(args, "dtype", "bfloat16"))
+                   args.kv_cache_dtype, getattr(args, "dtype", "bfloat16"), args.admission_pace)
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm
     ea.extra["decode_variant"] = getattr(args, "decode_variant", "auto")
     if getattr(args, "decode_options", None):

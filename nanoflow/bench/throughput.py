@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nanoflow.config import EngineArgs
+from nanoflow.config import ADMISSION_PACE, EngineArgs
 from nanoflow.graphs.pipeline import DEFAULT_PRESET
 
 log = logging.getLogger("nanoflow")
@@ -25,12 +25,14 @@ MODES = {
     "non-overlap": ("none", True, True),
     "non-overlap-eager": ("none", False, True),
     "non-overlap-sync": ("none", True, False),
+    "non-overlap-greedy": ("none", True, True),  # admission pacing off (GREEDY_MODES)
     "nano-batch": ("llama-8b-nanobatch", True, True),
     "overlap-preset": (DEFAULT_PRESET, True, True),  # the engine picks the model's own overlap preset
     "overlap-preset-green": (DEFAULT_PRESET, True, True),
     "overlap-preset-nogrid": (DEFAULT_PRESET, True, True),
     "overlap-preset-partition": (DEFAULT_PRESET, True, True),
 }
+GREEDY_MODES = {"non-overlap-greedy"}  # the scheduler's ablation: admit whenever the predicted peak KV fits
 KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none",
                 "overlap-preset-partition": "partition", "overlap-searched-partition": "partition",
                 "overlap-searched-grid": "grid"}
@@ -193,6 +195,7 @@ def run_record(engine: Any, outs: list[Any], reqs: list[tuple[list[int], int]], 
         "cpu_launch_ms_per_iter": engine.stats_launch_s / it * 1e3, "warmup_s": warm_s, "engine_build_s": build_s,
         "errors": sum(o.finish_reason == "error" for o in outs), "dense_batch": engine.dense_batch_size,
         "kv_cache_tokens": engine.kv_tokens, "preemptions": engine.stats_preemptions,
+        "admission_pace": engine.scheduler.admission_pace,
         "incomplete": sum(o.finish_reason != "length" or len(o.token_ids) != n for o, (_, n) in zip(outs, reqs)),
     }
     graphs = engine.runner.graphs
@@ -239,9 +242,11 @@ def compare_with_earlier(outputs: dict[str, list[list[int]]], label: str, tokens
 
 
 def base_args(model: str, dense: int, seed: int, kv_tokens: int | None, max_num_seqs: int | None,
-              kv_cache_dtype: str = "auto", dtype: str = "bfloat16") -> EngineArgs:
+              kv_cache_dtype: str = "auto", dtype: str = "bfloat16",
+              admission_pace: float = ADMISSION_PACE) -> EngineArgs:
     return EngineArgs(model=model, load_format="dummy", dtype=dtype, device="cuda", dense_batch_size=dense,
-                      seed=seed, kv_cache_tokens=kv_tokens, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype)
+                      seed=seed, kv_cache_tokens=kv_tokens, max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype,
+                      admission_pace=admission_pace)
 
 
 def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
@@ -254,4 +259,5 @@ def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join([*MODES, 'overlap-searched'])}")
     pipeline, graphs, async_ = MODES[mode]
     return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_,
-                   resource_knob=KNOB_OF_MODE.get(mode, args.resource_knob))
+                   resource_knob=KNOB_OF_MODE.get(mode, args.resource_knob),
+                   admission_pace=0.0 if mode in GREEDY_MODES else args.admission_pace)

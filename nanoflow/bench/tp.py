@@ -22,6 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from nanoflow.config import ADMISSION_PACE
+
 log = logging.getLogger("nanoflow")
 
 
@@ -87,7 +89,8 @@ def run_tp(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     ea = base_args(args.model, args.dense_batch_size, args.seed, args.kv_cache_tokens, args.max_num_seqs,
-                   getattr(args, "kv_cache_dtype", "auto"))
+                   getattr(args, "kv_cache_dtype", "auto"),
+                   admission_pace=getattr(args, "admission_pace", ADMISSION_PACE))
     ea = replace(ea, block_size=getattr(args, "block_size", 16),
                  batch_invariant=bool(getattr(args, "batch_invariant", False)))
     ea.extra["decode_ctas_per_sm"] = args.decode_ctas_per_sm

@@ -92,7 +92,8 @@ class Engine:
         self.kv_tokens = kv_tokens
         self.blocks = BlockManager(num_blocks, bs)
         max_seqs = args.max_num_seqs or min(self.dense_batch_size, 1024)
-        self.scheduler = Scheduler(self.blocks, self.dense_batch_size, max_seqs, self.max_model_len)
+        self.scheduler = Scheduler(self.blocks, self.dense_batch_size, max_seqs, self.max_model_len,
+                                   admission_pace=args.admission_pace)
         pipeline = self._load_pipeline(args.pipeline)
         self.runner = self._make_runner(num_blocks, bs, pipeline, comm)
         self.eos_token_ids = tuple(spec.eos_token_ids) or (

@@ -71,8 +71,9 @@ class ReuseScheduler(Scheduler):
     swap out on preemption, and start admission past a reusable prefix. Everything else is the base scheduler."""
 
     def __init__(self, block_manager: Any, dense_batch_size: int, max_num_seqs: int, max_model_len: int,
-                 kv: OffloadingEngine, decode_len_prior: float = 256.0) -> None:
-        super().__init__(block_manager, dense_batch_size, max_num_seqs, max_model_len, decode_len_prior)
+                 kv: OffloadingEngine, decode_len_prior: float = 256.0, admission_pace: float = 0.0) -> None:
+        super().__init__(block_manager, dense_batch_size, max_num_seqs, max_model_len, decode_len_prior,
+                         admission_pace)
         self.kv = kv
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
@@ -130,7 +131,8 @@ class OffloadingEngine(Engine):
         self.host_cache = host_cache
         self.swap_on_preempt = swap_on_preempt
         old = self.scheduler
-        self.scheduler = ReuseScheduler(self.blocks, old.dense_batch_size, old.max_num_seqs, old.max_model_len, kv=self)
+        self.scheduler = ReuseScheduler(self.blocks, old.dense_batch_size, old.max_num_seqs, old.max_model_len, kv=self,
+                                        decode_len_prior=old.decode_len_prior, admission_pace=old.admission_pace)
         self._conversation: dict[str, str | None] = {}
         self._copies: dict[str, HostKVCopy] = {}  # request id -> host copy of its KV (simultaneous offload)
         threads = args.extra.get("kv_copy_threads")  # default: a quarter of the cores, 1-4

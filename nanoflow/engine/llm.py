@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nanoflow.config import EngineArgs
+from nanoflow.config import ADMISSION_PACE, EngineArgs
 from nanoflow.engine.outputs import RequestOutput
 from nanoflow.scheduler.request import SamplingParams
 
@@ -26,14 +26,15 @@ class LLM:
                  kv_cache_tokens: int | None = None, tp: int = 1, seed: int = 0, async_scheduling: bool = True,
                  cuda_graphs: bool = True, compile: bool = True, pipeline: str | None = None,
                  max_num_seqs: int | None = None, block_size: int = 16, resource_knob: str = "grid",
-                 kv_cache_dtype: str = "auto", batch_invariant: bool = False, **extra: Any):
+                 kv_cache_dtype: str = "auto", batch_invariant: bool = False, admission_pace: float = ADMISSION_PACE,
+                 **extra: Any):
         self.args = EngineArgs(model=model, dtype=dtype, device=device, load_format=load_format,
                                dense_batch_size=dense_batch_size, max_model_len=max_model_len,
                                kv_cache_tokens=kv_cache_tokens, tp=tp, seed=seed, async_scheduling=async_scheduling,
                                cuda_graphs=cuda_graphs, compile=compile, pipeline=pipeline,
                                max_num_seqs=max_num_seqs, block_size=block_size, resource_knob=resource_knob,
                                kv_cache_dtype=kv_cache_dtype, batch_invariant=batch_invariant,
-                               extra=extra)
+                               admission_pace=admission_pace, extra=extra)
         import os
 
         if tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:

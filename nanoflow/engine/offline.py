@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from nanoflow.config import (
+    ADMISSION_PACE,
+    ADMISSION_PACE_HELP,
     BATCH_INVARIANT_HELP,
     DECODE_CHOICES,
     DECODE_VARIANT_HELP,
@@ -43,6 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV-cache capacity in tokens; default: from free memory")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
+    p.add_argument("--admission-pace", type=float, default=ADMISSION_PACE, help=ADMISSION_PACE_HELP)
     p.add_argument("--pipeline", default=None,
                    help=f"nano-batch pipeline: a preset name ({', '.join(list_presets())}), a spec .json, 'auto' (the "
                         "newest spec `nanoflow search` cached for this model, dense batch, TP, KV-cache dtype and "
@@ -69,7 +72,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               async_scheduling=not args.no_async, cuda_graphs=not args.no_cuda_graphs,
               compile=not args.no_compile, seed=args.seed, resource_knob=args.resource_knob,
               kv_cache_dtype=args.kv_cache_dtype, decode_variant=args.decode_variant, moe_backend=args.moe_backend,
-              batch_invariant=args.batch_invariant)
+              batch_invariant=args.batch_invariant, admission_pace=args.admission_pace)
     if hasattr(args, "kv_offload"):  # run-offline's flags; bench has none
         kw.update(kv_offload_extra(args))
     return kw

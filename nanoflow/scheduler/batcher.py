@@ -17,6 +17,15 @@ Order of filling one plan:
    stages never reach together. A request whose length is known (``ignore_eos`` with no stop tokens or strings) is
    predicted at exactly ``max_tokens``.
 
+Admission pacing (``admission_pace`` > 0): when the KV cache, not the dense batch, limits the running requests, a
+greedy admission fills the cache with requests of one age, which then all grow to their peak together; admission stops
+and the batch shrinks to decodes only until the cohort ends (waves). The paper's steady state (§4.1.1, the formula in
+:mod:`~nanoflow.scheduler.memory`) holds ``R = kv_tokens / (p + d / 2)`` decoding requests and prefills ``R * p / d``
+tokens an iteration, ``p`` and ``d`` the mean prompt and predicted decode lengths of the running requests. With
+pacing, an iteration's prefill tokens (continued chunks first) admit new requests only up to ``admission_pace`` times
+that rate, so admissions keep the pace at which requests can finish and their ages spread out. Where the cache holds
+more than the dense batch can feed, the rate exceeds the batch and pacing never binds.
+
 If a decode cannot get a KV block, the newest running request not yet in this plan is preempted (its blocks freed;
 later recomputed from ``all_token_ids``; it goes to the front of the waiting queue). Nothing overtakes the head of
 the waiting queue, so no request starves.
@@ -29,12 +38,13 @@ The engine calls ``update(plan_i)`` exactly once per plan, in plan order.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from nanoflow.scheduler.kv_cache import BlockManager
-from nanoflow.scheduler.memory import horizon, peak_blocks
+from nanoflow.scheduler.memory import horizon, peak_blocks, predicted_decode
 from nanoflow.scheduler.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
@@ -106,6 +116,7 @@ class Scheduler:
         max_num_seqs: int,
         max_model_len: int,
         decode_len_prior: float = 256.0,
+        admission_pace: float = 0.0,
     ) -> None:
         self.block_manager = block_manager
         self.dense_batch_size = _positive_int("dense_batch_size", dense_batch_size)
@@ -114,6 +125,10 @@ class Scheduler:
         if not decode_len_prior > 0:
             raise ValueError(f"decode_len_prior must be > 0 tokens, got {decode_len_prior!r}")
         self.decode_len_prior = float(decode_len_prior)
+        if isinstance(admission_pace, bool) or not isinstance(admission_pace, (int, float)) or not (
+                0.0 <= admission_pace < float("inf")):
+            raise ValueError(f"admission_pace must be a number >= 0 (0 turns pacing off), got {admission_pace!r}")
+        self.admission_pace = float(admission_pace)
         # A request never holds more tokens than one cache can: beyond that it ends with "length", which keeps a
         # lone request always schedulable (so preemption can always make progress).
         self._len_limit = min(self.max_model_len, block_manager.capacity_tokens)
@@ -340,13 +355,34 @@ class Scheduler:
         return ScheduledSeq(req.request_id, start, n, req.token_slice(start, end), sample, req.block_ids, req)
 
     def _admit(self, budget: int, prefill: list[ScheduledSeq], it: int) -> int:
-        bm = self.block_manager
         avg = self.avg_decode_len
         held, remaining = [], []
+        prompt_sum = decode_sum = 0.0
         for r in self._running.values():
             h, left = horizon(r, avg, self._len_limit)
             held.append(h)
             remaining.append(left)
+            prompt_sum += len(r.prompt_token_ids)
+            decode_sum += predicted_decode(r, avg)
+        if self.admission_pace and held:
+            room = self.pace_tokens(prompt_sum / len(held), decode_sum / len(held))
+            room -= sum(s.num_tokens for s in prefill)  # continued chunks take their share first
+            if room <= 0:
+                return budget
+            if room < budget:  # admit within room; the rest of the budget stays unused this iteration
+                return budget - (room - self._admit_fcfs(room, prefill, it, held, remaining, avg))
+        return self._admit_fcfs(budget, prefill, it, held, remaining, avg)
+
+    def pace_tokens(self, avg_prompt: float, avg_decode: float) -> int:
+        """Prefill tokens an iteration may carry under admission pacing: ``admission_pace * R * p / d`` with
+        ``R = capacity / (p + d / 2)`` requests decoding in the steady state (module docstring)."""
+        p, d = max(avg_prompt, 1.0), max(avg_decode, 1.0)
+        rate = self.block_manager.capacity_tokens / (p + d / 2) * p / d
+        return max(1, math.ceil(self.admission_pace * rate))
+
+    def _admit_fcfs(self, budget: int, prefill: list[ScheduledSeq], it: int, held: list[int],
+                    remaining: list[int], avg: float) -> int:
+        bm = self.block_manager
         capacity = bm.num_usable_blocks
         waiting = self._waiting
         running = self._running

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanoflow.config import (
+    ADMISSION_PACE,
+    ADMISSION_PACE_HELP,
     BATCH_INVARIANT_HELP,
     DECODE_CHOICES,
     DECODE_VARIANT_HELP,
@@ -61,6 +63,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES, help=DECODE_VARIANT_HELP)
     parser.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS, help=MOE_BACKEND_HELP)
     parser.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
+    parser.add_argument("--admission-pace", type=float, default=ADMISSION_PACE, help=ADMISSION_PACE_HELP)
     add_kv_offload_args(parser, "the rounds of a conversation, scoped by the request's 'conversation_id' field "
                                 "(requests without one share one scope)", host_gib=4.0)
 
@@ -108,6 +111,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                       kv_cache_dtype=args.kv_cache_dtype, batch_invariant=args.batch_invariant,
+                      admission_pace=args.admission_pace,
                       extra={"decode_variant": args.decode_variant, "moe_backend": args.moe_backend,
                              **kv_offload_extra(args)})
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from unittest import mock
 
 import pytest
 import torch
 
 from nanoflow.bench.throughput import mode_args
-from nanoflow.config import EngineArgs
+from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.graphs import resources
 from nanoflow.graphs.nanoop import ResourceKind
 from nanoflow.graphs.pipeline import PipelineSpecError, load_preset
@@ -79,6 +80,12 @@ def test_bench_modes_name_their_knob():
     assert mode_args(args, "overlap-searched-grid", "mixtral-decode-split").resource_knob == "grid"
     with pytest.raises(ValueError, match="unknown mode"):
         mode_args(args, "overlap-presets", None)
+    # admission pacing is on by default; the non-overlap-greedy ablation turns only it off
+    assert args.admission_pace == 1.05 and mode_args(args, "overlap-preset", None).admission_pace == 1.05
+    greedy = mode_args(args, "non-overlap-greedy", None)
+    assert greedy.admission_pace == 0.0 and greedy == replace(mode_args(args, "non-overlap", None), admission_pace=0.0)
+    with pytest.raises(ConfigError, match="admission_pace"):
+        EngineArgs(model="x", admission_pace=-1.0)
 
 
 def test_bench_decode_options_flag():

@@ -38,12 +38,14 @@ MOE_BACKEND_HELP = ("grouped GEMM of MoE experts on a GPU: auto = time triton an
 KV_CACHE_DTYPE_HELP = ("KV-cache element type: auto = the model's dtype; fp8 = float8 e4m3 with unit scale, half "
                        "the bytes of bf16, so about twice the KV tokens fit (on a GPU: compute capability 8.9+)")
 
-ADMISSION_PACE = 1.05
-ADMISSION_PACE_HELP = ("admission pacing: when the KV cache, not the dense batch, limits the running requests, admit "
-                       "new prefill at most this many times the cache's steady-state rate (paper §4.1.1: R * p / d "
-                       "tokens an iteration, R = KV tokens / (p + d/2), p and d the running requests' mean prompt and "
-                       "predicted decode lengths), so requests of one age do not fill the cache together and stall "
-                       "admission until they end; 0 = admit greedily whenever the predicted peak KV fits")
+ADMISSION_PACE = 0.0  # off: simulations predicted it 6% slower to 9% faster (docs/performance.md, session 18)
+PACED_MARGIN = 1.05  # the margin bench mode non-overlap-paced runs when --admission-pace is 0
+ADMISSION_PACE_HELP = ("admission pacing, e.g. 1.05: when the KV cache, not the dense batch, limits the running "
+                       "requests, admit new prefill at most this many times the cache's steady-state rate (paper "
+                       "§4.1.1: R * p / d tokens an iteration, R = KV tokens / (p + d/2), p and d the running "
+                       "requests' mean prompt and predicted decode lengths), so requests of one age do not fill the "
+                       "cache together and stall admission until they end; 0 (default) = admit whenever the "
+                       "predicted peak KV fits")
 
 
 class ConfigError(ValueError):

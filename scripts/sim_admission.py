@@ -5,7 +5,7 @@ when the KV cache, not the dense batch, limits the running requests (Mixtral-8x7
 
     python scripts/sim_admission.py                                  # Mixtral-8x7B on one H200, float8 KV
     python scripts/sim_admission.py --kv-tokens 1730180 --requests 1536   # LLaMA-3-8B, float8 KV
-    python scripts/sim_admission.py --admission-pace 0                  # greedy admission (pacing off)
+    python scripts/sim_admission.py --admission-pace 1.05               # with the engine's admission pacing
 
 Writes a JSON record (``--output-file``) with both rules' iterations, mean tokens per iteration, preemptions, the
 iterations whose batch was full and those that carried no prefill while requests waited (the engine's admission
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: sum (every request's final length at once), peak (the peak over time, "
                          "the engine's rule)")
     ap.add_argument("--admission-pace", type=float, default=ADMISSION_PACE,
-                    help="the engine's admission pacing (--admission-pace of nanoflow run-offline/serve/bench; 0 = "
-                         "greedy, as every run before session 18)")
+                    help="the engine's admission pacing (--admission-pace of nanoflow run-offline/serve/bench), e.g. "
+                         "1.05; 0 = off, the engine's default")
     ap.add_argument("--prefill-cap", type=int, default=0,
                     help="admission pacing, an experiment the engine does not have: at most this many prefill "
                          "tokens per iteration (0: none, as the engine)")

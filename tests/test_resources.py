@@ -80,10 +80,11 @@ def test_bench_modes_name_their_knob():
     assert mode_args(args, "overlap-searched-grid", "mixtral-decode-split").resource_knob == "grid"
     with pytest.raises(ValueError, match="unknown mode"):
         mode_args(args, "overlap-presets", None)
-    # admission pacing is on by default; the non-overlap-greedy ablation turns only it off
-    assert args.admission_pace == 1.05 and mode_args(args, "overlap-preset", None).admission_pace == 1.05
-    greedy = mode_args(args, "non-overlap-greedy", None)
-    assert greedy.admission_pace == 0.0 and greedy == replace(mode_args(args, "non-overlap", None), admission_pace=0.0)
+    # admission pacing is off by default; the non-overlap-paced mode turns only it on (1.05, or --admission-pace)
+    assert args.admission_pace == 0.0 and mode_args(args, "overlap-preset", None).admission_pace == 0.0
+    paced = mode_args(args, "non-overlap-paced", None)
+    assert paced.admission_pace == 1.05 and paced == replace(mode_args(args, "non-overlap", None), admission_pace=1.05)
+    assert mode_args(replace(args, admission_pace=1.2), "non-overlap-paced", None).admission_pace == 1.2
     with pytest.raises(ConfigError, match="admission_pace"):
         EngineArgs(model="x", admission_pace=-1.0)
 

@@ -42,7 +42,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
     p.add_argument("--admission-pace", type=float, default=ADMISSION_PACE,
-                   help=ADMISSION_PACE_HELP + ". Mode non-overlap-greedy runs non-overlap with it off")
+                   help=ADMISSION_PACE_HELP + ". Mode non-overlap-paced runs non-overlap with this pacing, or "
+                        "1.05 where it is 0")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="weights and activations (dummy weights). float32 is for correctness runs: with bf16, greedy "
@@ -60,8 +61,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-fraction", type=float, default=0.6,
                    help="fraction of the GPU memory free after the weights given to the KV cache (same for all modes)")
     p.add_argument("--modes", default="non-overlap",
-                   help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, non-overlap-greedy "
-                        "(admission pacing off), nano-batch, "
+                   help="comma list of: non-overlap, non-overlap-eager, non-overlap-sync, non-overlap-paced "
+                        "(admission pacing on), nano-batch, "
                         "overlap-preset, overlap-preset-{partition,green,nogrid}, overlap-searched, "
                         "overlap-searched-{grid,partition} (the suffix names the resource knob; plain = decode grid "
                         "for the preset, none for the searched spec)")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nanoflow.config import ADMISSION_PACE, EngineArgs
+from nanoflow.config import ADMISSION_PACE, PACED_MARGIN, EngineArgs
 from nanoflow.graphs.pipeline import DEFAULT_PRESET
 
 log = logging.getLogger("nanoflow")
@@ -25,14 +25,14 @@ MODES = {
     "non-overlap": ("none", True, True),
     "non-overlap-eager": ("none", False, True),
     "non-overlap-sync": ("none", True, False),
-    "non-overlap-greedy": ("none", True, True),  # admission pacing off (GREEDY_MODES)
+    "non-overlap-paced": ("none", True, True),  # admission pacing on (PACED_MODES)
     "nano-batch": ("llama-8b-nanobatch", True, True),
     "overlap-preset": (DEFAULT_PRESET, True, True),  # the engine picks the model's own overlap preset
     "overlap-preset-green": (DEFAULT_PRESET, True, True),
     "overlap-preset-nogrid": (DEFAULT_PRESET, True, True),
     "overlap-preset-partition": (DEFAULT_PRESET, True, True),
 }
-GREEDY_MODES = {"non-overlap-greedy"}  # the scheduler's ablation: admit whenever the predicted peak KV fits
+PACED_MODES = {"non-overlap-paced"}  # --admission-pace, or PACED_MARGIN where that is 0 (off)
 KNOB_OF_MODE = {"overlap-preset-green": "green", "overlap-preset-nogrid": "none", "overlap-searched": "none",
                 "overlap-preset-partition": "partition", "overlap-searched-partition": "partition",
                 "overlap-searched-grid": "grid"}
@@ -260,4 +260,4 @@ def mode_args(args: EngineArgs, mode: str, searched: str | None) -> EngineArgs:
     pipeline, graphs, async_ = MODES[mode]
     return replace(args, pipeline=pipeline, cuda_graphs=graphs, async_scheduling=async_,
                    resource_knob=KNOB_OF_MODE.get(mode, args.resource_knob),
-                   admission_pace=0.0 if mode in GREEDY_MODES else args.admission_pace)
+                   admission_pace=(args.admission_pace or PACED_MARGIN) if mode in PACED_MODES else args.admission_pace)

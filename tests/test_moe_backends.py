@@ -105,6 +105,28 @@ def test_auto_falls_back_to_triton_when_torch_cannot_run(monkeypatch: pytest.Mon
     assert moe.grouped_mm_choices()[0]["ms"] == {"torch": None, "triton": 5.0}
 
 
+def test_auto_times_a_routing_like_split_not_an_even_one():
+    """``typical_offsets`` against a sampled random top-2 routing: the same total, sorted counts, and a spread like
+    the sampled one (an even split would put every expert exactly on a tile boundary)."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, experts, top_k = 2048, 8, 2
+    sampled = []
+    for _ in range(200):  # each token picks top_k distinct experts uniformly, as a random router does
+        picks = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices
+        sampled.append(torch.bincount(picks.flatten(), minlength=experts).sort().values.float())
+    mean_sorted = torch.stack(sampled).mean(0)
+    offsets = moe.typical_offsets(tokens * top_k, experts)
+    counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], dtype=torch.float32)
+    assert offsets[0] == 0 and offsets[-1] == tokens * top_k and counts.tolist() == sorted(counts.tolist())
+    assert (counts - mean_sorted).abs().max() < 10  # within 10 rows of the sampled order statistics (spread ~20)
+    assert counts.max() > 512  # some expert over the 512-row boundary, as in a real step of 2,048 tokens
+    for rows, e in ((0, 8), (5, 8), (7, 8), (1, 1), (100, 3)):
+        o = moe.typical_offsets(rows, e)
+        assert len(o) == e + 1 and o[0] == 0 and o[-1] == rows and all(b >= a for a, b in zip(o, o[1:]))
+    with pytest.raises(moe.MoEInputError, match="rows >= 0"):
+        moe.typical_offsets(-1, 8)
+
+
 def test_backend_names_are_checked_where_they_enter():
     x, w, _ = inputs([4], 8, 16, torch.float32)
     with pytest.raises(moe.MoEInputError, match="auto, triton, torch"):

@@ -15,13 +15,13 @@ The routed computation of ``n`` tokens, each sent to ``k`` experts, as the ``exp
 :func:`grouped_mm` has three backends on a GPU: ``triton`` (:mod:`nanoflow.ops.grouped_gemm`, writes the caller's
 buffer, applies the routing weight to the fp32 accumulator), ``torch`` (``torch._grouped_mm``, PyTorch's CUTLASS
 grouped GEMM: it returns a new tensor and has no epilogue, so :func:`experts_forward` applies the routing weights
-in the combine instead, :func:`combine_weighted_into`) and ``auto`` (the default): the
-first time a shape ``(rows, N, K, experts)`` is seen outside CUDA-graph capture, both run on an even split of the
-rows and the faster is kept for that shape (:func:`grouped_mm_choices` lists what was picked and the timings). The
-two win at different sizes (an H100 at Mixtral's shapes, s11-moe-grouped-gemm-h100.json: Triton at 2,048 routed rows
-for gate/up, torch at 4,096 for both; end to end on a 16-layer Mixtral, s11-bench-fp8kv-moe-backends-h100-*: auto
-+5.5% over Triton alone). Both read the offsets on the device, so either can be captured. Off the GPU
-the loop over experts runs (``torch`` still calls ``torch._grouped_mm``, for tests).
+in the combine instead, :func:`combine_weighted_into`) and ``auto`` (the default): the first time a shape
+``(rows, N, K, experts)`` is seen outside CUDA-graph capture, both run on the rows split as a random routing splits
+them (:func:`typical_offsets`) and the faster is kept for that shape (:func:`grouped_mm_choices` lists what was
+picked and the timings). The two win at different sizes (an H100 at Mixtral's shapes, s11-moe-grouped-gemm-h100.json:
+Triton at 2,048 routed rows for gate/up, torch at 4,096 for both; end to end on a 16-layer Mixtral,
+s11-bench-fp8kv-moe-backends-h100-*: auto +5.5% over Triton alone). Both read the offsets on the device, so either
+can be captured. Off the GPU the loop over experts runs (``torch`` still calls ``torch._grouped_mm``, for tests).
 
 Under tensor parallelism each rank holds a slice of every expert's intermediate dim; routing is replicated and the
 per-rank sums are partial, completed by the layer's ``ffn_all_reduce``.
@@ -29,8 +29,11 @@ per-rank sums are partial, completed by the layer's ``ffn_all_reduce``.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Callable
+from statistics import NormalDist
 from typing import NamedTuple
 
 import torch
@@ -169,11 +172,31 @@ def _time_ms(fn: Callable[[], object], reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
+def typical_offsets(rows: int, experts: int) -> list[int]:
+    """``[experts + 1]`` offsets of ``rows`` split the way a random routing splits them, not evenly: expert ``i``
+    gets ``rows / experts + sqrt(rows / experts) * z_i`` rows, ``z_i`` the normal quantile at ``(i + 0.5) / experts``
+    (a binomial count's spread, about). An even split puts every expert exactly on a GEMM tile boundary whenever
+    ``rows / experts`` is a multiple of the tile (4,096 rows, 8 experts: 512 each), where a real routing sends some
+    experts a few rows over and so a whole tile more: session 11 timed torch's grouped GEMM at 1.76 ms for Mixtral's
+    gate/up on 4,096 randomly routed rows (the most an expert got: 549), session 17 at 1.31 ms on an even split."""
+    if rows < 0 or experts < 1:
+        raise MoEInputError(f"need rows >= 0 and experts >= 1, got {rows} and {experts}")
+    mean = rows / experts
+    dist = NormalDist()
+    counts = [max(0, round(mean + math.sqrt(mean) * dist.inv_cdf((i + 0.5) / experts))) for i in range(experts)]
+    counts[-1 if sum(counts) < rows else counts.index(max(counts))] += rows - sum(counts)
+    while min(counts) < 0:  # too few rows for the spread: take the deficit from the largest
+        i = counts.index(min(counts))
+        counts[counts.index(max(counts))] += counts[i]
+        counts[i] = 0
+    return [0, *itertools.accumulate(counts)]
+
+
 def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, rounds: int = 3) -> str:
-    """The faster backend for this call's shape (``scaled``: with a row scale), timed once per :class:`_Shape` on an
-    even split of the rows: after the device is idle, ``rounds`` alternating rounds of each, the best round kept.
-    Triton is timed with the scale in its epilogue, torch without it: :func:`experts_forward` folds the scale into
-    the combine when torch runs the GEMM."""
+    """The faster backend for this call's shape (``scaled``: with a row scale), timed once per :class:`_Shape` on
+    rows split as a random routing splits them (:func:`typical_offsets`): after the device is idle, ``rounds``
+    alternating rounds of each, the best round kept. Triton is timed with the scale in its epilogue, torch without
+    it: :func:`experts_forward` folds the scale into the combine when torch runs the GEMM."""
     from nanoflow.ops.grouped_gemm import grouped_gemm
 
     m, e, n, k = x.shape[0], w.shape[0], w.shape[1], w.shape[2]
@@ -186,11 +209,11 @@ def _auto_backend(x: torch.Tensor, w: torch.Tensor, scaled: bool, rounds: int = 
         # Timing is impossible inside a capture; the engine warms every shape up eagerly first, so this is rare.
         log.warning("grouped GEMM %s seen first during CUDA-graph capture: using triton untimed", key)
         return "triton"
-    even = torch.linspace(0, m, e + 1, device=x.device).round().to(torch.int32)
+    split = torch.tensor(typical_offsets(m, e), dtype=torch.int32, device=x.device)
     scratch = torch.empty(m, n, dtype=x.dtype, device=x.device)
     row_scale = torch.ones(m, dtype=torch.float32, device=x.device) if scaled else None
-    runs = {"torch": lambda: grouped_mm_torch(x, even, w),
-            "triton": lambda: grouped_gemm(x, even, w, out=scratch, row_scale=row_scale)}
+    runs = {"torch": lambda: grouped_mm_torch(x, split, w),
+            "triton": lambda: grouped_gemm(x, split, w, out=scratch, row_scale=row_scale)}
     ms: dict[str, float | None] = {}
     for name, fn in runs.items():  # compile / autotune / allocate; a backend that cannot run drops out
         try:

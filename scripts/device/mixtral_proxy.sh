@@ -3,7 +3,7 @@
 # one H200 (--kv-cache-tokens, default 752,676 float8 tokens as measured in s8), so the scheduler sees the memory
 # pressure of #8's run and each step costs about half of the full model's. Env: PROXY_REQS (default 1536),
 # PROXY_KV (default 752676), PROXY_MODES (default non-overlap,overlap-preset), PROXY_S (time limit, default 500),
-# PROXY_DENSE (the dense batch; default the bench's 2,048), PROXY_SPEC (a spec or preset for the overlap-searched*
+# PROXY_DENSE (the dense batch, or several: "2048 1920"; default the bench's 2,048), PROXY_SPEC (a spec or preset for the overlap-searched*
 # modes, e.g. PROXY_MODES=non-overlap,overlap-searched-grid PROXY_SPEC=mixtral-decode-split), PROXY_TEST=1 runs the
 # fused RoPE + KV GPU test first.
 # Results under $OUT.
@@ -20,10 +20,27 @@ cfg["num_hidden_layers"] = 16
 os.makedirs("/tmp/mixtral-8x7b-16l", exist_ok=True)
 json.dump(cfg, open("/tmp/mixtral-8x7b-16l/config.json", "w"), indent=1)
 PY
-timeout "${PROXY_S:-500}" python3 -m nanoflow.cli bench --model /tmp/mixtral-8x7b-16l --kv-cache-dtype fp8 \
-  --num-requests "${PROXY_REQS:-1536}" --kv-cache-tokens "${PROXY_KV:-752676}" \
-  --modes "${PROXY_MODES:-non-overlap,overlap-preset}" --overlap-preset mixtral-overlap --moe-backend auto \
-  ${PROXY_DENSE:+--dense-batch-size "$PROXY_DENSE"} ${PROXY_SPEC:+--searched-spec "$PROXY_SPEC"} \
-  --profile --output "$OUT/mixtral16l" > "$OUT/mixtral16l.log" 2>&1
-echo "mixtral16l rc $?"
-grep -E "tok/s|FAILED|Error|WARNING" "$OUT/mixtral16l.log" | cut -c1-400
+# PROXY_DENSE may list several dense batches ("2048 1920"): one bench each (PROXY_S seconds each), into
+# $OUT/mixtral16l-dN; their charts are dropped then ($OUT keeps at most 8 files).
+DENSES=(${PROXY_DENSE:-})
+for DENSE in "${DENSES[@]:-}"; do
+  NAME=mixtral16l${DENSE:+-d$DENSE}
+  [ "${#DENSES[@]}" -le 1 ] && NAME=mixtral16l
+  timeout "${PROXY_S:-500}" python3 -m nanoflow.cli bench --model /tmp/mixtral-8x7b-16l --kv-cache-dtype fp8 \
+    --num-requests "${PROXY_REQS:-1536}" --kv-cache-tokens "${PROXY_KV:-752676}" \
+    --modes "${PROXY_MODES:-non-overlap,overlap-preset}" --overlap-preset mixtral-overlap --moe-backend auto \
+    ${DENSE:+--dense-batch-size "$DENSE"} ${PROXY_SPEC:+--searched-spec "$PROXY_SPEC"} \
+    --profile --output "$OUT/$NAME" > "$OUT/$NAME.log" 2>&1
+  echo "$NAME rc $?"
+  grep -E "tok/s|FAILED|Error|WARNING" "$OUT/$NAME.log" | cut -c1-400
+  python3 - "$OUT/$NAME.json" <<'PY' 2>/dev/null
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    p = r.get("profile") or {}
+    print(r.get("label", r.get("mode")), "dense", r.get("dense_batch"), "per-class ms:",
+          {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()}, "tokens:", p.get("decode_tokens"),
+          p.get("prefill_tokens"), "iterations:", r.get("iterations"))
+PY
+done
+[ "${#DENSES[@]}" -gt 1 ] && rm -f "$OUT"/*.png
+exit 0

@@ -175,7 +175,8 @@ def test_run_record_counts_only_this_modes_recompile_give_ups(monkeypatch):
     before = recompile_limit_hits()  # an earlier mode gave up 3x
     graphs = SimpleNamespace(replays=5, eager_runs=0, capture_seconds=1.0, captured=[1, 2])
     engine = SimpleNamespace(stats_iterations=5, stats_sched_s=0.0, stats_launch_s=0.0, dense_batch_size=64,
-                             kv_tokens=1024, stats_preemptions=0, runner=SimpleNamespace(graphs=graphs))
+                             kv_tokens=1024, stats_preemptions=0, runner=SimpleNamespace(graphs=graphs),
+                             scheduler=SimpleNamespace(admission_pace=0.0))
     out = SimpleNamespace(prompt_token_ids=[1, 2], token_ids=[3], finish_reason="length")
     assert run_record(engine, [out], [([1, 2], 1)], 1.0, 0.0, 0.0, before)["recompile_limit_hits"] == 0
     counters["unimplemented"][reason] += 2  # this mode gives up twice

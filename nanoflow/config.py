@@ -307,7 +307,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        if not 0.0 <= self.admission_pace < float("inf"):
+        pace = self.admission_pace
+        if isinstance(pace, bool) or not isinstance(pace, (int, float)) or not 0.0 <= pace < float("inf"):
             raise ConfigError(f"admission_pace must be >= 0 (0 turns admission pacing off), got {self.admission_pace}")
         if self.tp < 1:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")

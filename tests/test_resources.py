@@ -85,8 +85,9 @@ def test_bench_modes_name_their_knob():
     paced = mode_args(args, "non-overlap-paced", None)
     assert paced.admission_pace == 1.05 and paced == replace(mode_args(args, "non-overlap", None), admission_pace=1.05)
     assert mode_args(replace(args, admission_pace=1.2), "non-overlap-paced", None).admission_pace == 1.2
-    with pytest.raises(ConfigError, match="admission_pace"):
-        EngineArgs(model="x", admission_pace=-1.0)
+    for bad in (-1.0, float("nan"), "1.05", True):
+        with pytest.raises(ConfigError, match="admission_pace"):
+            EngineArgs(model="x", admission_pace=bad)
 
 
 def test_bench_decode_options_flag():

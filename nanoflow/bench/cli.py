@@ -24,6 +24,7 @@ from nanoflow.config import (
     DTYPES,
     KV_CACHE_DTYPE_HELP,
     KV_CACHE_DTYPES,
+    PACED_MARGIN,
     ConfigError,
 )
 
@@ -42,8 +43,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dense-batch-size", type=int, default=2048, help="tokens per iteration")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most running requests (decode capacity)")
     p.add_argument("--admission-pace", type=float, default=ADMISSION_PACE,
-                   help=ADMISSION_PACE_HELP + ". Mode non-overlap-paced runs non-overlap with this pacing, or "
-                        "1.05 where it is 0")
+                   help=f"{ADMISSION_PACE_HELP}. Mode non-overlap-paced runs non-overlap with this pacing, or "
+                        f"{PACED_MARGIN} where it is 0")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="weights and activations (dummy weights). float32 is for correctness runs: with bf16, greedy "

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from nanoflow.scheduler.kv_cache import BlockManager
-from nanoflow.scheduler.memory import horizon, peak_blocks, predicted_decode
+from nanoflow.scheduler.memory import horizon, peak_blocks, predicted_decode, steady_prefill_tokens
 from nanoflow.scheduler.request import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
@@ -378,8 +378,7 @@ class Scheduler:
     def pace_tokens(self, avg_prompt: float, avg_decode: float) -> int:
         """Prefill tokens an iteration may carry under admission pacing: ``admission_pace * R * p / d`` with
         ``R = capacity / (p + d / 2)`` requests decoding in the steady state (module docstring)."""
-        p, d = max(avg_prompt, 1.0), max(avg_decode, 1.0)
-        rate = self.block_manager.capacity_tokens / (p + d / 2) * p / d
+        rate = steady_prefill_tokens(self.block_manager.capacity_tokens, avg_prompt, avg_decode)
         return max(1, math.ceil(self.admission_pace * rate))
 
     def _admit_fcfs(self, budget: int, prefill: list[ScheduledSeq], it: int, held: list[int],

@@ -74,6 +74,13 @@ def dense_batch_from_memory(
     return DenseBatchPlan(max(1, min(decode_requests, decode_share)), dense, kv_tokens)
 
 
+def steady_prefill_tokens(kv_tokens: int, avg_prompt: float, avg_decode: float) -> float:
+    """Prefill tokens an iteration carries in the steady state of the module docstring's formula: ``R * p / d`` with
+    ``R = kv_tokens / (p + d / 2)`` requests decoding (each length floored at one token). Admission pacing's rate."""
+    p, d = max(avg_prompt, 1.0), max(avg_decode, 1.0)
+    return kv_tokens / (p + d / 2) * p / d
+
+
 def predicted_decode(req: Request, avg: float) -> float:
     """Tokens ``req`` is predicted to generate: ``max_tokens`` when nothing can end it earlier (``ignore_eos`` and no
     stop tokens or strings), else ``min(max_tokens, avg)`` (``avg``: the mean decode length of finished requests)."""

@@ -33,14 +33,7 @@ for DENSE in "${DENSES[@]:-}"; do
     --profile --output "$OUT/$NAME" > "$OUT/$NAME.log" 2>&1
   echo "$NAME rc $?"
   grep -E "tok/s|FAILED|Error|WARNING" "$OUT/$NAME.log" | cut -c1-400
-  python3 - "$OUT/$NAME.json" <<'PY' 2>/dev/null
-import json, sys
-for r in json.load(open(sys.argv[1])):
-    p = r.get("profile") or {}
-    print(r.get("label", r.get("mode")), "dense", r.get("dense_batch"), "per-class ms:",
-          {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()}, "tokens:", p.get("decode_tokens"),
-          p.get("prefill_tokens"), "iterations:", r.get("iterations"))
-PY
+  python3 scripts/device/bench_summary.py "$OUT/$NAME.json"
 done
 [ "${#DENSES[@]}" -gt 1 ] && rm -f "$OUT"/*.png
 exit 0

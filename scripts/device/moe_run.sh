@@ -27,12 +27,4 @@ timeout "${MIXTRAL_S:-330}" python3 -m nanoflow.cli bench --model mixtral-8x7b -
   --profile --output "$OUT/mixtral" > "$OUT/mixtral.log" 2>&1
 echo "mixtral rc $?"
 grep -E "tok/s|FAILED|Error" "$OUT/mixtral.log" | cut -c1-300
-python3 - "$OUT/mixtral.json" <<'PY' 2>/dev/null
-import json, sys
-for r in json.load(open(sys.argv[1])):
-    p = r.get("profile") or {}
-    print(r.get("label", r.get("mode")), "per-class ms:", {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()},
-          "tokens:", p.get("decode_tokens"), p.get("prefill_tokens"), "kv_cache_tokens:", r.get("kv_cache_tokens"))
-    for c in r.get("grouped_mm_choices") or []:
-        print("   grouped GEMM", c["rows"], c["n"], c["k"], c["backend"], c["ms"])
-PY
+python3 scripts/device/bench_summary.py "$OUT/mixtral.json" --choices

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,11 @@ ADMISSION_PACE_HELP = ("admission pacing, e.g. 1.05: when the KV cache, not the 
                        "requests' mean prompt and predicted decode lengths), so requests of one age do not fill the "
                        "cache together and stall admission until they end; 0 (default) = admit whenever the "
                        "predicted peak KV fits")
+GPU_MEMORY_UTILIZATION_HELP = (
+    "size the KV cache by measurement, as vLLM's flag of that name does: the engine may hold this share of the GPU's "
+    "total memory (weights, activations, CUDA graphs and KV cache), e.g. 0.95. A probe engine with a small cache "
+    "first captures every CUDA graph and runs a full dense batch and a full decode step, and the cache gets what "
+    "that leaves. Default: --kv-cache-tokens, else 0.9 of the free memory less an estimate of the activations")
 
 
 class ConfigError(ValueError):
@@ -275,6 +280,9 @@ class EngineArgs:
     dense_batch_size: int | None = None
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None
+    # Share of the GPU's total memory this engine may hold; the KV cache gets what a probe run leaves
+    # (engine/memory.py). None: kv_cache_tokens, else the free-memory estimate (engine/builder.kv_capacity_tokens).
+    gpu_memory_utilization: float | None = None
     block_size: int = 16
     max_num_seqs: int | None = None
     tp: int = 1
@@ -310,6 +318,16 @@ class EngineArgs:
         pace = self.admission_pace
         if isinstance(pace, bool) or not isinstance(pace, (int, float)) or not 0.0 <= pace < float("inf"):
             raise ConfigError(f"admission_pace must be >= 0 (0 turns admission pacing off), got {self.admission_pace}")
+        util = self.gpu_memory_utilization
+        if util is not None:
+            if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0.0 < util <= 1.0:
+                raise ConfigError(f"gpu_memory_utilization must be a fraction in (0, 1], e.g. 0.9; got {util!r}")
+            if self.kv_cache_tokens is not None:
+                raise ConfigError("give kv_cache_tokens or gpu_memory_utilization, not both: the first fixes the KV "
+                                  "cache's size, the second measures it")
+            if self.tp > 1:
+                raise ConfigError("gpu_memory_utilization measures one GPU's memory; under tensor parallelism give "
+                                  "kv_cache_tokens (--kv-cache-tokens), the capacity every rank allocates")
         if self.tp < 1:
             raise ConfigError(f"tp must be >= 1, got {self.tp}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -330,3 +348,11 @@ class EngineArgs:
         if self.extra.get("moe_backend", "auto") not in MOE_BACKENDS:
             raise ConfigError(f"moe_backend {self.extra['moe_backend']!r} is not supported; use one of "
                               f"{', '.join(MOE_BACKENDS)}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        """``EngineArgs`` from keyword arguments as ``LLM(...)`` takes them: the fields by name, every other keyword
+        (``moe_backend``, ``decode_variant``, ``kv_offload`` ...) into ``extra``."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        extra = {**kwargs.pop("extra", {}), **{k: kwargs.pop(k) for k in list(kwargs) if k not in names}}
+        return cls(**kwargs, extra=extra)

@@ -22,11 +22,13 @@ from nanoflow.config import (
     DECODE_CHOICES,
     DECODE_OPTION_KEYS,
     DTYPES,
+    GPU_MEMORY_UTILIZATION_HELP,
     KV_CACHE_DTYPE_HELP,
     KV_CACHE_DTYPES,
     PACED_MARGIN,
     ConfigError,
 )
+from nanoflow.engine.flags import memory_fraction
 
 log = logging.getLogger("nanoflow")
 
@@ -45,7 +47,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--admission-pace", type=float, default=ADMISSION_PACE,
                    help=f"{ADMISSION_PACE_HELP}. Mode non-overlap-paced runs non-overlap with this pacing, or "
                         f"{PACED_MARGIN} where it is 0")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV capacity; default: --kv-fraction of free")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-tokens", type=int, default=None,
+                    help="KV capacity; default: --kv-fraction of free")
+    kv.add_argument("--gpu-memory-utilization", type=memory_fraction, default=None,
+                    help=GPU_MEMORY_UTILIZATION_HELP + ". Here: one probe before the first mode sizes the cache of "
+                         "every mode (record field memory_profile); overrides --kv-fraction")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="weights and activations (dummy weights). float32 is for correctness runs: with bf16, greedy "
                         "outputs of random weights (near-tied logits) differ between modes whose GEMMs split the "
@@ -150,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("nanoflow bench needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.tp > 1 and args.gpu_memory_utilization is not None:
+        print("nanoflow bench: --gpu-memory-utilization measures one GPU; with --tp give --kv-cache-tokens or "
+              "--kv-fraction", file=sys.stderr)
+        return 2
     if args.tp > 1:
         from nanoflow.bench.tp import run_tp
 
@@ -170,7 +181,16 @@ def run(args: argparse.Namespace) -> int:
     parts = load_parts(ea, device)
     spec = parts["model"].spec
     log.info("weights ready in %.1f s", time.perf_counter() - t0)
-    if ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
+    max_len = min(spec.max_position_embeddings, 8192)
+    memory_profile = None
+    if ea.kv_cache_tokens is None and args.gpu_memory_utilization is not None:  # one capacity for every mode
+        from nanoflow.engine.memory_profile import profile_kv_cache
+
+        prof = profile_kv_cache(replace(ea, gpu_memory_utilization=args.gpu_memory_utilization,
+                                        max_model_len=max_len), parts, device)
+        memory_profile = prof.summary()
+        ea = replace(ea, kv_cache_tokens=prof.kv_tokens)
+    elif ea.kv_cache_tokens is None:  # one capacity for every mode, so their batches are comparable
         per_token = kv_token_bytes(ea, parts, device)
         ea = replace(ea, kv_cache_tokens=int(args.kv_fraction * torch.cuda.mem_get_info()[0] / per_token))
     monitor = clock_monitor(interval_s=0.005)  # the peak is a short burst: its clocks explain run-to-run spread
@@ -179,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
         monitor.stop()
         peak["gpu_clocks"] = monitor.summary()
     optimal = peak["peak_tflops"] * 1e12 / (2 * spec.active_params)
-    max_len = min(spec.max_position_embeddings, 8192)
     reqs = workload(args.workload, args.num_requests, spec.vocab_size, args.seed, max_len)
     ea = replace(ea, max_model_len=max_len)
     in_len = max(1, sum(len(r[0]) for r in reqs) // len(reqs))
@@ -191,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
               "model": args.model, "tp": 1, "workload": args.workload, "dense_batch": args.dense_batch_size,
               "dtype": str(parts["dtype"]).removeprefix("torch."), "batch_invariant": ea.batch_invariant,
               "fused_rope_kv": ea.extra["fused_rope_kv"], "peak_tflops": peak["peak_tflops"], "optimal_tok_s": optimal,
-              "gemm": peak,
+              "gemm": peak, "memory_profile": memory_profile,
               "host": platform.node()}
     records: list[dict[str, Any]] = []
     timelines: dict[str, Any] = {}

@@ -72,6 +72,8 @@ def run_mode(args: EngineArgs, parts: dict[str, Any], reqs: list[tuple[list[int]
     from nanoflow.graphs.glue import recompile_limit_hits
 
     hits_before = recompile_limit_hits()  # the record counts this mode's give-ups only
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the record's memory peaks are this mode's
     t_build = time.perf_counter()
     engine = Engine(args, parts=parts)
     try:
@@ -144,6 +146,10 @@ def _run_engine(engine: Any, args: EngineArgs, reqs: list[tuple[list[int], int]]
         wall = time.perf_counter() - t0
     engine.plan_hook = None
     rec = run_record(engine, outs, reqs, wall, warm_s, warm_t0 - t_build, hits_before)
+    if engine.device.type == "cuda":
+        from nanoflow.engine.memory_profile import memory_summary
+
+        rec["memory"] = memory_summary(engine.device, engine.runner.kv_cache)
     if monitor is not None:
         monitor.stop()
         rec["gpu_clocks"] = monitor.summary()

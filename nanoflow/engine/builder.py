@@ -6,6 +6,7 @@ Every user-facing choice is resolved here, once, with an error that says what to
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,9 @@ def load_parts(args: EngineArgs, device: torch.device, tp_rank: int = 0, tp_size
 def create_engine(args: EngineArgs) -> Any:
     """The engine ``args`` ask for: the tensor-parallel leader (``tp > 1``; other ranks follow inside and never
     return), the KV-offloading engine (``extra["kv_offload"]``, one device only), else the plain engine."""
+    if args.tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.warning("launched with WORLD_SIZE=%s but tp=1: every rank runs a full copy; pass --tp to shard the model",
+                    os.environ["WORLD_SIZE"])
     if args.tp > 1 and args.extra.get("kv_offload"):
         raise ConfigError("KV offload/reuse runs on one device only; drop --kv-offload or use --tp 1")
     if args.tp > 1:

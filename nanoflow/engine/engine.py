@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -86,6 +86,16 @@ class Engine:
         self.kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, parts["dtype"], self.device)
         self.dense_batch_size = args.dense_batch_size or self._default_dense_batch(self.kv_dtype)
         act_bytes = sum(b.width for b in self.model.buffer_specs().values()) * self.dense_batch_size * 2
+        self.memory_profile = None  # engine/memory_profile.py: what sized the KV cache, with gpu_memory_utilization
+        if args.gpu_memory_utilization is not None and self.device.type == "cuda":
+            from nanoflow.engine.memory_profile import profile_kv_cache
+
+            self.memory_profile = profile_kv_cache(replace(args, dense_batch_size=self.dense_batch_size), parts,
+                                                   self.device)
+            args = replace(args, kv_cache_tokens=self.memory_profile.kv_tokens, gpu_memory_utilization=None)
+        elif args.gpu_memory_utilization is not None:
+            log.warning("gpu_memory_utilization sizes a GPU's KV cache; on %s the default capacity applies "
+                        "(--kv-cache-tokens sets it)", self.device)
         kv_tokens = kv_capacity_tokens(args, spec, self.device, self.kv_dtype, act_bytes, self.model.local_kv_heads)
         bs = args.block_size
         num_blocks = kv_tokens // bs + 1  # +1: the null block
@@ -116,6 +126,17 @@ class Engine:
         """Exempt what exists now from Python's cyclic GC (:func:`freeze_gc`); call it again after CUDA-graph capture
         and the first compiled steps, which create many more long-lived objects."""
         return freeze_gc()
+
+    def capture_all(self, segment_buckets: tuple[int, ...] = (4,)) -> float:
+        """Capture every CUDA-graph token bucket now (before traffic, so first requests stay fast), then freeze the
+        GC over what that built; seconds spent (0 without CUDA graphs). The TP leader overrides it to capture on
+        every rank together."""
+        graphs = self.runner.graphs
+        if graphs is None:
+            return 0.0
+        seconds = graphs.capture_all(segment_buckets)
+        self.freeze_gc()
+        return seconds
 
     def _default_dense_batch(self, kv_dtype: torch.dtype) -> int:
         """Paper §4.1.1: from GPU memory, weights, the KV cache's element size and the expected workload

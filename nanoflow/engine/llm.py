@@ -23,26 +23,20 @@ on: for an offline batch they live for the whole run, and the one collection tha
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
                  load_format: str = "auto", dense_batch_size: int | None = None, max_model_len: int | None = None,
-                 kv_cache_tokens: int | None = None, tp: int = 1, seed: int = 0, async_scheduling: bool = True,
+                 kv_cache_tokens: int | None = None, gpu_memory_utilization: float | None = None, tp: int = 1,
+                 seed: int = 0, async_scheduling: bool = True,
                  cuda_graphs: bool = True, compile: bool = True, pipeline: str | None = None,
                  max_num_seqs: int | None = None, block_size: int = 16, resource_knob: str = "grid",
                  kv_cache_dtype: str = "auto", batch_invariant: bool = False, admission_pace: float = ADMISSION_PACE,
                  **extra: Any):
         self.args = EngineArgs(model=model, dtype=dtype, device=device, load_format=load_format,
                                dense_batch_size=dense_batch_size, max_model_len=max_model_len,
-                               kv_cache_tokens=kv_cache_tokens, tp=tp, seed=seed, async_scheduling=async_scheduling,
+                               kv_cache_tokens=kv_cache_tokens, gpu_memory_utilization=gpu_memory_utilization,
+                               tp=tp, seed=seed, async_scheduling=async_scheduling,
                                cuda_graphs=cuda_graphs, compile=compile, pipeline=pipeline,
                                max_num_seqs=max_num_seqs, block_size=block_size, resource_knob=resource_knob,
                                kv_cache_dtype=kv_cache_dtype, batch_invariant=batch_invariant,
                                admission_pace=admission_pace, extra=extra)
-        import os
-
-        if tp == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import logging
-
-            logging.getLogger("nanoflow").warning(
-                "launched with WORLD_SIZE=%s but tp=1: every rank runs a full copy; pass --tp to shard the model",
-                os.environ["WORLD_SIZE"])
         from nanoflow.engine.builder import create_engine
 
         self.engine = create_engine(self.args)

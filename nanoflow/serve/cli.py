@@ -15,20 +15,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from nanoflow.config import (
-    ADMISSION_PACE,
-    ADMISSION_PACE_HELP,
-    BATCH_INVARIANT_HELP,
-    DECODE_CHOICES,
-    DECODE_VARIANT_HELP,
-    DTYPES,
-    KV_CACHE_DTYPE_HELP,
-    KV_CACHE_DTYPES,
-    MOE_BACKEND_HELP,
-    MOE_BACKENDS,
-    EngineArgs,
-)
-from nanoflow.engine.kv_flags import add_kv_offload_args, kv_offload_extra
+from nanoflow.engine.flags import add_engine_args, engine_args, positive_int
+from nanoflow.engine.kv_flags import add_kv_offload_args
 from nanoflow.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY, require_server_packages
 
 DEFAULT_PORT = 8000
@@ -41,29 +29,10 @@ def port_number(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by ``serve`` and ``chat``."""
-    parser.add_argument("--model", default=None,
-                        help="model to load: a folder with config.json and weights, a GGUF file, or a built-in short "
-                             "name; default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the model runs; auto picks cuda when a GPU is visible")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="weight and activation dtype; auto uses the checkpoint's (float32 on CPU)")
-    parser.add_argument("--max-model-len", type=positive_int, default=None,
-                        help="context length in tokens (prompt + output); default: the model's own limit")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
-    parser.add_argument("--decode-variant", default="auto", choices=DECODE_CHOICES, help=DECODE_VARIANT_HELP)
-    parser.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS, help=MOE_BACKEND_HELP)
-    parser.add_argument("--batch-invariant", action="store_true", help=BATCH_INVARIANT_HELP)
-    parser.add_argument("--admission-pace", type=float, default=ADMISSION_PACE, help=ADMISSION_PACE_HELP)
+    """Engine options shared by ``serve`` and ``chat``: every engine flag of ``run-offline`` (engine/flags.py), and
+    ``--kv-offload`` reuse across the rounds of a conversation."""
+    add_engine_args(parser)
     add_kv_offload_args(parser, "the rounds of a conversation, scoped by the request's 'conversation_id' field "
                                 "(requests without one share one scope)", host_gib=4.0)
 
@@ -108,14 +77,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return configure_parser(parser)
 
 
-def engine_args(args: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                      kv_cache_dtype=args.kv_cache_dtype, batch_invariant=args.batch_invariant,
-                      admission_pace=args.admission_pace,
-                      extra={"decode_variant": args.decode_variant, "moe_backend": args.moe_backend,
-                             **kv_offload_extra(args)})
-
-
 def build_engine(args: argparse.Namespace) -> Any:
     """The AsyncEngine for the parsed engine options (imported lazily: ``--help`` must not load torch)."""
     from nanoflow.engine.async_engine import AsyncEngine
@@ -124,7 +85,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     graphs = engine.engine.runner.graphs
     if graphs is not None:  # capture every token bucket before accepting traffic (first requests stay fast)
         print(f"capturing CUDA graphs for {len(graphs.sizes)} batch sizes ...", file=sys.stderr, flush=True)
-        print(f"captured in {graphs.capture_all():.1f} s", file=sys.stderr, flush=True)
+        print(f"captured in {engine.engine.capture_all():.1f} s", file=sys.stderr, flush=True)  # every TP rank
     engine.engine.freeze_gc()
     return engine
 

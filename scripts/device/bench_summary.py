@@ -3,7 +3,8 @@
     python3 scripts/device/bench_summary.py OUT/mixtral.json [--choices]
 
 Per record: label, dense batch, the profiled step's per-class kernel ms and its decode / prefill tokens, the KV
-capacity and the iterations; with ``--choices`` also the grouped GEMM backends ``--moe-backend auto`` picked.
+capacity and the iterations, the memory the run left in use (and the probe's reading, with
+``--gpu-memory-utilization``); with ``--choices`` also the grouped GEMM backends ``--moe-backend auto`` picked.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main(argv: list[str]) -> int:
         print(r.get("label", r.get("mode")), "dense", r.get("dense_batch"), "per-class ms:",
               {k: round(v, 2) for k, v in (p.get("per_class_ms") or {}).items()}, "tokens:", p.get("decode_tokens"),
               p.get("prefill_tokens"), "kv_cache_tokens:", r.get("kv_cache_tokens"), "iterations:", r.get("iterations"))
+        if r.get("memory") or r.get("memory_profile"):
+            print("   memory GiB:", r.get("memory"), "probe:", r.get("memory_profile"))
         if "--choices" in argv[1:]:
             for c in r.get("grouped_mm_choices") or []:
                 print("   grouped GEMM", c["rows"], c["n"], c["k"], c["backend"], c["ms"])

@@ -5,13 +5,16 @@
 # PROXY_KV (default 752676), PROXY_MODES (default non-overlap,overlap-preset), PROXY_S (time limit, default 500),
 # PROXY_DENSE (the dense batch, or several: "2048 1920"; default the bench's 2,048), PROXY_SPEC (a spec or preset for the overlap-searched*
 # modes, e.g. PROXY_MODES=non-overlap,overlap-searched-grid PROXY_SPEC=mixtral-decode-split), PROXY_TEST=1 runs the
-# fused RoPE + KV GPU test first.
+# fused RoPE + KV GPU test and the gpu_memory_utilization GPU test first.
 # Results under $OUT.
 source scripts/device/setup.sh
 export NANOFLOW_CACHE=/tmp/nfc
 if [ "${PROXY_TEST:-0}" != 0 ]; then
   timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rope_kv_gpu.py > "$OUT/test_rope_kv_gpu.log" 2>&1
   echo "test_rope_kv_gpu rc $?"; tail -3 "$OUT/test_rope_kv_gpu.log"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_memory_profile_gpu.py \
+    > "$OUT/test_memory_profile_gpu.log" 2>&1
+  echo "test_memory_profile_gpu rc $?"; tail -3 "$OUT/test_memory_profile_gpu.log"
 fi
 python3 - <<'PY'
 import json, os

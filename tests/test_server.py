@@ -405,3 +405,53 @@ def test_real_kv_offload_reuses_earlier_rounds(client, tmp_path: Path) -> None:
                                             extra_body={"conversation_id": ""})
     finally:
         assert proc.stop(timeout=90) == 0, proc.log()
+
+
+@real
+def test_real_logprobs_completions_chat_streaming_and_stop(client) -> None:
+    """logprobs (completions) and logprobs/top_logprobs (chat): one entry per generated token whose strings
+    spell the text, greedy picks the most likely alternative, streaming sends the same entries as one response, a
+    stop string's tokens are left out; out-of-range values are 400s naming the field. (Values against transformers:
+    tests/test_logprobs.py.)"""
+    from openai import BadRequestError
+
+    model = client.models.list().data[0].id
+    kw = dict(model=model, prompt="The capital of France is", max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(logprobs=3, **kw)
+    text, lp = full.choices[0].text, full.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == full.usage.completion_tokens == 8
+    assert "".join(lp.tokens) == text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(8)]
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3 and all(v <= 0 for v in top.values())
+        assert top[tok] == pytest.approx(value) == pytest.approx(max(top.values()))  # greedy: the most likely
+    chunks = list(client.completions.create(logprobs=3, stream=True, **kw))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [v for s in streamed for v in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+    stop = text[len(lp.tokens[0]) + 1:][:3]  # a stop string starting inside the second token or later
+    cut = client.completions.create(logprobs=0, stop=[stop], **kw).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    joined = "".join(cut.logprobs.tokens)
+    assert joined.startswith(cut.text) and len(cut.logprobs.tokens) < 8
+    assert all(o < len(cut.text) for o in cut.logprobs.text_offset) and cut.logprobs.top_logprobs[0] == {}
+
+    messages = [{"role": "user", "content": "Name three colors."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == chat.choices[0].message.content and len(content) == 6
+    for e in content:
+        assert e.bytes == list(e.token.encode("utf-8")) and len(e.top_logprobs) == 2
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob) and e.top_logprobs[0].token == e.token
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    with pytest.raises(BadRequestError) as err:
+        client.completions.create(logprobs=21, **kw)
+    assert err.value.body["param"] == "logprobs"
+    with pytest.raises(BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, top_logprobs=2)

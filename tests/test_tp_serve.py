@@ -40,6 +40,15 @@ def _save_with_tokenizer(path: Path) -> str:
     return str(path)
 
 
+def _hf_logprobs(path: str, prompt: list[int], generated: list[int]) -> list[float]:
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()
+
+
 def _ids(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"w(\d+)", text)]
 
@@ -72,6 +81,13 @@ def test_serve_tp2_under_torchrun_with_the_openai_client(tmp_path: Path) -> None
                                            max_tokens=MAX_TOKENS, temperature=0, stream=True,
                                            extra_body={"ignore_eos": True})
         assert _ids("".join(c.choices[0].text for c in stream if c.choices)) == ref[0]
+        # logprobs come from rank 0's gathered logits: transformers' log_softmax at each greedy token
+        lp = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=2, extra_body={"ignore_eos": True}).choices[0].logprobs
+        assert [_ids(t)[0] for t in lp.tokens] == ref[1]
+        assert lp.token_logprobs == pytest.approx(_hf_logprobs(model, PROMPTS[1], ref[1]), abs=1e-4)
+        assert all(len(top) == 2 and top[tok] == pytest.approx(v) for tok, v, top in
+                   zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
         # a request the model cannot serve fails alone; the next one is served
         with pytest.raises(BadRequestError, match="vocabulary"):
             client.completions.create(model=model, prompt=[3, 500], max_tokens=2)

@@ -43,10 +43,10 @@ class IterationTimer:
         else:
             del self._runner.execute
 
-    def _timed(self, plan: Any, sampling: Any) -> Any:
+    def _timed(self, plan: Any, sampling: Any, *logprobs: Any) -> Any:
         start = self._torch.cuda.Event(enable_timing=True)
         start.record()
-        result = self._execute(plan, sampling)
+        result = self._execute(plan, sampling, *logprobs)
         end = self._torch.cuda.Event(enable_timing=True)
         end.record()
         self._steps.append((plan.num_tokens, plan.num_decode_tokens, start, end))

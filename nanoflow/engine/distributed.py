@@ -187,10 +187,10 @@ class LeaderRunner:
         else:
             setattr(self._runner, name, value)
 
-    def execute(self, plan: BatchPlan, sampling: SamplingTensors | None) -> Any:
+    def execute(self, plan: BatchPlan, sampling: SamplingTensors | None, logprobs: int | None = None) -> Any:
         lists = None if sampling is None else sampling_lists(plan)
         self._comm.broadcast_object(Message("execute", (self._encoder.encode(plan), lists)))
-        return self._runner.execute(plan, sampling)
+        return self._runner.execute(plan, sampling, logprobs)  # logprobs: rank 0's alone, from the full logits
 
     def prepare(self, plan: BatchPlan) -> Any:
         self._prepared = plan

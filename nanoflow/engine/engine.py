@@ -23,7 +23,7 @@ import torch
 
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_device, resolve_kv_dtype
-from nanoflow.engine.outputs import RequestMetrics, RequestOutput
+from nanoflow.engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from nanoflow.ops.sampling import SamplingTensors
 from nanoflow.scheduler.batcher import BatchPlan, Scheduler
 from nanoflow.scheduler.kv_cache import BlockManager
@@ -110,6 +110,7 @@ class Engine:
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ())
         self._rng = random.Random(args.seed)
         self._tracked: dict[str, _Tracked] = {}
+        self._logprob_requests = 0  # tracked requests with SamplingParams.logprobs: only then is a plan scanned
         self._inflight: tuple[BatchPlan, Any] | None = None
         self._counter = 0
         self.stats_iterations = 0
@@ -222,7 +223,8 @@ class Engine:
         if params.seed is None:
             params = _with_seed(params, self._rng.randrange(2**31))
         req = Request(request_id, ids, params, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids)
-        out = RequestOutput(request_id, text_prompt, req.prompt_token_ids, metrics=RequestMetrics(req.arrival_time))
+        out = RequestOutput(request_id, text_prompt, req.prompt_token_ids, metrics=RequestMetrics(req.arrival_time),
+                            logprobs=None if params.logprobs is None else [])
         detok = None
         if self.tokenizer is not None:
             from nanoflow.models.tokenizer import IncrementalDetokenizer
@@ -231,6 +233,8 @@ class Engine:
         tracked = _Tracked(req, out, detok, list(params.stop or []))
         tracked.on_output = on_output  # type: ignore[attr-defined]
         self._tracked[request_id] = tracked
+        if params.logprobs is not None:
+            self._logprob_requests += 1
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
             req.error = error
@@ -264,7 +268,8 @@ class Engine:
             sampling = self._sampling_tensors(plan)
             t_sched = time.perf_counter()
             self.stats_sched_s += t_sched - t0
-            result = self.runner.execute(plan, sampling)
+            k = self._logprobs_k(plan) if self._logprob_requests else None
+            result = self.runner.execute(plan, sampling) if k is None else self.runner.execute(plan, sampling, k)
             self.stats_launch_s += time.perf_counter() - t_sched
             launched = (plan, result)
             if self.plan_hook is not None:
@@ -296,8 +301,15 @@ class Engine:
             [r.sampling_params.top_k for r in reqs], [r.sampling_params.seed for r in reqs],
             [len(r.output_token_ids) + r.num_pending - 1 for r in reqs], self.runner.device)
 
+    def _logprobs_k(self, plan: BatchPlan) -> int | None:
+        """The most alternatives a request sampled in ``plan`` asks for (None: none asks for logprobs)."""
+        ks = [k for s in plan.seqs if s.sample
+              if (k := self._tracked[s.request_id].request.sampling_params.logprobs) is not None]
+        return max(ks, default=None)
+
     def _process(self, plan: BatchPlan, result: Any) -> None:
         tokens = result.tokens()
+        logprobs = result.logprobs() if getattr(result, "host_logprobs", None) is not None else {}
         finished = {r.request_id for r in self.scheduler.update(plan, tokens)}
         now = time.monotonic()
         for rid in tokens:
@@ -313,6 +325,10 @@ class Engine:
             out.token_ids = list(req.output_token_ids)
             if out.metrics and out.metrics.first_token_time is None:
                 out.metrics.first_token_time = now
+            if out.logprobs is not None and rid in logprobs:
+                chosen, top = logprobs[rid]
+                k = req.sampling_params.logprobs or 0
+                out.logprobs.append(TokenLogprob(new[-1], chosen, top[:k], len(out.text)))
             if tr.detok is not None:
                 out.text += tr.detok.add(new)
                 if tr.stop and self._hit_stop(tr):
@@ -326,9 +342,10 @@ class Engine:
     @staticmethod
     def _hit_stop(tr: _Tracked) -> bool:
         text = tr.output.text
-        cut = min((i for i in (text.find(s) for s in tr.stop) if i >= 0), default=-1)
-        if cut < 0:
+        found = [(i, s) for s in tr.stop if (i := text.find(s)) >= 0]
+        if not found:
             return False
+        cut, tr.output.stop_reason = min(found)
         tr.output.text = text[:cut]
         return True  # the caller finishes the request through the scheduler, which owns its status
 
@@ -352,7 +369,8 @@ class Engine:
         tr.emitted_tokens = len(out.token_ids)
         self._emit(tr)
         # Finished requests are forgotten: the caller holds the RequestOutput.
-        self._tracked.pop(req.request_id, None)
+        if self._tracked.pop(req.request_id, None) is not None and req.sampling_params.logprobs is not None:
+            self._logprob_requests -= 1
 
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """fp32 logits after the last token of each prompt, from one prefill batch (correctness checks).
@@ -391,6 +409,7 @@ class Engine:
         runner.bufs = {}
         runner.glue = {}
         self._tracked.clear()
+        self._logprob_requests = 0
         self._inflight = None
         # Frozen objects are never collected: hand them back to the GC so that cycles through this engine's parts
         # can go (the next engine freezes what is alive then).

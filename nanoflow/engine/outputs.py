@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class TokenLogprob(NamedTuple):
+    """One generated token's log-probability (natural log, the model's distribution before temperature and
+    top-k/top-p), its ``top`` alternatives as ``(token id, logprob)`` most likely first, and ``text_offset``: where
+    its text starts in ``RequestOutput.text`` (a token whose text is still incomplete, e.g. half a UTF-8 character,
+    shares the offset of the next)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    text_offset: int
 
 
 @dataclass
@@ -38,6 +51,8 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
+    stop_reason: str | None = None  # the stop string that ended the request (its text is cut before it)
 
     @property
     def finished(self) -> bool:

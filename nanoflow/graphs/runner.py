@@ -48,11 +48,33 @@ class StepResult:
     event: Any
     kv_rows: torch.Tensor | None = None  # [layers, 2, T, kv_heads, head_dim] staged K/V rows (kv_offload only)
     staging_slot: int = 0  # which staging slot kv_rows is
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen [n], top ids/lps [n, k]
 
     def tokens(self) -> dict[str, int]:
         if self.event is not None:
             self.event.synchronize()
         return dict(zip(self.request_ids, self.host_ids.tolist()))
+
+    def logprobs(self) -> dict[str, tuple[float, tuple[tuple[int, float], ...]]]:
+        """Per request: the sampled token's logprob and the top ``(id, logprob)`` pairs (after :meth:`tokens`)."""
+        if self.host_logprobs is None:
+            return {}
+        chosen, top_ids, top_lps = (t.tolist() for t in self.host_logprobs)
+        return {rid: (c, tuple(zip(i, lp))) for rid, c, i, lp in zip(self.request_ids, chosen, top_ids, top_lps)}
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``(logprob of ids [n], top-k ids [n, k], their logprobs [n, k])`` under ``log_softmax(logits)`` in fp32."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, ids.view(-1, 1)).view(-1)
+    top_lps, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], ids.view(-1, 1)[:, :0])
+    return chosen, top_ids, top_lps
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class ModelRunner:
@@ -221,28 +243,31 @@ class ModelRunner:
 
         self.executor.run(make_ctx, t)
 
-    def execute(self, plan: Any, sampling: SamplingTensors | None) -> StepResult:
+    def execute(self, plan: Any, sampling: SamplingTensors | None, logprobs: int | None = None) -> StepResult:
+        """Run ``plan`` and sample; ``logprobs`` (the most any sampled request asks for, None = none) adds every
+        sampled row's logprobs to the result."""
         batch = self.prepare(plan)
         logits = self.forward(batch)
         if sampling is None:
             ids = logits.argmax(dim=-1)
         else:
             ids = sample(logits, sampling)
-        result = self._finish(batch.sample_request_ids, ids)
+        result = self._finish(batch.sample_request_ids, ids, None if logprobs is None else
+                              token_logprobs(logits, ids, logprobs))
         if self.kv_staging is not None:
             result.kv_rows = self.kv_staging[batch.staging_slot]
             result.staging_slot = batch.staging_slot
         return result
 
-    def _finish(self, request_ids: list[str], ids: torch.Tensor) -> StepResult:
+    def _finish(self, request_ids: list[str], ids: torch.Tensor,
+                logprobs: tuple[torch.Tensor, ...] | None = None) -> StepResult:
         if self.device.type == "cuda":
-            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            host.copy_(ids, non_blocking=True)
+            host, host_lp = _to_pinned(ids), None if logprobs is None else tuple(_to_pinned(t) for t in logprobs)
             event = torch.cuda.Event()
             event.record()
         else:
-            host, event = ids, None
-        result = StepResult(request_ids, ids, host, event)
+            host, host_lp, event = ids, logprobs, None
+        result = StepResult(request_ids, ids, host, event, host_logprobs=host_lp)
         self.prev_ids[: ids.shape[0]].copy_(ids)
         self._prev_rows = {rid: i for i, rid in enumerate(request_ids)}
         return result

@@ -59,6 +59,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs and vLLM's default max_logprobs
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request's tokens; every field is validated on construction.
@@ -79,6 +82,10 @@ class SamplingParams:
     min_tokens: int = 0
     conversation_id: str | None = None
     """Scope of KV reuse across rounds (engines with KV offload): a request finds and leaves its KV under this id."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability and the ``logprobs`` most likely tokens' (0 = only the chosen
+    token's; at most :data:`MAX_LOGPROBS`), from the model's distribution before temperature and top-k/top-p, as
+    vLLM does by default. None = off."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -102,6 +109,8 @@ class SamplingParams:
                                                  or not 0 < len(self.conversation_id) <= 256):
             raise ValueError(f"conversation_id must be a string of 1-256 characters or None, got "
                              f"{self.conversation_id!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
         # frozen: normalise through object.__setattr__ (copies, so a caller's list cannot change us later).
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))

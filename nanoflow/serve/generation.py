@@ -26,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import Gauge
 
-from nanoflow.engine.outputs import RequestOutput
+from nanoflow.engine.outputs import RequestOutput, TokenLogprob
 from nanoflow.scheduler.request import SamplingParams
 from nanoflow.serve.errors import APIError, invalid
 from nanoflow.serve.metrics import ServerMetrics
@@ -37,9 +37,13 @@ from nanoflow.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
 )
 from nanoflow.serve.streaming import SSE_DONE, IncrementalText, sse_event
@@ -145,18 +149,55 @@ class GenerationJob:
             return reason
         raise _engine_failure(last)
 
-    def text_chunk(self, text: str | None, finish: str | None = None) -> str:
+    # ---- logprobs: a token's entry goes out with the text it starts in (text_offset), so held-back text holds
+    # back its tokens too, and a stop string's tokens never go out (nor do tokens after it).
+    def logprobs_due(self, last: RequestOutput | None, start: int, emitted: int, final: bool) -> list[TokenLogprob]:
+        """Entries from token ``start`` on whose text starts inside the ``emitted`` characters sent; all of them
+        once the request ``final``ly ended without a stop string (EOS and text-less tokens included)."""
+        if last is None or last.logprobs is None:
+            return []
+        rest = last.logprobs[start:]
+        if final:
+            return list(rest)
+        due = 0
+        while due < len(rest) and rest[due].text_offset < emitted:
+            due += 1
+        return rest[:due]
+
+    def _token_text(self, token_id: int) -> str:
+        tok = self.engine.tokenizer
+        return f"token_id:{token_id}" if tok is None else tok.decode([token_id], skip_special_tokens=False)
+
+    def format_logprobs(self, entries: list[TokenLogprob]) -> CompletionLogprobs | ChatLogprobs | None:
+        if self.params.logprobs is None:
+            return None
+        if self.kind == "chat":
+            def top(token_id: int, lp: float) -> TopLogprob:
+                text = self._token_text(token_id)
+                return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+
+            return ChatLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
+                                                           top_logprobs=[top(i, lp) for i, lp in e.top])
+                                         for e in entries])
+        return CompletionLogprobs(tokens=[self._token_text(e.token_id) for e in entries],
+                                  token_logprobs=[e.logprob for e in entries],
+                                  top_logprobs=[{self._token_text(i): lp for i, lp in e.top} for e in entries],
+                                  text_offset=[e.text_offset for e in entries])
+
+    def text_chunk(self, text: str | None, finish: str | None = None,
+                   logprobs: list[TokenLogprob] | None = None) -> str:
+        lp = self.format_logprobs(logprobs) if logprobs else None
         if self.kind == "chat":
             if finish:
                 delta = {}
             else:
                 delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish)
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)
             chunk: Any = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
                                              choices=[choice])
         else:
             chunk = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                       choices=[CompletionChoice(text=text or "", finish_reason=finish)])
+                                       choices=[CompletionChoice(text=text or "", finish_reason=finish, logprobs=lp)])
         return sse_event(chunk)
 
     def usage_chunk(self, last: RequestOutput | None) -> str:
@@ -164,15 +205,18 @@ class GenerationJob:
         return sse_event(cls(id=self.request_id, created=self.created, model=self.model, choices=[],
                              usage=self.usage(last)))
 
-    def response(self, text: str, finish: str, last: RequestOutput | None) -> JSONResponse:
+    def response(self, text: IncrementalText, finish: str, last: RequestOutput | None) -> JSONResponse:
+        lp = self.format_logprobs(self.logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)))
         if self.kind == "chat":
             body: Any = ChatCompletionResponse(
                 id=self.request_id, created=self.created, model=self.model, usage=self.usage(last),
-                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)])
+                choices=[ChatChoice(message=AssistantMessage(content=text.emitted), finish_reason=finish,
+                                    logprobs=lp)])
         else:
             body = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                       usage=self.usage(last),
-                                      choices=[CompletionChoice(text=text, finish_reason=finish)])
+                                      choices=[CompletionChoice(text=text.emitted, finish_reason=finish,
+                                                                logprobs=lp)])
         return JSONResponse(body.model_dump())
 
     async def abort(self) -> None:
@@ -180,6 +224,12 @@ class GenerationJob:
             await self.engine.abort(self.request_id)
         except Exception:  # the request may already be gone; a failed abort must not mask the real outcome
             logger.debug("abort of %s failed", self.request_id, exc_info=True)
+
+
+def _stopped(text: IncrementalText, last: RequestOutput | None) -> bool:
+    """A stop string ended the request (found here or already cut out by the engine): tokens from it on are not
+    part of the answer."""
+    return text.stopped or (last is not None and last.stop_reason is not None)
 
 
 def _engine_failure(last: RequestOutput | None) -> APIError:
@@ -246,7 +296,8 @@ async def _complete(request: Request, job: GenerationJob, metrics: ServerMetrics
         if last is None or not last.finished:
             with anyio.CancelScope(shield=True):
                 await job.abort()
-    return job.response(text.emitted, job.finish_reason(last, text), last)
+    reason = job.finish_reason(last, text)
+    return job.response(text, reason, last)
 
 
 async def _start_stream(request: Request, job: GenerationJob, slot: _Slot, metrics: ServerMetrics) -> Response:
@@ -285,12 +336,14 @@ async def _events(
             out: RequestOutput | None = first
             # While the output has tokens but no text (a model without a tokenizer), send an empty-text chunk per step
             # that produced tokens, so clients still see them arrive (time to first token, per-token pacing).
-            sent_tokens = 0
+            sent_tokens = sent_logprobs = 0
             while out is not None:
                 last = out
                 delta = text.update(out.text, out.finished)
                 if delta.text:
-                    yield job.text_chunk(delta.text)
+                    due = job.logprobs_due(out, sent_logprobs, len(text.emitted), final=False)
+                    sent_logprobs += len(due)
+                    yield job.text_chunk(delta.text, logprobs=due)
                 elif not out.text and len(out.token_ids) > sent_tokens and not (delta.stopped or out.finished):
                     yield job.text_chunk("")
                 sent_tokens = len(out.token_ids)
@@ -298,6 +351,9 @@ async def _events(
                     break
                 out = await anext(stream, None)
             reason = job.finish_reason(last, text)
+            rest = job.logprobs_due(last, sent_logprobs, len(text.emitted), final=not _stopped(text, last))
+            if rest:  # tokens without text of their own (EOS, an unfinished character) or of a model without text
+                yield job.text_chunk("", logprobs=rest)
             yield job.text_chunk(None, finish=reason)
             if job.include_usage:
                 yield job.usage_chunk(last)

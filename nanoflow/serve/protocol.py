@@ -3,7 +3,7 @@
 Requests are validated in *strict* mode (``"5"`` is not an integer, ``true`` is not a number) and with non-finite
 floats rejected, so a wrong type is a 400 naming the field instead of a silent coercion. Unknown fields are ignored,
 as OpenAI clients send options this server does not know; options it knows but cannot honour (``n > 1``,
-``logprobs``, penalties, tools) are rejected with a message saying what to change, never silently dropped.
+``echo``, penalties, tools) are rejected with a message saying what to change, never silently dropped.
 
 Invariant: a validated request maps one-to-one onto :class:`~nanoflow.scheduler.request.SamplingParams` via
 :meth:`_SamplingFields.sampling_kwargs` (``max_tokens`` is resolved by the server against the context length).
@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from nanoflow.scheduler.request import MAX_LOGPROBS
 
 MAX_STOP_SEQUENCES = 16
 
@@ -104,7 +106,12 @@ class _SamplingFields(_Request):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
             "conversation_id": self.conversation_id,
+            "logprobs": self.num_logprobs,
         }
+
+    @property
+    def num_logprobs(self) -> int | None:  # the request classes say how they ask for logprobs
+        return None
 
 
 class CompletionRequest(_SamplingFields):
@@ -113,7 +120,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Any = Field(..., description="A string, a list of token ids, or a list holding exactly one string.")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Return each token's logprob and this many most likely alternatives.")
     suffix: str | None = None
     best_of: int | None = None
 
@@ -134,7 +142,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("batched prompts are not supported; send one prompt per request")
         raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
 
-    @field_validator("echo", "logprobs", "suffix", "best_of")
+    @field_validator("echo", "suffix", "best_of")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         # best_of=1 is the default behaviour; any other set option would silently change the result.
@@ -142,6 +150,10 @@ class CompletionRequest(_SamplingFields):
         if not allowed:
             raise ValueError(f"{info.field_name} is not supported by this server; omit the field")
         return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(_Request):
@@ -174,15 +186,25 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
 
-    @field_validator("logprobs", "top_logprobs", "tools")
+    @field_validator("tools")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
             raise ValueError(f"{info.field_name} is not supported by this server; omit the field")
         return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -209,10 +231,19 @@ class Usage(BaseModel):
         )
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions format: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -230,10 +261,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -249,7 +294,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}, {} with the finish
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

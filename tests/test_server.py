@@ -455,3 +455,25 @@ def test_real_logprobs_completions_chat_streaming_and_stop(client) -> None:
     assert err.value.body["param"] == "logprobs"
     with pytest.raises(BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model=model, messages=messages, max_tokens=2, top_logprobs=2)
+
+
+@real
+def test_real_penalties_reach_the_sampler(client) -> None:
+    """presence/frequency penalties (OpenAI) and repetition_penalty (extension) change a repetitive greedy answer;
+    out-of-range values are 400s naming the field. (Values against references: tests/test_penalties.py and
+    tests/test_smollm2.py.)"""
+    from openai import BadRequestError
+
+    model = client.models.list().data[0].id
+    kw = dict(model=model, prompt="la la la la la la la la la la", max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    for extra in (dict(frequency_penalty=2.0), dict(presence_penalty=2.0)):
+        assert client.completions.create(**extra, **kw).choices[0].text != plain, extra
+    rep = client.completions.create(model=model, prompt=kw["prompt"], max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 2.0}).choices[0].text
+    assert rep != plain
+    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3)):
+        with pytest.raises(BadRequestError) as err:
+            client.completions.create(**{field: value}, **kw)
+        assert err.value.body["param"] == field

@@ -62,3 +62,18 @@ def test_text_in_text_out_with_stop_string(both):
     assert llm.engine.scheduler.num_running == 0 and llm.engine.scheduler.num_waiting == 0
     again = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
     assert len(again.token_ids) == 5 or again.finish_reason == "stop"
+
+
+def test_repetition_penalty_matches_transformers_generate(both):
+    """transformers' generate(repetition_penalty=...) on the same weights: the independent reference of the
+    penalty over prompt and output tokens on the real model (the tiny-model tests cover presence/frequency)."""
+    hf, llm = both
+    tok = llm.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say 'la' twenty times."}]))
+    plain, pen = llm.generate([prompt, prompt], [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                                                 SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                                repetition_penalty=1.3)], use_tqdm=False)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert pen.token_ids == ref and pen.token_ids != plain.token_ids

@@ -49,6 +49,20 @@ def _hf_logprobs(path: str, prompt: list[int], generated: list[int]) -> list[flo
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()
 
 
+def _hf_frequency_greedy(path: str, prompt: list[int], frequency: float) -> list[int]:
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            logits = model(torch.tensor([prompt + out])).logits[0, -1]
+            for tok in set(out):
+                logits[tok] -= frequency * out.count(tok)
+            out.append(int(logits.argmax()))
+    return out
+
+
 def _ids(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"w(\d+)", text)]
 
@@ -88,6 +102,10 @@ def test_serve_tp2_under_torchrun_with_the_openai_client(tmp_path: Path) -> None
         assert lp.token_logprobs == pytest.approx(_hf_logprobs(model, PROMPTS[1], ref[1]), abs=1e-4)
         assert all(len(top) == 2 and top[tok] == pytest.approx(v) for tok, v, top in
                    zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+        # penalties are applied on rank 0 too: OpenAI's frequency penalty over the generated tokens
+        pen = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                        frequency_penalty=1.5, extra_body={"ignore_eos": True}).choices[0].text
+        assert _ids(pen) == _hf_frequency_greedy(model, PROMPTS[0], 1.5) != ref[0]
         # a request the model cannot serve fails alone; the next one is served
         with pytest.raises(BadRequestError, match="vocabulary"):
             client.completions.create(model=model, prompt=[3, 500], max_tokens=2)

@@ -43,10 +43,10 @@ class IterationTimer:
         else:
             del self._runner.execute
 
-    def _timed(self, plan: Any, sampling: Any, *logprobs: Any) -> Any:
+    def _timed(self, plan: Any, sampling: Any, *args: Any, **kwargs: Any) -> Any:
         start = self._torch.cuda.Event(enable_timing=True)
         start.record()
-        result = self._execute(plan, sampling, *logprobs)
+        result = self._execute(plan, sampling, *args, **kwargs)
         end = self._torch.cuda.Event(enable_timing=True)
         end.record()
         self._steps.append((plan.num_tokens, plan.num_decode_tokens, start, end))

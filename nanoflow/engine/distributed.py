@@ -67,8 +67,8 @@ class WirePlan(NamedTuple):
 
 
 class Message(NamedTuple):
-    """Leader -> followers. kind: build (payload EngineArgs), execute ((WirePlan, SamplingLists | None)),
-    forward (WirePlan, logits only), capture (segment buckets), close, stop."""
+    """Leader -> followers. kind: build (payload EngineArgs), execute ((WirePlan, SamplingLists | None,
+    PenaltyLists | None)), forward (WirePlan, logits only), capture (segment buckets), close, stop."""
 
     kind: str
     payload: Any = None
@@ -187,10 +187,12 @@ class LeaderRunner:
         else:
             setattr(self._runner, name, value)
 
-    def execute(self, plan: BatchPlan, sampling: SamplingTensors | None, logprobs: int | None = None) -> Any:
+    def execute(self, plan: BatchPlan, sampling: SamplingTensors | None, logprobs: int | None = None,
+                penalties: Any = None) -> Any:
         lists = None if sampling is None else sampling_lists(plan)
-        self._comm.broadcast_object(Message("execute", (self._encoder.encode(plan), lists)))
-        return self._runner.execute(plan, sampling, logprobs)  # logprobs: rank 0's alone, from the full logits
+        # Every rank samples (its ids feed its next decode step), so the penalties go along; logprobs are rank 0's.
+        self._comm.broadcast_object(Message("execute", (self._encoder.encode(plan), lists, penalties)))
+        return self._runner.execute(plan, sampling, logprobs, penalties)
 
     def prepare(self, plan: BatchPlan) -> Any:
         self._prepared = plan
@@ -286,9 +288,9 @@ def follow(comm: Communicator, parts: dict[str, Any], exit_after: int | None = N
         elif engine is None:
             raise RuntimeError(f"rank {comm.rank}: got {msg.kind!r} before any engine was built")
         elif msg.kind == "execute":
-            wire, lists = msg.payload
+            wire, lists, penalties = msg.payload
             sampling = None if lists is None else SamplingTensors.build(*lists, engine.runner.device)
-            engine.runner.execute(decoder.decode(wire), sampling)
+            engine.runner.execute(decoder.decode(wire), sampling, penalties=penalties)
             steps += 1
         elif msg.kind == "forward":
             runner = engine.runner

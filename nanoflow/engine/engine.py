@@ -24,7 +24,7 @@ import torch
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_device, resolve_kv_dtype
 from nanoflow.engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from nanoflow.ops.sampling import SamplingTensors
+from nanoflow.ops.sampling import PenaltyLists, SamplingTensors
 from nanoflow.scheduler.batcher import BatchPlan, Scheduler
 from nanoflow.scheduler.kv_cache import BlockManager
 from nanoflow.scheduler.request import Request, RequestStatus, SamplingParams
@@ -110,7 +110,8 @@ class Engine:
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ())
         self._rng = random.Random(args.seed)
         self._tracked: dict[str, _Tracked] = {}
-        self._logprob_requests = 0  # tracked requests with SamplingParams.logprobs: only then is a plan scanned
+        # Tracked requests with SamplingParams.logprobs / penalties: only while there are any is a plan scanned.
+        self._logprob_requests = self._penalized_requests = 0
         self._inflight: tuple[BatchPlan, Any] | None = None
         self._counter = 0
         self.stats_iterations = 0
@@ -235,6 +236,8 @@ class Engine:
         self._tracked[request_id] = tracked
         if params.logprobs is not None:
             self._logprob_requests += 1
+        if params.penalized:
+            self._penalized_requests += 1
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
             req.error = error
@@ -268,8 +271,12 @@ class Engine:
             sampling = self._sampling_tensors(plan)
             t_sched = time.perf_counter()
             self.stats_sched_s += t_sched - t0
-            k = self._logprobs_k(plan) if self._logprob_requests else None
-            result = self.runner.execute(plan, sampling) if k is None else self.runner.execute(plan, sampling, k)
+            extra: dict[str, Any] = {}
+            if self._logprob_requests and (k := self._logprobs_k(plan)) is not None:
+                extra["logprobs"] = k
+            if self._penalized_requests and (pen := self._penalties(plan)) is not None:
+                extra["penalties"] = pen
+            result = self.runner.execute(plan, sampling, **extra)
             self.stats_launch_s += time.perf_counter() - t_sched
             launched = (plan, result)
             if self.plan_hook is not None:
@@ -306,6 +313,23 @@ class Engine:
         ks = [k for s in plan.seqs if s.sample
               if (k := self._tracked[s.request_id].request.sampling_params.logprobs) is not None]
         return max(ks, default=None)
+
+    def _penalties(self, plan: BatchPlan) -> PenaltyLists | None:
+        """The penalties of ``plan``'s sampled rows, None when no row has any. Penalties count every token generated
+        so far, so the step in flight (under async scheduling) is processed first: a plan with penalised requests
+        waits for the previous step, as under synchronous scheduling."""
+        sampled = [self._tracked[s.request_id].request for s in plan.seqs if s.sample]
+        rows = [i for i, r in enumerate(sampled) if r.sampling_params.penalized]
+        if not rows:
+            return None
+        if self._inflight is not None:
+            previous, self._inflight = self._inflight, None
+            self._process(*previous)
+        reqs = [sampled[i] for i in rows]
+        ps = [r.sampling_params for r in reqs]
+        return PenaltyLists(rows, [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                            [p.repetition_penalty for p in ps], [list(r.output_token_ids) for r in reqs],
+                            [list(r.prompt_token_ids) if p.repetition_penalty != 1.0 else [] for r, p in zip(reqs, ps)])
 
     def _process(self, plan: BatchPlan, result: Any) -> None:
         tokens = result.tokens()
@@ -369,8 +393,9 @@ class Engine:
         tr.emitted_tokens = len(out.token_ids)
         self._emit(tr)
         # Finished requests are forgotten: the caller holds the RequestOutput.
-        if self._tracked.pop(req.request_id, None) is not None and req.sampling_params.logprobs is not None:
-            self._logprob_requests -= 1
+        if self._tracked.pop(req.request_id, None) is not None:
+            self._logprob_requests -= req.sampling_params.logprobs is not None
+            self._penalized_requests -= req.sampling_params.penalized
 
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """fp32 logits after the last token of each prompt, from one prefill batch (correctness checks).
@@ -409,7 +434,7 @@ class Engine:
         runner.bufs = {}
         runner.glue = {}
         self._tracked.clear()
-        self._logprob_requests = 0
+        self._logprob_requests = self._penalized_requests = 0
         self._inflight = None
         # Frozen objects are never collected: hand them back to the GC so that cycles through this engine's parts
         # can go (the next engine freezes what is alive then).

@@ -35,7 +35,7 @@ from nanoflow.graphs.forward_batch import ForwardBatch, HostSeq, build_range_met
 from nanoflow.models.base import DecoderModel, StepContext
 from nanoflow.ops.attention.backends import make_backend, resolve_decode_variant
 from nanoflow.ops.rotary import cos_sin_cache
-from nanoflow.ops.sampling import SamplingTensors, sample
+from nanoflow.ops.sampling import PenaltyLists, PenaltyTensors, SamplingTensors, apply_penalties, sample
 
 
 @dataclass
@@ -243,15 +243,18 @@ class ModelRunner:
 
         self.executor.run(make_ctx, t)
 
-    def execute(self, plan: Any, sampling: SamplingTensors | None, logprobs: int | None = None) -> StepResult:
+    def execute(self, plan: Any, sampling: SamplingTensors | None, logprobs: int | None = None,
+                penalties: PenaltyLists | None = None) -> StepResult:
         """Run ``plan`` and sample; ``logprobs`` (the most any sampled request asks for, None = none) adds every
-        sampled row's logprobs to the result."""
+        sampled row's logprobs (of the model's logits, before penalties) to the result; ``penalties`` change the
+        logits the penalised rows sample from."""
         batch = self.prepare(plan)
         logits = self.forward(batch)
+        scores = logits if penalties is None else apply_penalties(logits, PenaltyTensors.build(penalties, self.device))
         if sampling is None:
-            ids = logits.argmax(dim=-1)
+            ids = scores.argmax(dim=-1)
         else:
-            ids = sample(logits, sampling)
+            ids = sample(scores, sampling)
         result = self._finish(batch.sample_request_ids, ids, None if logprobs is None else
                               token_logprobs(logits, ids, logprobs))
         if self.kv_staging is not None:

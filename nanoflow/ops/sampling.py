@@ -92,3 +92,77 @@ def _sample_random(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
     noise = torch.gather(gumbel.to(filtered.dtype), 1, order)
     choice = (filtered + noise).argmax(dim=-1)
     return order.gather(1, choice[:, None]).squeeze(1)
+
+
+class PenaltyLists(NamedTuple):
+    """Host-side penalties of a step's penalised sampled rows (what :meth:`PenaltyTensors.build` takes; under tensor
+    parallelism rank 0 sends them to every rank, whose sampled ids must agree)."""
+
+    rows: list[int]  # indexes of the sampled rows
+    presence: list[float]
+    frequency: list[float]
+    repetition: list[float]
+    outputs: list[list[int]]  # each row's generated tokens so far
+    prompts: list[list[int]]  # each row's prompt (empty where the repetition penalty is off)
+
+
+class PenaltyTensors(NamedTuple):
+    """Penalties of the sampled rows that have any (``rows [p]`` indexes the logits' rows), on the logits' device.
+
+    ``output_rows``/``output_ids``: one entry per generated token of those requests (row within the ``p``
+    penalised rows, token id); ``seen_rows``/``seen_ids`` the same for prompt and generated tokens (the repetition
+    penalty's set)."""
+
+    rows: torch.Tensor  # int64 [p]
+    presence: torch.Tensor  # float32 [p]
+    frequency: torch.Tensor  # float32 [p]
+    repetition: torch.Tensor  # float32 [p]; 1 = off
+    output_rows: torch.Tensor  # int64 [n_out]
+    output_ids: torch.Tensor  # int64 [n_out]
+    seen_rows: torch.Tensor  # int64 [n_seen]
+    seen_ids: torch.Tensor  # int64 [n_seen]
+
+    @classmethod
+    def build(cls, lists: PenaltyLists, device: torch.device | str) -> PenaltyTensors:
+        """``lists.outputs[i]`` / ``lists.prompts[i]``: penalised row ``i``'s generated and prompt tokens (prompts
+        are only read for rows with a repetition penalty)."""
+        rows, presence, frequency, repetition, outputs, prompts = lists
+        seen = [o + p if r != 1.0 else [] for o, p, r in zip(outputs, prompts, repetition)]
+
+        def flat(lists: list[list[int]]) -> tuple[list[int], list[int]]:
+            return [i for i, ids in enumerate(lists) for _ in ids], [t for ids in lists for t in ids]
+
+        out_rows, out_ids = flat(outputs)
+        seen_rows, seen_ids = flat(seen)
+        dev = torch.device(device)
+
+        def put(values: list, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor(values, dtype=dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+        return cls(put(rows, torch.int64), put(presence, torch.float32), put(frequency, torch.float32),
+                   put(repetition, torch.float32), put(out_rows, torch.int64), put(out_ids, torch.int64),
+                   put(seen_rows, torch.int64), put(seen_ids, torch.int64))
+
+
+def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:
+    """``logits [rows, vocab]`` (fp32) with the penalties applied to ``pen.rows`` (a new tensor), in vLLM's order:
+
+    - repetition (HF / vLLM): a token seen in the prompt or output has its logit divided by the penalty when
+      positive, multiplied when negative;
+    - frequency and presence (OpenAI): ``logit -= frequency * count + presence * (count > 0)``, ``count`` the
+      token's occurrences in the output.
+    """
+    logits = logits.float().clone()
+    sub = logits.index_select(0, pen.rows)
+    p, vocab = sub.shape
+    counts = torch.zeros(p, vocab, device=logits.device, dtype=torch.float32)
+    counts.index_put_((pen.output_rows, pen.output_ids), torch.ones_like(pen.output_ids, dtype=torch.float32),
+                      accumulate=True)
+    seen = torch.zeros(p, vocab, device=logits.device, dtype=torch.bool)
+    seen[pen.seen_rows, pen.seen_ids] = True
+    rep = pen.repetition[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0).float()
+    logits.index_copy_(0, pen.rows, sub)
+    return logits

@@ -82,6 +82,13 @@ class SamplingParams:
     min_tokens: int = 0
     conversation_id: str | None = None
     """Scope of KV reuse across rounds (engines with KV offload): a request finds and leaves its KV under this id."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtract this from the logit of every token already generated (in [-2, 2])."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtract this times the token's count in the output so far (in [-2, 2])."""
+    repetition_penalty: float = 1.0
+    """HF / vLLM: divide a positive logit (multiply a negative one) by this for tokens in the prompt or output;
+    1 = off, > 1 discourages repeats (in (0, 10])."""
     logprobs: int | None = None
     """Return each generated token's log-probability and the ``logprobs`` most likely tokens' (0 = only the chosen
     token's; at most :data:`MAX_LOGPROBS`), from the model's distribution before temperature and top-k/top-p, as
@@ -109,6 +116,15 @@ class SamplingParams:
                                                  or not 0 < len(self.conversation_id) <= 256):
             raise ValueError(f"conversation_id must be a string of 1-256 characters or None, got "
                              f"{self.conversation_id!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be a number in (0, 10] (1 = off), got "
+                             f"{self.repetition_penalty!r}")
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
         # frozen: normalise through object.__setattr__ (copies, so a caller's list cannot change us later).
@@ -130,6 +146,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass(eq=False, slots=True)

@@ -3,7 +3,7 @@
 Requests are validated in *strict* mode (``"5"`` is not an integer, ``true`` is not a number) and with non-finite
 floats rejected, so a wrong type is a 400 naming the field instead of a silent coercion. Unknown fields are ignored,
 as OpenAI clients send options this server does not know; options it knows but cannot honour (``n > 1``,
-``echo``, penalties, tools) are rejected with a message saying what to change, never silently dropped.
+``echo``, ``logit_bias``, tools) are rejected with a message saying what to change, never silently dropped.
 
 Invariant: a validated request maps one-to-one onto :class:`~nanoflow.scheduler.request.SamplingParams` via
 :meth:`_SamplingFields.sampling_kwargs` (``max_tokens`` is resolved by the server against the context length).
@@ -43,8 +43,10 @@ class _SamplingFields(_Request):
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0,
+                                      description="Extension (vLLM's): > 1 discourages prompt and output tokens.")
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     conversation_id: str | None = Field(None, min_length=1, max_length=256,
@@ -77,13 +79,6 @@ class _SamplingFields(_Request):
             raise ValueError("stop_token_ids must be integers >= 0")
         return ids
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("penalties are not supported by this server; omit the field or send 0")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
     def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -107,6 +102,9 @@ class _SamplingFields(_Request):
             "ignore_eos": self.ignore_eos,
             "conversation_id": self.conversation_id,
             "logprobs": self.num_logprobs,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
 
     @property

@@ -57,24 +57,26 @@ def test_chat_session_streams_the_greedy_reply() -> None:
     assert all("\ufffd" not in text for text, _ in steps)
 
 
-def test_chat_session_passes_the_conversation_id() -> None:
-    """The page's session id reaches the engine as the KV-reuse scope (``--kv-offload``)."""
+def test_chat_session_passes_the_conversation_id_and_penalty() -> None:
+    """The page's session id reaches the engine as the KV-reuse scope (``--kv-offload``), and its repetition-penalty
+    slider as ``SamplingParams.repetition_penalty``."""
     engine = FakeEngine()
     seen = []
     real = engine.generate
 
     def spy(prompt, params, request_id):
-        seen.append(params.conversation_id)
+        seen.append((params.conversation_id, params.repetition_penalty))
         return real(prompt, params, request_id)
 
     engine.generate = spy
 
     async def run() -> None:
-        async for _ in ChatSession(engine).reply([{"role": "user", "content": "Hi"}], 0.0, 1.0, 4, "session-7"):
+        async for _ in ChatSession(engine).reply([{"role": "user", "content": "Hi"}], 0.0, 1.0, 4, "session-7",
+                                                 1.25):
             pass
 
     asyncio.run(run())
-    assert seen == ["session-7"]
+    assert seen == [("session-7", 1.25)]
 
 
 def test_chat_session_stopped_early_aborts_the_request() -> None:

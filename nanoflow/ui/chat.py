@@ -49,10 +49,11 @@ class ChatSession:
 
     async def reply(
         self, history: list[dict[str, Any]], temperature: float, top_p: float, max_tokens: int,
-        conversation_id: str | None = None,
+        conversation_id: str | None = None, repetition_penalty: float = 1.0,
     ) -> AsyncIterator[tuple[str, str]]:
         """Yield ``(reply text so far, stats line)`` for the conversation ``history`` (ending with the user).
-        ``conversation_id`` scopes KV reuse across turns when the engine offloads KV (``--kv-offload``)."""
+        ``conversation_id`` scopes KV reuse across turns when the engine offloads KV (``--kv-offload``);
+        ``repetition_penalty`` > 1 discourages repeating the conversation's tokens (``SamplingParams``)."""
         from nanoflow.scheduler.request import SamplingParams
 
         engine = self.engine
@@ -64,7 +65,8 @@ class ChatSession:
                        "Press Clear to start over.")
             return
         params = SamplingParams(max_tokens=min(int(max_tokens), room), temperature=float(temperature),
-                                top_p=float(top_p), conversation_id=conversation_id)
+                                top_p=float(top_p), conversation_id=conversation_id,
+                                repetition_penalty=float(repetition_penalty))
         request_id = f"chat-ui-{uuid.uuid4().hex}"
         started, first, finished = time.monotonic(), None, False
         try:
@@ -104,9 +106,12 @@ def build_ui(engine: Any) -> Any:
             top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
             max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max new tokens",
                                    elem_id="max-tokens")
+            repetition = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)",
+                                   elem_id="repetition-penalty")
 
         async def respond(message: str, history: list[dict[str, Any]] | None, temp: float, p: float, limit: float,
-                          request: gr.Request = None) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:
+                          rep: float = 1.0, request: gr.Request = None,
+                          ) -> AsyncIterator[tuple[list[dict[str, Any]], str, str]]:
             history = list(history or [])
             if not message.strip():
                 yield history, "", STATS_IDLE
@@ -116,11 +121,11 @@ def build_ui(engine: Any) -> Any:
             yield shown, "", "Waiting for the first token…"
             # One browser session, one conversation: with --kv-offload each turn reuses the KV of the ones before.
             conversation = getattr(request, "session_hash", None) or None
-            async for text, line in session.reply(history, temp, p, int(limit), conversation):
+            async for text, line in session.reply(history, temp, p, int(limit), conversation, float(rep)):
                 shown[-1] = {"role": "assistant", "content": text}
                 yield shown, "", line
 
-        inputs = [box, chatbot, temperature, top_p, max_tokens]
+        inputs = [box, chatbot, temperature, top_p, max_tokens, repetition]
         outputs = [chatbot, box, stats]
         events = [box.submit(respond, inputs, outputs), send.click(respond, inputs, outputs)]
         stop.click(None, None, None, cancels=events)

@@ -477,3 +477,27 @@ def test_real_penalties_reach_the_sampler(client) -> None:
         with pytest.raises(BadRequestError) as err:
             client.completions.create(**{field: value}, **kw)
         assert err.value.body["param"] == field
+
+
+@real
+def test_real_n_choices_streamed_and_not(client) -> None:
+    """n > 1: one engine request per choice. With a seed, choice i samples as a single request with seed + i does;
+    streamed choices (interleaved, told apart by index) spell the same texts; usage adds the choices' tokens."""
+    model = client.models.list().data[0].id
+    kw = dict(model=model, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=5,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(n=3, **kw)
+    texts = [c.text for c in sorted(full.choices, key=lambda c: c.index)]
+    assert [c.index for c in full.choices] == [0, 1, 2] and full.usage.completion_tokens == 24
+    singles = [client.completions.create(**{**kw, "seed": 5 + i}).choices[0].text for i in range(3)]
+    assert texts == singles and len(set(texts)) > 1
+    chunks = list(client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2] and chunks[-1].usage.completion_tokens == 24
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          max_tokens=5, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same answer twice

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -102,6 +102,7 @@ class GenerationJob:
     include_usage: bool
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    n: int = 1  # choices: one engine request each (ids request_id-0, -1, ...), answered as one response
 
     @classmethod
     def build(
@@ -133,13 +134,23 @@ class GenerationJob:
             raise invalid(str(e), param) from None
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         return cls(engine, kind, f"{prefix}-{uuid.uuid4().hex}", list(prompt_ids), params, req.stream,
-                   req.include_usage, engine.model_name)
+                   req.include_usage, engine.model_name, n=req.n)
 
-    def open(self) -> AsyncIterator[RequestOutput]:
-        return aiter(self.engine.generate(self.prompt_ids, self.params, self.request_id))
+    def engine_id(self, index: int) -> str:
+        return self.request_id if self.n == 1 else f"{self.request_id}-{index}"
 
-    def usage(self, last: RequestOutput | None) -> Usage:
-        return Usage.of(len(self.prompt_ids), len(last.token_ids) if last is not None else 0)
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice ``index``'s sampling: with a ``seed``, choice i samples with ``seed + i`` (reproducible, and the
+        choices differ); without one each engine request draws its own."""
+        if index == 0 or self.params.seed is None:
+            return self.params
+        return replace(self.params, seed=self.params.seed + index)
+
+    def open(self, index: int = 0) -> AsyncIterator[RequestOutput]:
+        return aiter(self.engine.generate(self.prompt_ids, self.choice_params(index), self.engine_id(index)))
+
+    def usage(self, lasts: list[RequestOutput | None]) -> Usage:
+        return Usage.of(len(self.prompt_ids), sum(len(last.token_ids) for last in lasts if last is not None))
 
     def finish_reason(self, last: RequestOutput | None, text: IncrementalText) -> str:
         """OpenAI's finish_reason, or an APIError for an engine error / abort / a stream that just ended."""
@@ -186,45 +197,47 @@ class GenerationJob:
                                   text_offset=[e.text_offset for e in entries])
 
     def text_chunk(self, text: str | None, finish: str | None = None,
-                   logprobs: list[TokenLogprob] | None = None) -> str:
+                   logprobs: list[TokenLogprob] | None = None, index: int = 0) -> str:
         lp = self.format_logprobs(logprobs) if logprobs else None
         if self.kind == "chat":
             if finish:
                 delta = {}
             else:
                 delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=lp)
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=lp)
             chunk: Any = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
                                              choices=[choice])
         else:
             chunk = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                       choices=[CompletionChoice(text=text or "", finish_reason=finish, logprobs=lp)])
+                                       choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish,
+                                                                 logprobs=lp)])
         return sse_event(chunk)
 
-    def usage_chunk(self, last: RequestOutput | None) -> str:
+    def usage_chunk(self, lasts: list[RequestOutput | None]) -> str:
         cls: Any = ChatCompletionChunk if self.kind == "chat" else CompletionResponse
         return sse_event(cls(id=self.request_id, created=self.created, model=self.model, choices=[],
-                             usage=self.usage(last)))
+                             usage=self.usage(lasts)))
 
-    def response(self, text: IncrementalText, finish: str, last: RequestOutput | None) -> JSONResponse:
-        lp = self.format_logprobs(self.logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)))
-        if self.kind == "chat":
-            body: Any = ChatCompletionResponse(
-                id=self.request_id, created=self.created, model=self.model, usage=self.usage(last),
-                choices=[ChatChoice(message=AssistantMessage(content=text.emitted), finish_reason=finish,
-                                    logprobs=lp)])
-        else:
-            body = CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                      usage=self.usage(last),
-                                      choices=[CompletionChoice(text=text.emitted, finish_reason=finish,
-                                                                logprobs=lp)])
+    def response(self, texts: list[IncrementalText], finishes: list[str],
+                 lasts: list[RequestOutput | None]) -> JSONResponse:
+        choices: list[Any] = []
+        for i, (text, finish, last) in enumerate(zip(texts, finishes, lasts)):
+            lp = self.format_logprobs(self.logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)))
+            if self.kind == "chat":
+                choices.append(ChatChoice(index=i, message=AssistantMessage(content=text.emitted),
+                                          finish_reason=finish, logprobs=lp))
+            else:
+                choices.append(CompletionChoice(index=i, text=text.emitted, finish_reason=finish, logprobs=lp))
+        cls: Any = ChatCompletionResponse if self.kind == "chat" else CompletionResponse
+        body = cls(id=self.request_id, created=self.created, model=self.model, usage=self.usage(lasts),
+                   choices=choices)
         return JSONResponse(body.model_dump())
 
-    async def abort(self) -> None:
+    async def abort(self, index: int = 0) -> None:
         try:
-            await self.engine.abort(self.request_id)
+            await self.engine.abort(self.engine_id(index))
         except Exception:  # the request may already be gone; a failed abort must not mask the real outcome
-            logger.debug("abort of %s failed", self.request_id, exc_info=True)
+            logger.debug("abort of %s failed", self.engine_id(index), exc_info=True)
 
 
 def _stopped(text: IncrementalText, last: RequestOutput | None) -> bool:
@@ -274,90 +287,135 @@ async def run_job(request: Request, job: GenerationJob, admission: Admission, me
 
 
 async def _complete(request: Request, job: GenerationJob, metrics: ServerMetrics) -> Response:
-    text = IncrementalText(job.params.stop)
-    last: RequestOutput | None = None
+    texts = [IncrementalText(job.params.stop) for _ in range(job.n)]
+    lasts: list[RequestOutput | None] = [None] * job.n
 
-    async def collect() -> None:
-        nonlocal last
-        stream = job.open()
+    async def collect(i: int) -> None:
+        stream = job.open(i)
         try:
             async for out in stream:
-                last = out
-                if text.update(out.text, out.finished).stopped or out.finished:
+                lasts[i] = out
+                if texts[i].update(out.text, out.finished).stopped or out.finished:
                     break
         finally:
             await _close(stream)
 
     try:
-        await _until_disconnect(request, collect())
+        await _until_disconnect(request, asyncio.gather(*(collect(i) for i in range(job.n))))
     except _ClientGone:
         metrics.aborted.inc()
         return Response(status_code=499)
     finally:
-        if last is None or not last.finished:
-            with anyio.CancelScope(shield=True):
-                await job.abort()
-    reason = job.finish_reason(last, text)
-    return job.response(text, reason, last)
+        for i, last in enumerate(lasts):
+            if last is None or not last.finished:
+                with anyio.CancelScope(shield=True):
+                    await job.abort(i)
+    reasons = [job.finish_reason(last, text) for last, text in zip(lasts, texts)]
+    return job.response(texts, reasons, lasts)
 
 
 async def _start_stream(request: Request, job: GenerationJob, slot: _Slot, metrics: ServerMetrics) -> Response:
-    """Wait for the first output (so an engine error can still be a 400), then stream the rest."""
-    stream = job.open()
+    """Wait for every choice's first output (so an engine error can still be a 400), then stream the rest."""
+    streams = [job.open(i) for i in range(job.n)]
     try:
-        first = await _until_disconnect(request, anext(stream))
+        firsts = await _until_disconnect(request, asyncio.gather(*(anext(s) for s in streams)))
     except StopAsyncIteration:
+        await _cleanup_all(job, streams, None)
         raise APIError(500, "the engine produced no output for this request", type="server_error") from None
     except _ClientGone:
         metrics.aborted.inc()
-        await _cleanup(job, stream, None)
+        await _cleanup_all(job, streams, None)
         return Response(status_code=499)
     except BaseException:
-        await _cleanup(job, stream, None)
+        await _cleanup_all(job, streams, None)
         raise
-    if first.finish_reason in ("error", "abort"):
-        await _close(stream)
-        raise _engine_failure(first)
+    failed = next((f for f in firsts if f.finish_reason in ("error", "abort")), None)
+    if failed is not None:
+        await _cleanup_all(job, streams, list(firsts))
+        raise _engine_failure(failed)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(_events(job, stream, first, slot, metrics), media_type="text/event-stream",
+    return StreamingResponse(_events(job, streams, list(firsts), slot, metrics), media_type="text/event-stream",
                              headers=headers)
 
 
+async def _choice_chunks(job: GenerationJob, index: int, stream: AsyncIterator[RequestOutput],
+                         lasts: list[RequestOutput | None]) -> AsyncIterator[str]:
+    """One choice's SSE chunks, from its first output (``lasts[index]``) to its finish chunk; keeps ``lasts``."""
+    text = IncrementalText(job.params.stop)
+    if job.kind == "chat":
+        yield job.text_chunk(None, index=index)  # the role chunk OpenAI sends first
+    out: RequestOutput | None = lasts[index]
+    # While the output has tokens but no text (a model without a tokenizer), send an empty-text chunk per step that
+    # produced tokens, so clients still see them arrive (time to first token, per-token pacing).
+    sent_tokens = sent_logprobs = 0
+    while out is not None:
+        lasts[index] = out
+        delta = text.update(out.text, out.finished)
+        if delta.text:
+            due = job.logprobs_due(out, sent_logprobs, len(text.emitted), final=False)
+            sent_logprobs += len(due)
+            yield job.text_chunk(delta.text, logprobs=due, index=index)
+        elif not out.text and len(out.token_ids) > sent_tokens and not (delta.stopped or out.finished):
+            yield job.text_chunk("", index=index)
+        sent_tokens = len(out.token_ids)
+        if delta.stopped or out.finished:
+            break
+        out = await anext(stream, None)
+    last = lasts[index]
+    reason = job.finish_reason(last, text)
+    rest = job.logprobs_due(last, sent_logprobs, len(text.emitted), final=not _stopped(text, last))
+    if rest:  # tokens without text of their own (EOS, an unfinished character) or of a model without text
+        yield job.text_chunk("", logprobs=rest, index=index)
+    yield job.text_chunk(None, finish=reason, index=index)
+
+
+async def _merged(job: GenerationJob, streams: list[AsyncIterator[RequestOutput]],
+                  lasts: list[RequestOutput | None]) -> AsyncIterator[str]:
+    """Every choice's chunks as they come (n > 1); the first choice to fail ends the whole stream with its error."""
+    if job.n == 1:
+        async for chunk in _choice_chunks(job, 0, streams[0], lasts):
+            yield chunk
+        return
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for chunk in _choice_chunks(job, i, streams[i], lasts):
+                await queue.put(chunk)
+            await queue.put(None)
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(job.n)]
+    try:
+        done = 0
+        while done < job.n:
+            item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _events(
-    job: GenerationJob, stream: AsyncIterator[RequestOutput], first: RequestOutput, slot: _Slot,
+    job: GenerationJob, streams: list[AsyncIterator[RequestOutput]], firsts: list[RequestOutput], slot: _Slot,
     metrics: ServerMetrics,
 ) -> AsyncIterator[str]:
-    text = IncrementalText(job.params.stop)
-    last: RequestOutput | None = first
+    lasts: list[RequestOutput | None] = list(firsts)
     done = False
     try:
         try:
-            if job.kind == "chat":
-                yield job.text_chunk(None)  # the role chunk OpenAI sends first
-            out: RequestOutput | None = first
-            # While the output has tokens but no text (a model without a tokenizer), send an empty-text chunk per step
-            # that produced tokens, so clients still see them arrive (time to first token, per-token pacing).
-            sent_tokens = sent_logprobs = 0
-            while out is not None:
-                last = out
-                delta = text.update(out.text, out.finished)
-                if delta.text:
-                    due = job.logprobs_due(out, sent_logprobs, len(text.emitted), final=False)
-                    sent_logprobs += len(due)
-                    yield job.text_chunk(delta.text, logprobs=due)
-                elif not out.text and len(out.token_ids) > sent_tokens and not (delta.stopped or out.finished):
-                    yield job.text_chunk("")
-                sent_tokens = len(out.token_ids)
-                if delta.stopped or out.finished:
-                    break
-                out = await anext(stream, None)
-            reason = job.finish_reason(last, text)
-            rest = job.logprobs_due(last, sent_logprobs, len(text.emitted), final=not _stopped(text, last))
-            if rest:  # tokens without text of their own (EOS, an unfinished character) or of a model without text
-                yield job.text_chunk("", logprobs=rest)
-            yield job.text_chunk(None, finish=reason)
+            async for chunk in _merged(job, streams, lasts):
+                yield chunk
             if job.include_usage:
-                yield job.usage_chunk(last)
+                yield job.usage_chunk(lasts)
         except APIError as e:
             yield sse_event({"error": e.detail.model_dump()})
         except Exception as e:
@@ -369,15 +427,19 @@ async def _events(
     finally:
         if not done:
             metrics.aborted.inc()
-        await _cleanup(job, stream, last)
+        await _cleanup_all(job, streams, lasts)
         slot.release()
 
 
-async def _cleanup(job: GenerationJob, stream: AsyncIterator[RequestOutput], last: RequestOutput | None) -> None:
+async def _cleanup_all(job: GenerationJob, streams: list[AsyncIterator[RequestOutput]],
+                       lasts: list[RequestOutput | None] | None) -> None:
+    """Abort every choice's engine request that has not finished, and close its stream."""
     with anyio.CancelScope(shield=True):
-        if last is None or not last.finished:
-            await job.abort()
-        await _close(stream)
+        for i, stream in enumerate(streams):
+            last = None if lasts is None else lasts[i]
+            if last is None or not last.finished:
+                await job.abort(i)
+            await _close(stream)
 
 
 async def _close(stream: AsyncIterator[Any]) -> None:

@@ -2,8 +2,9 @@
 
 Requests are validated in *strict* mode (``"5"`` is not an integer, ``true`` is not a number) and with non-finite
 floats rejected, so a wrong type is a 400 naming the field instead of a silent coercion. Unknown fields are ignored,
-as OpenAI clients send options this server does not know; options it knows but cannot honour (``n > 1``,
-``echo``, ``logit_bias``, tools) are rejected with a message saying what to change, never silently dropped.
+as OpenAI clients send options this server does not know; options it knows but cannot honour (``n`` above
+:data:`MAX_CHOICES`, ``echo``, ``logit_bias``, tools) are rejected with a message saying what to change, never
+silently dropped.
 
 Invariant: a validated request maps one-to-one onto :class:`~nanoflow.scheduler.request.SamplingParams` via
 :meth:`_SamplingFields.sampling_kwargs` (``max_tokens`` is resolved by the server against the context length).
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from nanoflow.scheduler.request import MAX_LOGPROBS
 
 MAX_STOP_SEQUENCES = 16
+MAX_CHOICES = 16  # n: each choice is one engine request
 
 
 class _Request(BaseModel):
@@ -55,9 +57,9 @@ class _SamplingFields(_Request):
 
     @field_validator("n")
     @classmethod
-    def _single_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n} is not supported; this server returns one choice per request, send n requests")
+    def _choices(cls, n: int) -> int:
+        if n > MAX_CHOICES:
+            raise ValueError(f"n={n}: at most {MAX_CHOICES} choices per request; send several requests for more")
         return n
 
     @field_validator("stop")

@@ -57,3 +57,31 @@ def test_logprobs_out_of_range_are_refused() -> None:
         with pytest.raises(ValueError, match="logprobs must be an integer"):
             SamplingParams(logprobs=bad)
     assert SamplingParams(logprobs=MAX_LOGPROBS).logprobs == MAX_LOGPROBS
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_prompt_logprobs_match_transformers(tmp_path, async_scheduling) -> None:
+    """``prompt_logprobs=k``: every prompt token's logprob given the ones before it, also when a long prompt is
+    prefilled in chunks over several steps (dense batch 16, a 45-token prompt) beside other requests."""
+    path = save_tiny_llama(tmp_path / "m", std=0.2)
+    prompts = [PROMPTS[0], list(range(3, 48)), PROMPTS[2]]
+    params = [SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2, ignore_eos=True),
+              SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0, logprobs=1, ignore_eos=True),
+              SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)]
+    with LLM(path, device="cpu", dtype="float32", dense_batch_size=16, kv_cache_tokens=512,
+             async_scheduling=async_scheduling) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    assert outs[2].prompt_logprobs is None
+    for prompt, out, k in zip(prompts, outs, (2, 0)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None and all(e is not None for e in got[1:])
+        for j in range(1, len(prompt)):
+            assert got[j].token_id == prompt[j]
+            assert got[j].logprob == pytest.approx(float(ref[j - 1, prompt[j]]), abs=1e-4)
+            values, ids = ref[j - 1].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            assert [i for i, _ in got[j].top] == ids.tolist()
+            assert [lp for _, lp in got[j].top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert len(outs[1].logprobs) == 3  # generated-token logprobs beside prompt ones

@@ -223,19 +223,42 @@ def test_multiround_reuse_matches_recompute(tiny, async_scheduling, simultaneous
     assert reuse.prefill_tokens < plain.prefill_tokens
 
 
-def test_other_conversation_does_not_reuse(tiny):
+def _first_round(tiny):
+    """An offloading engine that has served one 40-token prompt of conversation "a" (its KV now stored)."""
     g = torch.Generator().manual_seed(8)
     p = torch.randint(0, VOCAB, (40,), generator=g).tolist()
     engine = _engine(tiny, OffloadingEngine)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     first = engine.add_request(p, params, conversation_id="a")
     engine.run_until_done()
+    return engine, p, first, params
+
+
+def test_other_conversation_does_not_reuse(tiny):
+    engine, p, first, params = _first_round(tiny)
     engine.add_request(p + first.token_ids + [1, 2], params, conversation_id="b")
     engine.run_until_done()
     assert engine.stats_reused_tokens == 0
     engine.add_request(p + first.token_ids + [1, 2], params, conversation_id="a")
     engine.run_until_done()
     assert engine.stats_reused_tokens == 32
+
+
+def test_prompt_logprobs_compute_the_whole_prompt(tiny):
+    """A request asking for prompt logprobs does not load its conversation's KV (those positions would have no
+    logprobs); it computes its prompt and gets every logprob, equal to a plain engine's."""
+    engine, p, first, _ = _first_round(tiny)
+    again = p + first.token_ids + [1, 2]
+    with_lp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    out = engine.add_request(again, with_lp, conversation_id="a")
+    engine.run_until_done()
+    assert engine.stats_reused_tokens == 0
+    plain = _engine(tiny, Engine)
+    ref = plain.add_request(again, with_lp)
+    plain.run_until_done()
+    assert out.prompt_logprobs[0] is None and all(e is not None for e in out.prompt_logprobs[1:])
+    assert [e.logprob for e in out.prompt_logprobs[1:]] == pytest.approx([e.logprob for e in ref.prompt_logprobs[1:]],
+                                                                         abs=1e-5)
 
 
 @pytest.mark.parametrize("async_scheduling,kv_dtype", [(False, "auto"), (True, "auto"), (True, "fp8")])

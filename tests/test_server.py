@@ -501,3 +501,35 @@ def test_real_n_choices_streamed_and_not(client) -> None:
                                           max_tokens=5, temperature=0)
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same answer twice
+
+
+@real
+def test_real_echo_with_prompt_logprobs(client) -> None:
+    """echo + logprobs as lm-eval's loglikelihood requests send them (max_tokens 1): the prompt's tokens come first,
+    the first without a logprob; a prompt token's logprob equals the logprob the same token got when generated
+    after the same context (two code paths: sampled rows and prefill rows). Values against transformers:
+    tests/test_logprobs.py."""
+    model = client.models.list().data[0].id
+    tok_prompt = client.completions.create(model=model, prompt="The capital of France is", max_tokens=1,
+                                           temperature=0, logprobs=1, echo=True)
+    choice = tok_prompt.choices[0]
+    lp = choice.logprobs
+    n_prompt = tok_prompt.usage.prompt_tokens
+    assert choice.text.startswith("The capital of France is") and len(lp.tokens) == n_prompt + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] == len("".join(lp.tokens[:-1]))
+    ids = [5, 300, 2000, 17, 999, 42]
+    as_ids = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    first = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, logprobs=0,
+                                      extra_body=as_ids).choices[0].logprobs
+    token = int(first.tokens[0].removeprefix("token_id:"))
+    echoed = client.completions.create(model=model, prompt=ids + [token], max_tokens=1, temperature=0, logprobs=0,
+                                       echo=True, extra_body=as_ids).choices[0].logprobs
+    assert echoed.tokens[:len(ids) + 1] == [f"token_id:{t}" for t in ids + [token]]
+    assert echoed.token_logprobs[len(ids)] == pytest.approx(first.token_logprobs[0], abs=1e-3)
+    streamed = list(client.completions.create(model=model, prompt="The capital of France is", max_tokens=1,
+                                              temperature=0, logprobs=1, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    got = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert got == lp.tokens

@@ -49,6 +49,15 @@ def _hf_logprobs(path: str, prompt: list[int], generated: list[int]) -> list[flo
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(generated)[:, None])[:, 0].tolist()
 
 
+def _hf_prompt_logprobs(path: str, prompt: list[int]) -> list[float]:
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1], -1)
+    return lp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+
+
 def _hf_frequency_greedy(path: str, prompt: list[int], frequency: float) -> list[int]:
     import torch
 
@@ -102,6 +111,12 @@ def test_serve_tp2_under_torchrun_with_the_openai_client(tmp_path: Path) -> None
         assert lp.token_logprobs == pytest.approx(_hf_logprobs(model, PROMPTS[1], ref[1]), abs=1e-4)
         assert all(len(top) == 2 and top[tok] == pytest.approx(v) for tok, v, top in
                    zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+        # prompt logprobs (echo): every rank runs the LM head over the prompt rows (it gathers across ranks)
+        echo = client.completions.create(model=model, prompt=PROMPTS[1] + ref[1][:3], max_tokens=1, temperature=0,
+                                         logprobs=0, echo=True, extra_body={"ignore_eos": True}).choices[0].logprobs
+        full = _hf_prompt_logprobs(model, PROMPTS[1] + ref[1][:3])
+        assert echo.token_logprobs[0] is None
+        assert echo.token_logprobs[1:len(full) + 1] == pytest.approx(full, abs=1e-4)
         # penalties are applied on rank 0 too: OpenAI's frequency penalty over the generated tokens
         pen = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
                                         frequency_penalty=1.5, extra_body={"ignore_eos": True}).choices[0].text

@@ -68,7 +68,8 @@ class WirePlan(NamedTuple):
 
 class Message(NamedTuple):
     """Leader -> followers. kind: build (payload EngineArgs), execute ((WirePlan, SamplingLists | None,
-    PenaltyLists | None)), forward (WirePlan, logits only), capture (segment buckets), close, stop."""
+    PenaltyLists | None, [PromptLogprobRows] | None)), forward (WirePlan, logits only), capture (segment buckets),
+    close, stop."""
 
     kind: str
     payload: Any = None
@@ -188,11 +189,13 @@ class LeaderRunner:
             setattr(self._runner, name, value)
 
     def execute(self, plan: BatchPlan, sampling: SamplingTensors | None, logprobs: int | None = None,
-                penalties: Any = None) -> Any:
+                penalties: Any = None, prompt_logprobs: Any = None) -> Any:
         lists = None if sampling is None else sampling_lists(plan)
-        # Every rank samples (its ids feed its next decode step), so the penalties go along; logprobs are rank 0's.
-        self._comm.broadcast_object(Message("execute", (self._encoder.encode(plan), lists, penalties)))
-        return self._runner.execute(plan, sampling, logprobs, penalties)
+        # Every rank samples (its ids feed its next decode step), so the penalties go along, and every rank runs the
+        # LM head (it gathers across ranks) over the prompt-logprob rows; the logprobs themselves are rank 0's.
+        self._comm.broadcast_object(Message("execute", (self._encoder.encode(plan), lists, penalties,
+                                                        prompt_logprobs)))
+        return self._runner.execute(plan, sampling, logprobs, penalties, prompt_logprobs)
 
     def prepare(self, plan: BatchPlan) -> Any:
         self._prepared = plan
@@ -288,9 +291,9 @@ def follow(comm: Communicator, parts: dict[str, Any], exit_after: int | None = N
         elif engine is None:
             raise RuntimeError(f"rank {comm.rank}: got {msg.kind!r} before any engine was built")
         elif msg.kind == "execute":
-            wire, lists, penalties = msg.payload
+            wire, lists, penalties, prompt_rows = msg.payload
             sampling = None if lists is None else SamplingTensors.build(*lists, engine.runner.device)
-            engine.runner.execute(decoder.decode(wire), sampling, penalties=penalties)
+            engine.runner.execute(decoder.decode(wire), sampling, penalties=penalties, prompt_logprobs=prompt_rows)
             steps += 1
         elif msg.kind == "forward":
             runner = engine.runner

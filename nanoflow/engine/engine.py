@@ -24,7 +24,7 @@ import torch
 from nanoflow.config import ConfigError, EngineArgs
 from nanoflow.engine.builder import kv_capacity_tokens, load_parts, resolve_device, resolve_kv_dtype
 from nanoflow.engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from nanoflow.ops.sampling import PenaltyLists, SamplingTensors
+from nanoflow.ops.sampling import PenaltyLists, PromptLogprobRows, SamplingTensors
 from nanoflow.scheduler.batcher import BatchPlan, Scheduler
 from nanoflow.scheduler.kv_cache import BlockManager
 from nanoflow.scheduler.request import Request, RequestStatus, SamplingParams
@@ -39,6 +39,7 @@ class _Tracked:
     detok: Any
     stop: list[str]
     emitted_tokens: int = 0
+    prompt_logprob_next: int = 1  # the next prompt position whose logprob a step must compute (prompt_logprobs)
 
 
 def freeze_gc() -> int:
@@ -111,7 +112,7 @@ class Engine:
         self._rng = random.Random(args.seed)
         self._tracked: dict[str, _Tracked] = {}
         # Tracked requests with SamplingParams.logprobs / penalties: only while there are any is a plan scanned.
-        self._logprob_requests = self._penalized_requests = 0
+        self._logprob_requests = self._penalized_requests = self._prompt_logprob_requests = 0
         self._inflight: tuple[BatchPlan, Any] | None = None
         self._counter = 0
         self.stats_iterations = 0
@@ -225,7 +226,8 @@ class Engine:
             params = _with_seed(params, self._rng.randrange(2**31))
         req = Request(request_id, ids, params, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids)
         out = RequestOutput(request_id, text_prompt, req.prompt_token_ids, metrics=RequestMetrics(req.arrival_time),
-                            logprobs=None if params.logprobs is None else [])
+                            logprobs=None if params.logprobs is None else [],
+                            prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(ids))
         detok = None
         if self.tokenizer is not None:
             from nanoflow.models.tokenizer import IncrementalDetokenizer
@@ -238,6 +240,8 @@ class Engine:
             self._logprob_requests += 1
         if params.penalized:
             self._penalized_requests += 1
+        if params.prompt_logprobs is not None:
+            self._prompt_logprob_requests += 1
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
             req.error = error
@@ -276,6 +280,8 @@ class Engine:
                 extra["logprobs"] = k
             if self._penalized_requests and (pen := self._penalties(plan)) is not None:
                 extra["penalties"] = pen
+            if self._prompt_logprob_requests and (rows := self._prompt_logprob_rows(plan)):
+                extra["prompt_logprobs"] = rows
             result = self.runner.execute(plan, sampling, **extra)
             self.stats_launch_s += time.perf_counter() - t_sched
             launched = (plan, result)
@@ -331,9 +337,35 @@ class Engine:
                             [p.repetition_penalty for p in ps], [list(r.output_token_ids) for r in reqs],
                             [list(r.prompt_token_ids) if p.repetition_penalty != 1.0 else [] for r, p in zip(reqs, ps)])
 
+    def _prompt_logprob_rows(self, plan: BatchPlan) -> list[PromptLogprobRows]:
+        """The prefill rows of ``plan`` that predict a prompt token whose logprob is still owed. A position is asked
+        for once: a request recomputed after preemption is not asked again."""
+        entries = []
+        for i, seq in enumerate(plan.seqs):
+            tr = self._tracked.get(seq.request_id)
+            if tr is None or tr.request.sampling_params.prompt_logprobs is None:
+                continue
+            prompt = tr.request.prompt_token_ids
+            # row j of the chunk predicts position start + j + 1; owed: [prompt_logprob_next, len(prompt))
+            lo = max(tr.prompt_logprob_next, seq.start + 1)
+            hi = min(len(prompt), seq.start + seq.num_tokens + 1)
+            if lo >= hi:
+                continue
+            entries.append(PromptLogprobRows(i, lo - 1 - seq.start, list(prompt[lo:hi]),
+                                             tr.request.sampling_params.prompt_logprobs, seq.request_id, lo))
+            tr.prompt_logprob_next = hi
+        return entries
+
     def _process(self, plan: BatchPlan, result: Any) -> None:
         tokens = result.tokens()
         logprobs = result.logprobs() if getattr(result, "host_logprobs", None) is not None else {}
+        if getattr(result, "host_prompt_logprobs", None) is not None:
+            for entry, values in result.prompt_logprobs():
+                tr = self._tracked.get(entry.request_id)
+                if tr is not None and tr.output.prompt_logprobs is not None:
+                    for j, (lp, top) in enumerate(values):
+                        tr.output.prompt_logprobs[entry.first_position + j] = TokenLogprob(
+                            entry.targets[j], lp, top, -1)
         finished = {r.request_id for r in self.scheduler.update(plan, tokens)}
         now = time.monotonic()
         for rid in tokens:
@@ -396,6 +428,7 @@ class Engine:
         if self._tracked.pop(req.request_id, None) is not None:
             self._logprob_requests -= req.sampling_params.logprobs is not None
             self._penalized_requests -= req.sampling_params.penalized
+            self._prompt_logprob_requests -= req.sampling_params.prompt_logprobs is not None
 
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """fp32 logits after the last token of each prompt, from one prefill batch (correctness checks).
@@ -434,7 +467,7 @@ class Engine:
         runner.bufs = {}
         runner.glue = {}
         self._tracked.clear()
-        self._logprob_requests = self._penalized_requests = 0
+        self._logprob_requests = self._penalized_requests = self._prompt_logprob_requests = 0
         self._inflight = None
         # Frozen objects are never collected: hand them back to the GC so that cycles through this engine's parts
         # can go (the next engine freezes what is alive then).

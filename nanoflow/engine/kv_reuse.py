@@ -321,13 +321,16 @@ class OffloadingEngine(Engine):
             self.host_cache.discard_namespace(_swap_space(req))
 
     def find_reusable(self, req: Request, max_tokens: int) -> PrefixHit | None:
-        """The longest stored prefix usable by ``req`` (its own swapped KV first, then its conversation's)."""
+        """The longest stored prefix usable by ``req`` (its own swapped KV first, then its conversation's; not the
+        conversation's for a request that asks for prompt logprobs, which needs its prompt computed)."""
         if max_tokens < self.host_cache.block_size:
             return None
         tokens = req.all_token_ids
         best = None
         if req.num_preemptions:
             best = self.host_cache.longest_prefix(tokens, _swap_space(req), max_tokens)
+        if req.sampling_params.prompt_logprobs is not None:
+            return best
         if best is None or best.num_tokens < max_tokens - self.host_cache.block_size + 1:
             hit = self.host_cache.longest_prefix(tokens, self._conversation.get(req.request_id), max_tokens)
             if hit is not None and (best is None or hit.num_tokens > best.num_tokens):

@@ -52,6 +52,9 @@ class RequestOutput:
     error: str | None = None
     metrics: RequestMetrics | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
+    # One per prompt token when SamplingParams.prompt_logprobs is set (text_offset -1); None for the first token,
+    # which nothing predicts, and until a token's prefill chunk has run.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: str | None = None  # the stop string that ended the request (its text is cut before it)
 
     @property

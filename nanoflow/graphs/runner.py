@@ -35,7 +35,14 @@ from nanoflow.graphs.forward_batch import ForwardBatch, HostSeq, build_range_met
 from nanoflow.models.base import DecoderModel, StepContext
 from nanoflow.ops.attention.backends import make_backend, resolve_decode_variant
 from nanoflow.ops.rotary import cos_sin_cache
-from nanoflow.ops.sampling import PenaltyLists, PenaltyTensors, SamplingTensors, apply_penalties, sample
+from nanoflow.ops.sampling import (
+    PenaltyLists,
+    PenaltyTensors,
+    PromptLogprobRows,
+    SamplingTensors,
+    apply_penalties,
+    sample,
+)
 
 
 @dataclass
@@ -49,6 +56,8 @@ class StepResult:
     kv_rows: torch.Tensor | None = None  # [layers, 2, T, kv_heads, head_dim] staged K/V rows (kv_offload only)
     staging_slot: int = 0  # which staging slot kv_rows is
     host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen [n], top ids/lps [n, k]
+    prompt_rows: list[PromptLogprobRows] | None = None
+    host_prompt_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # over prompt_rows' rows
 
     def tokens(self) -> dict[str, int]:
         if self.event is not None:
@@ -61,6 +70,23 @@ class StepResult:
             return {}
         chosen, top_ids, top_lps = (t.tolist() for t in self.host_logprobs)
         return {rid: (c, tuple(zip(i, lp))) for rid, c, i, lp in zip(self.request_ids, chosen, top_ids, top_lps)}
+
+    def prompt_logprobs(self) -> list[tuple[PromptLogprobRows, list[tuple[float, tuple[tuple[int, float], ...]]]]]:
+        """Per entry of ``prompt_rows``: each row's target logprob and top ``(id, logprob)`` pairs (after
+        :meth:`tokens`)."""
+        if self.host_prompt_logprobs is None or not self.prompt_rows:
+            return []
+        chosen, top_ids, top_lps = (t.tolist() for t in self.host_prompt_logprobs)
+        out, at = [], 0
+        for entry in self.prompt_rows:
+            n = len(entry.targets)
+            out.append((entry, [(chosen[r], tuple(zip(top_ids[r][:entry.k], top_lps[r][:entry.k])))
+                                for r in range(at, at + n)]))
+            at += n
+        return out
+
+
+PROMPT_LOGPROB_ROWS = 256  # prompt rows per LM-head slice: [256, vocab] fp32 logits at a time (128 MB at 128k)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -244,33 +270,57 @@ class ModelRunner:
         self.executor.run(make_ctx, t)
 
     def execute(self, plan: Any, sampling: SamplingTensors | None, logprobs: int | None = None,
-                penalties: PenaltyLists | None = None) -> StepResult:
+                penalties: PenaltyLists | None = None,
+                prompt_logprobs: list[PromptLogprobRows] | None = None) -> StepResult:
         """Run ``plan`` and sample; ``logprobs`` (the most any sampled request asks for, None = none) adds every
         sampled row's logprobs (of the model's logits, before penalties) to the result; ``penalties`` change the
-        logits the penalised rows sample from."""
+        logits the penalised rows sample from; ``prompt_logprobs`` adds those prefill rows' prompt-token logprobs."""
         batch = self.prepare(plan)
         logits = self.forward(batch)
+        prompt_lp = None if not prompt_logprobs else self._prompt_logprobs(plan, prompt_logprobs)
         scores = logits if penalties is None else apply_penalties(logits, PenaltyTensors.build(penalties, self.device))
         if sampling is None:
             ids = scores.argmax(dim=-1)
         else:
             ids = sample(scores, sampling)
         result = self._finish(batch.sample_request_ids, ids, None if logprobs is None else
-                              token_logprobs(logits, ids, logprobs))
+                              token_logprobs(logits, ids, logprobs), prompt_lp)
+        result.prompt_rows = prompt_logprobs
         if self.kv_staging is not None:
             result.kv_rows = self.kv_staging[batch.staging_slot]
             result.staging_slot = batch.staging_slot
         return result
 
-    def _finish(self, request_ids: list[str], ids: torch.Tensor,
-                logprobs: tuple[torch.Tensor, ...] | None = None) -> StepResult:
+    def _prompt_logprobs(self, plan: Any, entries: list[PromptLogprobRows]) -> tuple[torch.Tensor, ...]:
+        """Log-softmax of the LM head over the entries' prefill rows (read from the hidden-state buffers the forward
+        left), in slices of PROMPT_LOGPROB_ROWS rows: ``(target logprobs, top ids, top logprobs)`` over all rows."""
+        starts, at = [], 0
+        for seq in plan.seqs:
+            starts.append(at)
+            at += seq.num_tokens
+        rows = torch.tensor([starts[e.seq_index] + e.first_row + j for e in entries for j in range(len(e.targets))],
+                            dtype=torch.int64).to(self.device)
+        targets = torch.tensor([t for e in entries for t in e.targets], dtype=torch.int64).to(self.device)
+        k = max(e.k for e in entries)
+        parts = []
+        for lo in range(0, rows.shape[0], PROMPT_LOGPROB_ROWS):
+            r = rows[lo:lo + PROMPT_LOGPROB_ROWS]
+            logits = self.model.logits(self.bufs["hidden"][r], self.bufs["residual"][r], self.comm, glue=self.glue)
+            parts.append(token_logprobs(logits, targets[lo:lo + PROMPT_LOGPROB_ROWS], k))
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _finish(self, request_ids: list[str], ids: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None = None,
+                prompt_logprobs: tuple[torch.Tensor, ...] | None = None) -> StepResult:
+        def pinned(ts: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+            return None if ts is None else tuple(_to_pinned(t) for t in ts)
+
         if self.device.type == "cuda":
-            host, host_lp = _to_pinned(ids), None if logprobs is None else tuple(_to_pinned(t) for t in logprobs)
+            host, host_lp, host_plp = _to_pinned(ids), pinned(logprobs), pinned(prompt_logprobs)
             event = torch.cuda.Event()
             event.record()
         else:
-            host, host_lp, event = ids, logprobs, None
-        result = StepResult(request_ids, ids, host, event, host_logprobs=host_lp)
+            host, host_lp, host_plp, event = ids, logprobs, prompt_logprobs, None
+        result = StepResult(request_ids, ids, host, event, host_logprobs=host_lp, host_prompt_logprobs=host_plp)
         self.prev_ids[: ids.shape[0]].copy_(ids)
         self._prev_rows = {rid: i for i, rid in enumerate(request_ids)}
         return result

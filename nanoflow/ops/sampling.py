@@ -166,3 +166,16 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:
     sub = sub - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0).float()
     logits.index_copy_(0, pen.rows, sub)
     return logits
+
+
+class PromptLogprobRows(NamedTuple):
+    """Rows of one prefill chunk whose prompt-token logprobs a step computes: rows ``[first_row, first_row +
+    len(targets))`` of the plan's seq ``seq_index`` predict ``targets`` (the prompt tokens at positions
+    ``first_position ...``). Under tensor parallelism rank 0 sends these to every rank (the LM head gathers)."""
+
+    seq_index: int
+    first_row: int
+    targets: list[int]
+    k: int
+    request_id: str
+    first_position: int

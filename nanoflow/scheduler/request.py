@@ -89,6 +89,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """HF / vLLM: divide a positive logit (multiply a negative one) by this for tokens in the prompt or output;
     1 = off, > 1 discourages repeats (in (0, 10])."""
+    prompt_logprobs: int | None = None
+    """Also return each prompt token's logprob (given the tokens before it; the first token has none) and this many
+    alternatives (as vLLM's ``prompt_logprobs``). None = off."""
     logprobs: int | None = None
     """Return each generated token's log-probability and the ``logprobs`` most likely tokens' (0 = only the chosen
     token's; at most :data:`MAX_LOGPROBS`), from the model's distribution before temperature and top-k/top-p, as
@@ -125,8 +128,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a number in (0, 10] (1 = off), got "
                              f"{self.repetition_penalty!r}")
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
         # frozen: normalise through object.__setattr__ (copies, so a caller's list cannot change us later).
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))

@@ -51,7 +51,7 @@ from nanoflow.serve.streaming import SSE_DONE, IncrementalText, sse_event
 logger = logging.getLogger("nanoflow.serve")
 T = TypeVar("T")
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "stop", "ignore_eos",
-                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs")
 
 
 class Admission:
@@ -103,6 +103,9 @@ class GenerationJob:
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
     n: int = 1  # choices: one engine request each (ids request_id-0, -1, ...), answered as one response
+    echo: bool = False  # completions: the answer starts with the prompt (and its logprobs, with logprobs)
+    prompt_text: str = ""
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (return_tokens_as_token_ids)
 
     @classmethod
     def build(
@@ -133,8 +136,15 @@ class GenerationJob:
             param = next((f for f in _SAMPLING_FIELDS if str(e).startswith(f)), None)
             raise invalid(str(e), param) from None
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        echo = bool(getattr(req, "echo", False))
+        prompt_text = ""
+        if echo:
+            tok = engine.tokenizer
+            prompt_text = req.prompt if isinstance(req.prompt, str) else (
+                "" if tok is None else tok.decode(list(prompt_ids), skip_special_tokens=False))
         return cls(engine, kind, f"{prefix}-{uuid.uuid4().hex}", list(prompt_ids), params, req.stream,
-                   req.include_usage, engine.model_name, n=req.n)
+                   req.include_usage, engine.model_name, n=req.n, echo=echo, prompt_text=prompt_text,
+                   tokens_as_ids=req.return_tokens_as_token_ids)
 
     def engine_id(self, index: int) -> str:
         return self.request_id if self.n == 1 else f"{self.request_id}-{index}"
@@ -178,7 +188,9 @@ class GenerationJob:
 
     def _token_text(self, token_id: int) -> str:
         tok = self.engine.tokenizer
-        return f"token_id:{token_id}" if tok is None else tok.decode([token_id], skip_special_tokens=False)
+        if tok is None or self.tokens_as_ids:
+            return f"token_id:{token_id}"
+        return tok.decode([token_id], skip_special_tokens=False)
 
     def format_logprobs(self, entries: list[TokenLogprob]) -> CompletionLogprobs | ChatLogprobs | None:
         if self.params.logprobs is None:
@@ -191,14 +203,29 @@ class GenerationJob:
             return ChatLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
                                                            top_logprobs=[top(i, lp) for i, lp in e.top])
                                          for e in entries])
+        shift = len(self.prompt_text) if self.echo else 0  # offsets into the echoed prompt + completion
         return CompletionLogprobs(tokens=[self._token_text(e.token_id) for e in entries],
                                   token_logprobs=[e.logprob for e in entries],
                                   top_logprobs=[{self._token_text(i): lp for i, lp in e.top} for e in entries],
-                                  text_offset=[e.text_offset for e in entries])
+                                  text_offset=[e.text_offset + shift for e in entries])
+
+    def echo_logprobs(self, last: RequestOutput | None) -> CompletionLogprobs | None:
+        """``echo`` with ``logprobs``: the prompt's tokens (the first without a logprob), offsets into the prompt."""
+        if self.params.logprobs is None:
+            return None
+        entries = (last.prompt_logprobs if last is not None else None) or [None] * len(self.prompt_ids)
+        texts = [self._token_text(t) for t in self.prompt_ids]
+        return CompletionLogprobs(tokens=texts, token_logprobs=[None if e is None else e.logprob for e in entries],
+                                  top_logprobs=[None if e is None else {self._token_text(i): lp for i, lp in e.top}
+                                                for e in entries],
+                                  text_offset=[sum(len(t) for t in texts[:j]) for j in range(len(texts))])
 
     def text_chunk(self, text: str | None, finish: str | None = None,
-                   logprobs: list[TokenLogprob] | None = None, index: int = 0) -> str:
-        lp = self.format_logprobs(logprobs) if logprobs else None
+                   logprobs: list[TokenLogprob] | None = None, index: int = 0,
+                   echo_of: RequestOutput | None = None) -> str:
+        """One SSE chunk; ``echo_of``: the chunk that echoes the prompt (with its logprobs)."""
+        lp = self.echo_logprobs(echo_of) if echo_of is not None else (
+            self.format_logprobs(logprobs) if logprobs else None)
         if self.kind == "chat":
             if finish:
                 delta = {}
@@ -226,6 +253,14 @@ class GenerationJob:
             if self.kind == "chat":
                 choices.append(ChatChoice(index=i, message=AssistantMessage(content=text.emitted),
                                           finish_reason=finish, logprobs=lp))
+                continue
+            if self.echo:  # the prompt, then the completion, as one text and one list of tokens
+                head = self.echo_logprobs(last)
+                if head is not None and lp is not None:
+                    lp = CompletionLogprobs(**{f: getattr(head, f) + getattr(lp, f)
+                                               for f in CompletionLogprobs.model_fields})
+                choices.append(CompletionChoice(index=i, text=self.prompt_text + text.emitted, finish_reason=finish,
+                                                logprobs=lp))
             else:
                 choices.append(CompletionChoice(index=i, text=text.emitted, finish_reason=finish, logprobs=lp))
         cls: Any = ChatCompletionResponse if self.kind == "chat" else CompletionResponse
@@ -344,6 +379,8 @@ async def _choice_chunks(job: GenerationJob, index: int, stream: AsyncIterator[R
     text = IncrementalText(job.params.stop)
     if job.kind == "chat":
         yield job.text_chunk(None, index=index)  # the role chunk OpenAI sends first
+    elif job.echo:  # the prompt first (its logprobs are complete once the first token is out)
+        yield job.text_chunk(job.prompt_text, index=index, echo_of=lasts[index])
     out: RequestOutput | None = lasts[index]
     # While the output has tokens but no text (a model without a tokenizer), send an empty-text chunk per step that
     # produced tokens, so clients still see them arrive (time to first token, per-token pacing).

@@ -3,7 +3,7 @@
 Requests are validated in *strict* mode (``"5"`` is not an integer, ``true`` is not a number) and with non-finite
 floats rejected, so a wrong type is a 400 naming the field instead of a silent coercion. Unknown fields are ignored,
 as OpenAI clients send options this server does not know; options it knows but cannot honour (``n`` above
-:data:`MAX_CHOICES`, ``echo``, ``logit_bias``, tools) are rejected with a message saying what to change, never
+:data:`MAX_CHOICES`, ``suffix``, ``logit_bias``, tools) are rejected with a message saying what to change, never
 silently dropped.
 
 Invariant: a validated request maps one-to-one onto :class:`~nanoflow.scheduler.request.SamplingParams` via
@@ -51,6 +51,8 @@ class _SamplingFields(_Request):
                                       description="Extension (vLLM's): > 1 discourages prompt and output tokens.")
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    return_tokens_as_token_ids: bool = Field(False, description="Extension (vLLM's): logprobs name tokens as "
+                                                                 "'token_id:<id>' instead of their text.")
     conversation_id: str | None = Field(None, min_length=1, max_length=256,
                                         description="Extension: with `serve --kv-offload`, requests of one "
                                                     "conversation reuse the KV of its earlier rounds.")
@@ -104,6 +106,7 @@ class _SamplingFields(_Request):
             "ignore_eos": self.ignore_eos,
             "conversation_id": self.conversation_id,
             "logprobs": self.num_logprobs,
+            "prompt_logprobs": self.num_prompt_logprobs,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
@@ -111,6 +114,10 @@ class _SamplingFields(_Request):
 
     @property
     def num_logprobs(self) -> int | None:  # the request classes say how they ask for logprobs
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
         return None
 
 
@@ -142,7 +149,7 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("batched prompts are not supported; send one prompt per request")
         raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
 
-    @field_validator("echo", "suffix", "best_of")
+    @field_validator("suffix", "best_of")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         # best_of=1 is the default behaviour; any other set option would silently change the result.
@@ -154,6 +161,10 @@ class CompletionRequest(_SamplingFields):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(_Request):
@@ -235,8 +246,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions format: parallel lists, one entry per token."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

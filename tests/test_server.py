@@ -533,3 +533,23 @@ def test_real_echo_with_prompt_logprobs(client) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
     got = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert got == lp.tokens
+
+
+@real
+def test_real_batched_prompts_as_lm_eval_sends_them(client) -> None:
+    """A list of token-id prompts with echo + logprobs (lm-eval's loglikelihood payload at batch size > 1): one
+    choice per prompt, in order, each equal to the same prompt sent alone; with n, a prompt's choices are together."""
+    model = client.models.list().data[0].id
+    prompts = [[5, 300, 2000], [17, 999, 42, 7, 8], [1000, 1001]]
+    kw = dict(model=model, max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
+    batch = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert batch.usage.prompt_tokens == 10 and batch.usage.completion_tokens == 3
+    for p, choice in zip(prompts, batch.choices):
+        alone = client.completions.create(prompt=p, **kw).choices[0]
+        assert choice.text == alone.text and choice.logprobs.tokens == alone.logprobs.tokens
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(alone.logprobs.token_logprobs[1:], abs=1e-4)
+        assert len(choice.logprobs.tokens) == len(p) + 1 and choice.logprobs.token_logprobs[0] is None
+    texts = client.completions.create(model=model, prompt=["Hello", "The sky is"], n=2, max_tokens=3, temperature=0)
+    got = [c.text for c in sorted(texts.choices, key=lambda c: c.index)]
+    assert got[0] == got[1] and got[2] == got[3] and got[0] != got[2]

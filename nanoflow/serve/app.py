@@ -174,9 +174,10 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = await _open(request, state, CompletionRequest)
         tok = engine.tokenizer
-        ids = list(req.prompt) if isinstance(req.prompt, list) else tok.encode(req.prompt)
-        _check_token_ids(ids, engine)
-        job = GenerationJob.build(engine, req, ids, kind="completion", prompt_param="prompt")
+        prompts = [list(p) if isinstance(p, list) else _encode(tok, p) for p in req.prompts]
+        for ids in prompts:
+            _check_token_ids(ids, engine)
+        job = GenerationJob.build(engine, req, prompts, kind="completion", prompt_param="prompt")
         return await run_job(request, job, state.admission, state.metrics)
 
     @v1.post("/chat/completions", response_model=None)
@@ -186,7 +187,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
             text = engine.tokenizer.apply_chat_template(req.message_dicts(), add_generation_prompt=True)
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise invalid(f"messages cannot be formatted by this model's chat template: {e}", "messages") from None
-        job = GenerationJob.build(engine, req, engine.tokenizer.encode(text), kind="chat", prompt_param="messages")
+        job = GenerationJob.build(engine, req, [engine.tokenizer.encode(text)], kind="chat", prompt_param="messages")
         return await run_job(request, job, state.admission, state.metrics)
 
     app.include_router(v1)
@@ -212,6 +213,12 @@ async def _open(request: Request, state: _ServerState, model: type[M]) -> M:
     req = parse_body(await read_body(request, state.config.max_body_bytes), model)
     state.check_model(getattr(req, "model", None))
     return req
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    if tok is None:
+        raise invalid("this model has no tokenizer; send the prompt as token ids", "prompt")
+    return tok.encode(text)
 
 
 def _check_token_ids(ids: list[int], engine: Any) -> None:

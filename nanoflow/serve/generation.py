@@ -91,76 +91,98 @@ class _Slot:
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """Everything needed to run one request on the engine and format its answer."""
+    """Everything needed to run one request on the engine and format its answer.
+
+    A request has one prompt or (completions) several, and ``n`` choices per prompt; each choice is one engine
+    request. Choice ``i`` answers prompt ``i // n`` (OpenAI's order: a prompt's choices together)."""
 
     engine: Any
     kind: str  # "completion" | "chat"
     request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
+    prompts: list[list[int]]
+    prompt_params: list[SamplingParams]  # per prompt (max_tokens is clamped to each prompt's room)
     stream: bool
     include_usage: bool
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
-    n: int = 1  # choices: one engine request each (ids request_id-0, -1, ...), answered as one response
+    n: int = 1
     echo: bool = False  # completions: the answer starts with the prompt (and its logprobs, with logprobs)
-    prompt_text: str = ""
+    prompt_texts: list[str] = field(default_factory=list)  # with echo: each prompt's text
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (return_tokens_as_token_ids)
 
     @classmethod
     def build(
-        cls, engine: Any, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], *, kind: str,
+        cls, engine: Any, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], *, kind: str,
         prompt_param: str,
     ) -> GenerationJob:
-        """Check the prompt against the context and resolve ``max_tokens``: 400s name ``prompt_param``.
+        """Check each prompt against the context and resolve ``max_tokens``: 400s name ``prompt_param`` (with the
+        prompt's index when there are several).
 
         ``max_tokens`` is clamped to the room left in the context (None means all of it), so a request asking for
         more than fits ends with finish_reason "length" instead of failing.
         """
         limit = engine.max_model_len
-        if not prompt_ids:
-            raise invalid("the prompt is empty after tokenization", prompt_param)
-        if len(prompt_ids) >= limit:
-            what = "prompt" if prompt_param == "prompt" else f"{prompt_param} (with the chat template applied)"
-            raise invalid(
-                f"{what} has {len(prompt_ids):,} tokens; this model's context is {limit:,} tokens and must leave room "
-                f"for at least one generated token; shorten the {prompt_param}",
-                prompt_param,
-                code="context_length_exceeded",
-            )
         asked = req.max_tokens if isinstance(req, CompletionRequest) else req.token_limit
-        room = limit - len(prompt_ids)
-        try:
-            params = SamplingParams(max_tokens=room if asked is None else min(asked, room), **req.sampling_kwargs())
-        except ValueError as e:
-            param = next((f for f in _SAMPLING_FIELDS if str(e).startswith(f)), None)
-            raise invalid(str(e), param) from None
+        params = []
+        for k, ids in enumerate(prompts):
+            param = prompt_param if len(prompts) == 1 else f"{prompt_param}[{k}]"
+            if not ids:
+                raise invalid("the prompt is empty after tokenization", param)
+            if len(ids) >= limit:
+                what = "prompt" if prompt_param == "prompt" else f"{prompt_param} (with the chat template applied)"
+                raise invalid(
+                    f"{what} has {len(ids):,} tokens; this model's context is {limit:,} tokens and must leave room "
+                    f"for at least one generated token; shorten the {param}",
+                    param,
+                    code="context_length_exceeded",
+                )
+            room = limit - len(ids)
+            try:
+                params.append(SamplingParams(max_tokens=room if asked is None else min(asked, room),
+                                             **req.sampling_kwargs()))
+            except ValueError as e:
+                field_name = next((f for f in _SAMPLING_FIELDS if str(e).startswith(f)), None)
+                raise invalid(str(e), field_name) from None
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
         echo = bool(getattr(req, "echo", False))
-        prompt_text = ""
+        texts: list[str] = []
         if echo:
             tok = engine.tokenizer
-            prompt_text = req.prompt if isinstance(req.prompt, str) else (
-                "" if tok is None else tok.decode(list(prompt_ids), skip_special_tokens=False))
-        return cls(engine, kind, f"{prefix}-{uuid.uuid4().hex}", list(prompt_ids), params, req.stream,
-                   req.include_usage, engine.model_name, n=req.n, echo=echo, prompt_text=prompt_text,
+            given = req.prompts if isinstance(req, CompletionRequest) else []
+            texts = [p if isinstance(p, str) else ("" if tok is None else tok.decode(ids, skip_special_tokens=False))
+                     for p, ids in zip(given, prompts)]
+        return cls(engine, kind, f"{prefix}-{uuid.uuid4().hex}", [list(p) for p in prompts], params, req.stream,
+                   req.include_usage, engine.model_name, n=req.n, echo=echo, prompt_texts=texts,
                    tokens_as_ids=req.return_tokens_as_token_ids)
 
+    @property
+    def params(self) -> SamplingParams:
+        """The sampling every choice shares (all but ``max_tokens`` and ``seed``)."""
+        return self.prompt_params[0]
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def prompt_of(self, index: int) -> int:
+        return index // self.n
+
     def engine_id(self, index: int) -> str:
-        return self.request_id if self.n == 1 else f"{self.request_id}-{index}"
+        return self.request_id if self.num_choices == 1 else f"{self.request_id}-{index}"
 
     def choice_params(self, index: int) -> SamplingParams:
-        """Choice ``index``'s sampling: with a ``seed``, choice i samples with ``seed + i`` (reproducible, and the
-        choices differ); without one each engine request draws its own."""
-        if index == 0 or self.params.seed is None:
-            return self.params
-        return replace(self.params, seed=self.params.seed + index)
+        """Choice ``index``'s sampling: its prompt's, and with a ``seed`` the prompt's j-th choice samples with
+        ``seed + j`` (reproducible, and the choices differ); without one each engine request draws its own."""
+        params, j = self.prompt_params[self.prompt_of(index)], index % self.n
+        return params if j == 0 or params.seed is None else replace(params, seed=params.seed + j)
 
     def open(self, index: int = 0) -> AsyncIterator[RequestOutput]:
-        return aiter(self.engine.generate(self.prompt_ids, self.choice_params(index), self.engine_id(index)))
+        return aiter(self.engine.generate(self.prompts[self.prompt_of(index)], self.choice_params(index),
+                                          self.engine_id(index)))
 
     def usage(self, lasts: list[RequestOutput | None]) -> Usage:
-        return Usage.of(len(self.prompt_ids), sum(len(last.token_ids) for last in lasts if last is not None))
+        return Usage.of(sum(len(p) for p in self.prompts),
+                        sum(len(last.token_ids) for last in lasts if last is not None))
 
     def finish_reason(self, last: RequestOutput | None, text: IncrementalText) -> str:
         """OpenAI's finish_reason, or an APIError for an engine error / abort / a stream that just ended."""
@@ -192,7 +214,7 @@ class GenerationJob:
             return f"token_id:{token_id}"
         return tok.decode([token_id], skip_special_tokens=False)
 
-    def format_logprobs(self, entries: list[TokenLogprob]) -> CompletionLogprobs | ChatLogprobs | None:
+    def format_logprobs(self, entries: list[TokenLogprob], index: int = 0) -> CompletionLogprobs | ChatLogprobs | None:
         if self.params.logprobs is None:
             return None
         if self.kind == "chat":
@@ -203,18 +225,19 @@ class GenerationJob:
             return ChatLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
                                                            top_logprobs=[top(i, lp) for i, lp in e.top])
                                          for e in entries])
-        shift = len(self.prompt_text) if self.echo else 0  # offsets into the echoed prompt + completion
+        shift = len(self.prompt_texts[self.prompt_of(index)]) if self.echo else 0  # into echoed prompt + completion
         return CompletionLogprobs(tokens=[self._token_text(e.token_id) for e in entries],
                                   token_logprobs=[e.logprob for e in entries],
                                   top_logprobs=[{self._token_text(i): lp for i, lp in e.top} for e in entries],
                                   text_offset=[e.text_offset + shift for e in entries])
 
-    def echo_logprobs(self, last: RequestOutput | None) -> CompletionLogprobs | None:
+    def echo_logprobs(self, last: RequestOutput | None, index: int = 0) -> CompletionLogprobs | None:
         """``echo`` with ``logprobs``: the prompt's tokens (the first without a logprob), offsets into the prompt."""
         if self.params.logprobs is None:
             return None
-        entries = (last.prompt_logprobs if last is not None else None) or [None] * len(self.prompt_ids)
-        texts = [self._token_text(t) for t in self.prompt_ids]
+        prompt = self.prompts[self.prompt_of(index)]
+        entries = (last.prompt_logprobs if last is not None else None) or [None] * len(prompt)
+        texts = [self._token_text(t) for t in prompt]
         return CompletionLogprobs(tokens=texts, token_logprobs=[None if e is None else e.logprob for e in entries],
                                   top_logprobs=[None if e is None else {self._token_text(i): lp for i, lp in e.top}
                                                 for e in entries],
@@ -224,8 +247,8 @@ class GenerationJob:
                    logprobs: list[TokenLogprob] | None = None, index: int = 0,
                    echo_of: RequestOutput | None = None) -> str:
         """One SSE chunk; ``echo_of``: the chunk that echoes the prompt (with its logprobs)."""
-        lp = self.echo_logprobs(echo_of) if echo_of is not None else (
-            self.format_logprobs(logprobs) if logprobs else None)
+        lp = self.echo_logprobs(echo_of, index) if echo_of is not None else (
+            self.format_logprobs(logprobs, index) if logprobs else None)
         if self.kind == "chat":
             if finish:
                 delta = {}
@@ -249,18 +272,19 @@ class GenerationJob:
                  lasts: list[RequestOutput | None]) -> JSONResponse:
         choices: list[Any] = []
         for i, (text, finish, last) in enumerate(zip(texts, finishes, lasts)):
-            lp = self.format_logprobs(self.logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)))
+            lp = self.format_logprobs(self.logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)),
+                                      i)
             if self.kind == "chat":
                 choices.append(ChatChoice(index=i, message=AssistantMessage(content=text.emitted),
                                           finish_reason=finish, logprobs=lp))
                 continue
             if self.echo:  # the prompt, then the completion, as one text and one list of tokens
-                head = self.echo_logprobs(last)
+                head = self.echo_logprobs(last, i)
                 if head is not None and lp is not None:
                     lp = CompletionLogprobs(**{f: getattr(head, f) + getattr(lp, f)
                                                for f in CompletionLogprobs.model_fields})
-                choices.append(CompletionChoice(index=i, text=self.prompt_text + text.emitted, finish_reason=finish,
-                                                logprobs=lp))
+                choices.append(CompletionChoice(index=i, text=self.prompt_texts[self.prompt_of(i)] + text.emitted,
+                                                finish_reason=finish, logprobs=lp))
             else:
                 choices.append(CompletionChoice(index=i, text=text.emitted, finish_reason=finish, logprobs=lp))
         cls: Any = ChatCompletionResponse if self.kind == "chat" else CompletionResponse
@@ -322,8 +346,8 @@ async def run_job(request: Request, job: GenerationJob, admission: Admission, me
 
 
 async def _complete(request: Request, job: GenerationJob, metrics: ServerMetrics) -> Response:
-    texts = [IncrementalText(job.params.stop) for _ in range(job.n)]
-    lasts: list[RequestOutput | None] = [None] * job.n
+    texts = [IncrementalText(job.params.stop) for _ in range(job.num_choices)]
+    lasts: list[RequestOutput | None] = [None] * job.num_choices
 
     async def collect(i: int) -> None:
         stream = job.open(i)
@@ -336,7 +360,7 @@ async def _complete(request: Request, job: GenerationJob, metrics: ServerMetrics
             await _close(stream)
 
     try:
-        await _until_disconnect(request, asyncio.gather(*(collect(i) for i in range(job.n))))
+        await _until_disconnect(request, asyncio.gather(*(collect(i) for i in range(job.num_choices))))
     except _ClientGone:
         metrics.aborted.inc()
         return Response(status_code=499)
@@ -351,7 +375,7 @@ async def _complete(request: Request, job: GenerationJob, metrics: ServerMetrics
 
 async def _start_stream(request: Request, job: GenerationJob, slot: _Slot, metrics: ServerMetrics) -> Response:
     """Wait for every choice's first output (so an engine error can still be a 400), then stream the rest."""
-    streams = [job.open(i) for i in range(job.n)]
+    streams = [job.open(i) for i in range(job.num_choices)]
     try:
         firsts = await _until_disconnect(request, asyncio.gather(*(anext(s) for s in streams)))
     except StopAsyncIteration:
@@ -380,7 +404,7 @@ async def _choice_chunks(job: GenerationJob, index: int, stream: AsyncIterator[R
     if job.kind == "chat":
         yield job.text_chunk(None, index=index)  # the role chunk OpenAI sends first
     elif job.echo:  # the prompt first (its logprobs are complete once the first token is out)
-        yield job.text_chunk(job.prompt_text, index=index, echo_of=lasts[index])
+        yield job.text_chunk(job.prompt_texts[job.prompt_of(index)], index=index, echo_of=lasts[index])
     out: RequestOutput | None = lasts[index]
     # While the output has tokens but no text (a model without a tokenizer), send an empty-text chunk per step that
     # produced tokens, so clients still see them arrive (time to first token, per-token pacing).
@@ -409,7 +433,7 @@ async def _choice_chunks(job: GenerationJob, index: int, stream: AsyncIterator[R
 async def _merged(job: GenerationJob, streams: list[AsyncIterator[RequestOutput]],
                   lasts: list[RequestOutput | None]) -> AsyncIterator[str]:
     """Every choice's chunks as they come (n > 1); the first choice to fail ends the whole stream with its error."""
-    if job.n == 1:
+    if job.num_choices == 1:
         async for chunk in _choice_chunks(job, 0, streams[0], lasts):
             yield chunk
         return
@@ -423,10 +447,10 @@ async def _merged(job: GenerationJob, streams: list[AsyncIterator[RequestOutput]
         except Exception as e:
             await queue.put(e)
 
-    tasks = [asyncio.ensure_future(pump(i)) for i in range(job.n)]
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(job.num_choices)]
     try:
         done = 0
-        while done < job.n:
+        while done < job.num_choices:
             item = await queue.get()
             if item is None:
                 done += 1

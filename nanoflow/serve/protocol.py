@@ -21,6 +21,7 @@ from nanoflow.scheduler.request import MAX_LOGPROBS
 
 MAX_STOP_SEQUENCES = 16
 MAX_CHOICES = 16  # n: each choice is one engine request
+MAX_PROMPTS = 256  # prompts (times n) in one completions request: lm-eval and batch clients send lists
 
 
 class _Request(BaseModel):
@@ -134,20 +135,33 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> str | list[int]:
+    def _prompts(cls, prompt: Any) -> str | list[int] | list[str | list[int]]:
+        """One prompt (a string, token ids, or a list holding one string) or a batch (a list of strings or of
+        token-id lists, at most MAX_PROMPTS), as OpenAI's API takes them."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return prompt
+            return _one_prompt(prompt, "prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if any(t < 0 for t in prompt):
-                raise ValueError("prompt token ids must be >= 0")
-            return prompt
+            return _one_prompt(prompt, "prompt")
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            raise ValueError("batched prompts are not supported; send one prompt per request")
-        raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request")
+            return [_one_prompt(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        raise ValueError("prompt must be a non-empty string, a non-empty list of token ids, or a list of those")
+
+    @model_validator(mode="after")
+    def _choice_budget(self) -> CompletionRequest:
+        if len(self.prompts) * self.n > MAX_PROMPTS:
+            raise ValueError(f"{len(self.prompts)} prompts x n={self.n} choices: at most {MAX_PROMPTS} choices per "
+                             "request; send several requests")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request (one for a single prompt)."""
+        one = isinstance(self.prompt, str) or (bool(self.prompt) and isinstance(self.prompt[0], int))
+        return [self.prompt] if one else list(self.prompt)
 
     @field_validator("suffix", "best_of")
     @classmethod
@@ -165,6 +179,18 @@ class CompletionRequest(_SamplingFields):
     @property
     def num_prompt_logprobs(self) -> int | None:
         return self.logprobs if self.echo else None
+
+
+def _one_prompt(prompt: Any, name: str) -> str | list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError(f"{name} must not be empty")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(t < 0 for t in prompt):
+            raise ValueError(f"{name}: token ids must be >= 0")
+        return prompt
+    raise ValueError(f"{name} must be a non-empty string or a non-empty list of token ids")
 
 
 class TextPart(_Request):

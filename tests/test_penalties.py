@@ -63,3 +63,40 @@ def test_penalty_values_are_checked() -> None:
         with pytest.raises(ValueError, match=next(iter(kw))):
             SamplingParams(**kw)
     assert not SamplingParams().penalized and SamplingParams(repetition_penalty=1.1).penalized
+
+
+def test_logit_bias_matches_the_reference(tmp_path) -> None:
+    """OpenAI's logit_bias: the reference adds the bias to transformers' logits before the argmax. A +100 bias
+    forces its token; a -100 bias bans the token plain greedy would pick; a bias beside a frequency penalty adds to
+    it; a bias naming a token outside the vocabulary fails that request alone."""
+    path = save_tiny_llama(tmp_path / "m", std=0.2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    plain = _reference(model, PROMPTS[1])
+    cases = [{7: 100.0}, {plain[0]: -100.0, plain[1]: -100.0}, {3: 2.5, 11: -1.0, 40: 4.0}]
+
+    def reference(prompt, bias, frequency=0.0):
+        ids, out = list(prompt), []
+        with torch.no_grad():
+            for _ in range(N):
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+                for tok, count in Counter(out).items():
+                    logits[tok] -= frequency * count
+                for tok, b in bias.items():
+                    logits[tok] += b
+                out.append(int(logits.argmax()))
+                ids.append(out[-1])
+        return out
+
+    params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logit_bias=b) for b in cases]
+    params.append(SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logit_bias=cases[2],
+                                 frequency_penalty=0.8))
+    params.append(SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, logit_bias={10_000: 1.0}))
+    with LLM(path, device="cpu", dtype="float32", dense_batch_size=16, kv_cache_tokens=512) as llm:
+        outs = llm.generate([PROMPTS[1]] * 5, params, use_tqdm=False)
+    assert outs[0].token_ids == [7] * N
+    assert outs[1].token_ids == reference(PROMPTS[1], cases[1]) and outs[1].token_ids[0] != plain[0]
+    assert outs[2].token_ids == reference(PROMPTS[1], cases[2]) != plain
+    assert outs[3].token_ids == reference(PROMPTS[1], cases[2], frequency=0.8)
+    assert outs[4].finish_reason == "error" and "logit_bias" in outs[4].error
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101})

@@ -473,10 +473,19 @@ def test_real_penalties_reach_the_sampler(client) -> None:
     rep = client.completions.create(model=model, prompt=kw["prompt"], max_tokens=12, temperature=0,
                                     extra_body={"ignore_eos": True, "repetition_penalty": 2.0}).choices[0].text
     assert rep != plain
-    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3)):
+    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("logit_bias", {"x": 1}),
+                         ("logit_bias", {"5": 200})):
         with pytest.raises(BadRequestError) as err:
             client.completions.create(**{field: value}, **kw)
         assert err.value.body["param"] == field
+    # logit_bias (OpenAI's): -100 bans the token greedy picks first
+    ids = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    first = client.completions.create(model=model, prompt=kw["prompt"], max_tokens=1, temperature=0, logprobs=0,
+                                      extra_body=ids).choices[0].logprobs.tokens[0]
+    banned = client.completions.create(model=model, prompt=kw["prompt"], max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={first.removeprefix("token_id:"): -100},
+                                       extra_body=ids).choices[0].logprobs.tokens[0]
+    assert banned != first
 
 
 @real

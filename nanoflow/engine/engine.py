@@ -222,6 +222,9 @@ class Engine:
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.spec.vocab_size]
             if bad:
                 error = f"token id {bad[0]!r} is outside the vocabulary [0, {self.spec.vocab_size})"
+        if error is None and params.logit_bias and max(params.logit_bias) >= self.spec.vocab_size:
+            error = (f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "
+                     f"[0, {self.spec.vocab_size})")
         if params.seed is None:
             params = _with_seed(params, self._rng.randrange(2**31))
         req = Request(request_id, ids, params, arrival_time=time.monotonic(), eos_token_ids=self.eos_token_ids)
@@ -238,7 +241,7 @@ class Engine:
         self._tracked[request_id] = tracked
         if params.logprobs is not None:
             self._logprob_requests += 1
-        if params.penalized:
+        if params.adjusts_logits:
             self._penalized_requests += 1
         if params.prompt_logprobs is not None:
             self._prompt_logprob_requests += 1
@@ -325,17 +328,19 @@ class Engine:
         so far, so the step in flight (under async scheduling) is processed first: a plan with penalised requests
         waits for the previous step, as under synchronous scheduling."""
         sampled = [self._tracked[s.request_id].request for s in plan.seqs if s.sample]
-        rows = [i for i, r in enumerate(sampled) if r.sampling_params.penalized]
+        rows = [i for i, r in enumerate(sampled) if r.sampling_params.adjusts_logits]
         if not rows:
             return None
-        if self._inflight is not None:
-            previous, self._inflight = self._inflight, None
-            self._process(*previous)
         reqs = [sampled[i] for i in rows]
         ps = [r.sampling_params for r in reqs]
+        if self._inflight is not None and any(p.penalized for p in ps):  # a logit bias alone needs no counts
+            previous, self._inflight = self._inflight, None
+            self._process(*previous)
         return PenaltyLists(rows, [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
-                            [p.repetition_penalty for p in ps], [list(r.output_token_ids) for r in reqs],
-                            [list(r.prompt_token_ids) if p.repetition_penalty != 1.0 else [] for r, p in zip(reqs, ps)])
+                            [p.repetition_penalty for p in ps],
+                            [list(r.output_token_ids) if p.penalized else [] for r, p in zip(reqs, ps)],
+                            [list(r.prompt_token_ids) if p.repetition_penalty != 1.0 else [] for r, p in zip(reqs, ps)],
+                            [sorted((p.logit_bias or {}).items()) for p in ps])
 
     def _prompt_logprob_rows(self, plan: BatchPlan) -> list[PromptLogprobRows]:
         """The prefill rows of ``plan`` that predict a prompt token whose logprob is still owed. A position is asked
@@ -427,7 +432,7 @@ class Engine:
         # Finished requests are forgotten: the caller holds the RequestOutput.
         if self._tracked.pop(req.request_id, None) is not None:
             self._logprob_requests -= req.sampling_params.logprobs is not None
-            self._penalized_requests -= req.sampling_params.penalized
+            self._penalized_requests -= req.sampling_params.adjusts_logits
             self._prompt_logprob_requests -= req.sampling_params.prompt_logprobs is not None
 
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -104,6 +104,7 @@ class PenaltyLists(NamedTuple):
     repetition: list[float]
     outputs: list[list[int]]  # each row's generated tokens so far
     prompts: list[list[int]]  # each row's prompt (empty where the repetition penalty is off)
+    bias: list[list[tuple[int, float]]]  # each row's logit bias as (token id, bias)
 
 
 class PenaltyTensors(NamedTuple):
@@ -121,12 +122,15 @@ class PenaltyTensors(NamedTuple):
     output_ids: torch.Tensor  # int64 [n_out]
     seen_rows: torch.Tensor  # int64 [n_seen]
     seen_ids: torch.Tensor  # int64 [n_seen]
+    bias_rows: torch.Tensor  # int64 [n_bias]
+    bias_ids: torch.Tensor  # int64 [n_bias]
+    bias_values: torch.Tensor  # float32 [n_bias]
 
     @classmethod
     def build(cls, lists: PenaltyLists, device: torch.device | str) -> PenaltyTensors:
         """``lists.outputs[i]`` / ``lists.prompts[i]``: penalised row ``i``'s generated and prompt tokens (prompts
         are only read for rows with a repetition penalty)."""
-        rows, presence, frequency, repetition, outputs, prompts = lists
+        rows, presence, frequency, repetition, outputs, prompts, bias = lists
         seen = [o + p if r != 1.0 else [] for o, p, r in zip(outputs, prompts, repetition)]
 
         def flat(lists: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -140,18 +144,22 @@ class PenaltyTensors(NamedTuple):
             t = torch.tensor(values, dtype=dtype)
             return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
+        bias_rows, bias_ids = flat([[t for t, _ in b] for b in bias])
         return cls(put(rows, torch.int64), put(presence, torch.float32), put(frequency, torch.float32),
                    put(repetition, torch.float32), put(out_rows, torch.int64), put(out_ids, torch.int64),
-                   put(seen_rows, torch.int64), put(seen_ids, torch.int64))
+                   put(seen_rows, torch.int64), put(seen_ids, torch.int64), put(bias_rows, torch.int64),
+                   put(bias_ids, torch.int64), put([v for b in bias for _, v in b], torch.float32))
 
 
 def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:
-    """``logits [rows, vocab]`` (fp32) with the penalties applied to ``pen.rows`` (a new tensor), in vLLM's order:
+    """``logits [rows, vocab]`` (fp32) with the penalties and logit biases applied to ``pen.rows`` (a new tensor),
+    in vLLM's order:
 
     - repetition (HF / vLLM): a token seen in the prompt or output has its logit divided by the penalty when
       positive, multiplied when negative;
     - frequency and presence (OpenAI): ``logit -= frequency * count + presence * (count > 0)``, ``count`` the
-      token's occurrences in the output.
+      token's occurrences in the output;
+    - logit bias (OpenAI): ``logit[id] += bias``.
     """
     logits = logits.float().clone()
     sub = logits.index_select(0, pen.rows)
@@ -164,6 +172,7 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyTensors) -> torch.Tensor:
     rep = pen.repetition[:, None]
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0).float()
+    sub.index_put_((pen.bias_rows, pen.bias_ids), pen.bias_values, accumulate=True)
     logits.index_copy_(0, pen.rows, sub)
     return logits
 

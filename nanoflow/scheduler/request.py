@@ -89,6 +89,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """HF / vLLM: divide a positive logit (multiply a negative one) by this for tokens in the prompt or output;
     1 = off, > 1 discourages repeats (in (0, 10])."""
+    logit_bias: dict[int, float] | None = None
+    """OpenAI's: add ``bias`` to token ``id``'s logit before sampling (-100 bans a token, 100 all but forces it)."""
     prompt_logprobs: int | None = None
     """Also return each prompt token's logprob (given the tokens before it; the first token has none) and this many
     alternatives (as vLLM's ``prompt_logprobs``). None = off."""
@@ -128,6 +130,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a number in (0, 10] (1 = off), got "
                              f"{self.repetition_penalty!r}")
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict) or not all(_is_int(k) and k >= 0 and _is_number(v) and -100.0 <= v <= 100.0
+                                                     for k, v in bias.items()):
+                raise ValueError(f"logit_bias must map token ids >= 0 to numbers in [-100, 100], got {bias!r}")
+            object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in bias.items()} or None)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
@@ -154,7 +162,13 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
+        """Some penalty counts the tokens so far (presence, frequency, repetition)."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """The sampler changes this request's logits (a penalty or a logit bias)."""
+        return self.penalized or bool(self.logit_bias)
 
 
 @dataclass(eq=False, slots=True)

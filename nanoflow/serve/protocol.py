@@ -3,7 +3,7 @@
 Requests are validated in *strict* mode (``"5"`` is not an integer, ``true`` is not a number) and with non-finite
 floats rejected, so a wrong type is a 400 naming the field instead of a silent coercion. Unknown fields are ignored,
 as OpenAI clients send options this server does not know; options it knows but cannot honour (``n`` above
-:data:`MAX_CHOICES`, ``suffix``, ``logit_bias``, tools) are rejected with a message saying what to change, never
+:data:`MAX_CHOICES`, ``suffix``, ``best_of``, tools) are rejected with a message saying what to change, never
 silently dropped.
 
 Invariant: a validated request maps one-to-one onto :class:`~nanoflow.scheduler.request.SamplingParams` via
@@ -86,9 +86,12 @@ class _SamplingFields(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported by this server; omit the field")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (strings of digits), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
         return value
 
     @property
@@ -108,6 +111,7 @@ class _SamplingFields(_Request):
             "conversation_id": self.conversation_id,
             "logprobs": self.num_logprobs,
             "prompt_logprobs": self.num_prompt_logprobs,
+            "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,

@@ -84,3 +84,31 @@ def test_batch_invariant_flag_is_checked_before_loading(tmp_path, capsys, monkey
     add_engine_args(p)
     assert engine_kwargs(p.parse_args(["--batch-invariant"]))["batch_invariant"] is True
     assert engine_args(configure_parser(argparse.ArgumentParser()).parse_args(["--batch-invariant"])).batch_invariant
+
+
+def test_run_offline_sampling_flags_reach_the_engine(tmp_path, capsys):
+    """--logprobs writes each token's logprob and alternatives, and --frequency-penalty / --repetition-penalty give
+    what LLM.generate gives with the same SamplingParams; a bad value stops the command before loading."""
+    from nanoflow import LLM, SamplingParams
+
+    model = save_tiny_llama(tmp_path / "model", std=0.2)
+    data = tmp_path / "prompts.jsonl"
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 5, 6, 7]]
+    data.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
+    out = tmp_path / "out.jsonl"
+    common = ["run-offline", "--model", model, "--device", "cpu", "--dtype", "float32", "--dataset", str(data),
+              "--output", str(out), "--max-tokens", "6", "--ignore-eos", "--kv-cache-tokens", "2048"]
+    assert main([*common, "--logprobs", "2", "--frequency-penalty", "1.0", "--repetition-penalty", "1.5"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2, frequency_penalty=1.0,
+                            repetition_penalty=1.5)
+    with LLM(model, device="cpu", dtype="float32", kv_cache_tokens=2048) as llm:
+        ref = llm.generate(prompts, params, use_tqdm=False)
+    assert [r["token_ids"] for r in rows] == [o.token_ids for o in ref]
+    for row, o in zip(rows, ref):
+        assert [e["token_id"] for e in row["logprobs"]] == row["token_ids"]
+        assert [e["logprob"] for e in row["logprobs"]] == pytest.approx([e.logprob for e in o.logprobs])
+        assert all(len(e["top"]) == 2 for e in row["logprobs"])
+    capsys.readouterr()
+    assert main([*common, "--presence-penalty", "3"]) == 2
+    assert "--presence-penalty" in capsys.readouterr().err

@@ -33,6 +33,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens (throughput runs)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's presence penalty, -2..2: subtracted from every generated token's logit")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's frequency penalty, -2..2: subtracted per occurrence in the output")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="vLLM's / transformers' repetition penalty, (0, 10], 1 = off: > 1 discourages tokens of "
+                        "the prompt and output")
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="write each generated token's logprob and this many alternatives (0-20) into the output rows "
+                        "(field logprobs: token_id, logprob, top)")
     add_kv_offload_args(p, "the rounds of a multi-round dataset (e.g. multiround:splitwise), run one round "
                            "after another; a round whose prompt extends the previous one by a stand-in answer gets "
                            "the model's real answer instead, as in a live chat; the summary counts the prompt tokens "
@@ -46,6 +56,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from nanoflow.engine.llm import LLM
+    from nanoflow.scheduler.request import SamplingParams
+
+    try:  # the sampling flags, checked before any weights load
+        SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                       repetition_penalty=args.repetition_penalty, logprobs=args.logprobs)
+    except ValueError as e:
+        print(f"nanoflow run-offline: --{str(e).split(' ')[0].replace('_', '-')}: {e}", file=sys.stderr)
+        return 2
 
     with LLM(**engine_kwargs(args)) as llm:
         return _run(args, llm)
@@ -74,7 +93,9 @@ def _run(args: argparse.Namespace, llm: Any) -> int:
         prompts.append(prompt)
         params.append(SamplingParams(max_tokens=args.max_tokens or item.max_tokens or 64,
                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                     ignore_eos=args.ignore_eos,
+                                     ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
+                                     frequency_penalty=args.frequency_penalty,
+                                     repetition_penalty=args.repetition_penalty, logprobs=args.logprobs,
                                      conversation_id=item.conversation_id if args.kv_offload else None))
     t0 = time.perf_counter()
     outputs = _generate_by_round(llm, data.items, prompts, params) if args.kv_offload else llm.generate(prompts, params)
@@ -86,6 +107,9 @@ def _run(args: argparse.Namespace, llm: Any) -> int:
                    "finish_reason": o.finish_reason, "error": o.error}
             if args.kv_offload:  # the prompt actually sent (stitched onto earlier answers)
                 row["prompt_token_ids"] = list(o.prompt_token_ids)
+            if o.logprobs is not None:
+                row["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob, "top": [list(t) for t in e.top]}
+                                   for e in o.logprobs]
             f.write(json.dumps(row) + "\n")
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     gen_tokens = sum(len(o.token_ids) for o in outputs)

@@ -562,3 +562,27 @@ def test_real_batched_prompts_as_lm_eval_sends_them(client) -> None:
     texts = client.completions.create(model=model, prompt=["Hello", "The sky is"], n=2, max_tokens=3, temperature=0)
     got = [c.text for c in sorted(texts.choices, key=lambda c: c.index)]
     assert got[0] == got[1] and got[2] == got[3] and got[0] != got[2]
+
+
+@real
+def test_real_tokenizer_endpoints(client, server: str) -> None:
+    """vLLM's /tokenizer_info, /tokenize and /detokenize (what lm-eval's remote tokenizer calls): token counts
+    agree with the completions' usage, text round-trips, a chat is counted as the chat endpoint counts it, and bad
+    bodies are 400s naming the field."""
+    model = client.models.list().data[0].id
+    info = httpx.get(f"{server}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] and info["model_max_length"] > 0 and info["chat_template"]
+    text = "The capital of France is Paris."
+    tok = httpx.post(f"{server}/tokenize", json={"prompt": text}, timeout=30).json()
+    usage = client.completions.create(model=model, prompt=text, max_tokens=1, temperature=0).usage
+    assert tok["count"] == len(tok["tokens"]) == usage.prompt_tokens
+    assert httpx.post(f"{server}/detokenize", json={"tokens": tok["tokens"]}, timeout=30).json()["prompt"] == text
+    messages = [{"role": "user", "content": "Hi there"}]
+    chat_tok = httpx.post(f"{server}/tokenize", json={"messages": messages}, timeout=30).json()
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0)
+    assert chat_tok["count"] == chat.usage.prompt_tokens
+    for path, body, param in (("/tokenize", {"prompt": "a", "messages": messages}, None),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens")):
+        r = httpx.post(f"{server}{path}", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -34,7 +34,15 @@ from nanoflow.serve.errors import APIError, from_validation_error, invalid
 from nanoflow.serve.generation import Admission, GenerationJob, run_job
 from nanoflow.serve.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENCY
 from nanoflow.serve.metrics import ServerMetrics
-from nanoflow.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, param_of
+from nanoflow.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    param_of,
+)
 
 logger = logging.getLogger("nanoflow.serve")
 
@@ -192,6 +200,49 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
 
     app.include_router(v1)
 
+    # vLLM's tokenizer endpoints (lm-eval's remote tokenizer uses them, so a client needs no local tokenizer)
+    tokenizer_routes = APIRouter(dependencies=[Depends(require_key)])
+
+    def tokenizer() -> Any:
+        if engine.tokenizer is None:
+            raise invalid("this model has no tokenizer; send and read token ids", None)
+        return engine.tokenizer
+
+    @tokenizer_routes.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        backend = tokenizer().backend
+        return JSONResponse({"tokenizer_class": type(backend).__name__, "eos_token": backend.eos_token,
+                             "bos_token": backend.bos_token, "pad_token": backend.pad_token,
+                             "chat_template": getattr(backend, "chat_template", None),
+                             "model_max_length": engine.max_model_len})
+
+    @tokenizer_routes.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        req = parse_body(await read_body(request, state.config.max_body_bytes), TokenizeRequest)
+        state.check_model(req.model)
+        tok = tokenizer()
+        if req.messages is not None:
+            try:
+                text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages],
+                                               add_generation_prompt=req.add_generation_prompt)
+            except Exception as e:
+                raise invalid(f"messages cannot be formatted by this model's chat template: {e}", "messages") from None
+        else:
+            text = req.prompt or ""
+        ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
+        return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
+
+    @tokenizer_routes.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        req = parse_body(await read_body(request, state.config.max_body_bytes), DetokenizeRequest)
+        state.check_model(req.model)
+        _check_token_ids(req.tokens, engine, "tokens")
+        if any(t < 0 for t in req.tokens):
+            raise invalid("token ids must be >= 0", "tokens")
+        return JSONResponse({"prompt": tokenizer().decode(req.tokens, skip_special_tokens=False)})
+
+    app.include_router(tokenizer_routes)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.draining:
@@ -221,10 +272,10 @@ def _encode(tok: Any, text: str) -> list[int]:
     return tok.encode(text)
 
 
-def _check_token_ids(ids: list[int], engine: Any) -> None:
+def _check_token_ids(ids: list[int], engine: Any, param: str = "prompt") -> None:
     vocab = vocab_size_of(engine)
     if vocab is not None and ids and max(ids) >= vocab:
-        raise invalid(f"prompt holds token id {max(ids)}, but this model's vocabulary has {vocab} ids", "prompt")
+        raise invalid(f"{param} holds token id {max(ids)}, but this model's vocabulary has {vocab} ids", param)
 
 
 def _card(state: _ServerState) -> ModelCard:

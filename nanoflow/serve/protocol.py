@@ -255,6 +255,29 @@ class ChatCompletionRequest(_SamplingFields):
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
+class TokenizeRequest(_Request):
+    """``POST /tokenize`` (vLLM's): a ``prompt`` text, or chat ``messages`` formatted by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt (a string) or messages (a chat)")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize`` (vLLM's)."""
+
+    model: str | None = None
+    tokens: list[int] = Field(..., description="token ids to turn back into text")
+
+
 # ---- responses -------------------------------------------------------------------------------------------------
 
 

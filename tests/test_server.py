@@ -586,3 +586,20 @@ def test_real_tokenizer_endpoints(client, server: str) -> None:
                               ("/detokenize", {"tokens": "abc"}, "tokens")):
         r = httpx.post(f"{server}{path}", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@real
+def test_real_min_tokens(client) -> None:
+    """min_tokens (vLLM's extension): EOS cannot end the answer before it; more than max_tokens is a 400."""
+    from openai import BadRequestError
+
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Say hi."}]
+    short = client.chat.completions.create(model=model, messages=messages, max_tokens=60, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40  # ends by EOS early
+    held = client.chat.completions.create(model=model, messages=messages, max_tokens=60, temperature=0,
+                                          extra_body={"min_tokens": 40})
+    assert held.usage.completion_tokens >= 40
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=5, extra_body={"min_tokens": 9})
+    assert err.value.body["param"] == "min_tokens"

@@ -52,7 +52,7 @@ logger = logging.getLogger("nanoflow.serve")
 T = TypeVar("T")
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "stop", "ignore_eos",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
-                   "logit_bias")
+                   "logit_bias", "min_tokens")
 
 
 class Admission:

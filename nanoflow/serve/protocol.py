@@ -44,6 +44,8 @@ class _SamplingFields(_Request):
     stop: Any = Field(None, description="A string or up to 16 strings; generation ends before the first match.")
     stop_token_ids: list[int] | None = Field(None, description="Extension: token ids that end generation.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
+    min_tokens: int = Field(0, ge=0, description="Extension (vLLM's): EOS and stop_token_ids end the answer only "
+                                                  "after this many tokens.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -108,6 +110,7 @@ class _SamplingFields(_Request):
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
             "conversation_id": self.conversation_id,
             "logprobs": self.num_logprobs,
             "prompt_logprobs": self.num_prompt_logprobs,

@@ -111,8 +111,9 @@ class Engine:
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ())
         self._rng = random.Random(args.seed)
         self._tracked: dict[str, _Tracked] = {}
-        # Tracked requests with SamplingParams.logprobs / penalties: only while there are any is a plan scanned.
-        self._logprob_requests = self._penalized_requests = self._prompt_logprob_requests = 0
+        # Tracked requests with logprobs, prompt logprobs, penalties or a logit bias (SamplingParams.has_extras): only
+        # while there are any is a plan scanned for them.
+        self._extra_requests = 0
         self._inflight: tuple[BatchPlan, Any] | None = None
         self._counter = 0
         self.stats_iterations = 0
@@ -239,12 +240,7 @@ class Engine:
         tracked = _Tracked(req, out, detok, list(params.stop or []))
         tracked.on_output = on_output  # type: ignore[attr-defined]
         self._tracked[request_id] = tracked
-        if params.logprobs is not None:
-            self._logprob_requests += 1
-        if params.adjusts_logits:
-            self._penalized_requests += 1
-        if params.prompt_logprobs is not None:
-            self._prompt_logprob_requests += 1
+        self._extra_requests += params.has_extras
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
             req.error = error
@@ -278,13 +274,7 @@ class Engine:
             sampling = self._sampling_tensors(plan)
             t_sched = time.perf_counter()
             self.stats_sched_s += t_sched - t0
-            extra: dict[str, Any] = {}
-            if self._logprob_requests and (k := self._logprobs_k(plan)) is not None:
-                extra["logprobs"] = k
-            if self._penalized_requests and (pen := self._penalties(plan)) is not None:
-                extra["penalties"] = pen
-            if self._prompt_logprob_requests and (rows := self._prompt_logprob_rows(plan)):
-                extra["prompt_logprobs"] = rows
+            extra = self._sampling_extras(plan) if self._extra_requests else {}
             result = self.runner.execute(plan, sampling, **extra)
             self.stats_launch_s += time.perf_counter() - t_sched
             launched = (plan, result)
@@ -317,17 +307,24 @@ class Engine:
             [r.sampling_params.top_k for r in reqs], [r.sampling_params.seed for r in reqs],
             [len(r.output_token_ids) + r.num_pending - 1 for r in reqs], self.runner.device)
 
-    def _logprobs_k(self, plan: BatchPlan) -> int | None:
-        """The most alternatives a request sampled in ``plan`` asks for (None: none asks for logprobs)."""
-        ks = [k for s in plan.seqs if s.sample
-              if (k := self._tracked[s.request_id].request.sampling_params.logprobs) is not None]
-        return max(ks, default=None)
-
-    def _penalties(self, plan: BatchPlan) -> PenaltyLists | None:
-        """The penalties of ``plan``'s sampled rows, None when no row has any. Penalties count every token generated
-        so far, so the step in flight (under async scheduling) is processed first: a plan with penalised requests
-        waits for the previous step, as under synchronous scheduling."""
+    def _sampling_extras(self, plan: BatchPlan) -> dict[str, Any]:
+        """``runner.execute``'s keyword arguments for what ``plan``'s requests ask beyond sampling: ``logprobs``
+        (the most alternatives a sampled request asks for), ``penalties`` and ``prompt_logprobs``."""
         sampled = [self._tracked[s.request_id].request for s in plan.seqs if s.sample]
+        extra: dict[str, Any] = {}
+        ks = [k for r in sampled if (k := r.sampling_params.logprobs) is not None]
+        if ks:
+            extra["logprobs"] = max(ks)
+        if (pen := self._penalties(sampled)) is not None:
+            extra["penalties"] = pen
+        if rows := self._prompt_logprob_rows(plan):
+            extra["prompt_logprobs"] = rows
+        return extra
+
+    def _penalties(self, sampled: list[Request]) -> PenaltyLists | None:
+        """The penalties and logit biases of a plan's sampled requests (in row order), None when none has any.
+        Penalties count every token generated so far, so the step in flight (under async scheduling) is processed
+        first: a plan with penalised requests waits for the previous step, as under synchronous scheduling."""
         rows = [i for i, r in enumerate(sampled) if r.sampling_params.adjusts_logits]
         if not rows:
             return None
@@ -431,9 +428,7 @@ class Engine:
         self._emit(tr)
         # Finished requests are forgotten: the caller holds the RequestOutput.
         if self._tracked.pop(req.request_id, None) is not None:
-            self._logprob_requests -= req.sampling_params.logprobs is not None
-            self._penalized_requests -= req.sampling_params.adjusts_logits
-            self._prompt_logprob_requests -= req.sampling_params.prompt_logprobs is not None
+            self._extra_requests -= req.sampling_params.has_extras
 
     def prompt_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """fp32 logits after the last token of each prompt, from one prefill batch (correctness checks).
@@ -472,7 +467,7 @@ class Engine:
         runner.bufs = {}
         runner.glue = {}
         self._tracked.clear()
-        self._logprob_requests = self._penalized_requests = self._prompt_logprob_requests = 0
+        self._extra_requests = 0
         self._inflight = None
         # Frozen objects are never collected: hand them back to the GC so that cycles through this engine's parts
         # can go (the next engine freezes what is alive then).

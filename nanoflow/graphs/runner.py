@@ -298,9 +298,9 @@ class ModelRunner:
         for seq in plan.seqs:
             starts.append(at)
             at += seq.num_tokens
-        rows = torch.tensor([starts[e.seq_index] + e.first_row + j for e in entries for j in range(len(e.targets))],
-                            dtype=torch.int64).to(self.device)
-        targets = torch.tensor([t for e in entries for t in e.targets], dtype=torch.int64).to(self.device)
+        rows = to_device(torch.tensor([starts[e.seq_index] + e.first_row + j for e in entries
+                                       for j in range(len(e.targets))], dtype=torch.int64), self.device)
+        targets = to_device(torch.tensor([t for e in entries for t in e.targets], dtype=torch.int64), self.device)
         k = max(e.k for e in entries)
         parts = []
         for lo in range(0, rows.shape[0], PROMPT_LOGPROB_ROWS):

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from nanoflow.graphs.forward_batch import to_device  # pinned staging + async copy (never waits for the GPU)
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -39,9 +41,7 @@ class SamplingTensors(NamedTuple):
         device = torch.device(device)
 
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            # Pinned staging + async copy: a pageable copy would wait for the GPU (see forward_batch.to_device).
-            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         return cls(put(temperature, torch.float32), put(top_p, torch.float32), put(top_k, torch.int64),
                    put(seed, torch.int64), put(step, torch.int64), any(t > 0 for t in temperature))
@@ -141,8 +141,7 @@ class PenaltyTensors(NamedTuple):
         dev = torch.device(device)
 
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+            return to_device(torch.tensor(values, dtype=dtype), dev)
 
         bias_rows, bias_ids = flat([[t for t, _ in b] for b in bias])
         return cls(put(rows, torch.int64), put(presence, torch.float32), put(frequency, torch.float32),

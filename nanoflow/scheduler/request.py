@@ -170,6 +170,11 @@ class SamplingParams:
         """The sampler changes this request's logits (a penalty or a logit bias)."""
         return self.penalized or bool(self.logit_bias)
 
+    @property
+    def has_extras(self) -> bool:
+        """The step that samples this request does more than sample: logprobs, prompt logprobs or logit changes."""
+        return self.logprobs is not None or self.prompt_logprobs is not None or self.adjusts_logits
+
 
 @dataclass(eq=False, slots=True)
 class Request:

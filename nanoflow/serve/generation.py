@@ -29,6 +29,13 @@ from prometheus_client import Gauge
 from nanoflow.engine.outputs import RequestOutput, TokenLogprob
 from nanoflow.scheduler.request import SamplingParams
 from nanoflow.serve.errors import APIError, invalid
+from nanoflow.serve.logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    echoed_prompt_logprobs,
+    logprobs_due,
+    token_namer,
+)
 from nanoflow.serve.metrics import ServerMetrics
 from nanoflow.serve.protocol import (
     AssistantMessage,
@@ -42,8 +49,6 @@ from nanoflow.serve.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    TokenLogprobEntry,
-    TopLogprob,
     Usage,
 )
 from nanoflow.serve.streaming import SSE_DONE, IncrementalText, sse_event
@@ -194,55 +199,23 @@ class GenerationJob:
             return reason
         raise _engine_failure(last)
 
-    # ---- logprobs: a token's entry goes out with the text it starts in (text_offset), so held-back text holds
-    # back its tokens too, and a stop string's tokens never go out (nor do tokens after it).
-    def logprobs_due(self, last: RequestOutput | None, start: int, emitted: int, final: bool) -> list[TokenLogprob]:
-        """Entries from token ``start`` on whose text starts inside the ``emitted`` characters sent; all of them
-        once the request ``final``ly ended without a stop string (EOS and text-less tokens included)."""
-        if last is None or last.logprobs is None:
-            return []
-        rest = last.logprobs[start:]
-        if final:
-            return list(rest)
-        due = 0
-        while due < len(rest) and rest[due].text_offset < emitted:
-            due += 1
-        return rest[:due]
-
-    def _token_text(self, token_id: int) -> str:
-        tok = self.engine.tokenizer
-        if tok is None or self.tokens_as_ids:
-            return f"token_id:{token_id}"
-        return tok.decode([token_id], skip_special_tokens=False)
-
+    # ---- logprobs (formats in serve/logprobs.py)
     def format_logprobs(self, entries: list[TokenLogprob], index: int = 0) -> CompletionLogprobs | ChatLogprobs | None:
         if self.params.logprobs is None:
             return None
+        text_of = token_namer(self.engine.tokenizer, self.tokens_as_ids)
         if self.kind == "chat":
-            def top(token_id: int, lp: float) -> TopLogprob:
-                text = self._token_text(token_id)
-                return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
-
-            return ChatLogprobs(content=[TokenLogprobEntry(**top(e.token_id, e.logprob).model_dump(),
-                                                           top_logprobs=[top(i, lp) for i, lp in e.top])
-                                         for e in entries])
+            return chat_logprobs(entries, text_of)
         shift = len(self.prompt_texts[self.prompt_of(index)]) if self.echo else 0  # into echoed prompt + completion
-        return CompletionLogprobs(tokens=[self._token_text(e.token_id) for e in entries],
-                                  token_logprobs=[e.logprob for e in entries],
-                                  top_logprobs=[{self._token_text(i): lp for i, lp in e.top} for e in entries],
-                                  text_offset=[e.text_offset + shift for e in entries])
+        return completion_logprobs(entries, text_of, shift)
 
     def echo_logprobs(self, last: RequestOutput | None, index: int = 0) -> CompletionLogprobs | None:
         """``echo`` with ``logprobs``: the prompt's tokens (the first without a logprob), offsets into the prompt."""
         if self.params.logprobs is None:
             return None
-        prompt = self.prompts[self.prompt_of(index)]
-        entries = (last.prompt_logprobs if last is not None else None) or [None] * len(prompt)
-        texts = [self._token_text(t) for t in prompt]
-        return CompletionLogprobs(tokens=texts, token_logprobs=[None if e is None else e.logprob for e in entries],
-                                  top_logprobs=[None if e is None else {self._token_text(i): lp for i, lp in e.top}
-                                                for e in entries],
-                                  text_offset=[sum(len(t) for t in texts[:j]) for j in range(len(texts))])
+        return echoed_prompt_logprobs(self.prompts[self.prompt_of(index)],
+                                      last.prompt_logprobs if last is not None else None,
+                                      token_namer(self.engine.tokenizer, self.tokens_as_ids))
 
     def text_chunk(self, text: str | None, finish: str | None = None,
                    logprobs: list[TokenLogprob] | None = None, index: int = 0,
@@ -273,7 +246,7 @@ class GenerationJob:
                  lasts: list[RequestOutput | None]) -> JSONResponse:
         choices: list[Any] = []
         for i, (text, finish, last) in enumerate(zip(texts, finishes, lasts)):
-            lp = self.format_logprobs(self.logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)),
+            lp = self.format_logprobs(logprobs_due(last, 0, len(text.emitted), final=not _stopped(text, last)),
                                       i)
             if self.kind == "chat":
                 choices.append(ChatChoice(index=i, message=AssistantMessage(content=text.emitted),
@@ -414,7 +387,7 @@ async def _choice_chunks(job: GenerationJob, index: int, stream: AsyncIterator[R
         lasts[index] = out
         delta = text.update(out.text, out.finished)
         if delta.text:
-            due = job.logprobs_due(out, sent_logprobs, len(text.emitted), final=False)
+            due = logprobs_due(out, sent_logprobs, len(text.emitted), final=False)
             sent_logprobs += len(due)
             yield job.text_chunk(delta.text, logprobs=due, index=index)
         elif not out.text and len(out.token_ids) > sent_tokens and not (delta.stopped or out.finished):
@@ -425,7 +398,7 @@ async def _choice_chunks(job: GenerationJob, index: int, stream: AsyncIterator[R
         out = await anext(stream, None)
     last = lasts[index]
     reason = job.finish_reason(last, text)
-    rest = job.logprobs_due(last, sent_logprobs, len(text.emitted), final=not _stopped(text, last))
+    rest = logprobs_due(last, sent_logprobs, len(text.emitted), final=not _stopped(text, last))
     if rest:  # tokens without text of their own (EOS, an unfinished character) or of a model without text
         yield job.text_chunk("", logprobs=rest, index=index)
     yield job.text_chunk(None, finish=reason, index=index)
